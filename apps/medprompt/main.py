@@ -1,0 +1,88 @@
+"""MONAI Label app for MedPrompt Label: wires task configs and active-learning strategies, nothing else.
+
+Start it with ``medprompt serve`` or ``monailabel start_server --app apps/medprompt --studies DIR``.
+App options (``--conf KEY VALUE``):
+  models    comma-separated models to load, or ``all`` (default); available: see medprompt.configs.CONFIGS
+  prompts   prompts used when a request names none, comma-separated (default: the Synapse 8)
+  tracking  ``true`` to let trainers log to MLflow (default ``false``: nothing is written or sent)
+Nothing is downloaded: no sample models, no dcmqi tools, and MONAI Label's SAM2 (monailabel.sam2) is
+never imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+# This folder is also called "medprompt". The launcher adds the repository root to PYTHONPATH, but a
+# monailabel started from elsewhere may not; putting the root first makes `import medprompt` always
+# this checkout's package (tests/test_server.py checks it).
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.utils.others.generic import strtobool  # noqa: E402
+
+import medprompt  # noqa: E402
+from medprompt.configs import task_configs  # noqa: E402
+from medprompt.infers.http import http_errors  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class MedPromptApp(MONAILabelApp):
+    """Text-prompted 3D drafts with no pixel labels."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        conf = dict(conf or {})
+        # Trainers read this global; MONAI Label's default (on) would start MLflow runs for every training.
+        settings.MONAI_LABEL_TRACKING_ENABLED = bool(strtobool(conf.get("tracking", "false")))
+        self.task_configs = task_configs(conf, model_dir=os.path.join(app_dir, "model"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MedPrompt Label",
+            description="Type what to segment ('liver', or a sentence); get a 3D draft made without pixel labels",
+            version=medprompt.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {name: config.infer() for name, config in self.task_configs.items()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        trainers = {name: config.trainer() for name, config in self.task_configs.items()}
+        return {name: t for name, t in trainers.items() if t is not None}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """As MONAI Label's, but bad requests become HTTP 4xx naming the problem instead of a bare 500."""
+        with http_errors():
+            image = request.get("image")
+            if isinstance(image, str) and image and not os.path.exists(image):
+                if not (datastore or self.datastore()).get_image_uri(image):
+                    raise HTTPException(status_code=404, detail=f"unknown image id '{image}': not in the datastore")
+            return super().infer(request, datastore)
+
+    def _download_dcmqi_tools(self) -> None:
+        """MONAI Label fetches dcmqi from GitHub when the datastore is DICOMweb; nothing downloads here."""
+        if not shutil.which("itkimage2segimage"):
+            logger.warning(
+                "dcmqi's itkimage2segimage is not on PATH: DICOM SEG output (output=dicom_seg) needs it; "
+                "get it from https://github.com/QIICR/dcmqi/releases and put it on PATH or in %s",
+                os.path.join(self.app_dir, "bin"),
+            )

@@ -1,0 +1,51 @@
+"""Benchmark: zero-shot anatomy-prior Dice/IoU on the real cases in ../shared/data/real.
+
+Same code path as ``medprompt infer`` + ``medprompt evaluate``; prints one table per case.
+
+    .venv/bin/python benchmarks/prior_quality.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medprompt.catalog import SYNAPSE8  # noqa: E402
+from medprompt.drafts import draft  # noqa: E402
+from medprompt.evaluation import evaluate  # noqa: E402
+from medprompt.io.volume import load_volume  # noqa: E402
+
+REAL = REPO.parent / "shared" / "data" / "real"
+EXTRA = ("inferior_vena_cava", "portal_vein_and_splenic_vein", "adrenal_gland_left", "adrenal_gland_right",
+         "urinary_bladder")
+CASES = {"ct_abdomen_a": "image.nii.gz", "ct_abdomen_b_dicom": "dicom", "mr_abdomen": "image.nii.gz"}
+
+
+def main() -> None:
+    if not REAL.exists():
+        sys.exit(f"error: {REAL} not found")
+    for case, image in CASES.items():
+        folder = REAL / case
+        ref_img = nib.load(folder / "label.nii.gz")
+        ref_names = json.loads((folder / "labels.json").read_text())["labels"]
+        volume = load_volume(folder / image)
+        print(f"\n## {case} {volume.data.shape}")
+        for group, prompts in (("Synapse 8", list(SYNAPSE8)), ("other classes", [c for c in EXTRA if c in ref_names])):
+            t = time.perf_counter()
+            seg = draft(volume, prompts)
+            dt = time.perf_counter() - t
+            ev = evaluate(seg.labels, volume.affine, seg.names, np.asarray(ref_img.dataobj), ref_img.affine, ref_names)
+            cells = ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores)
+            print(f"{group}: mDice {ev.mdice:.3f} mIoU {ev.miou:.3f} ({len(ev.scores)} classes, {dt:.1f} s): {cells}")
+
+
+if __name__ == "__main__":
+    main()

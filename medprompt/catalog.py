@@ -1,0 +1,312 @@
+"""The prompt catalog: what each class is called, how it is described, and what the prior knows of it.
+
+Entries live in YAML files under ``prompts/`` (one file per class) so that users can add classes
+without touching code; every field is validated on load and a malformed file is reported by file
+and field, since a silent typo there would quietly change every draft.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from medprompt.errors import PromptError
+
+SYNAPSE8: tuple[str, ...] = (
+    "aorta",
+    "gallbladder",
+    "kidney_left",
+    "kidney_right",
+    "liver",
+    "pancreas",
+    "spleen",
+    "stomach",
+)
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+ENV_EXTRA_DIRS = "MEDPROMPT_PROMPTS_DIRS"
+
+_TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior"}
+_PRIOR_FIELDS = {
+    "supported", "note", "method", "ct", "mr", "location", "volume_ml", "components", "parts", "erode_mm",
+    "near", "radius_mm", "exclude",
+}
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset(
+    "a an the of and or in on to is are be it its this that with by for from as at into which who "
+    "what where segment segmentation mask show find me please organ structure region".split()
+)
+
+
+def normalise(text: str) -> str:
+    """Canonical key for names and aliases: lower case, words joined by underscores."""
+    return "_".join(_WORD.findall(text.lower()))
+
+
+def words(text: str) -> list[str]:
+    """Content words of a prompt, with a crude plural fold so 'kidneys' meets 'kidney'."""
+    out = []
+    for w in _WORD.findall(text.lower()):
+        if w in _STOP:
+            continue
+        if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        out.append(w)
+    return out
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One segmentable class: its names, free-text descriptions and prior attributes."""
+
+    name: str
+    aliases: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    keywords: tuple[str, ...]
+    prior: Mapping[str, Any]
+    source: str
+
+    @property
+    def prior_supported(self) -> bool:
+        return bool(self.prior.get("supported", False))
+
+
+@dataclass
+class PromptCatalog:
+    """All known classes, with lookup by name, alias or free text."""
+
+    entries: dict[str, PromptEntry] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> PromptEntry:
+        return self.entries[name]
+
+    def add(self, entry: PromptEntry) -> None:
+        if entry.name in self.entries:
+            raise PromptError(
+                f"{entry.source}: class '{entry.name}' is already defined in {self.entries[entry.name].source}"
+            )
+        self.entries[entry.name] = entry
+
+    @classmethod
+    def load(cls, dirs: Iterable[str | os.PathLike]) -> "PromptCatalog":
+        """Read every ``*.yaml``/``*.yml`` in ``dirs``; later directories may not redefine classes."""
+        catalog = cls()
+        for d in dirs:
+            d = Path(d)
+            if not d.is_dir():
+                raise PromptError(f"prompts directory not found: {d}")
+            for path in sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))):
+                for entry in parse_prompt_file(path):
+                    catalog.add(entry)
+        if not catalog.entries:
+            raise PromptError(f"no prompt files (*.yaml) found in: {', '.join(map(str, dirs))}")
+        return catalog
+
+    # --- resolution -------------------------------------------------------------------------
+    def lookup(self, text: str) -> PromptEntry | None:
+        """Exact match on a class name or alias (case, spaces and hyphens ignored)."""
+        key = normalise(text)
+        if key in self.entries:
+            return self.entries[key]
+        for entry in self.entries.values():
+            if key in {normalise(a) for a in entry.aliases}:
+                return entry
+        return None
+
+    def keyword_scores(self, text: str) -> dict[str, float]:
+        """Score every class by the prompt's content words found in its names, aliases and keywords.
+
+        Name/alias words weigh most; laterality words ('left', 'right') only break ties between
+        sided classes, so 'the kidney filters blood' means both kidneys and 'left kidney' one.
+        """
+        prompt = words(text)
+        if not prompt:
+            return {}
+        scores: dict[str, float] = {}
+        for entry in self.entries.values():
+            name_words = set(words(entry.name.replace("_", " ")))
+            alias_words = {w for a in entry.aliases for w in words(a)}
+            key_words = {w for k in entry.keywords for w in words(k)}
+            s = 0.0
+            for w in prompt:
+                if w in ("left", "right"):
+                    s += 0.5 if w in name_words else (-0.5 if ({"left", "right"} & name_words) else 0.0)
+                elif w in name_words:
+                    s += 3.0
+                elif w in alias_words:
+                    s += 2.0
+                elif w in key_words:
+                    s += 1.0
+            if {"left", "right"} & name_words and not {"left", "right"} & set(prompt):
+                s -= 0.5  # no side named: prefer the class covering both sides
+            # Fewer name words not mentioned in the prompt = more specific match.
+            s -= 0.1 * len(name_words - set(prompt) - {"left", "right"})
+            if s > 0:
+                scores[entry.name] = s
+        return scores
+
+    def resolve(self, text: str) -> PromptEntry:
+        """Name or alias first, then the keyword match; an unresolvable prompt names the closest classes."""
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
+        exact = self.lookup(text)
+        if exact is not None:
+            return exact
+        scores = self.keyword_scores(text)
+        if scores:
+            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+            if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
+                return self.entries[ranked[0][0]]
+            tied = [n for n, s in ranked if s == ranked[0][1]]
+            raise PromptError(f"prompt '{text}' is ambiguous between: {', '.join(tied)}; name one of them")
+        raise PromptError(f"unknown prompt '{text}'; closest known classes: {', '.join(self.closest(text))}")
+
+    def closest(self, text: str, n: int = 3) -> list[str]:
+        """Nearest class names by spelling, for error messages."""
+        key = normalise(text)
+        candidates = {normalise(a): e.name for e in self.entries.values() for a in (e.name, *e.aliases)}
+        hits = difflib.get_close_matches(key, list(candidates), n=n * 3, cutoff=0.0)
+        out: list[str] = []
+        for h in hits:
+            if candidates[h] not in out:
+                out.append(candidates[h])
+        return out[:n]
+
+    def resolve_all(self, prompts: Sequence[str] | None) -> list[tuple[str, PromptEntry]]:
+        """Resolve a request's prompts; ``None`` means the Synapse 8, an empty list is an error."""
+        if prompts is None:
+            prompts = SYNAPSE8
+        if isinstance(prompts, str):
+            raise PromptError("prompts must be a list of strings, not a single string")
+        prompts = [p for p in prompts]
+        if not prompts or all(not (isinstance(p, str) and p.strip()) for p in prompts):
+            raise PromptError("empty prompt list: give at least one class name or description")
+        out: list[tuple[str, PromptEntry]] = []
+        seen: set[str] = set()
+        for p in prompts:
+            if not isinstance(p, str):
+                raise PromptError(f"prompt {p!r} is not a string")
+            entry = self.resolve(p)
+            if entry.name not in seen:
+                seen.add(entry.name)
+                out.append((p, entry))
+        return out
+
+
+def _str_list(value: Any, path: Path, field_name: str, required: bool = False) -> tuple[str, ...]:
+    if value is None and not required:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value) or (
+        required and not value
+    ):
+        need = "a non-empty list of strings" if required else "a list of strings"
+        raise PromptError(f"{path}: field '{field_name}' must be {need}")
+    return tuple(v.strip() for v in value)
+
+
+def _range(value: Any, path: Path, field_name: str) -> None:
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and value[0] <= value[1]
+    ):
+        raise PromptError(f"{path}: field '{field_name}' must be [low, high] numbers with low <= high")
+
+
+def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
+    if prior is None:
+        return {"supported": False}
+    if not isinstance(prior, dict):
+        raise PromptError(f"{path}: field 'prior' must be a mapping")
+    unknown = set(prior) - _PRIOR_FIELDS
+    if unknown:
+        raise PromptError(f"{path}: unknown field 'prior.{sorted(unknown)[0]}' (known: {', '.join(sorted(_PRIOR_FIELDS))})")
+    if not isinstance(prior.get("supported", False), bool):
+        raise PromptError(f"{path}: field 'prior.supported' must be true or false")
+    for mod in ("ct", "mr"):
+        if mod in prior:
+            block = prior[mod]
+            if not isinstance(block, dict):
+                raise PromptError(f"{path}: field 'prior.{mod}' must be a mapping")
+            for key, val in block.items():
+                _range(val, path, f"prior.{mod}.{key}")
+    if "volume_ml" in prior:
+        _range(prior["volume_ml"], path, "prior.volume_ml")
+    if "location" in prior:
+        loc = prior["location"]
+        if not isinstance(loc, dict):
+            raise PromptError(f"{path}: field 'prior.location' must be a mapping")
+        for key, val in loc.items():
+            if isinstance(val, list):
+                _range(val, path, f"prior.location.{key}")
+    if "components" in prior and not (isinstance(prior["components"], int) and prior["components"] >= 1):
+        raise PromptError(f"{path}: field 'prior.components' must be a positive integer")
+    for key in ("parts", "exclude"):
+        if key in prior:
+            _str_list(prior[key], path, f"prior.{key}", required=True)
+    if prior.get("supported") and "method" not in prior and "parts" not in prior:
+        raise PromptError(f"{path}: field 'prior.method' is required when prior.supported is true")
+    return dict(prior)
+
+
+def parse_prompt_file(path: Path) -> list[PromptEntry]:
+    """Parse one YAML file holding a single entry (mapping) or several (list of mappings)."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise PromptError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    items = doc if isinstance(doc, list) else [doc]
+    entries = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise PromptError(f"{path}: expected a mapping with fields name, descriptions, ... (got {type(item).__name__})")
+        unknown = set(item) - _TOP_FIELDS
+        if unknown:
+            raise PromptError(f"{path}: unknown field '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP_FIELDS))})")
+        name = item.get("name")
+        if not isinstance(name, str) or normalise(name) != name or not name:
+            raise PromptError(f"{path}: field 'name' must be a lower-case identifier like 'kidney_left' (got {name!r})")
+        entries.append(
+            PromptEntry(
+                name=name,
+                aliases=_str_list(item.get("aliases"), path, "aliases"),
+                descriptions=_str_list(item.get("descriptions"), path, "descriptions", required=True),
+                keywords=_str_list(item.get("keywords"), path, "keywords"),
+                prior=_validate_prior(item.get("prior"), path),
+                source=str(path),
+            )
+        )
+    return entries
+
+
+def prompt_dirs() -> list[Path]:
+    """The built-in prompts/ folder plus any user folders named in ``MEDPROMPT_PROMPTS_DIRS``."""
+    extra = [Path(p) for p in os.environ.get(ENV_EXTRA_DIRS, "").split(os.pathsep) if p.strip()]
+    return [PROMPTS_DIR, *extra]
+
+
+@lru_cache(maxsize=4)
+def _cached(dirs: tuple[Path, ...]) -> PromptCatalog:
+    return PromptCatalog.load(dirs)
+
+
+def default_catalog() -> PromptCatalog:
+    """The catalog every entry point uses unless given another (cached per set of folders)."""
+    return _cached(tuple(prompt_dirs()))

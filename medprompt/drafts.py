@@ -1,0 +1,53 @@
+"""One entry point from a volume and typed prompts to a draft label map, for the CLI and the server.
+
+Keeping a single function here means the command line, the MONAI Label infer task and the
+benchmarks cannot drift apart in how prompts are resolved or label values are assigned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.errors import PromptError
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+MODELS: tuple[str, ...] = ("prior",)
+
+
+@dataclass
+class Segmentation:
+    """A draft: label map on the input grid, class name -> value, and how each prompt resolved."""
+
+    labels: np.ndarray
+    names: dict[str, int]
+    resolved: dict[str, str]
+
+
+def draft(
+    volume: Volume,
+    prompts: Sequence[str] | None = None,
+    model: str = "prior",
+    catalog: PromptCatalog | None = None,
+    progress: bool = False,
+) -> Segmentation:
+    """Resolve ``prompts`` (default: the Synapse 8) and segment them with ``model``.
+
+    ``progress`` shows a per-class bar on the terminal (the CLI's single-volume case).
+    """
+    if model not in MODELS:
+        raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
+    catalog = catalog or default_catalog()
+    pairs = catalog.resolve_all(prompts)
+    entries = [entry for _, entry in pairs]
+    from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
+
+    labels = AnatomyPrior(catalog).predict(volume, entries, progress=progress)
+    names = {e.name: i + 1 for i, e in enumerate(entries)}
+    return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names,
+                        resolved={text: e.name for text, e in pairs})

@@ -1,0 +1,20 @@
+"""Errors whose message is meant for the user: one line naming the problem.
+
+The CLI prints ``str(error)`` without a traceback; the server maps them to HTTP 4xx.
+"""
+
+
+class MedPromptError(Exception):
+    """Base class for problems caused by the user's input or environment, not by a bug."""
+
+
+class InputError(MedPromptError):
+    """A volume or label map that cannot be read or is not a 3D image."""
+
+
+class PromptError(MedPromptError):
+    """An unknown, empty or ambiguous prompt, or a malformed prompt file."""
+
+
+class WeightsError(MedPromptError):
+    """A model weight file that is missing or unusable."""

@@ -1,0 +1,131 @@
+"""The anatomy prior: prompt attributes + the image's own geometry -> a label map, no weights.
+
+It is the always-available teacher of the learned model and a usable zero-shot model on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
+from medprompt.errors import InputError, PromptError
+from medprompt.prior import geometry
+from medprompt.prior.landmarks import Landmarks, find_landmarks, guess_modality
+from medprompt.prior.rules import RULES
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+WORK_SPACING_MM = 2.5
+
+
+@dataclass
+class PriorResult:
+    """Masks on the working grid, kept for the learned model's teacher interface."""
+
+    masks: dict[str, np.ndarray]
+    landmarks: Landmarks
+    frame: geometry.WorkFrame
+
+
+def liver_tip(liver: np.ndarray) -> float | None:
+    """Slice of the liver's inferior tip: the craniocaudal anchor for organs below the diaphragm.
+
+    Unknown when the liver is absent or reaches the bottom of the scan (tip outside the field).
+    """
+    per_slice = liver.sum(axis=(0, 1))
+    if per_slice.sum() == 0:
+        return None
+    big = np.flatnonzero(per_slice > 0.05 * per_slice.max())
+    return None if big[0] <= 0 else float(big[0])
+
+
+class AnatomyPrior:
+    """Segments any catalog class whose prompt file says ``prior.supported: true``."""
+
+    def __init__(self, catalog: PromptCatalog | None = None, work_spacing_mm: float = WORK_SPACING_MM):
+        self.catalog = catalog or default_catalog()
+        self.work_spacing_mm = work_spacing_mm
+
+    def check_supported(self, entries: Sequence[PromptEntry]) -> None:
+        bad = [e for e in entries if not e.prior_supported]
+        if bad:
+            notes = "; ".join(f"{e.name}: {e.prior.get('note', 'no prior attributes')}" for e in bad)
+            raise PromptError(f"the anatomy prior cannot segment {', '.join(e.name for e in bad)} ({notes})")
+
+    def segment_work(self, volume: Volume, entries: Sequence[PromptEntry], progress: bool = False) -> PriorResult:
+        """Run the rules on the working grid; larger organs claim their voxels first."""
+        data = np.asarray(volume.data)
+        if data.ndim != 3 or min(data.shape) < 2:
+            raise InputError(f"{volume.source}: expected a 3D volume, got shape {data.shape}")
+        if not np.isfinite(data).all():
+            data = np.nan_to_num(data, nan=float(np.nanmin(data)))
+        work, frame = geometry.to_work(data, volume.affine, self.work_spacing_mm)
+        modality = guess_modality(work, volume.modality)
+        smooth = ndi.median_filter(work, size=3)
+        lm = find_landmarks(smooth, frame.work_spacing, modality)
+        expanded = self._expand(entries)
+        # Tubes first (they are found by shape, and organs of equal density must not swallow
+        # them), then organs from the largest down.
+        order = sorted(
+            expanded,
+            key=lambda e: (e.prior.get("method") != "vessel", -float(np.mean(e.prior.get("volume_ml", [0, 0])))),
+        )
+        empty = np.zeros(work.shape, bool)
+
+        def run(entry: PromptEntry, taken: np.ndarray) -> np.ndarray:
+            # 'exclude' names structures of equal density that the rule must not swallow
+            # (the liver and the non-contrast vena cava); they are found first, as anchors.
+            for other in entry.prior.get("exclude", []):
+                taken = taken | anchor(other)
+            return RULES[entry.prior.get("method", "organ")](smooth, lm, entry.prior, taken)
+
+        def anchor(name: str) -> np.ndarray:
+            if name not in lm.anchors:
+                lm.anchors[name] = run(self.catalog[name], empty) if name in self.catalog else empty
+            return lm.anchors[name]
+
+        if self._needs_liver(order):
+            lm.liver_tip_z = liver_tip(anchor("liver"))
+        taken = empty.copy()
+        masks: dict[str, np.ndarray] = {}
+        for entry in tqdm(order, desc="anatomy prior", unit="class", disable=not progress, leave=False):
+            mask = run(entry, taken)
+            if entry.prior.get("method", "organ") in ("organ", "vessel"):
+                taken |= mask
+            masks[entry.name] = mask
+        for entry in entries:
+            if "parts" in entry.prior:
+                masks[entry.name] = np.logical_or.reduce([masks[p] for p in entry.prior["parts"]])
+        return PriorResult(masks=masks, landmarks=lm, frame=frame)
+
+    def _needs_liver(self, entries: Sequence[PromptEntry]) -> bool:
+        """The liver anchors height (its tip) and neighbours ('near: liver'); find it when used."""
+        return "liver" in self.catalog and any(
+            "z" in e.prior.get("location", {}) or e.prior.get("near") == "liver" for e in entries
+        )
+
+    def _expand(self, entries: Sequence[PromptEntry]) -> list[PromptEntry]:
+        """Entries to run: composite classes (``parts``) contribute their parts."""
+        out: dict[str, PromptEntry] = {}
+        for e in entries:
+            for name in e.prior.get("parts", [e.name]):
+                out[name] = self.catalog[name] if name != e.name else e
+        return list(out.values())
+
+    def predict(self, volume: Volume, entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
+        """Label map on the input grid; value i+1 for ``entries[i]``, smaller classes painted last."""
+        self.check_supported(entries)
+        result = self.segment_work(volume, entries, progress)
+        canon = np.zeros(result.frame.canonical_shape, np.uint16)
+        values = {e.name: i + 1 for i, e in enumerate(entries)}
+        paint = sorted(entries, key=lambda e: -int(result.masks[e.name].sum()))
+        for entry in paint:
+            up = geometry.mask_to_canonical(result.masks[entry.name], result.frame)
+            canon[up] = values[entry.name]
+        return np.ascontiguousarray(geometry.canonical_to_input(canon, result.frame))

@@ -1,0 +1,256 @@
+"""Turning one prompt entry's attributes into a mask, given the patient's landmarks.
+
+Every rule is the same few radiological facts read from the prompt file: what the structure looks
+like (an intensity window, in HU for CT; learned from the image itself at the expected place for
+MR), where it lies (millimetres from the spine, right/anterior positive), how big it is, and how
+many pieces it has. Erosion splits touching organs of similar intensity, the component with the
+most mass where the organ should be wins, and dilation within the window gives the border back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from medprompt.prior.landmarks import Landmarks
+
+
+def ball(radius_vox: tuple[int, int, int]) -> np.ndarray:
+    """Ellipsoidal structuring element with per-axis radius in voxels (anisotropy aware)."""
+    r = [max(0, int(v)) for v in radius_vox]
+    grids = np.ogrid[tuple(slice(-v, v + 1) for v in r)]
+    dist = sum((g / max(v, 1e-6)) ** 2 if v > 0 else g.astype(float) ** 2 * 1e6 for g, v in zip(grids, r))
+    return dist <= 1.0
+
+
+def spatial_weight(lm: Landmarks, shape, location: Mapping[str, Any]) -> np.ndarray:
+    """Gaussian likelihood of the in-plane position, from the [low, high] mm ranges in the prompt file.
+
+    The range is read as a ~95 % interval (mean +- 2 sd), scaled by the patient's body size.
+    ``z`` is millimetres above the liver's inferior tip, used only when the tip is in the scan.
+    """
+    x, y = lm.offsets_mm(shape)
+    w = np.ones((shape[0], shape[1], 1), np.float32)
+    axes = [("x", x), ("y", y)]
+    if lm.liver_tip_z is not None:
+        z = (np.arange(shape[2], dtype=np.float32) - lm.liver_tip_z) * lm.spacing[2]
+        axes.append(("z", z[None, None, :]))
+    for key, grid in axes:
+        if key in location:
+            lo, hi = (v * lm.scale for v in location[key])
+            mu, sd = (lo + hi) / 2, max((hi - lo) / 4, 5.0)
+            w = w * np.exp(-0.5 * ((grid - mu) / sd) ** 2)
+    return w
+
+
+def intensity_window(
+    smooth: np.ndarray, cand_region: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]
+) -> tuple[float, float] | None:
+    """Window of the organ's intensity: the mode near the expected place, +- a robust spread.
+
+    For CT the prompt's HU range bounds the search; for MR (arbitrary units) the mode is taken
+    from the image itself, which adapts to the sequence.
+    """
+    ct = attrs.get("ct", {})
+    if lm.modality == "CT" and "hu" in ct:
+        lo, hi = ct["hu"]
+        vals = smooth[cand_region & (smooth >= lo) & (smooth <= hi)]
+    else:
+        mr = attrs.get("mr", {})
+        vals = smooth[cand_region]
+        if "rel" in mr:
+            # rel: position of the organ in the body's intensity distribution (quantiles).
+            q = np.percentile(smooth[lm.body], [1, 99])
+            lo, hi = q[0] + np.array(mr["rel"]) * (q[1] - q[0])
+            vals = vals[(vals >= lo) & (vals <= hi)]
+        else:
+            lo, hi = -np.inf, np.inf
+    if vals.size < 20:
+        return None
+    hist, edges = np.histogram(vals, bins=64)
+    hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
+    mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
+    near = vals[np.abs(vals - mode) < (np.percentile(vals, 75) - np.percentile(vals, 25) + 1e-3)]
+    sd = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    tol = float(ct.get("tol", [2.5])[0]) if lm.modality == "CT" and "tol" in ct else 2.5
+    min_half = 30.0 if lm.modality == "CT" else 0.08 * float(np.ptp(np.percentile(smooth[lm.body], [2, 98])))
+    half = max(tol * sd, min_half)
+    return max(lo, mode - half), min(hi, mode + half)
+
+
+def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    """The generic organ rule (see module docstring)."""
+    shape = smooth.shape
+    w = spatial_weight(lm, shape, attrs.get("location", {}))
+    region = lm.body & ~taken & ~lm.lungs
+    seed = region & (w > 0.6)
+    window = intensity_window(smooth, seed, lm, attrs)
+    if window is None:
+        return np.zeros(shape, bool)
+    cand = region & (smooth >= window[0]) & (smooth <= window[1]) & (w > 0.02)
+    if "near" in attrs and lm.anchors.get(attrs["near"]) is not None:
+        # e.g. the gallbladder sits in the liver's fossa: only within a centimetre of the liver.
+        reach = tuple(max(1, int(round(12.0 / s))) for s in lm.spacing)
+        cand &= ndi.binary_dilation(lm.anchors[attrs["near"]], structure=ball(reach))
+    r_mm = float(attrs.get("erode_mm", 5.0))
+    rad = tuple(int(round(r_mm / s)) for s in lm.spacing)
+    se = ball(rad)
+    core = ndi.binary_erosion(cand, structure=se) if any(rad) else cand
+    lab, n = ndi.label(core)
+    if n == 0:
+        return np.zeros(shape, bool)
+    score = ndi.sum(np.broadcast_to(w, shape), lab, index=np.arange(1, n + 1))
+    voxel_ml = float(np.prod(lm.spacing)) / 1000
+    vmin, vmax = attrs.get("volume_ml", [0, np.inf])
+    keep = []
+    order = np.argsort(score)[::-1]
+    for c in order[: int(attrs.get("components", 1))]:
+        if score[c] <= 0:
+            continue
+        keep.append(c + 1)
+    chosen = np.isin(lab, keep)
+    mask = ndi.binary_dilation(chosen, structure=se) & cand if any(rad) else chosen
+    mask = trim_thin_ends(fill_holes(mask))
+    if mask.sum() * voxel_ml > vmax:
+        mask = trim_to_volume(mask, np.broadcast_to(w, shape), int(vmax / voxel_ml))
+    if mask.sum() * voxel_ml < 0.1 * vmin:
+        return np.zeros(shape, bool)
+    return mask
+
+
+def trim_thin_ends(mask: np.ndarray, frac: float = 0.05, neck: float = 0.15) -> np.ndarray:
+    """Cut the organ along z where it becomes a sliver or passes through a narrow neck.
+
+    Walking up and down from the largest cross-section, the organ ends at the first slice
+    smaller than ``frac`` of the largest, or at a neck (a local minimum under ``neck`` of the
+    largest after which the area doubles): a solid organ tapers once; a leak into a neighbour
+    of the same density (psoas, abdominal wall, bowel) narrows and widens again.
+    """
+    area = mask.sum(axis=(0, 1)).astype(float)
+    if area.max() == 0:
+        return mask
+    top = int(np.argmax(area))
+    keep = [top, top]
+    for direction, end in ((-1, -1), (1, len(area))):
+        k, run_min, run_k = top, area[top], top
+        last = top
+        while True:
+            k += direction
+            if k == end or area[k] < frac * area[top]:
+                break
+            if area[k] < run_min:
+                run_min, run_k = area[k], k
+            elif run_min < neck * area[top] and area[k] > 2 * run_min:
+                last = run_k
+                break
+            last = k
+        keep[0 if direction < 0 else 1] = last
+    out = mask.copy()
+    out[:, :, : keep[0]] = False
+    out[:, :, keep[1] + 1 :] = False
+    return out
+
+
+def trim_to_volume(mask: np.ndarray, weight: np.ndarray, max_voxels: int) -> np.ndarray:
+    """Drop the least likely voxels (by position) of an oversized mask, keep the largest piece.
+
+    An organ several times its largest plausible size has leaked into a neighbour of the same
+    intensity; the leak is where the organ is not expected.
+    """
+    vals = weight[mask]
+    cut = np.partition(vals, len(vals) - max_voxels)[len(vals) - max_voxels]
+    trimmed = mask & (weight >= cut)
+    lab, n = ndi.label(trimmed)
+    if n > 1:
+        sizes = ndi.sum(trimmed, lab, index=np.arange(1, n + 1))
+        trimmed = lab == (int(np.argmax(sizes)) + 1)
+    return trimmed
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes (vessels, lesions) in 3D and then per axial slice."""
+    mask = ndi.binary_fill_holes(mask)
+    for k in range(mask.shape[2]):
+        if mask[:, :, k].any():
+            mask[:, :, k] = ndi.binary_fill_holes(mask[:, :, k])
+    return mask
+
+
+def body(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    return lm.body.copy()
+
+
+def lungs(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    return lm.lungs.copy()
+
+
+def bone(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    if lm.modality != "CT":
+        return np.zeros_like(lm.body)
+    lo, hi = attrs.get("ct", {}).get("hu", [180, 3000])
+    mask = (smooth >= lo) & (smooth <= hi) & lm.body
+    return ndi.binary_opening(mask)
+
+
+def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    """Great vessels as a tube: per-slice round blob at the expected place, centre line smoothed.
+
+    Without contrast the aorta and vena cava have the density of the liver and the crura they
+    touch, so intensity alone leaks; a tube of plausible radius along a smooth centre line does not.
+    """
+    shape = smooth.shape
+    w = np.broadcast_to(spatial_weight(lm, shape, attrs.get("location", {})), shape)
+    region = lm.body & ~lm.lungs
+    window = intensity_window(smooth, region & (w > 0.6), lm, attrs)
+    if window is None:
+        return np.zeros(shape, bool)
+    cand = region & (smooth >= window[0]) & (smooth <= window[1]) & (w > 0.05)
+    r_lo, r_hi = attrs.get("radius_mm", [7.0, 15.0])
+    px_mm2 = lm.spacing[0] * lm.spacing[1]
+    # Erode only when a voxel is small against the vessel: on coarse grids erosion erases it.
+    erode = r_lo / max(lm.spacing[0], lm.spacing[1]) >= 2.5
+    se2 = ball((1, 1, 0))[:, :, 0]
+    min_area = 0.3 * np.pi * r_lo**2
+    centres = np.full((shape[2], 2), np.nan)
+    radii = np.full(shape[2], np.nan)
+    for k in range(shape[2]):
+        sl = ndi.binary_erosion(cand[:, :, k], structure=se2) if erode else cand[:, :, k]
+        lab, n = ndi.label(sl)
+        if n == 0:
+            continue
+        score = ndi.sum(w[:, :, k], lab, index=np.arange(1, n + 1))
+        best = int(np.argmax(score)) + 1
+        pts = np.argwhere(lab == best)
+        # A blob that is small or mostly away from the expected place is not the vessel.
+        if len(pts) * px_mm2 < (min_area / 3 if erode else min_area) or score[best - 1] < 0.2 * len(pts):
+            continue
+        centres[k] = pts.mean(0)
+        area = len(pts) * px_mm2
+        if erode:
+            area += 2 * np.sqrt(area * np.pi) * lm.spacing[0]  # give back the eroded rim
+        radii[k] = np.sqrt(area / np.pi)
+    ok = np.isfinite(radii)
+    if ok.sum() < 2:
+        return np.zeros(shape, bool)
+    ks = np.arange(shape[2])
+    cz = ndi.median_filter(np.where(ok, 1, 0), size=3, mode="nearest") > 0  # drop isolated slices
+    cx = ndi.median_filter(np.interp(ks, ks[ok], centres[ok, 0]), size=5, mode="nearest")
+    cy = ndi.median_filter(np.interp(ks, ks[ok], centres[ok, 1]), size=5, mode="nearest")
+    r = float(np.clip(np.median(radii[ok]), r_lo, r_hi))
+    i = np.arange(shape[0])[:, None] * lm.spacing[0]
+    j = np.arange(shape[1])[None, :] * lm.spacing[1]
+    mask = np.zeros(shape, bool)
+    for k in np.flatnonzero(cz & ok):
+        disk = (i - cx[k] * lm.spacing[0]) ** 2 + (j - cy[k] * lm.spacing[1]) ** 2 <= r**2
+        mask[:, :, k] = disk & cand[:, :, k]
+    # Keep the longest run along z: the vessel is one continuous tube.
+    lab, n = ndi.label(mask)
+    if n > 1:
+        sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
+        mask = lab == (int(np.argmax(sizes)) + 1)
+    return mask
+
+
+RULES = {"organ": organ, "vessel": vessel, "body": body, "lungs": lungs, "bone": bone}

@@ -1,0 +1,134 @@
+"""The prompt catalog: shipped classes, resolution of names and free text, and file validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medprompt.catalog import SYNAPSE8, PromptCatalog, default_catalog, parse_prompt_file
+from medprompt.errors import PromptError
+
+REQUIRED = set(SYNAPSE8) | {
+    "esophagus", "inferior_vena_cava", "portal_vein_and_splenic_vein", "adrenal_gland_left",
+    "adrenal_gland_right", "liver_tumour", "colon_tumour", "body", "lungs", "bone", "urinary_bladder",
+}
+
+GOOD = """name: {name}
+aliases: [my alias]
+descriptions: [A structure somebody cares about.]
+prior:
+  supported: true
+  method: organ
+  ct: {{hu: [0, 100]}}
+  location: {{x: [-10, 10], y: [0, 50]}}
+  volume_ml: [1, 10]
+"""
+
+
+@pytest.fixture(scope="module")
+def catalog() -> PromptCatalog:
+    return default_catalog()
+
+
+def test_shipped_catalog_has_the_required_classes_with_several_descriptions(catalog):
+    assert REQUIRED <= set(catalog.names)
+    for name in REQUIRED:
+        entry = catalog[name]
+        assert len(entry.descriptions) >= 2 or name in ("body",), name
+        assert entry.aliases, name
+    # The tumours are honest about the prior; every anatomical class has prior attributes.
+    assert not catalog["liver_tumour"].prior_supported and "tumour" in catalog["liver_tumour"].prior["note"]
+    for name in REQUIRED - {"liver_tumour", "colon_tumour"}:
+        assert catalog[name].prior_supported, name
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("liver", "liver"),
+        ("Liver", "liver"),
+        ("  LIVER ", "liver"),
+        ("left kidney", "kidney_left"),
+        ("Right-Kidney", "kidney_right"),
+        ("kidney_right", "kidney_right"),
+        ("IVC", "inferior_vena_cava"),
+        ("gall bladder", "gallbladder"),
+        ("the kidney filters blood", "kidneys"),
+        ("The kidney filters blood to produce urine", "kidneys"),
+        ("the left kidney filters blood", "kidney_left"),
+        ("organ that stores bile", "gallbladder"),
+        ("bladder", "urinary_bladder"),
+        ("oesophagus", "esophagus"),
+        ("liver tumor", "liver_tumour"),
+    ],
+)
+def test_resolution_by_name_alias_and_free_text(catalog, text, expected):
+    assert catalog.resolve(text).name == expected
+
+
+def test_unknown_prompt_names_the_prompt_and_closest_classes(catalog):
+    with pytest.raises(PromptError) as err:
+        catalog.resolve("splen")
+    msg = str(err.value)
+    assert "'splen'" in msg and "spleen" in msg.split("closest known classes:")[1]
+
+
+@pytest.mark.parametrize("prompts", [[], [""], ["   "]])
+def test_empty_prompt_list_is_an_error(catalog, prompts):
+    with pytest.raises(PromptError, match="empty"):
+        catalog.resolve_all(prompts)
+
+
+def test_default_prompts_are_synapse8_and_duplicates_collapse(catalog):
+    assert [e.name for _, e in catalog.resolve_all(None)] == list(SYNAPSE8)
+    pairs = catalog.resolve_all(["liver", "Liver", "hepar"])
+    assert [e.name for _, e in pairs] == ["liver"]
+
+
+def test_a_single_string_is_not_taken_letter_by_letter(catalog):
+    with pytest.raises(PromptError, match="list"):
+        catalog.resolve_all("liver")
+
+
+def test_user_folder_adds_a_class(tmp_path: Path, monkeypatch):
+    (tmp_path / "psoas.yaml").write_text(GOOD.format(name="psoas_major"))
+    monkeypatch.setenv("MEDPROMPT_PROMPTS_DIRS", str(tmp_path))
+    catalog = default_catalog()
+    assert catalog.resolve("my alias").name == "psoas_major"
+    assert "liver" in catalog
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("name: Bad Name\ndescriptions: [x]\n", "'name'"),
+        ("name: thing\n", "'descriptions'"),
+        ("name: thing\ndescriptions: []\n", "'descriptions'"),
+        ("name: thing\ndescriptions: [x]\ncolour: red\n", "'colour'"),
+        ("name: thing\ndescriptions: [x]\nprior: {supported: true, method: organ, ct: {hu: [100, 0]}}\n", "'prior.ct.hu'"),
+        ("name: thing\ndescriptions: [x]\nprior: {supported: true, method: organ, volume_ml: [1]}\n", "'prior.volume_ml'"),
+        ("name: thing\ndescriptions: [x]\nprior: {supported: true, methd: organ}\n", "'prior.methd'"),
+        ("name: thing\ndescriptions: [x]\nprior: {supported: true}\n", "'prior.method'"),
+        ("name: thing\ndescriptions: [x]\nprior: {supported: yes please}\n", "'prior.supported'"),
+        ("name: thing\ndescriptions: [x\n", "not valid YAML"),
+        ("- just\n- strings\n", "expected a mapping"),
+    ],
+)
+def test_malformed_file_names_file_and_field(tmp_path: Path, text: str, field: str):
+    path = tmp_path / "thing.yaml"
+    path.write_text(text)
+    with pytest.raises(PromptError) as err:
+        parse_prompt_file(path)
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_duplicate_class_across_folders_is_reported(tmp_path: Path):
+    (tmp_path / "liver.yaml").write_text(GOOD.format(name="liver"))
+    with pytest.raises(PromptError, match="already defined"):
+        PromptCatalog.load([Path(default_catalog()["liver"].source).parent, tmp_path])
+
+
+def test_missing_folder_is_reported(tmp_path: Path):
+    with pytest.raises(PromptError, match="not found"):
+        PromptCatalog.load([tmp_path / "nope"])

@@ -1,0 +1,220 @@
+"""End to end through MONAI Label's own Python client against ``medprompt serve`` (see conftest.server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from medprompt.catalog import SYNAPSE8
+from medprompt.configs import task_configs
+from medprompt.errors import InputError, MedPromptError
+from medprompt.evaluation import evaluate
+from medprompt.io.volume import load_labelmap, load_volume, read_label_names
+from medprompt.server import serve
+
+if TYPE_CHECKING:
+    from conftest import RunningServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MEDPROMPT = Path(sys.executable).parent / "medprompt"  # the console script in this venv
+MODEL = "medprompt_prior"
+IMAGE = "phantom_000"
+
+
+@pytest.fixture
+def client(server: RunningServer, tmp_path: Path) -> MONAILabelClient:
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path))
+
+
+def liver_dice(server: RunningServer, label_file: str, names: dict[str, int]) -> float:
+    """Dice of the draft's liver against the phantom's exact liver mask."""
+    labels = nib.load(label_file)
+    ref, ref_affine, ref_names = load_labelmap(server.studies / "reference" / f"{IMAGE}.nii.gz")
+    result = evaluate(np.asarray(labels.dataobj), labels.affine, names, ref, ref_affine, ref_names)
+    return next(s.dice for s in result.scores if s.name == "liver")
+
+
+def error_status(error: MONAILabelClientException) -> tuple[int, str]:
+    """(HTTP status, body) from the client's 'Status: N; Response: ...' message."""
+    match = re.match(r"Status: (\d+); Response: (.*)", error.msg, re.S)
+    assert match, f"unexpected client error: {error.msg}"
+    return int(match.group(1)), match.group(2)
+
+
+def test_info_lists_the_prior_model_labels_and_strategies(client: MONAILabelClient) -> None:
+    info = client.info()
+    model = info["models"][MODEL]
+    assert model["labels"] == {name: value for value, name in enumerate(SYNAPSE8, start=1)}
+    assert model["type"] == "segmentation" and model["dimension"] == 3
+    assert model["config"]["prompts"].split(",") == list(SYNAPSE8)
+    assert {"random", "first"} <= set(info["strategies"])
+    # The three phantoms are the datastore; their reference masks (in reference/) are not images.
+    assert info["datastore"]["total"] == 3
+
+
+def test_default_prompts_draft_the_synapse8_on_the_image_grid(server: RunningServer, client: MONAILabelClient) -> None:
+    label_file, params = client.infer(MODEL, IMAGE, {})
+    assert params["label_names"] == {name: value for value, name in enumerate(SYNAPSE8, start=1)}
+    assert params["prompts_resolved"] == {name: name for name in SYNAPSE8}
+    image = load_volume(server.studies / f"{IMAGE}.nii.gz")
+    labels = nib.load(label_file)
+    assert labels.shape == image.data.shape
+    np.testing.assert_allclose(labels.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, *range(1, len(SYNAPSE8) + 1)}
+    assert liver_dice(server, label_file, params["label_names"]) > 0.5
+
+
+@pytest.mark.parametrize("prompts", [["liver", "spleen"], "liver, spleen"], ids=["list", "comma-string"])
+def test_custom_prompts_name_the_labels_in_prompt_order(
+    server: RunningServer, client: MONAILabelClient, prompts: list[str] | str
+) -> None:
+    label_file, params = client.infer(MODEL, IMAGE, {"prompts": prompts})
+    assert params["label_names"] == {"liver": 1, "spleen": 2}
+    assert params["prompts_resolved"] == {"liver": "liver", "spleen": "spleen"}
+    values = set(np.unique(np.asarray(nib.load(label_file).dataobj)))
+    assert values <= {0, 1, 2} and {1, 2} <= values
+    assert liver_dice(server, label_file, params["label_names"]) > 0.5
+
+
+def test_saved_label_is_stored_and_active_learning_moves_on(client: MONAILabelClient, tmp_path: Path) -> None:
+    images = sorted(client.datastore()["objects"])
+    first = client.next_sample("first", {})["id"]
+    assert first in images
+    label_file, _ = client.infer(MODEL, first, {"prompts": ["liver"]})
+
+    client.save_label(first, label_file, tag="final")
+
+    stored = client.download_label(first, "final")
+    np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj), np.asarray(nib.load(label_file).dataobj))
+    unlabeled = [i for i in images if "final" not in client.datastore()["objects"][i]["labels"]]
+    assert first not in unlabeled
+    assert client.next_sample("first", {})["id"] == unlabeled[0]
+    assert client.next_sample("random", {})["id"] in unlabeled
+
+
+@pytest.mark.parametrize(
+    ("image", "params", "status", "named"),
+    [
+        (IMAGE, {"prompts": ["liver", "hyperdrive"]}, 400, "hyperdrive"),
+        (IMAGE, {"prompts": []}, 400, "empty"),
+        (IMAGE, {"prompts": " , "}, 400, "empty"),
+        (IMAGE, {"prompts": 7}, 400, "prompts"),
+        ("no_such_image", {}, 404, "no_such_image"),
+    ],
+    ids=["unknown-prompt", "empty-list", "blank-string", "not-a-list", "unknown-image-id"],
+)
+def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
+    client: MONAILabelClient, image: str, params: dict, status: int, named: str
+) -> None:
+    with pytest.raises(MONAILabelClientException) as caught:
+        client.infer(MODEL, image, params)
+    code, body = error_status(caught.value)
+    assert code == status
+    assert named in json.loads(body)["detail"]
+    assert MODEL in client.info()["models"]
+
+
+def test_unreadable_upload_gets_422_and_the_server_keeps_serving(client: MONAILabelClient, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"this is not a NIfTI file")
+    with pytest.raises(MONAILabelClientException) as caught:
+        client.infer(MODEL, "", {}, file=str(broken))
+    code, body = error_status(caught.value)
+    assert code == 422
+    assert json.loads(body)["detail"]
+    assert MODEL in client.info()["models"]
+
+
+def test_app_loads_the_medprompt_package_not_its_own_folder_offline_and_untracked(tmp_path: Path) -> None:
+    """Load the app the way MONAI Label does, from the worst working directory, with networking disabled,
+    on a local and on a DICOMweb datastore.
+
+    From apps/, the app folder (also named medprompt) is a namespace-package candidate that hides an
+    editable install of the package; main.py must still import this checkout's ``medprompt``.
+    """
+    from medprompt.phantoms import write_sample_data
+
+    write_sample_data(tmp_path / "studies", n=1, shape=(16, 16, 12))
+    script = f"""
+import json, socket, sys
+def offline(*args, **kwargs):
+    raise OSError("network access during app start-up")
+socket.socket.connect = offline
+from monailabel.interfaces.utils.app import app_instance
+app = app_instance(app_dir={str(REPO_ROOT / "apps" / "medprompt")!r}, studies={str(tmp_path / "studies")!r}, conf={{}})
+# A DICOMweb datastore makes MONAI Label's base app download dcmqi from GitHub unless the app stops it.
+dicomweb = app_instance(app_dir={str(REPO_ROOT / "apps" / "medprompt")!r}, studies="http://127.0.0.1:9/dicom-web", conf={{}})
+import medprompt
+from monailabel.config import settings
+print(json.dumps({{"package": medprompt.__file__, "models": sorted(app.info()["models"]),
+                   "sam2": any(m.startswith("monailabel.sam2") for m in sys.modules),
+                   "tracking": settings.MONAI_LABEL_TRACKING_ENABLED,
+                   "dicomweb": type(dicomweb.datastore()).__name__}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT / "apps", env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(loaded["package"]) == REPO_ROOT / "medprompt" / "__init__.py"
+    assert loaded["models"] == [MODEL]
+    assert loaded["sam2"] is False
+    assert loaded["tracking"] is False  # MONAI Label's default is on (MLflow)
+    assert loaded["dicomweb"] == "DICOMWebDatastore"
+
+
+def test_server_drafts_a_real_dicom_series_on_its_own_grid(
+    server: RunningServer, client: MONAILabelClient, real_data: Path
+) -> None:
+    """A server-side DICOM folder (JPEG 2000, 20 slices) drafted through the server overlays the study."""
+    case = real_data / "ct_abdomen_b_dicom"
+    label_file, params = client.infer(MODEL, str(case / "dicom"), {"prompts": ["liver"]})
+    labels = nib.load(label_file)
+    image = load_volume(case / "dicom")
+    assert labels.shape == image.data.shape == (512, 512, 20)
+    np.testing.assert_allclose(labels.affine, image.affine, atol=1e-3)
+    ref, ref_affine, _ = load_labelmap(case / "label.nii.gz")
+    result = evaluate(np.asarray(labels.dataobj), labels.affine, params["label_names"],
+                      ref, ref_affine, read_label_names(case / "labels.json"))
+    # The reference is stored LAS, the draft on the DICOM grid: overlap proves the orientations agree.
+    assert result.scores[0].name == "liver" and result.scores[0].dice > 0.5
+
+
+def test_conf_prompts_set_the_default_prompts_and_labels(tmp_path: Path) -> None:
+    infer = task_configs({"prompts": "liver, spleen"}, str(tmp_path))[MODEL].infer()
+    assert infer.info()["labels"] == {"liver": 1, "spleen": 2}
+    assert infer.info()["config"]["prompts"] == "liver,spleen"
+
+
+@pytest.mark.parametrize(
+    ("conf", "named"),
+    [({"models": "medclip_sam"}, "medclip_sam"), ({"models": " "}, "models"), ({"prompts": "livr"}, "livr")],
+    ids=["unknown-model", "no-model", "unknown-prompt"],
+)
+def test_bad_conf_is_refused_by_name(tmp_path: Path, conf: dict[str, str], named: str) -> None:
+    with pytest.raises(MedPromptError, match=named):
+        task_configs(conf, str(tmp_path))
+
+
+def test_serve_refuses_a_missing_folder_and_a_busy_port_before_starting(server: RunningServer, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        serve(tmp_path / "missing")
+    port = int(server.url.rsplit(":", 1)[1])
+    done = subprocess.run(
+        [str(MEDPROMPT), "serve", "--studies", str(tmp_path), "--port", str(port)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
