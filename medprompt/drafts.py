@@ -7,6 +7,8 @@ benchmarks cannot drift apart in how prompts are resolved or label values are as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -17,7 +19,7 @@ from medprompt.errors import PromptError
 if TYPE_CHECKING:
     from medprompt.io.volume import Volume
 
-MODELS: tuple[str, ...] = ("prior",)
+MODELS: tuple[str, ...] = ("prior", "medprompt")
 
 
 @dataclass
@@ -35,19 +37,42 @@ def draft(
     model: str = "prior",
     catalog: PromptCatalog | None = None,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
+    text_encoder: str | None = None,
 ) -> Segmentation:
     """Resolve ``prompts`` (default: the Synapse 8) and segment them with ``model``.
 
     ``progress`` shows a per-class bar on the terminal (the CLI's single-volume case).
+    ``checkpoint`` (model ``medprompt``): a model file, default the shipped one; ``text_encoder``
+    encodes prompts whose class the checkpoint was not trained on.
     """
     if model not in MODELS:
         raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
     catalog = catalog or default_catalog()
     pairs = catalog.resolve_all(prompts)
     entries = [entry for _, entry in pairs]
-    from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
+    if model == "prior":
+        from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
 
-    labels = AnatomyPrior(catalog).predict(volume, entries, progress=progress)
+        labels = AnatomyPrior(catalog).predict(volume, entries, progress=progress)
+    else:
+        labels = predictor(checkpoint, text_encoder).predict(volume, entries, progress=progress)
     names = {e.name: i + 1 for i, e in enumerate(entries)}
     return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names,
                         resolved={text: e.name for text, e in pairs})
+
+
+def predictor(checkpoint: str | Path | None = None, text_encoder: str | None = None):
+    """The loaded network for a model file, reused while the file is unchanged (a new round reloads)."""
+    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+
+    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    mtime = path.stat().st_mtime_ns if path.is_file() else None
+    return _load_predictor(str(path), mtime, text_encoder)
+
+
+@lru_cache(maxsize=2)
+def _load_predictor(path: str, mtime: int | None, text_encoder: str | None):
+    from medprompt.model.predictor import load_checkpoint
+
+    return load_checkpoint(path, text_encoder=text_encoder)

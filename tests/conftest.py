@@ -2,6 +2,8 @@
 
 The server is started once per session through the user's own command (``medprompt serve``) on a
 tiny phantom datastore, because its start-up (torch, MONAI, MONAI Label) dominates the suite's time.
+It serves a tiny random MedPrompt checkpoint and writes training rounds to a temporary model
+folder, never into the checkout.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +49,39 @@ def free_port() -> int:
     return find_free_port()
 
 
+def write_tiny_checkpoint(path: Path) -> Path:
+    """A random ``tiny`` MedPromptNet saved the way training saves one, with stored vectors for the Synapse 8.
+
+    Seeded, so every write is the same network; the stored class vectors mean serving it needs no
+    text encoder for those classes (they claim MiniLM's key, as the shipped checkpoint does).
+    """
+    import torch
+
+    from medprompt.catalog import SYNAPSE8
+    from medprompt.model.checkpoint import save_model
+    from medprompt.model.network import MedPromptNet, NetConfig
+    from medprompt.text.encoders import MINILM_KEY
+
+    torch.manual_seed(0)
+    net = MedPromptNet(NetConfig.preset("tiny", text_dim=384))
+    vectors = np.random.default_rng(0).normal(size=(len(SYNAPSE8), 384))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    meta = {"text_encoder": MINILM_KEY, "classes": list(SYNAPSE8), "step": 0,
+            "class_vectors": {name: v.tolist() for name, v in zip(SYNAPSE8, vectors)}}
+    return save_model(path, net, meta)
+
+
 @dataclass
 class RunningServer:
-    """A ``medprompt serve`` process and what the tests need to talk to it."""
+    """A MONAI Label server process with the MedPrompt app and what the tests need to talk to it."""
 
     url: str
     studies: Path
     process: subprocess.Popen
     log: Path
+    model_dir: Path  # --conf model_dir: training rounds go to model_dir/medprompt/
+    checkpoint: Path  # --conf checkpoint: served until a round writes one
+    started: float  # time.monotonic() at launch
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -79,32 +108,51 @@ def _wait_until_up(server: RunningServer) -> None:
     pytest.fail(f"server did not answer /info/ within {SERVER_START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
 
 
+def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint: Path,
+                  env: dict[str, str] | None = None) -> RunningServer:
+    """Start ``command`` (a server launcher taking --port and --conf) in ``root``; returns at once.
+
+    Its model folder is ``root/model`` and its medprompt start checkpoint ``checkpoint``; the log is
+    ``root/server.log``.
+    """
+    port = find_free_port()
+    log = root / "server.log"
+    model_dir = root / "model"
+    args = [*command, "--studies", str(studies), "--port", str(port),
+            "--conf", "model_dir", str(model_dir), "--conf", "checkpoint", str(checkpoint)]
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group: a teardown signal reaches nothing else
+        )
+    return RunningServer(url=f"http://127.0.0.1:{port}", studies=studies, process=process, log=log,
+                         model_dir=model_dir, checkpoint=checkpoint, started=started)
+
+
+@contextmanager
+def serving(server: RunningServer) -> Iterator[RunningServer]:
+    """Wait until ``server`` answers, yield it, then stop it with Ctrl-C and require a clean exit."""
+    try:
+        _wait_until_up(server)
+        yield server
+    finally:
+        stopped_cleanly = _stop(server.process)
+    # Ctrl-C is how users stop the server: it must shut down gracefully with exit code 0.
+    assert stopped_cleanly, f"server did not stop cleanly on Ctrl-C:\n{server.log_tail()}"
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """``medprompt serve`` on 3 small phantoms (references in studies/reference/); stopped with Ctrl-C."""
+    """``medprompt serve`` on 3 small phantoms (references in studies/reference/) with a tiny checkpoint."""
     from medprompt.phantoms import write_sample_data
 
     root = tmp_path_factory.mktemp("server")
     studies = root / "studies"
     write_sample_data(studies, n=3, shape=(64, 64, 40))
-    port = find_free_port()
-    log = root / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(console_script("medprompt")), "serve", "--studies", str(studies), "--port", str(port)],
-            cwd=root,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a teardown signal reaches nothing else
-        )
-    running = RunningServer(url=f"http://127.0.0.1:{port}", studies=studies, process=process, log=log)
-    try:
-        _wait_until_up(running)
+    checkpoint = write_tiny_checkpoint(root / "medprompt_tiny.pt")
+    with serving(launch_server(root, [str(console_script("medprompt")), "serve"], studies, checkpoint)) as running:
         yield running
-    finally:
-        stopped_cleanly = _stop(process)
-    # Ctrl-C is how users stop the server: it must shut down gracefully with exit code 0.
-    assert stopped_cleanly, f"server did not stop cleanly on Ctrl-C:\n{running.log_tail()}"
 
 
 def _stop(process: subprocess.Popen) -> bool:

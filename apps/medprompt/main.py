@@ -2,9 +2,12 @@
 
 Start it with ``medprompt serve`` or ``monailabel start_server --app apps/medprompt --studies DIR``.
 App options (``--conf KEY VALUE``):
-  models    comma-separated models to load, or ``all`` (default); available: see medprompt.configs.CONFIGS
-  prompts   prompts used when a request names none, comma-separated (default: the Synapse 8)
-  tracking  ``true`` to let trainers log to MLflow (default ``false``: nothing is written or sent)
+  models        comma-separated models to load, or ``all`` (default); available: see medprompt.configs.CONFIGS
+  prompts       prompts used when a request names none, comma-separated (default: the Synapse 8)
+  model_dir     where training rounds are written (default: model/ in this folder)
+  checkpoint    the medprompt model file served until a training round writes one (default: the shipped one)
+  text_encoder  text encoder of the medprompt model and its training (default: minilm, offline)
+  tracking      ``true`` to let trainers log to MLflow (default ``false``: nothing is written or sent)
 Nothing is downloaded: no sample models, no dcmqi tools, and MONAI Label's SAM2 (monailabel.sam2) is
 never imported.
 """
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +67,11 @@ class MedPromptApp(MONAILabelApp):
         return {name: config.infer() for name, config in self.task_configs.items()}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        trainers = {name: config.trainer() for name, config in self.task_configs.items()}
-        return {name: t for name, t in trainers.items() if t is not None}
+        trainers: dict[str, TrainTask] = {}
+        for name, config in self.task_configs.items():
+            task = config.trainer()
+            trainers.update(task if isinstance(task, dict) else {name: task} if task is not None else {})
+        return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
@@ -78,6 +85,23 @@ class MedPromptApp(MONAILabelApp):
                     raise HTTPException(status_code=404, detail=f"unknown image id '{image}': not in the datastore")
             return super().infer(request, datastore)
 
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """As MONAI Label's, but a bad parameter becomes HTTP 4xx with ``run_sync``; in MONAI Label's usual
+        child process the round ends with status ERROR and the message as the last line of its details."""
+        with http_errors():
+            return super().train(request)
+
+    def on_init_complete(self) -> None:
+        """Server start (not training's child process): load the models' weights in the background.
+
+        Each model that cannot serve logs one line naming what is missing and how to provide it,
+        within seconds, while the server already answers and the other models keep serving.
+        """
+        super().on_init_complete()
+        for name, task in self._infers.items():
+            if hasattr(task, "problems"):
+                threading.Thread(target=_report_problems, args=(name, task), name=f"load-{name}", daemon=True).start()
+
     def _download_dcmqi_tools(self) -> None:
         """MONAI Label fetches dcmqi from GitHub when the datastore is DICOMweb; nothing downloads here."""
         if not shutil.which("itkimage2segimage"):
@@ -86,3 +110,11 @@ class MedPromptApp(MONAILabelApp):
                 "get it from https://github.com/QIICR/dcmqi/releases and put it on PATH or in %s",
                 os.path.join(self.app_dir, "bin"),
             )
+
+
+def _report_problems(name: str, task: Any) -> None:
+    problems = task.problems()
+    for problem in problems:
+        logger.error(f"model {name}: {problem}")
+    if not problems:
+        logger.info(f"model {name}: weights loaded")

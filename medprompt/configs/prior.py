@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from monailabel.interfaces.config import TaskConfig
-
-from medprompt.catalog import SYNAPSE8, default_catalog
-from medprompt.infers.prior import PriorInfer, parse_prompts
+from medprompt.configs.draft import DraftConfig
+from medprompt.infers.prior import PriorInfer
 
 
-class PriorConfig(TaskConfig):
-    """``--conf prompts "liver,spleen"`` sets the prompts used when a request names none (default: Synapse 8)."""
-
-    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
-        super().init(name, model_dir, conf, planner, **kwargs)
-        prompts = parse_prompts(conf.get("prompts", ",".join(SYNAPSE8)))
-        # Resolving now makes a bad --conf prompts fail at start-up, not on the first request.
-        resolved = default_catalog().resolve_all(prompts)
-        self.prompts = [text for text, _ in resolved]
-        self.labels = {entry.name: value for value, (_, entry) in enumerate(resolved, start=1)}
-
+class PriorConfig(DraftConfig):
     def infer(self) -> PriorInfer:
         return PriorInfer(
             labels=self.labels,

@@ -31,17 +31,22 @@ class WorkFrame:
         return tuple(w / c for w, c in zip(self.work_shape, self.canonical_shape))
 
 
-def to_work(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> tuple[np.ndarray, WorkFrame]:
+def to_work(
+    data: np.ndarray, affine: np.ndarray, spacing_mm: float, exact_inplane: bool = False
+) -> tuple[np.ndarray, WorkFrame]:
     """Reorient to closest RAS and resample (linear) so no axis is finer than ``spacing_mm``.
 
     Axes already coarser than the working spacing are kept, so thick-slice studies are not
-    interpolated into slices that were never acquired.
+    interpolated into slices that were never acquired. ``exact_inplane`` resamples the axial
+    plane to exactly ``spacing_mm`` (the network needs one pixel size; the prior does not).
     """
     ornt = nib.orientations.io_orientation(affine)
     canon = nib.orientations.apply_orientation(data, ornt)
     vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     canon_spacing = tuple(float(vox[int(ax)]) for ax in _inverse_axes(ornt))
-    target = tuple(max(s, spacing_mm) for s in canon_spacing)
+    target = tuple(
+        spacing_mm if (exact_inplane and ax < 2) else max(s, spacing_mm) for ax, s in enumerate(canon_spacing)
+    )
     work_shape = tuple(max(2, int(round(n * s / t))) for n, s, t in zip(canon.shape, canon_spacing, target))
     zoom = [w / n for w, n in zip(work_shape, canon.shape)]
     work = canon.astype(np.float32, copy=False)

@@ -1,12 +1,13 @@
-"""Benchmark: zero-shot anatomy-prior Dice/IoU on the real cases in ../shared/data/real.
+"""Benchmark: zero-shot Dice/IoU of a draft model on the real cases in ../shared/data/real.
 
 Same code path as ``medprompt infer`` + ``medprompt evaluate``; prints one table per case.
 
-    .venv/bin/python benchmarks/prior_quality.py
+    .venv/bin/python benchmarks/quality.py [--model prior|medprompt] [--checkpoint FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -30,6 +31,10 @@ CASES = {"ct_abdomen_a": "image.nii.gz", "ct_abdomen_b_dicom": "dicom", "mr_abdo
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="prior")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    args = p.parse_args()
     if not REAL.exists():
         sys.exit(f"error: {REAL} not found")
     for case, image in CASES.items():
@@ -40,7 +45,7 @@ def main() -> None:
         print(f"\n## {case} {volume.data.shape}")
         for group, prompts in (("Synapse 8", list(SYNAPSE8)), ("other classes", [c for c in EXTRA if c in ref_names])):
             t = time.perf_counter()
-            seg = draft(volume, prompts)
+            seg = draft(volume, prompts, model=args.model, checkpoint=args.checkpoint)
             dt = time.perf_counter() - t
             ev = evaluate(seg.labels, volume.affine, seg.names, np.asarray(ref_img.dataobj), ref_img.affine, ref_names)
             cells = ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores)

@@ -1,0 +1,101 @@
+"""Benchmark: free-text prompts worded independently of prompts/ -> the right class, and how fast.
+
+Reads ``tests/data/paraphrases.yaml`` (lay and clinical paraphrases of every class, none copied
+from prompts/, none an exact name or alias; a development set and a held-out set) and resolves
+each through the default catalog with the given text encoder (MiniLM by default), printing
+accuracy, the misses, the keyword resolver's accuracy for comparison, timing (cold: empty
+embedding cache, model load included; warm: cache filled) and a line for BENCHMARKS.md.
+
+It also shows how the similarity floor is calibrated: the best similarity of every correctly
+resolved paraphrase against that of the ``unrelated`` prompts (nothing in the catalog). The floor
+in ``medprompt/text/similarity.py`` sits between the two.
+
+    .venv/bin/python benchmarks/paraphrases.py [--text-encoder minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medprompt.catalog import PromptCatalog, default_catalog  # noqa: E402
+from medprompt.errors import PromptError  # noqa: E402
+from medprompt.text import get_text_encoder  # noqa: E402
+from medprompt.text.similarity import SIMILARITY_FLOORS, rank  # noqa: E402
+
+DATA = REPO / "tests" / "data" / "paraphrases.yaml"
+
+
+def outcome(catalog: PromptCatalog, text: str, encoder) -> str:
+    try:
+        return catalog.resolve(text, encoder).name
+    except PromptError as error:
+        return f"error: {error}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text-encoder", default="minilm", help="encoder spec (default: minilm)")
+    args = p.parse_args()
+    doc = yaml.safe_load(DATA.read_text(encoding="utf-8"))
+    sets = {name: [(c["text"], c["class"]) for c in doc[name]] for name in ("paraphrases", "heldout")}
+    cases = [c for s in sets.values() for c in s]
+
+    os.environ["MEDPROMPT_CACHE"] = tempfile.mkdtemp(prefix="medprompt-bench-")  # cold: nothing cached
+    catalog = PromptCatalog(dict(default_catalog().entries))
+    t0 = time.perf_counter()
+    encoder = get_text_encoder(args.text_encoder)
+    index = catalog.similarity_index(encoder)
+    t_index = time.perf_counter() - t0
+    floor = SIMILARITY_FLOORS.get(encoder.key)
+
+    t0 = time.perf_counter()
+    got = {text: outcome(catalog, text, encoder) for text, _ in cases}
+    cold = (time.perf_counter() - t0) / len(cases)
+    t0 = time.perf_counter()
+    for text, _ in cases:
+        outcome(catalog, text, encoder)
+    warm = (time.perf_counter() - t0) / len(cases)
+
+    keyword = PromptCatalog(dict(catalog.entries))  # no text encoder: the keyword resolver
+    print(f"encoder {encoder.key} (dim {encoder.dim}); catalog of {len(catalog.names)} classes, "
+          f"{len(index.names)} phrases; similarity floor {floor}")
+    for name, items in sets.items():
+        hits = sum(got[t] == w for t, w in items)
+        kw = sum(outcome(keyword, t, None) == w for t, w in items)
+        print(f"{name}: {hits}/{len(items)} = {hits / len(items):.1%} (keyword resolver {kw / len(items):.1%})")
+    misses = [(t, w) for t, w in cases if got[t] != w]
+    for text, want in misses:
+        print(f"  miss: {text!r} -> {got[text]} (expected {want})")
+    acc = 1 - len(misses) / len(cases)
+    kw_all = sum(outcome(keyword, t, None) == w for t, w in cases) / len(cases)
+    print(f"all: {len(cases) - len(misses)}/{len(cases)} = {acc:.1%}")
+
+    right = [rank(catalog, t, encoder, index)[0][1] for t, w in cases if got[t] == w]
+    unrelated = sorted((rank(catalog, t, encoder, index)[0][1], t) for t in doc["unrelated"])
+    rejected = sum(outcome(catalog, t, encoder).startswith("error") for _, t in unrelated)
+    print(f"floor calibration: correct matches' best similarity min {min(right):.3f}, 5th pct "
+          f"{np.percentile(right, 5):.3f}, median {np.median(right):.3f}; unrelated prompts median "
+          f"{np.median([s for s, _ in unrelated]):.3f}, max {unrelated[-1][0]:.3f} ({unrelated[-1][1]!r}); "
+          f"{rejected}/{len(unrelated)} unrelated rejected")
+    print(f"time: encoder load + {len(index.names)} class phrases {t_index:.2f} s (empty cache); "
+          f"per prompt {cold * 1e3:.1f} ms (new text), {warm * 1e3:.2f} ms (cached)")
+    print(f"BENCHMARKS.md: | {encoder.key} | {len(cases)} paraphrases ({len(sets['heldout'])} held out), "
+          f"{len({w for _, w in cases})} classes | **{acc:.1%}** (held out "
+          f"{sum(got[t] == w for t, w in sets['heldout']) / len(sets['heldout']):.1%}) | keywords {kw_all:.1%} | "
+          f"{rejected}/{len(unrelated)} unrelated rejected | load + index {t_index:.1f} s, "
+          f"{cold * 1e3:.0f} ms/new prompt, {warm * 1e3:.1f} ms cached |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What every MedPrompt infer task shares: typed prompts in, a label map NIfTI out.
+
+The tasks implement MONAI Label's ``InferTask`` interface directly rather than ``BasicInferTask``: the
+draft comes from :func:`medprompt.drafts.draft` (the same function the CLI uses), not a
+transform/network pipeline, and ``BasicInferTask.__call__`` would overwrite the result's
+``label_names`` with the task's static labels, while here they follow the request's prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, Sequence
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from medprompt.errors import InputError, PromptError
+from medprompt.io.volume import load_volume, save_labelmap
+
+if TYPE_CHECKING:
+    from medprompt.drafts import Segmentation
+    from medprompt.io.volume import Volume
+
+
+def parse_prompts(value: Any) -> list[str]:
+    """A request's ``prompts``: a list of strings, or one comma-separated string (what Slicer's option box sends).
+
+    Blank pieces of a string ("liver, ") are dropped; if nothing is left the draft reports an empty prompt list.
+    """
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise PromptError(
+        f"'prompts' must be a list of strings or a comma-separated string, not {type(value).__name__}"
+    )
+
+
+class DraftInfer(InferTask):
+    """An infer task whose result is a draft for the request's prompts; subclasses say how to draft."""
+
+    def __init__(self, labels: dict[str, int], default_prompts: Sequence[str], description: str) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=3,
+            description=description,
+            # Shown (and editable) in the client's options, e.g. 3D Slicer's MONAI Label module.
+            config={"prompts": ",".join(default_prompts)},
+        )
+
+    @abstractmethod
+    def segment(self, volume: Volume, prompts: list[str]) -> tuple[Segmentation, dict[str, Any]]:
+        """The draft, plus what the response should report about how it was made."""
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Draft the request's image; the result file is removed by the server after it is sent."""
+        begin = time.time()
+        prompts = parse_prompts(request.get("prompts", self._config["prompts"]))
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("no image in the request: pass a datastore image id or upload a file")
+        volume = load_volume(image)
+        seg, extra = self.segment(volume, prompts)
+
+        fd, label_path = tempfile.mkstemp(suffix=".nii.gz", prefix="medprompt_")
+        os.close(fd)
+        # The names travel in the response's label_names, so the sidecar JSON is not kept.
+        os.remove(save_labelmap(label_path, seg.labels, volume.affine, seg.names))
+        return label_path, {
+            "label_names": seg.names,
+            "prompts_resolved": seg.resolved,
+            **extra,
+            "latencies": {"total": round(time.time() - begin, 2)},
+        }

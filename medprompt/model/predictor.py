@@ -1,0 +1,149 @@
+"""Full-volume inference with MedPromptNet: slice-batched, tiled, back on the input's own grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from medprompt.catalog import PromptEntry
+from medprompt.errors import WeightsError
+from medprompt.model.checkpoint import load_model, resolve_device
+from medprompt.model.grid import NetGrid, body_centre, slice_stack, to_net_grid
+from medprompt.model.network import MedPromptNet
+from medprompt.prior import geometry
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+
+def centred_starts(size: int, tile: int, centre: int) -> list[int]:
+    """Window starts along one axis: the tile centred on the body first, then neighbours outward
+    (overlapping by a quarter) until the whole axis is covered."""
+    first = min(max(0, centre - tile // 2), max(0, size - tile))
+    starts = [first]
+    step = max(1, (3 * tile) // 4)
+    s = first
+    while s > 0:
+        s = max(0, s - step)
+        starts.insert(0, s)
+    s = first
+    while s + tile < size:
+        s = min(size - tile, s + step)
+        starts.append(s)
+    return starts
+
+
+class Predictor:
+    """A loaded network plus the text vectors it needs; ``predict`` is what drafts call."""
+
+    def __init__(self, net: MedPromptNet, meta: dict, device: torch.device, text_encoder: str | None = None):
+        self.net = net
+        self.meta = meta
+        self.device = device
+        self.text_encoder = text_encoder or meta.get("text_encoder")
+        self.batch = 16 if device.type == "cpu" else 64
+
+    def class_vectors(self, entries: Sequence[PromptEntry]) -> torch.Tensor:
+        """Text vectors for the prompts: stored in the checkpoint for its classes, encoded for others."""
+        stored = self.meta.get("class_vectors", {})
+        same_encoder = _encoder_key(self.text_encoder) == _encoder_key(self.meta.get("text_encoder"))
+        vecs = []
+        encoder = None
+        for e in entries:
+            if same_encoder and e.name in stored:
+                vecs.append(np.asarray(stored[e.name], np.float32))
+                continue
+            if encoder is None:
+                from medprompt.text import get_text_encoder
+
+                encoder = get_text_encoder(self.text_encoder)
+                if encoder.dim != self.net.cfg.text_dim:
+                    raise WeightsError(
+                        f"text encoder '{encoder.key}' gives {encoder.dim}-d vectors but the checkpoint "
+                        f"{self.meta.get('path')} was trained with '{self.meta.get('text_encoder')}' ({self.net.cfg.text_dim}-d)"
+                    )
+            from medprompt.text import class_embedding
+
+            vecs.append(class_embedding(e, encoder))
+        return torch.from_numpy(np.stack(vecs)).to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, grid: NetGrid, text: torch.Tensor, progress: bool = False) -> np.ndarray:
+        """Sigmoid masks (P, X, Y, Z) on the working grid, averaging overlapping tiles."""
+        tile = self.net.cfg.tile
+        image = grid.image
+        nx, ny, nz = image.shape
+        cx, cy = body_centre(image)
+        # Pad so that a tile centred on the body fits, as in training; wider bodies get more tiles.
+        ox, oy = max(0, tile // 2 - cx), max(0, tile // 2 - cy)
+        px = max(nx + ox, cx + ox + (tile - tile // 2))
+        py = max(ny + oy, cy + oy + (tile - tile // 2))
+        padded = np.full((px, py, nz), -1.0, np.float32)  # -1 = air after normalisation
+        padded[ox : ox + nx, oy : oy + ny] = image
+        out = np.zeros((text.shape[0], px, py, nz), np.float32)
+        hits = np.zeros((px, py), np.float32)
+        windows = [(x, y) for x in centred_starts(px, tile, cx + ox) for y in centred_starts(py, tile, cy + oy)]
+        fg = np.argwhere((padded > -0.95).any(axis=2))
+        x0, y0 = max(0, cx + ox - tile // 2), max(0, cy + oy - tile // 2)
+        if len(fg) and fg[:, 0].min() >= x0 and fg[:, 0].max() < x0 + tile and fg[:, 1].min() >= y0 and fg[:, 1].max() < y0 + tile:
+            windows = [(x0, y0)]  # the body fits the centred tile: exactly what training saw
+        for x, y in windows:
+            hits[x : x + tile, y : y + tile] += 1
+        hits = np.maximum(hits, 1)
+        ks = list(range(nz))
+        chunks = [ks[i : i + self.batch] for i in range(0, nz, self.batch)]
+        for chunk in tqdm(chunks, desc="medprompt", unit="batch", disable=not progress, leave=False):
+            stack = np.stack([slice_stack(padded, k, self.net.cfg.in_slices) for k in chunk])  # (B, S, X, Y)
+            for x, y in windows:
+                inp = torch.from_numpy(np.ascontiguousarray(stack[:, :, x : x + tile, y : y + tile])).to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    logits, _ = self.net(inp, text)
+                prob = torch.sigmoid(logits.float()).cpu().numpy()  # (B, P, tile, tile)
+                out[:, x : x + tile, y : y + tile, chunk[0] : chunk[-1] + 1] += np.moveaxis(prob, 0, -1)
+        out /= hits[None, :, :, None]
+        return out[:, ox : ox + nx, oy : oy + ny]
+
+    def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
+        """Label map on the input grid: value i+1 where prompt i is the most probable above 0.5."""
+        grid = to_net_grid(volume)
+        prob = self.probabilities(grid, self.class_vectors(entries), progress)
+        best = prob.argmax(axis=0)
+        fg = prob.max(axis=0) > 0.5
+        canon = np.zeros(grid.frame.canonical_shape, np.uint16)
+        masks = []
+        for i, entry in enumerate(entries):
+            mask = fg & (best == i)
+            if int(entry.prior.get("components", 0)) == 1 and mask.any():
+                mask = largest_component(mask)
+            masks.append((int(mask.sum()), i, mask))
+        for _, i, mask in sorted(masks, key=lambda m: -m[0]):
+            canon[geometry.mask_to_canonical(mask, grid.frame)] = i + 1
+        return np.ascontiguousarray(geometry.canonical_to_input(canon, grid.frame))
+
+
+def _encoder_key(spec: str | None) -> str | None:
+    """The default encoder has several spellings; compare them as one."""
+    from medprompt.text.encoders import MINILM_KEY
+
+    return MINILM_KEY if spec is None or str(spec).lower() in ("minilm", "all-minilm-l6-v2", MINILM_KEY) else spec
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Single-part organs: stray islands far from the organ are false positives."""
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def load_checkpoint(path: Path | str | None = None, device: str = "auto", text_encoder: str | None = None) -> Predictor:
+    """A Predictor for a model file (default: the shipped one); WeightsError names a missing file."""
+    dev = resolve_device(device)
+    net, meta = load_model(Path(path) if path else None, dev)
+    return Predictor(net, meta, dev, text_encoder)

@@ -1,0 +1,161 @@
+"""Free-text prompt resolution by text-embedding similarity to every phrase of every class.
+
+A prompt's score for a class is its best cosine similarity to any of that class's phrases (name,
+aliases, descriptions): one close description is evidence enough, and averaging would punish
+classes described from several angles. Sides are decided by words, not by the embedding, which
+barely separates "left kidney" from "right kidney": a sided class is eligible only when the prompt
+names its side, and a class covering both sides (``kidneys``) wins when no side is named.
+A class named after a spatial preposition ("the pouch *under the liver*") is a landmark, not
+the target, and is set aside. Embeddings of misspelt words are noise ("splen" reads like the
+splenic vein), so a prompt that nearly spells one class's name but reads like another is an
+error naming both, not a guess.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medprompt.errors import PromptError
+from medprompt.text.encoders import MINILM_KEY, TextEncoder, class_texts
+
+if TYPE_CHECKING:
+    from medprompt.catalog import PromptCatalog, PromptEntry
+
+# Below this best similarity a prompt names nothing in the catalog. Per encoder, because each
+# has its own similarity scale (other encoders have no floor until calibrated). MiniLM: just above
+# the best similarity of every prompt in tests/data/paraphrases.yaml's `unrelated` list (max 0.41)
+# and below all correct paraphrases but one (0.39; the next is 0.48); benchmarks/paraphrases.py.
+SIMILARITY_FLOORS: dict[str, float] = {MINILM_KEY: 0.42}
+SIDES = {"left": "left", "right": "right", "sinister": "left", "dexter": "right"}
+NEAREST = 3
+# Words after which a class name is a landmark ("the gland above the left kidney"): spatial only;
+# "of"/"in" are left out because "wall of the stomach" and "tumour in the liver" name the target.
+RELATIONS = tuple(r.split() for r in (
+    "next to", "in front of", "on top of", "close to", "after", "before", "near", "under", "underneath",
+    "beneath", "below", "above", "over", "behind", "beside", "alongside", "between", "around", "from",
+    "into", "toward", "towards"))
+DETERMINERS = frozenset("the a an both its their his her patient s left right".split())
+MISSPELLING = 0.8  # difflib ratio above which a prompt is taken as an attempt at a name or alias
+
+
+def sides(text: str) -> set[str]:
+    """The body sides a text names ('left', 'right'), from whole words only."""
+    from medprompt.catalog import words
+
+    return {SIDES[w] for w in words(text.replace("_", " ")) if w in SIDES}
+
+
+def stem(name: str) -> tuple[str, ...]:
+    """A class name without its side, plural folded: kidney_left, kidneys -> ('kidney',)."""
+    from medprompt.catalog import words
+
+    return tuple(w for w in words(name.replace("_", " ")) if w not in SIDES)
+
+
+@dataclass(frozen=True)
+class ClassIndex:
+    """Every phrase vector of every class of one catalog, for one encoder."""
+
+    names: tuple[str, ...]      # class of each row of ``vectors``
+    vectors: np.ndarray         # (phrases, dim) unit vectors
+
+    @classmethod
+    def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
+        owners: list[str] = []
+        texts: list[str] = []
+        for entry in entries:
+            phrases = class_texts(entry)
+            texts += phrases
+            owners += [entry.name] * len(phrases)
+        return cls(tuple(owners), encoder.encode(texts))
+
+    def scores(self, vector: np.ndarray) -> dict[str, float]:
+        """Best cosine similarity of ``vector`` to each class's phrases."""
+        sims = self.vectors @ vector
+        best: dict[str, float] = {}
+        for name, s in zip(self.names, sims.tolist()):
+            if s > best.get(name, -2.0):
+                best[name] = s
+        return best
+
+
+def eligible(catalog: PromptCatalog, text: str) -> list[str]:
+    """Classes the prompt's side words allow (see the module docstring)."""
+    named = sides(text)
+    bilateral = {stem(n) for n in catalog.names if not sides(n)}
+    sided = {(stem(n), s) for n in catalog.names for s in sides(n)}
+    out = []
+    for name in catalog.names:
+        own = sides(name)
+        if own:
+            # A sided class needs its side named alone; without it, it yields to a both-sides class.
+            if named == own or (len(named) != 1 and stem(name) not in bilateral):
+                out.append(name)
+        elif not (len(named) == 1 and (stem(name), next(iter(named))) in sided):
+            out.append(name)  # a both-sides class yields when one side is named and that side exists
+    return out
+
+
+def misspelt(catalog: PromptCatalog, text: str) -> str | None:
+    """The class whose name or alias ``text`` nearly (not exactly) spells, if any."""
+    from medprompt.catalog import normalise
+
+    spellings = {normalise(a): e.name for e in catalog.entries.values() for a in (e.name, *e.aliases)}
+    hit = difflib.get_close_matches(normalise(text), list(spellings), n=1, cutoff=MISSPELLING)
+    return spellings[hit[0]] if hit else None
+
+
+def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
+    """Classes the prompt names right after a spatial preposition (determiners and sides skipped)."""
+    from medprompt.catalog import tokens
+
+    prompt = tokens(text)
+    found = set()
+    for entry in catalog.entries.values():
+        for spelling in (entry.name.replace("_", " "), *entry.aliases):
+            target = tokens(spelling)
+            for i in range(len(prompt) - len(target) + 1):
+                if prompt[i:i + len(target)] != target:
+                    continue
+                j = i
+                while j > 0 and prompt[j - 1] in DETERMINERS:
+                    j -= 1
+                if any(prompt[max(0, j - len(r)):j] == r for r in RELATIONS):
+                    found.add(entry.name)
+    return found
+
+
+def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex) -> list[tuple[str, float]]:
+    """Eligible classes that are not landmarks, with their similarity to ``text``, best first."""
+    scores = index.scores(encoder.encode([text])[0])
+    allowed = eligible(catalog, text)
+    aside = landmarks(catalog, text)
+    allowed = [n for n in allowed if n not in aside] or allowed
+    return sorted(((n, scores[n]) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
+
+
+def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
+            floor: float | None = None) -> PromptEntry:
+    """The class whose phrases are closest to ``text``; PromptError below the floor or when a side is missing."""
+    floor = SIMILARITY_FLOORS.get(encoder.key) if floor is None else floor
+    ranked = rank(catalog, text, encoder, index)
+    if not ranked:
+        raise PromptError(f"prompt '{text}' matches no class in the catalog")
+    best, score = ranked[0]
+    nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
+    spelt = misspelt(catalog, text)
+    if spelt is not None and spelt != best:
+        others = ", ".join([n for n, _ in ranked if n != spelt][:NEAREST - 1])
+        raise PromptError(f"unknown prompt '{text}': it looks like a misspelling of {spelt} but reads like {best}; "
+                          f"closest known classes: {spelt}, {others}")
+    if floor is not None and score < floor:
+        raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
+                          f"with {encoder.key}); closest known classes: {nearest}")
+    if sides(best) and len(sides(text)) != 1:
+        twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
+        raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
+    return catalog[best]

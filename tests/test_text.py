@@ -1,0 +1,424 @@
+"""Text encoders (tiny towers made here, the shipped MiniLM) and prompt resolution by similarity.
+
+Everything runs offline on the CPU: the tiny Hugging Face and open_clip models are random networks
+written to tmp_path by the tests, and loaded back through the same code paths as real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import yaml
+
+from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.errors import PromptError, WeightsError
+from medprompt.text import class_embedding, class_texts, get_text_encoder
+from medprompt.text import encoders as enc_mod
+from medprompt.text.similarity import SIMILARITY_FLOORS, eligible, landmarks
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+DATA = Path(__file__).parent / "data" / "paraphrases.yaml"
+WORDS = "the a of left right kidney liver organ spleen blood urine bile makes filters gland big vessel".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test its own embedding cache, an empty Hugging Face cache, and no network: any
+    connection attempt (a hub lookup the loaders should never make) fails the test."""
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.delenv("MEDPROMPT_ALLOW_DOWNLOAD", raising=False)
+    attempts: list[object] = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(None, host))
+    yield tmp_path / "cache" / "text"
+    assert not attempts, f"tried to reach the network: {attempts}"
+
+
+@pytest.fixture(scope="module")
+def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One embedding cache shared by the MiniLM tests, so the catalog's phrases are encoded once."""
+    return str(tmp_path_factory.mktemp("minilm-cache"))
+
+
+def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A random 1-layer BERT and its WordPiece tokenizer, saved as a Hugging Face model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizer(vocab={w: i for i, w in enumerate(SPECIALS + WORDS)}).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def reference_mean_pooling(folder: Path, texts: list[str]) -> np.ndarray:
+    """sentence-transformers' recipe by hand: token states averaged under the attention mask, L2-normalised."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    mean = (states * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(mean, dim=-1).numpy()
+
+
+VISION = {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16}
+
+
+def write_biomedclip_like(folder: Path, bert: Path, hub_name: str = "example/tiny-bert-not-on-this-machine") -> tuple:
+    """A tiny CLIP in BiomedCLIP's layout: open_clip_config.json naming a hub text tower, weights, tokenizer files.
+
+    Returns the in-memory model that was saved, to compare the loaded encoder against.
+    """
+    from open_clip.model import CustomTextCLIP
+
+    text_cfg = {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
+                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16}
+    torch.manual_seed(1)
+    model = CustomTextCLIP(embed_dim=16, vision_cfg=VISION, text_cfg=text_cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    saved_cfg = {**text_cfg, "hf_model_name": hub_name, "hf_tokenizer_name": hub_name}  # as BiomedCLIP ships it
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": saved_cfg}, "preprocess_cfg": {}}))
+    for f in bert.iterdir():
+        if f.name != "model.safetensors":  # config + tokenizer only: the CLIP checkpoint holds the weights
+            (folder / f.name).write_bytes(f.read_bytes())
+    return model
+
+
+def encode_with(model, tokenizer, texts: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1).numpy()
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def test_hf_folder_loads_as_open_clip_tower_with_mean_pooling(tmp_path: Path):
+    folder = write_tiny_bert(tmp_path / "bert")
+    encoder = get_text_encoder(str(folder))
+    texts = ["left kidney makes urine", "liver", "left kidney makes urine"]
+    vectors = encoder.encode(texts)
+    assert encoder.key == f"hf:{folder.resolve()}" and encoder.dim == 32
+    assert vectors.shape == (3, 32) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    np.testing.assert_allclose(vectors, reference_mean_pooling(folder, texts), atol=1e-5)
+    assert type(encoder._model).__module__ == "open_clip.hf_model"  # the real open_clip code path ran
+
+
+def test_minilm_is_the_shipped_sentence_transformer(minilm_cache: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
+    encoder = get_text_encoder()
+    assert encoder is get_text_encoder("MiniLM") and encoder.key == "minilm-l6-v2" and encoder.dim == 384
+    texts = ["The kidney filters blood to produce urine", "renal organ", "a slice of banana bread"]
+    vectors = encoder.encode(texts)
+    np.testing.assert_allclose(vectors, reference_mean_pooling(encoder.folder, texts), atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2  # real weights: meaning, not noise
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    theirs = SentenceTransformer(str(encoder.folder), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.min(np.sum(vectors * theirs, axis=1)) > 1 - 1e-4
+
+
+def test_biomedclip_layout_folder_loads_offline_with_weights_from_the_checkpoint(tmp_path: Path):
+    bert = write_tiny_bert(tmp_path / "bert")
+    model = write_biomedclip_like(tmp_path / "clip", bert)
+    encoder = get_text_encoder(str(tmp_path / "clip"))
+    texts = ["the liver makes bile", "left kidney"]
+    vectors = encoder.encode(texts)
+    assert encoder.key.startswith("open_clip:") and encoder.dim == 16
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(bert), context_length=16)
+    np.testing.assert_allclose(vectors, encode_with(model, tokenizer, texts), atol=1e-5)
+    assert not hasattr(encoder._model, "visual")  # the image tower is not kept for text encoding
+
+
+def test_whole_open_clip_model_for_its_vision_tower(tmp_path: Path):
+    model = write_biomedclip_like(tmp_path / "clip", write_tiny_bert(tmp_path / "bert"))
+    loaded = enc_mod.load_open_clip_model(str(tmp_path / "clip"))
+    saved = model.visual.state_dict()
+    for name, value in loaded.visual.state_dict().items():
+        torch.testing.assert_close(value, saved[name])
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(WeightsError, match="not an open_clip model"):
+        enc_mod.load_open_clip_model("minilm")
+
+
+def test_biomedclip_from_the_hugging_face_cache(tmp_path: Path):
+    """`biomedclip` is looked up in the hub cache layout (refs/main -> snapshots/<rev>/) without the network."""
+    repo = tmp_path / "hf-hub" / "models--microsoft--BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    bert = write_tiny_bert(tmp_path / "bert")
+    model = write_biomedclip_like(repo / "snapshots" / "0123abcd", bert)
+    try:
+        encoder = get_text_encoder("biomedclip")
+        assert encoder.key == "biomedclip"
+        tokenizer = open_clip.tokenizer.HFTokenizer(str(bert), context_length=16)
+        np.testing.assert_allclose(encoder.encode(["spleen"]), encode_with(model, tokenizer, ["spleen"]), atol=1e-5)
+    finally:
+        enc_mod._encoder.cache_clear()  # this fake BiomedCLIP must not be what later tests get
+
+
+def test_open_clip_model_name_with_checkpoint_path(tmp_path: Path):
+    from open_clip.model import CLIP
+
+    cfg = {"embed_dim": 16, "vision_cfg": VISION,
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "medprompt-tiny-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "medprompt-tiny-test.json")
+    torch.manual_seed(2)
+    model = CLIP(**cfg).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    spec = f"open_clip:medprompt-tiny-test:{tmp_path / 'tiny.pt'}"
+    encoder = get_text_encoder(spec)
+    assert encoder.key == f"open_clip:medprompt-tiny-test:{(tmp_path / 'tiny.pt').resolve()}"
+    texts = ["aorta", "the gallbladder stores bile"]
+    tokenizer = open_clip.get_tokenizer("medprompt-tiny-test", context_length=16)
+    np.testing.assert_allclose(encoder.encode(texts), encode_with(model, tokenizer, texts), atol=1e-5)
+
+
+def test_missing_biomedclip_fails_fast_and_says_how_to_get_it(tmp_path: Path):
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as err:
+        get_text_encoder("biomedclip")
+    assert time.perf_counter() - start < 5.0
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in ("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_config.json",
+                 str(tmp_path / "hf-hub"), "hf download", "--text-encoder DIR", "MEDPROMPT_ALLOW_DOWNLOAD=1"):
+        assert part in msg, part
+
+
+def test_open_clip_folder_without_its_text_tokenizer_names_the_missing_repo(tmp_path: Path):
+    bert = write_tiny_bert(tmp_path / "bert")
+    write_biomedclip_like(tmp_path / "clip", bert, hub_name="example/pubmedbert-tokenizer")
+    for name in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "clip" / name).unlink(missing_ok=True)
+    with pytest.raises(WeightsError, match="example/pubmedbert-tokenizer .*text tower.*`hf download example/pub"):
+        get_text_encoder(str(tmp_path / "clip"))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("no-such-encoder", "unknown text encoder 'no-such-encoder'.*minilm.*biomedclip"),
+    ("open_clip:ViT-B-32", "open_clip:MODEL:PRETRAINED_TAG_OR_PATH"),
+])
+def test_bad_specs_are_one_line_errors(spec: str, match: str):
+    with pytest.raises(WeightsError, match=match):
+        get_text_encoder(spec)
+
+
+def test_folder_that_is_no_model_is_reported(tmp_path: Path):
+    with pytest.raises(WeightsError, match="neither open_clip_config.json"):
+        get_text_encoder(str(tmp_path))
+    (tmp_path / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="open_clip_config.json: unreadable"):
+        get_text_encoder(str(tmp_path))
+
+
+# --- cache -----------------------------------------------------------------------------------------
+
+def test_disk_cache_serves_repeats_without_running_or_loading_the_model(tmp_path: Path, monkeypatch, cache_dir):
+    folder = write_tiny_bert(tmp_path / "bert")
+    calls: list[list[str]] = []
+    real = enc_mod.HFTextTower._embed
+    monkeypatch.setattr(enc_mod.HFTextTower, "_embed", lambda self, texts: calls.append(texts) or real(self, texts))
+    first = get_text_encoder(str(folder)).encode(["liver", "spleen", "liver"])
+    assert calls == [["liver", "spleen"]]  # duplicates encoded once
+    again = get_text_encoder(str(folder)).encode(["spleen", "liver"])
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again, first[[1, 0]])
+    enc_mod._encoder.cache_clear()  # a new process: a fresh encoder object, only the disk cache left
+    fresh = get_text_encoder(str(folder))
+    np.testing.assert_array_equal(fresh.encode(["liver"]), first[:1])
+    assert len(calls) == 1 and not fresh._loaded  # served from disk; the model was never built
+    assert len(list(cache_dir.rglob("*.npy"))) == 2 and not list(cache_dir.rglob(".tmp-*"))
+
+
+def test_encoding_is_deterministic_across_processes(tmp_path: Path, monkeypatch):
+    folder = write_tiny_bert(tmp_path / "bert")
+    a = get_text_encoder(str(folder)).encode(["big vessel", "the liver"])
+    enc_mod._encoder.cache_clear()
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "other-cache"))  # recomputed, not read back
+    np.testing.assert_allclose(get_text_encoder(str(folder)).encode(["big vessel", "the liver"]), a, atol=1e-6)
+
+
+def test_cache_entries_are_separate_per_encoder(tmp_path: Path):
+    one = get_text_encoder(str(write_tiny_bert(tmp_path / "one", seed=0)))
+    two = get_text_encoder(str(write_tiny_bert(tmp_path / "two", seed=1)))
+    a, b = one.encode(["kidney"])[0], two.encode(["kidney"])[0]
+    assert one.key != two.key and not np.allclose(a, b)
+    np.testing.assert_array_equal(one.encode(["kidney"])[0], a)  # each reads back its own vector
+
+
+def test_unwritable_or_damaged_cache_never_breaks_encoding(tmp_path: Path, monkeypatch, caplog):
+    folder = write_tiny_bert(tmp_path / "bert")
+    expected = reference_mean_pooling(folder, ["urine"])
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="medprompt.text.cache"):
+        got = get_text_encoder(str(folder)).encode(["urine"])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert "not writable" in caplog.text
+
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache2"))
+    encoder = get_text_encoder(str(folder))
+    encoder.encode(["urine"])
+    (npy,) = (tmp_path / "cache2").rglob("*.npy")
+    npy.write_bytes(b"garbage")  # a torn or foreign file reads as a miss and is rewritten
+    np.testing.assert_allclose(encoder.encode(["urine"]), expected, atol=1e-5)
+    assert np.load(npy).shape == (32,)
+
+
+def test_class_embedding_is_the_normalised_mean_of_the_class_phrases(tmp_path: Path):
+    encoder = get_text_encoder(str(write_tiny_bert(tmp_path / "bert")))
+    entry = default_catalog()["kidney_left"]
+    phrases = class_texts(entry)
+    assert phrases[:2] == ["kidney left", "left kidney"] and set(entry.descriptions) <= set(phrases)
+    mean = encoder.encode(phrases).mean(axis=0)
+    np.testing.assert_allclose(class_embedding(entry, encoder), mean / np.linalg.norm(mean), atol=1e-6)
+
+
+# --- resolution --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def minilm_catalog(minilm_cache: str, monkeypatch: pytest.MonkeyPatch) -> PromptCatalog:
+    monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
+    catalog = default_catalog()
+    assert catalog.text_encoder == "minilm"  # the wheel is a requirement: the default resolves by meaning
+    return catalog
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The kidney filters blood to produce urine", "kidneys"),
+    ("bean-shaped organ on the left that makes urine", "kidney_left"),
+    ("the right organ that makes urine", "kidney_right"),
+    ("the glands on top of the kidneys", "adrenal_glands"),
+    ("the hormone gland above the right kidney", "adrenal_gland_right"),
+    ("the big blood vessel carrying blood out of the heart", "aorta"),
+    ("pouch under the liver that stores bile", "gallbladder"),
+])
+def test_free_text_resolves_by_meaning(minilm_catalog: PromptCatalog, text: str, expected: str):
+    assert minilm_catalog.resolve(text).name == expected
+
+
+def test_sides_decide_between_left_right_and_both(minilm_catalog: PromptCatalog):
+    assert {"kidney_left", "kidney_right"}.isdisjoint(eligible(minilm_catalog, "the kidney"))
+    assert "kidneys" in eligible(minilm_catalog, "the kidney")
+    assert {"kidneys", "kidney_right"}.isdisjoint(eligible(minilm_catalog, "left kidney area"))
+    assert "lungs" in eligible(minilm_catalog, "left lung")  # no sided lung class: the pair stays
+    assert landmarks(minilm_catalog, "the gland sitting on top of the left kidney") >= {"kidney_left"}
+    assert not landmarks(minilm_catalog, "a tumour in the liver")
+
+
+def test_a_sided_class_without_a_pair_needs_its_side(tmp_path: Path, minilm_cache, monkeypatch):
+    monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
+    for side in ("left", "right"):
+        (tmp_path / f"lung_{side}.yaml").write_text(
+            f"name: lung_{side}\ndescriptions: [The {side} lung, the air-filled organ of breathing on the {side}.]\n")
+    (tmp_path / "liver.yaml").write_text("name: liver\ndescriptions: [The liver, the organ that makes bile.]\n")
+    catalog = PromptCatalog.load([tmp_path])
+    encoder = get_text_encoder()
+    assert catalog.resolve("the air-filled breathing organ on the right", encoder).name == "lung_right"
+    with pytest.raises(PromptError, match="lung_left and lung_right: say 'left' or 'right'"):
+        catalog.resolve("the air-filled breathing organ", encoder)
+
+
+def test_below_the_floor_is_an_error_listing_the_nearest_classes(minilm_catalog: PromptCatalog):
+    with pytest.raises(PromptError) as err:
+        minilm_catalog.resolve("a red sports car parked outside")
+    msg = str(err.value)
+    assert "'a red sports car parked outside'" in msg and f"< {SIMILARITY_FLOORS['minilm-l6-v2']:.2f}" in msg
+    assert msg.split("closest known classes: ")[1].count("(0.") == 3
+    # A floor above any similarity turns a good match into the same error, the right class first.
+    encoder = get_text_encoder()
+    from medprompt.text import similarity
+
+    with pytest.raises(PromptError, match=r"closest known classes: liver \(0\.\d\d\)"):
+        similarity.resolve(minilm_catalog, "the organ that makes bile and stores glycogen", encoder,
+                           minilm_catalog.similarity_index(encoder), floor=0.99)
+
+
+def test_misspellings_are_flagged_not_guessed(minilm_catalog: PromptCatalog):
+    with pytest.raises(PromptError, match="misspelling of spleen.*closest known classes: spleen"):
+        minilm_catalog.resolve("splen")
+    assert minilm_catalog.resolve("spleeen").name == "spleen"  # spelling and meaning agree
+
+
+def test_exact_names_never_load_the_encoder():
+    catalog = PromptCatalog(dict(default_catalog().entries), text_encoder="an-encoder-that-does-not-exist")
+    assert catalog.resolve("Left Kidney").name == "kidney_left"  # alias: no encoder needed
+    with pytest.raises(WeightsError, match="an-encoder-that-does-not-exist"):
+        catalog.resolve("the organ that makes bile")  # free text: now the encoder is needed
+
+
+def test_keyword_resolver_remains_without_an_encoder():
+    catalog = PromptCatalog(dict(default_catalog().entries))
+    assert catalog.text_encoder is None
+    assert catalog.resolve("organ that stores bile").name == "gallbladder"
+
+
+def test_paraphrases_written_elsewhere_resolve_at_least_90_percent(minilm_catalog: PromptCatalog):
+    doc = yaml.safe_load(DATA.read_text(encoding="utf-8"))
+    cases = doc["paraphrases"] + doc["heldout"]
+    assert len(cases) >= 60 and {c["class"] for c in cases} == set(minilm_catalog.names)
+    prompt_sentences = {d.lower() for e in minilm_catalog.entries.values() for d in e.descriptions}
+    right = 0
+    for case in cases:
+        assert minilm_catalog.lookup(case["text"]) is None, case  # a sentence, not a name or alias
+        assert case["text"].lower() not in prompt_sentences, case
+        try:
+            right += minilm_catalog.resolve(case["text"]).name == case["class"]
+        except PromptError:
+            pass
+    assert right / len(cases) >= 0.90, f"{right}/{len(cases)}"
+    assert len(doc["unrelated"]) >= 30
+    for text in doc["unrelated"]:  # the floor was set just above the best of these (see similarity.py)
+        with pytest.raises(PromptError, match="no class is similar enough"):
+            minilm_catalog.resolve(text)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+def test_infer_passes_text_encoder_to_draft(tmp_path: Path, monkeypatch):
+    import nibabel as nib
+
+    from medprompt import cli, drafts
+
+    image = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    seen = {}
+
+    def fake_draft(volume, prompts, **kwargs):
+        seen.update(kwargs)
+        return drafts.Segmentation(np.zeros(volume.data.shape, np.uint16), {"liver": 1}, {"liver": "liver"})
+
+    monkeypatch.setattr(drafts, "draft", fake_draft)
+    out = tmp_path / "out.nii.gz"
+    assert cli.main(["infer", str(image), str(out), "--prompts", "liver", "--model", "medprompt",
+                     "--text-encoder", "biomedclip"]) == 0
+    assert seen["text_encoder"] == "biomedclip" and seen["model"] == "medprompt" and out.is_file()

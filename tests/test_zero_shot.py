@@ -1,0 +1,95 @@
+"""Zero-shot training: learns from images and the teacher only, lowers its loss, resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medprompt.io.volume as volume_io
+from medprompt.errors import InputError
+from medprompt.model.checkpoint import load_model
+from medprompt.phantoms import write_sample_data
+from medprompt.trainers.zero_shot import ZeroShotConfig, list_studies, train_zero_shot
+
+CLASSES = ("liver", "spleen", "kidney_left")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    """Two small phantoms, plus label files where a careless trainer might look for them."""
+    root = tmp_path_factory.mktemp("studies")
+    write_sample_data(root, n=2, seed=5, shape=(48, 48, 32))
+    final = root / "labels" / "final"
+    final.mkdir(parents=True)
+    for ref in (root / "reference").glob("*.nii.gz"):
+        (final / ref.name).write_bytes(ref.read_bytes())
+    return root
+
+
+def _cfg(studies: Path, out: Path, **kw) -> ZeroShotConfig:
+    base = dict(studies=[studies], out=out, steps=6, batch_size=2, model_config="tiny", classes=CLASSES,
+                device="cpu", save_every=2)
+    base.update(kw)
+    return ZeroShotConfig(**base)
+
+
+def test_studies_are_images_only(studies: Path):
+    found = list_studies([studies])
+    assert sorted(p.name for p in found) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    with pytest.raises(InputError, match="no such"):
+        list_studies([studies / "nope"])
+
+
+def test_training_never_reads_a_label(studies: Path, tmp_path: Path, monkeypatch):
+    """Every file the trainer loads is an image; label maps and the reference folder are never opened."""
+    opened: list[Path] = []
+    real_load = volume_io.load_volume
+
+    def spy(path, *a, **k):
+        opened.append(Path(path))
+        return real_load(path, *a, **k)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the zero-shot trainer read a label map")
+
+    monkeypatch.setattr(volume_io, "load_volume", spy)
+    monkeypatch.setattr(volume_io, "load_labelmap", forbidden)
+    out = train_zero_shot(_cfg(studies, tmp_path / "m.pt", steps=2), progress=False)
+    assert out.is_file()
+    assert opened and all(p.parent == studies and p.name.startswith("phantom_") for p in opened)
+    _, meta = load_model(out)
+    assert meta["trained_on"] == ["phantom_000.nii.gz", "phantom_001.nii.gz"] and meta["teacher"] == "prior"
+
+
+def test_short_cpu_run_lowers_the_loss(studies: Path, tmp_path: Path):
+    losses: list[float] = []
+    train_zero_shot(_cfg(studies, tmp_path / "m.pt", steps=40, lr=2e-3, save_every=40), progress=False,
+                    on_step=lambda step, stats: losses.append(stats["mask"]))
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+
+
+def test_interrupted_run_resumes_where_it_stopped(studies: Path, tmp_path: Path):
+    out = tmp_path / "m.pt"
+    first: list[int] = []
+    train_zero_shot(_cfg(studies, out, time_limit_s=0.0), progress=False, on_step=lambda s, _: first.append(s))
+    assert first == [1] and out.is_file()  # stopped at once, but saved
+    rest: list[int] = []
+    train_zero_shot(_cfg(studies, out), progress=False, on_step=lambda s, _: rest.append(s))
+    assert rest == [2, 3, 4, 5, 6]
+    _, meta = load_model(out)
+    assert meta["step"] == 6
+
+
+def test_init_continues_from_a_model_file(studies: Path, tmp_path: Path):
+    base = train_zero_shot(_cfg(studies, tmp_path / "base.pt", steps=2), progress=False)
+    net_base, _ = load_model(base)
+    out = train_zero_shot(_cfg(studies, tmp_path / "next.pt", steps=1, lr=1e-9, init=base, model_config="small"),
+                          progress=False)
+    net_next, _ = load_model(out)
+    assert net_next.cfg == net_base.cfg  # the init file's architecture, not model_config
+    a = net_base.state_dict()["head.2.weight"]
+    b = net_next.state_dict()["head.2.weight"]
+    assert (a - b).abs().max() < 1e-3  # a near-zero learning rate leaves the init weights in place
