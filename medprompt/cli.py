@@ -85,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop after this long (saved and resumable); default: run all steps")
     train.set_defaults(run=_train_zero_shot)
 
+    tune = commands.add_parser("train-finetune",
+                               help="finetune on saved labels + unlabelled studies; replaces the model only if no worse")
+    tune.add_argument("--studies", type=Path, required=True,
+                      help="MONAI Label datastore folder: images, and corrected labels in labels/final")
+    tune.add_argument("--model", type=Path, default=None,
+                      help="the served model file to improve (default: models/medprompt_default.pt)")
+    tune.add_argument("--init", type=Path, default=None, help="start from this model file (default: --model)")
+    tune.add_argument("--steps", type=int, default=500)
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--label-names", type=Path, default=None,
+                      help='JSON {"labels": {"liver": 1, ...}} for labels that carry no names of their own')
+    tune.add_argument("--device", default="auto")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(run=_train_finetune)
+
     serve = commands.add_parser("serve", help="start the MONAI Label server on a studies folder")
     serve.add_argument("--studies", help="studies folder or DICOMweb URL (default: phantoms in ./sample_data)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -204,4 +220,22 @@ def _train_zero_shot(args: argparse.Namespace) -> int:
     )
     out = train_zero_shot(cfg, progress=True)
     print(f"wrote {out}")
+    return 0
+
+
+def _train_finetune(args: argparse.Namespace) -> int:
+    from medprompt.io.volume import read_label_names
+    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+    from medprompt.trainers.finetune import train_finetune
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise InputError("--steps and --batch-size must be positive")
+    names = read_label_names(args.label_names) if args.label_names else None
+    result = train_finetune(args.studies, args.model or DEFAULT_CHECKPOINT, args.init, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, device=args.device, label_names=names,
+                            seed=args.seed)
+    before = "none" if result.previous_score is None else f"{result.previous_score:.3f}"
+    verdict = f"replaced {result.served} (kept as {result.version})" if result.accepted else \
+        f"kept {result.served}: the candidate was worse"
+    print(f"validation Dice on {', '.join(result.validation)}: {before} -> {result.candidate_score:.3f}; {verdict}")
     return 0

@@ -50,7 +50,8 @@ class PriorTeacher:
         from medprompt.prior.engine import AnatomyPrior
 
         volume = Volume(data=grid.raw, affine=grid.affine, source="teacher", modality=grid.modality)
-        result = AnatomyPrior(self.catalog).segment_work(volume, entries)
+        known = [e for e in entries if e.prior_supported]  # e.g. an annotator's new class: no prior
+        result = AnatomyPrior(self.catalog).segment_work(volume, known)
         if result.masks and next(iter(result.masks.values())).shape != grid.raw.shape:
             raise RuntimeError("prior working grid differs from the network grid")  # a bug, not user input
         body = result.landmarks.body
@@ -60,6 +61,8 @@ class PriorTeacher:
         target = np.zeros((len(entries), *grid.raw.shape), np.float32)
         weight = np.zeros_like(target)
         for c, entry in enumerate(entries):
+            if entry.name not in result.masks:
+                continue  # weight 0: this teacher knows nothing of the class
             mask = result.masks[entry.name]
             if not mask.any():
                 weight[c] = ~body  # outside the patient is certain; inside we know nothing

@@ -144,9 +144,10 @@ class TileSampler:
     """Random 2.5D training tiles with the same geometric augmentation for image and targets."""
 
     def __init__(self, volumes: list[TrainingVolume], tile: int, in_slices: int, rng: np.random.Generator,
-                 jitter: int = 8):
+                 jitter: int = 8, volume_p: np.ndarray | None = None):
         self.volumes = volumes
         self.jitter = jitter
+        self.volume_p = volume_p
         self.tile = tile
         self.in_slices = in_slices
         self.rng = rng
@@ -159,7 +160,7 @@ class TileSampler:
         tgts = np.zeros((n, c, t, t), np.float32)
         wts = np.ones((n, c, t, t), np.float32)  # outside the image is air: certainly no organ
         for i in range(n):
-            v = self.volumes[self.rng.integers(len(self.volumes))]
+            v = self.volumes[int(self.rng.choice(len(self.volumes), p=self.volume_p))]
             nz, nx, ny = v.image.shape
             k = int(self.rng.choice(nz, p=v.slice_p))
             # Tile centred on the body (+- jitter pixels); it may extend past the image edges.
@@ -228,15 +229,26 @@ def train_zero_shot(cfg: ZeroShotConfig, catalog: PromptCatalog | None = None, t
     unknown = [c for c in cfg.classes if c not in catalog]
     if unknown:
         raise InputError(f"unknown training classes: {', '.join(unknown)}")
+    out = Path(cfg.out)
+    paths = list_studies(cfg.studies)
+    volumes = prepare_volumes(paths, teacher, cfg.classes, catalog, out.parent / "teacher_cache", progress)
+    vectors, encoder_key = class_vectors(cfg.classes, catalog, cfg.text_encoder, out.parent / "teacher_cache")
+    return run_training(cfg, volumes, vectors, encoder_key, {"teacher": teacher.name}, progress, on_step)
+
+
+def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np.ndarray, encoder_key: str,
+                 meta_extra: dict, progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+                 volume_p: np.ndarray | None = None, desc: str = "zero-shot training") -> Path:
+    """The training loop shared by zero-shot and finetuning: targets are already in ``volumes``.
+
+    ``volume_p`` weights how often each volume is drawn (finetuning draws labelled ones more).
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
     state_path = out.with_suffix(out.suffix + ".state")
-    paths = list_studies(cfg.studies)
-    volumes = prepare_volumes(paths, teacher, cfg.classes, catalog, out.parent / "teacher_cache", progress)
-    vectors, encoder_key = class_vectors(cfg.classes, catalog, cfg.text_encoder, out.parent / "teacher_cache")
     if cfg.init is not None and Path(cfg.init).is_file():
         net, init_meta = load_model(Path(cfg.init), device)
         net_cfg = net.cfg
@@ -260,17 +272,17 @@ def train_zero_shot(cfg: ZeroShotConfig, catalog: PromptCatalog | None = None, t
             start = int(state["step"])
             rng = np.random.default_rng(cfg.seed + start)
     text = torch.from_numpy(vectors).to(device)
-    sampler = TileSampler(volumes, net_cfg.tile, net_cfg.in_slices, rng)
+    sampler = TileSampler(volumes, net_cfg.tile, net_cfg.in_slices, rng, volume_p=volume_p)
     meta = {
         "text_encoder": encoder_key,
         "classes": list(cfg.classes),
         "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
-        "teacher": teacher.name,
         "trained_on": [v.name for v in volumes],
         "steps": cfg.steps,
+        **meta_extra,
     }
     use_amp = device.type == "cuda"
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="zero-shot training",
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc,
                unit="step", disable=not progress)
     t0 = time.perf_counter()
     stats: dict = {}

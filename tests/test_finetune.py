@@ -1,0 +1,92 @@
+"""Semi-supervised finetuning: labels + unlabelled studies, new classes, and safe model replacement."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medprompt.catalog import default_catalog
+from medprompt.errors import InputError
+from medprompt.model.checkpoint import load_model
+from medprompt.phantoms import write_sample_data
+from medprompt.trainers.finetune import catalog_with, find_labelled, train_finetune
+from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory) -> Path:
+    """Three small phantoms; one has a corrected label (with an extra class) in labels/final."""
+    root = tmp_path_factory.mktemp("ds")
+    write_sample_data(root, n=3, seed=11, shape=(48, 48, 32))
+    final = root / "labels" / "final"
+    final.mkdir(parents=True)
+    ref = root / "reference" / "phantom_000.nii.gz"
+    shutil.copy(ref, final / "phantom_000.nii.gz")
+    names = json.loads((root / "reference" / "phantom_000.json").read_text())["labels"]
+    keep = {k: v for k, v in names.items() if k in ("liver", "spleen", "bone")}
+    keep["psoas_major"] = keep.pop("bone")  # an annotator's class that prompts/ does not know
+    (final / "phantom_000.json").write_text(json.dumps({"labels": keep}))
+    shutil.rmtree(root / "reference")
+    return root
+
+
+@pytest.fixture(scope="module")
+def start_model(datastore: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "served.pt"
+    cfg = ZeroShotConfig(studies=[datastore], out=out, steps=2, batch_size=2, model_config="tiny",
+                         classes=("liver", "spleen"), device="cpu")
+    return train_zero_shot(cfg, progress=False)
+
+
+def test_labelled_and_unlabelled_are_told_apart(datastore: Path):
+    labelled, unlabelled = find_labelled(datastore)
+    assert [s.image.name for s in labelled] == ["phantom_000.nii.gz"]
+    assert set(labelled[0].names) == {"liver", "spleen", "psoas_major"}
+    assert sorted(p.name for p in unlabelled) == ["phantom_001.nii.gz", "phantom_002.nii.gz"]
+
+
+def test_unknown_label_class_becomes_a_prompt():
+    cat = catalog_with(["liver", "psoas_major"], default_catalog())
+    entry = cat["psoas_major"]
+    assert entry.descriptions == ("psoas major",) and not entry.prior_supported
+    assert "psoas_major" not in default_catalog()  # the shared catalog is untouched
+
+
+def test_round_adds_classes_and_replaces_only_when_no_worse(datastore: Path, start_model: Path, tmp_path: Path):
+    served = tmp_path / "served.pt"
+    shutil.copy(start_model, served)
+    result = train_finetune(datastore, served, steps=3, batch_size=2, lr=1e-3, device="cpu", progress=False)
+    assert result.classes[:2] == ["liver", "spleen"] and "psoas_major" in result.classes
+    assert result.validation == ["phantom_000.nii.gz"]
+    assert result.previous_score is not None
+    _, meta = load_model(served)
+    if result.accepted:
+        assert result.candidate_score >= result.previous_score
+        assert "psoas_major" in meta["classes"] and result.version.is_file()
+    else:
+        assert meta["classes"] == ["liver", "spleen"]  # the served model is untouched
+    assert not (served.parent / "finetune_work" / "candidate.pt").exists()
+
+
+def test_a_worse_candidate_never_replaces_the_served_model(datastore: Path, start_model: Path, tmp_path: Path,
+                                                           monkeypatch):
+    served = tmp_path / "served.pt"
+    shutil.copy(start_model, served)
+    before = served.read_bytes()
+    import medprompt.trainers.finetune as ft
+
+    scores = iter([0.1, 0.9])  # candidate first, then the model in service
+    monkeypatch.setattr(ft, "mean_dice", lambda *a, **k: next(scores))
+    result = train_finetune(datastore, served, steps=1, batch_size=2, device="cpu", progress=False)
+    assert not result.accepted and served.read_bytes() == before
+    assert not list(served.parent.glob("versions/*.pt"))  # nothing was kept as a new version
+
+
+def test_no_labels_is_a_clear_error(tmp_path: Path, start_model: Path):
+    write_sample_data(tmp_path, n=1, seed=1, shape=(32, 32, 16))
+    with pytest.raises(InputError, match="no saved labels"):
+        train_finetune(tmp_path, start_model, steps=1, device="cpu", progress=False)
