@@ -26,6 +26,7 @@ class Landmarks:
     scale: float  # body size relative to a typical adult
     lungs: np.ndarray  # bool, air in the chest (empty outside the thorax)
     spacing: tuple[float, float, float]
+    upper_z: tuple[int, int] | None = None  # slices of the upper abdomen (where the liver is seeded)
     liver_tip_z: float | None = None  # slice index of the liver's inferior tip, when in the scan
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
 
@@ -127,10 +128,11 @@ def body_scale(body: np.ndarray, spacing) -> float:
 
 
 def lung_mask(data: np.ndarray, body: np.ndarray, modality: str, spacing) -> np.ndarray:
-    """Air inside the body in large connected volumes touching the top of the scan (CT only).
+    """Lungs on CT: air inside the body that is either very large, or reaches the top of the scan
+    from the back of the body with the density of aerated lung rather than of gas.
 
-    Bowel gas is small and far from the top slices; lungs are large and reach the superior edge
-    or at least the upper part of the field.
+    A supine patient's bowel and stomach gas rises to the front and is nearly pure air
+    (about -1000 HU); lung bases sit in the posterior recesses at about -850 HU.
     """
     if modality != "CT":
         return np.zeros_like(body)
@@ -143,21 +145,57 @@ def lung_mask(data: np.ndarray, body: np.ndarray, modality: str, spacing) -> np.
     voxel_ml = float(np.prod(spacing)) / 1000
     objs = ndi.find_objects(lab)
     sizes = ndi.sum(air, lab, index=np.arange(1, n + 1))
-    for comp, (sl, size) in enumerate(zip(objs, sizes), start=1):
-        top = sl[2].stop >= data.shape[2] - 1
-        if size * voxel_ml > 50 and (top or size * voxel_ml > 400):
+    medians = ndi.median(data, lab, index=np.arange(1, n + 1))
+    j_body = np.argwhere(body.any(axis=(0, 2)))
+    j_mid = float(j_body.mean()) if len(j_body) else data.shape[1] / 2
+    for comp, (sl, size, med) in enumerate(zip(objs, sizes, medians), start=1):
+        ml = size * voxel_ml
+        if ml > 400:
             out |= lab == comp
+            continue
+        top = sl[2].stop >= data.shape[2] - 1
+        if ml > 20 and top and med > -970:
+            j_centre = float(np.argwhere(lab[sl] == comp)[:, 1].mean()) + sl[1].start
+            if j_centre < j_mid:  # posterior half (j grows anteriorly in RAS)
+                out |= lab == comp
     return out
+
+
+def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float = 75.0) -> tuple[int, int]:
+    """Slices where the liver should dominate the right upper quadrant: just below the lung bases
+    when lungs are in the scan, else the top of an abdominal scan (which starts at the diaphragm).
+    """
+    nz = body.shape[2]
+    span = int(round(depth_mm / spacing[2]))
+    area = lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1]
+    with_lung = np.flatnonzero(area > 500.0)  # 5 cm^2 of lung in a slice
+    if len(with_lung):
+        base = int(with_lung[0])
+        return max(0, base - span), min(nz, base + int(round(30.0 / spacing[2])))
+    has_body = np.flatnonzero(body.any(axis=(0, 1)))
+    top = int(has_body[-1]) + 1 if len(has_body) else nz
+    return max(0, top - span), top
+
+
+def noise_sigma(data: np.ndarray, median3: np.ndarray, body: np.ndarray, modality: str) -> float:
+    """Noise of soft tissue: robust spread of the image minus its 3x3x3 median, in image units."""
+    sel = body & ((data > -100) & (data < 200) if modality == "CT" else body)
+    if sel.sum() < 100:
+        return 0.0
+    resid = (data - median3)[sel]
+    return float(1.4826 * np.median(np.abs(resid - np.median(resid))))
 
 
 def find_landmarks(data: np.ndarray, spacing, modality: str) -> Landmarks:
     body = body_mask(data, modality)
     spine = spine_centre(data, body, modality, spacing)
+    lungs = lung_mask(data, body, modality, spacing)
     return Landmarks(
         modality=modality,
         body=body,
         spine_xy=spine,
         scale=body_scale(body, spacing),
-        lungs=lung_mask(data, body, modality, spacing),
+        lungs=lungs,
         spacing=tuple(spacing),
+        upper_z=upper_abdomen(lungs, body, spacing),
     )

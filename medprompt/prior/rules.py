@@ -86,6 +86,11 @@ def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np
     w = spatial_weight(lm, shape, attrs.get("location", {}))
     region = lm.body & ~taken & ~lm.lungs
     seed = region & (w > 0.6)
+    if "z" not in attrs.get("location", {}) and lm.upper_z is not None:
+        # No height anchor of its own (the liver): learn its intensity in the upper abdomen, not in
+        # pelvic slices where bowel fills the same in-plane place.
+        seed[:, :, : lm.upper_z[0]] = False
+        seed[:, :, lm.upper_z[1] :] = False
     window = intensity_window(smooth, seed, lm, attrs)
     if window is None:
         return np.zeros(shape, bool)

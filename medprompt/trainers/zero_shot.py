@@ -32,7 +32,7 @@ from medprompt.model.network import MedPromptNet, NetConfig
 from medprompt.teachers import PriorTeacher, Teacher
 
 DEFAULT_CLASSES: tuple[str, ...] = (*SYNAPSE8, "inferior_vena_cava", "urinary_bladder")
-CACHE_VERSION = 1  # bump when the teacher's output format or the network grid changes
+CACHE_VERSION = 2  # bump when the teacher's output format or the network grid changes
 
 
 @dataclass
