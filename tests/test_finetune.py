@@ -90,3 +90,25 @@ def test_no_labels_is_a_clear_error(tmp_path: Path, start_model: Path):
     write_sample_data(tmp_path, n=1, seed=1, shape=(32, 32, 16))
     with pytest.raises(InputError, match="no saved labels"):
         train_finetune(tmp_path, start_model, steps=1, device="cpu", progress=False)
+
+
+def test_server_train_task_never_overwrites_the_shipped_model(datastore: Path, start_model: Path, tmp_path: Path):
+    """The MONAI Label task finetunes from the model in service into the app's own model folder."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from medprompt.configs.medprompt import Checkpoints
+    from medprompt.trainers.finetune_task import FinetuneTrainTask
+
+    shipped = tmp_path / "shipped.pt"
+    shutil.copy(start_model, shipped)
+    before = shipped.read_bytes()
+    checkpoints = Checkpoints(rounds=tmp_path / "app_model" / "medprompt", start=shipped)
+    task = FinetuneTrainTask(checkpoints, text_encoder=None)
+    stats = task({"steps": 2}, LocalDatastore(str(datastore), extensions=("*.nii.gz",)))
+    assert shipped.read_bytes() == before
+    assert stats["validation_images"] == ["phantom_000.nii.gz"] and stats["steps"] == 2
+    if stats["accepted"]:
+        assert checkpoints.trained.is_file() and checkpoints.served() == checkpoints.trained
+    else:
+        assert not checkpoints.trained.exists() and checkpoints.served() == shipped
+    assert task.stats() == stats

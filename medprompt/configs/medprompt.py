@@ -13,13 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from monailabel.interfaces.tasks.train import TrainTask
+
 from medprompt.configs.draft import DraftConfig
 from medprompt.errors import WeightsError
 from medprompt.infers.medprompt import MedPromptInfer
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT, MAKE_COMMAND
+from medprompt.trainers.finetune_task import FinetuneTrainTask
 from medprompt.trainers.zero_shot_task import ZeroShotTrainTask
 
 TRAINER = "medprompt_zero_shot"
+FINETUNE_TRAINER = "medprompt_finetune"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class MedPromptConfig(DraftConfig):
             description="MedPrompt network: a text-prompted draft from a model trained without pixel labels",
         )
 
-    def trainer(self) -> dict[str, ZeroShotTrainTask]:
-        # MONAI Label names a single trainer after its config; a dict names it as the issue asks.
-        return {TRAINER: ZeroShotTrainTask(checkpoints=self.checkpoints, text_encoder=self.text_encoder)}
+    def trainer(self) -> dict[str, TrainTask]:
+        # MONAI Label names a single trainer after its config; a dict names them as the issues ask.
+        return {
+            TRAINER: ZeroShotTrainTask(checkpoints=self.checkpoints, text_encoder=self.text_encoder),
+            FINETUNE_TRAINER: FinetuneTrainTask(checkpoints=self.checkpoints, text_encoder=self.text_encoder),
+        }

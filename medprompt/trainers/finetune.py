@@ -68,6 +68,10 @@ def label_names_for(label: Path, studies: Path, image_id: str) -> dict[str, int]
             names = info.get("label_names")
             if isinstance(names, dict) and names:
                 return {str(k): int(v) for k, v in names.items()}
+            # 3D Slicer's MONAI Label module sends [{"name": ..., "idx": ...}, ...] as label_info.
+            items = info.get("label_info")
+            if isinstance(items, list) and items:
+                return {str(i["name"]): int(i["idx"]) for i in items if "name" in i and "idx" in i}
         except (KeyError, ValueError, TypeError):
             return None
     return None
@@ -157,14 +161,16 @@ def mean_dice(checkpoint: Path, studies: Sequence[LabelledStudy], catalog: Promp
     return float(np.mean(scores)) if scores else 0.0
 
 
-def train_finetune(studies: Path, served: Path, init: Path | None = None, *, steps: int = 500, batch_size: int = 8,
+def train_finetune(studies: Path, served: Path, init: Path | None = None, *, baseline: Path | None = None,
+                   steps: int = 500, batch_size: int = 8,
                    lr: float = 1e-4, device: str = "auto", text_encoder: str | None = None, model_config: str = "small",
                    label_names: dict[str, int] | None = None, labelled_share: float = 0.5, seed: int = 0,
                    catalog: PromptCatalog | None = None, progress: bool = True,
                    on_step: Callable[[int, dict], None] | None = None) -> FinetuneResult:
     """One finetuning round on a datastore folder; ``served`` is replaced only by a no-worse model.
 
-    ``init`` (default: ``served`` when it exists) is where training starts. With two or more
+    ``init`` (default: ``served`` when it exists) is where training starts; ``baseline`` (default:
+    ``served`` when it exists, else ``init``) is the model a candidate must not be worse than. With two or more
     labelled volumes one in four (at least one) is held out for validation; with a single one it
     is used both to train and to validate, which can only catch a round that made it worse.
     """
@@ -201,7 +207,8 @@ def train_finetune(studies: Path, served: Path, init: Path | None = None, *, ste
                  desc="finetuning")
 
     new = mean_dice(candidate, val, catalog)
-    old = mean_dice(served, val, catalog) if served.is_file() else None
+    baseline = Path(baseline) if baseline else (served if served.is_file() else init)
+    old = mean_dice(baseline, val, catalog) if baseline is not None and baseline.is_file() else None
     result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
                             previous_score=old, validation=[s.image.name for s in val], classes=classes)
     if result.accepted:
