@@ -8,6 +8,9 @@ App options (``--conf KEY VALUE``):
   checkpoint    the medprompt model file served until a training round writes one (default: the shipped one)
   text_encoder  text encoder of the medprompt model and its training (default: minilm, offline)
   tracking      ``true`` to let trainers log to MLflow (default ``false``: nothing is written or sent)
+  auto_scoring  ``true`` to let MONAI Label re-run the active-learning scoring methods in the background
+                at start-up, after each training round and after each next-sample request (default
+                ``false``: the strategies score what is missing on demand)
 Nothing is downloaded: no sample models, no dcmqi tools, and MONAI Label's SAM2 (monailabel.sam2) is
 never imported.
 """
@@ -33,6 +36,7 @@ from fastapi import HTTPException  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
@@ -40,6 +44,7 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import medprompt  # noqa: E402
+from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.infers.http import http_errors  # noqa: E402
 
@@ -53,6 +58,9 @@ class MedPromptApp(MONAILabelApp):
         conf = dict(conf or {})
         # Trainers read this global; MONAI Label's default (on) would start MLflow runs for every training.
         settings.MONAI_LABEL_TRACKING_ENABLED = bool(strtobool(conf.get("tracking", "false")))
+        # MONAI Label's default (on) starts two app processes per next-sample request even when every
+        # score is cached, and Ctrl-C waits for all queued ones; the strategies score on demand instead.
+        settings.MONAI_LABEL_AUTO_UPDATE_SCORING = bool(strtobool(conf.get("auto_scoring", "false")))
         self.task_configs = task_configs(conf, model_dir=os.path.join(app_dir, "model"))
         super().__init__(
             app_dir=app_dir,
@@ -74,7 +82,11 @@ class MedPromptApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        scored = {name: ScoreStrategy(score) for name, score in image_scores(self.task_configs).items()}
+        return {"random": Random(), "first": First(), **scored}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {name: ScoreMethod(score) for name, score in image_scores(self.task_configs).items()}
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """As MONAI Label's, but bad requests become HTTP 4xx naming the problem instead of a bare 500."""
