@@ -28,9 +28,11 @@ def serve(
     before the server starts, so the CLI can print one line instead of a server traceback.
     """
     from medprompt.configs import task_configs
+    from medprompt.schedule import schedule_options
 
     conf = dict(conf or {})
     task_configs(conf, model_dir=str(APP_DIR / "model"))
+    schedule_options(conf)
     studies = _studies(studies)
     _check_port(host, port)
 

@@ -11,6 +11,11 @@ App options (``--conf KEY VALUE``):
   auto_scoring  ``true`` to let MONAI Label re-run the active-learning scoring methods in the background
                 at start-up, after each training round and after each next-sample request (default
                 ``false``: the strategies score what is missing on demand)
+  finetune_after_labels  start a medprompt_finetune round after this many new saved final labels
+                since the last one (default ``off``)
+  finetune_interval_min  start a medprompt_finetune round when this many minutes have passed since
+                the last one and new final labels exist (default ``off``); both may be on
+  finetune_steps  training steps of a scheduled round (default: the trainer's own)
 Nothing is downloaded: no sample models, no dcmqi tools, and MONAI Label's SAM2 (monailabel.sam2) is
 never imported.
 """
@@ -33,7 +38,9 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from fastapi import HTTPException  # noqa: E402
+import schedule  # noqa: E402  (MONAI Label's own timer runs this library's pending jobs every 30 s)
 from monailabel.config import settings  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
@@ -41,11 +48,15 @@ from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.utils.async_tasks.task import AsyncTask  # noqa: E402
+from monailabel.utils.async_tasks.utils import tasks  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import medprompt  # noqa: E402
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
+from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
+from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
 from medprompt.infers.http import http_errors  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -62,6 +73,8 @@ class MedPromptApp(MONAILabelApp):
         # score is cached, and Ctrl-C waits for all queued ones; the strategies score on demand instead.
         settings.MONAI_LABEL_AUTO_UPDATE_SCORING = bool(strtobool(conf.get("auto_scoring", "false")))
         self.task_configs = task_configs(conf, model_dir=os.path.join(app_dir, "model"))
+        self.schedule_options = schedule_options(conf)  # a bad value stops the start with one line
+        self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -113,6 +126,48 @@ class MedPromptApp(MONAILabelApp):
         for name, task in self._infers.items():
             if hasattr(task, "problems"):
                 threading.Thread(target=_report_problems, args=(name, task), name=f"load-{name}", daemon=True).start()
+        self._start_finetune_schedule()
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any] | None:
+        """A client saved a label: a new final one counts towards the next scheduled finetune round."""
+        result = super().on_save_label(image_id, label_id)
+        if self.finetune_schedule is not None:
+            try:
+                self.finetune_schedule.label_saved(image_id, self._final_label(label_id))
+            except OSError as e:  # the label is saved; a schedule that cannot write its state must not fail that
+                logger.error(f"scheduled finetuning: could not record the label for {image_id}: {e}")
+        return result
+
+    def _final_label(self, label_id: str) -> Path | None:
+        uri = self.datastore().get_label_uri(label_id, "final")
+        return Path(uri) if uri and os.path.isfile(uri) else None
+
+    def _start_finetune_schedule(self) -> None:
+        """``--conf finetune_after_labels`` / ``finetune_interval_min``: rounds start by themselves."""
+        if not self.schedule_options.enabled:
+            return
+        if FINETUNE_TRAINER not in self._trainers or not isinstance(self.datastore(), LocalDatastore):
+            logger.error(f"scheduled finetuning is off: it needs the {FINETUNE_TRAINER} trainer (models medprompt) "
+                         "and a local studies folder")
+            return
+        rounds = self.task_configs["medprompt"].checkpoints.rounds
+        self.finetune_schedule = FinetuneSchedule(rounds / "finetune_schedule.json", self.schedule_options,
+                                                  self._start_scheduled_round)
+        self.finetune_schedule.scan((i, p) for i in self.datastore().get_labeled_images()
+                                    if (p := self._final_label(i)) is not None)
+        schedule.every(30).seconds.do(self.finetune_schedule.tick)
+        logger.info(f"scheduled finetuning on: {self.schedule_options}")
+
+    def _start_scheduled_round(self) -> bool:
+        """Hand a round to MONAI Label's runner, as POST /train/ does; False while any training runs or waits
+        (the runner refuses only a running one and would queue a second behind it)."""
+        if any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train")):
+            return False
+        request: dict[str, Any] = {"model": FINETUNE_TRAINER}
+        if self.schedule_options.steps is not None:
+            request["steps"] = self.schedule_options.steps
+        started, _ = AsyncTask.run("train", request=request)
+        return started is not None
 
     def _download_dcmqi_tools(self) -> None:
         """MONAI Label fetches dcmqi from GitHub when the datastore is DICOMweb; nothing downloads here."""
