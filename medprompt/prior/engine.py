@@ -15,7 +15,7 @@ from tqdm import tqdm
 from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
 from medprompt.errors import InputError, PromptError
 from medprompt.prior import geometry
-from medprompt.prior.landmarks import Landmarks, find_landmarks, guess_modality
+from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality
 from medprompt.prior.rules import RULES
 
 if TYPE_CHECKING:
@@ -33,20 +33,20 @@ class PriorResult:
     frame: geometry.WorkFrame
 
 
-def denoise(work: np.ndarray, modality: str) -> np.ndarray:
-    """3x3x3 median, plus Gaussian smoothing as strong as the image's noise needs.
+def denoise(work: np.ndarray, median: np.ndarray, body: np.ndarray, modality: str) -> np.ndarray:
+    """The 3x3x3 ``median`` of ``work``, plus Gaussian smoothing as strong as the image's noise needs.
 
     Thresholds and erosion break up on noisy (low-dose, thin-slice) studies; only clearly noisy
     ones (residual spread over 24 HU, where routine 3 mm CT measures about 10-18) are smoothed.
+    Returns ``median`` itself when no smoothing is needed.
     """
-    from medprompt.prior.landmarks import body_mask, noise_sigma
+    from medprompt.prior.landmarks import noise_sigma
 
-    smooth = ndi.median_filter(work, size=3)
-    sigma = noise_sigma(work, smooth, body_mask(smooth, modality), modality)
+    sigma = noise_sigma(work, median, body, modality)
     target = 12.0 if modality == "CT" else 0.0
     if target and sigma > 2 * target:
-        smooth = ndi.gaussian_filter(smooth, sigma=min(2.0, 0.5 * (sigma / target - 1)))
-    return smooth
+        return ndi.gaussian_filter(median, sigma=min(2.0, 0.5 * (sigma / target - 1)))
+    return median
 
 
 def liver_tip(liver: np.ndarray) -> float | None:
@@ -83,8 +83,11 @@ class AnatomyPrior:
             data = np.nan_to_num(data, nan=float(np.nanmin(data)))
         work, frame = geometry.to_work(data, volume.affine, self.work_spacing_mm)
         modality = guess_modality(work, volume.modality)
-        smooth = denoise(work, modality)
-        lm = find_landmarks(smooth, frame.work_spacing, modality)
+        median = ndi.median_filter(work, size=3)
+        body = body_mask(median, modality)
+        smooth = denoise(work, median, body, modality)
+        # The body found for the noise estimate is the landmarks' body unless smoothing changed the image.
+        lm = find_landmarks(smooth, frame.work_spacing, modality, body=body if smooth is median else None)
         expanded = self._expand(entries)
         # Tubes first (they are found by shape, and organs of equal density must not swallow
         # them), then organs from the largest down.

@@ -186,8 +186,9 @@ def noise_sigma(data: np.ndarray, median3: np.ndarray, body: np.ndarray, modalit
     return float(1.4826 * np.median(np.abs(resid - np.median(resid))))
 
 
-def find_landmarks(data: np.ndarray, spacing, modality: str) -> Landmarks:
-    body = body_mask(data, modality)
+def find_landmarks(data: np.ndarray, spacing, modality: str, body: np.ndarray | None = None) -> Landmarks:
+    """Landmarks of ``data``; ``body`` may be passed when the caller already has ``body_mask(data)``."""
+    body = body_mask(data, modality) if body is None else body
     spine = spine_centre(data, body, modality, spacing)
     lungs = lung_mask(data, body, modality, spacing)
     return Landmarks(
