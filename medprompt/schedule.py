@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medprompt.errors import InputError
+from medprompt.io.volume import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class FinetuneSchedule:
 
     def _save(self) -> None:
         """Atomically: a crash mid-write leaves the previous state, never half a file."""
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self.state), indent=2))
-        os.replace(tmp, self.state_path)
+        write_json(self.state_path, asdict(self.state))
 
     def scan(self, labels: Iterable[tuple[str, Path]]) -> bool:
         """At start: count final labels saved while the server was down (on a first start, none are new)."""

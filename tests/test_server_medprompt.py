@@ -28,7 +28,7 @@ from medprompt.configs.medprompt import Checkpoints
 from medprompt.drafts import draft
 from medprompt.errors import InputError, WeightsError
 from medprompt.io.volume import load_volume
-from medprompt.trainers.zero_shot_task import request_int
+from medprompt.trainers.round_task import request_int
 from test_server import error_status
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ import numpy as np
 from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
 from medprompt.errors import InputError
 from medprompt.model.checkpoint import load_model
-from medprompt.model.grid import NET_SPACING_MM, body_centre, to_net_grid
+from medprompt.model.grid import NET_SPACING_MM, to_net_grid
 from medprompt.prior import geometry
 from medprompt.teachers import PriorTeacher
 from medprompt.trainers.zero_shot import (
@@ -113,30 +113,24 @@ def catalog_with(names: Sequence[str], catalog: PromptCatalog) -> PromptCatalog:
 
 def labelled_volume(study: LabelledStudy, classes: Sequence[str]) -> TrainingVolume:
     """A corrected volume as training targets: every pixel certain for the classes its label names."""
-    from medprompt.io.volume import load_labelmap, load_volume
-
     from medprompt.evaluation import align_to_reference
+    from medprompt.io.volume import load_labelmap, load_volume
 
     volume = load_volume(study.image)
     labels, label_affine, _ = load_labelmap(study.label)
     # A label may be stored in another axis order than its image (e.g. LAS vs a DICOM's LPS).
     labels, _ = align_to_reference(labels, label_affine, volume.data.shape, volume.affine)
     grid = to_net_grid(volume)
-    nz = grid.image.shape[2]
-    target = np.zeros((nz, len(classes), *grid.image.shape[:2]), np.uint8)
+    target = np.zeros((len(classes), *grid.image.shape), np.uint8)
     weight = np.zeros_like(target)
     for c, name in enumerate(classes):
         if name not in study.names:
             continue  # not annotated in this volume: no statement either way
         mask, _ = geometry.to_work((labels == study.names[name]).astype(np.float32), volume.affine,
                                    NET_SPACING_MM, exact_inplane=True)
-        target[:, c] = np.moveaxis(mask > 0.5, 2, 0)
-        weight[:, c] = 1
-    fg = target.sum(axis=(1, 2, 3)).astype(np.float64)
-    p = fg + 0.1 * fg.max() + 1.0
-    image = grid.image.astype(np.float16)
-    return TrainingVolume(study.image.name, np.ascontiguousarray(np.moveaxis(image, 2, 0)), target, weight,
-                          p / p.sum(), body_centre(grid.image))
+        target[c] = mask > 0.5
+        weight[c] = 1
+    return TrainingVolume.from_grid(study.image.name, grid.image, target, weight)
 
 
 def mean_dice(checkpoint: Path, studies: Sequence[LabelledStudy], catalog: PromptCatalog) -> float:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +57,6 @@ class ZeroShotConfig:
     init_vision: str | None = None  # open_clip model spec whose vision tower initialises the encoder
     time_limit_s: float | None = None  # stop (saved, resumable) after this long, e.g. for scheduled rounds
     init: Path | None = None  # start from this model file (its architecture wins over model_config)
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +69,16 @@ class TrainingVolume:
     weight: np.ndarray  # uint8 (Z, C, X, Y) in {0, 1}
     slice_p: np.ndarray  # sampling probability per axial slice (more where organs are)
     centre: tuple[int, int]  # in-plane body centre: tiles are centred there (see grid.body_centre)
+
+    @classmethod
+    def from_grid(cls, name: str, image: np.ndarray, target: np.ndarray, weight: np.ndarray) -> "TrainingVolume":
+        """From working-grid arrays: image (X, Y, Z), target and weight (C, X, Y, Z) in {0, 1}."""
+        fg = target.sum(axis=(0, 1, 2)).astype(np.float64)
+        p = fg + 0.1 * fg.max() + 1.0
+        return cls(name, np.ascontiguousarray(np.moveaxis(image.astype(np.float16), 2, 0)),
+                   np.ascontiguousarray(np.moveaxis(target.astype(np.uint8), 3, 0)),
+                   np.ascontiguousarray(np.moveaxis(weight.astype(np.uint8), 3, 0)), p / p.sum(),
+                   body_centre(image.astype(np.float32)))
 
 
 def list_studies(studies: Sequence[Path]) -> list[Path]:
@@ -131,12 +140,7 @@ def prepare_volumes(paths: Sequence[Path], teacher: Teacher, classes: Sequence[s
             tmp = cached.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, image=image, target=target, weight=weight)
             tmp.replace(cached)
-        fg = target.sum(axis=(0, 1, 2)).astype(np.float64)
-        p = fg + 0.1 * fg.max() + 1.0
-        out.append(TrainingVolume(path.name, np.ascontiguousarray(np.moveaxis(image, 2, 0)),
-                                  np.ascontiguousarray(np.moveaxis(target, 3, 0)),
-                                  np.ascontiguousarray(np.moveaxis(weight, 3, 0)), p / p.sum(),
-                                  body_centre(image.astype(np.float32))))
+        out.append(TrainingVolume.from_grid(path.name, image, target, weight))
     return out
 
 
