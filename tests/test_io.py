@@ -310,10 +310,29 @@ def test_failed_write_leaves_previous_file_intact(tmp_path: Path, monkeypatch: p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.json", "case.nii.gz"]
 
 
-def test_labelmap_output_must_be_nifti(tmp_path: Path) -> None:
+def test_labelmap_as_nrrd_is_written_in_lps_and_reads_back_in_place(tmp_path: Path) -> None:
+    """3D Slicer asks for drafts as .nrrd; the file must land on the same voxels in world space."""
+    import nrrd
+
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:3, 1:4, 2] = 3
+    affine = ORIENTATIONS["oblique"]
+    save_labelmap(tmp_path / "case.nrrd", labels, affine, {"liver": 3})
+    header = nrrd.read_header(str(tmp_path / "case.nrrd"))
+    assert header["space"] == "left-posterior-superior" and header["type"] in ("uint8", "unsigned char")
+    # LPS directions are the RAS ones with x and y negated.
+    np.testing.assert_allclose(header["space directions"], (np.diag([-1, -1, 1]) @ affine[:3, :3]).T, atol=1e-9)
+    loaded, loaded_affine, names = load_labelmap(tmp_path / "case.nrrd")
+    np.testing.assert_array_equal(loaded, labels)
+    np.testing.assert_allclose(loaded_affine, affine, atol=1e-9)
+    assert names == {"liver": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.json", "case.nrrd"]
+
+
+def test_labelmap_output_must_be_nifti_or_nrrd(tmp_path: Path) -> None:
     with pytest.raises(InputError) as excinfo:
-        save_labelmap(tmp_path / "case.nrrd", np.zeros((2, 2, 2), np.uint8), np.eye(4), {})
-    single_line_error(excinfo, tmp_path / "case.nrrd", ".nii")
+        save_labelmap(tmp_path / "case.mha", np.zeros((2, 2, 2), np.uint8), np.eye(4), {})
+    single_line_error(excinfo, tmp_path / "case.mha", ".nrrd")
 
 
 def test_fractional_values_are_not_a_labelmap(tmp_path: Path) -> None:

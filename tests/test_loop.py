@@ -4,12 +4,16 @@ The schedule is checked with a fake runner and clock (counting, skipping while a
 persistence across a restart, the interval, bad options). The loop runs a real server on two small
 phantoms with a tiny random checkpoint and ``--conf finetune_after_labels 1``: saving one corrected
 label must start a round by itself, and the next draft must score higher against the phantom's truth.
+It is driven twice: by MONAI Label's Python client and by 3D Slicer's MONAI Label module client
+(the copy the monailabel wheel installs), the way the Slicer module calls it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from conftest import console_script, launch_server, serving, write_tiny_checkpoi
 from monailabel.client import MONAILabelClient
 
 from medprompt.errors import InputError
+from medprompt.io.volume import load_labelmap
 from medprompt.schedule import FinetuneSchedule, ScheduleOptions, schedule_options
 
 FINETUNE = "medprompt_finetune"
@@ -126,8 +131,54 @@ def test_schedule_options_are_off_by_default_and_bad_values_name_the_option() ->
 
 # -- the loop over REST -----------------------------------------------------------------------------
 
-def mean_dice(label_file: str, names: dict[str, int], truth: np.ndarray, truth_names: dict[str, int]) -> float:
-    pred = np.asarray(nib.load(label_file).dataobj)
+def slicer_client_class() -> type:
+    """The client class of 3D Slicer's MONAI Label module, from the copy the monailabel wheel installs.
+
+    The wheel puts the Slicer plugin under ``<prefix>/monailabel/plugins/slicer``; its
+    ``MONAILabelLib/client.py`` is plain Python (requests, http.client), so it runs without Slicer.
+    """
+    path = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
+    assert path.is_file(), f"3D Slicer's MONAI Label client not found at {path} (installed with monailabel)"
+    spec = importlib.util.spec_from_file_location("slicer_monailabel_client", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MONAILabelClient
+
+
+class Annotator:
+    """How one client drives the loop: MONAI Label's Python client, or 3D Slicer's module.
+
+    Slicer's module asks for drafts as uint8 NRRD (``MONAILabelLogic.infer``) and saves a correction
+    with no tag (the server's "final") and ``label_info`` naming each segment (``onSaveLabel``).
+    """
+
+    def __init__(self, kind: str, url: str, tmpdir: Path) -> None:
+        self.kind = kind
+        cls = MONAILabelClient if kind == "monailabel" else slicer_client_class()
+        self.client = cls(url, tmpdir=str(tmpdir))
+        self.tmpdir = tmpdir
+
+    def draft(self, image: str) -> tuple[np.ndarray, dict[str, int]]:
+        params = {"prompts": ",".join(PROMPTS)}
+        if self.kind == "slicer":
+            params.update(result_extension=".nrrd", result_dtype="uint8")
+        path, response = self.client.infer("medprompt", image, params)
+        assert path.endswith(".nrrd" if self.kind == "slicer" else ".nii.gz"), path
+        labels, _, _ = load_labelmap(path)
+        self.checkpoint = Path(response["checkpoint"]["path"])
+        return labels, response["label_names"]
+
+    def save_correction(self, image: str, corrected: np.ndarray, affine: np.ndarray) -> None:
+        label = self.tmpdir / "corrected.nii.gz"
+        nib.save(nib.Nifti1Image(corrected, affine), label)
+        label_info = [{"name": name, "idx": value} for value, name in enumerate(PROMPTS, start=1)]
+        if self.kind == "slicer":
+            self.client.save_label(image, str(label), params={"label_info": label_info})
+        else:
+            self.client.save_label(image, str(label), tag="final", params={"label_info": label_info})
+
+
+def mean_dice(pred: np.ndarray, names: dict[str, int], truth: np.ndarray, truth_names: dict[str, int]) -> float:
     scores = []
     for name in PROMPTS:
         p, t = pred == names[name], truth == truth_names[name]
@@ -135,7 +186,8 @@ def mean_dice(label_file: str, names: dict[str, int], truth: np.ndarray, truth_n
     return float(np.mean(scores))
 
 
-def test_a_saved_correction_starts_a_round_and_the_next_draft_scores_higher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["monailabel", "slicer"])
+def test_a_saved_correction_starts_a_round_and_the_next_draft_scores_higher(tmp_path: Path, kind: str) -> None:
     from medprompt.phantoms import write_sample_data
 
     studies = tmp_path / "studies"
@@ -147,20 +199,18 @@ def test_a_saved_correction_starts_a_round_and_the_next_draft_scores_higher(tmp_
     command = [str(console_script("medprompt")), "serve", "--conf", "finetune_after_labels", "1",
                "--conf", "finetune_steps", str(ROUND_STEPS)]
     with serving(launch_server(tmp_path, command, studies, checkpoint)) as server:
-        client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-        prompts = {"prompts": ",".join(PROMPTS)}
-        draft, params = client.infer("medprompt", "phantom_000", prompts)
-        before = mean_dice(draft, params["label_names"], truth, truth_names)
+        annotator = Annotator(kind, server.url, tmp_path)
+        client = annotator.client
+        draft, names = annotator.draft("phantom_000")
+        assert draft.shape == truth.shape
+        before = mean_dice(draft, names, truth, truth_names)
         assert not client.train_status(check_if_running=True)  # nothing runs before a correction
 
-        # The annotator's correction of the draft: the true organs, named as 3D Slicer sends them.
+        # The annotator's correction of the draft: the true organs, named as 3D Slicer names them.
         corrected = np.zeros(truth.shape, np.uint8)
         for value, name in enumerate(PROMPTS, start=1):
             corrected[truth == truth_names[name]] = value
-        label = tmp_path / "corrected.nii.gz"
-        nib.save(nib.Nifti1Image(corrected, truth_img.affine), label)
-        label_info = [{"name": name, "idx": value} for value, name in enumerate(PROMPTS, start=1)]
-        client.save_label("phantom_000", str(label), tag="final", params={"label_info": label_info})
+        annotator.save_correction("phantom_000", corrected, truth_img.affine)
 
         deadline = time.monotonic() + 600  # generous: a loaded CI machine ran it at 1.8 s per step
         task = client.train_status()  # the round was handed to MONAI Label's runner by the save itself
@@ -179,14 +229,13 @@ def test_a_saved_correction_starts_a_round_and_the_next_draft_scores_higher(tmp_
         trained = server.model_dir / "medprompt" / "medprompt.pt"
         assert Path(stats["checkpoint"]) == trained and Path(stats["version"]).is_file()
 
-        draft, params = client.infer("medprompt", "phantom_000", prompts)
-        assert Path(params["checkpoint"]["path"]) == trained
-        after = mean_dice(draft, params["label_names"], truth, truth_names)
+        draft, names = annotator.draft("phantom_000")
+        assert annotator.checkpoint == trained
+        after = mean_dice(draft, names, truth, truth_names)
         assert after > before + 0.05, f"mean Dice {before:.3f} -> {after:.3f}"
 
 
 def test_bad_schedule_option_stops_serve_before_start_up(tmp_path):
-    from medprompt.errors import InputError
     from medprompt.server import serve
 
     with pytest.raises(InputError, match="finetune_after_labels"):

@@ -1,4 +1,4 @@
-"""What every MedPrompt infer task shares: typed prompts in, a label map NIfTI out.
+"""What every MedPrompt infer task shares: typed prompts in, a label map (NIfTI or NRRD) out.
 
 The tasks implement MONAI Label's ``InferTask`` interface directly rather than ``BasicInferTask``: the
 draft comes from :func:`medprompt.drafts.draft` (the same function the CLI uses), not a
@@ -38,6 +38,21 @@ def parse_prompts(value: Any) -> list[str]:
     )
 
 
+RESULT_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+def result_suffix(request: dict[str, Any]) -> str:
+    """The file type the client asked for (3D Slicer asks for ``.nrrd``); NIfTI by default.
+
+    Label values fit the uint8 that Slicer asks for (``result_dtype``) up to 255 classes, and are
+    written as uint16 beyond, so that option needs no handling.
+    """
+    suffix = request.get("result_extension") or ".nii.gz"
+    if suffix not in RESULT_SUFFIXES:
+        raise InputError(f"result_extension '{suffix}' is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
+    return suffix
+
+
 class DraftInfer(InferTask):
     """An infer task whose result is a draft for the request's prompts; subclasses say how to draft."""
 
@@ -62,10 +77,11 @@ class DraftInfer(InferTask):
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise InputError("no image in the request: pass a datastore image id or upload a file")
+        suffix = result_suffix(request)
         volume = load_volume(image)
         seg, extra = self.segment(volume, prompts)
 
-        fd, label_path = tempfile.mkstemp(suffix=".nii.gz", prefix="medprompt_")
+        fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_")
         os.close(fd)
         # The names travel in the response's label_names, so the sidecar JSON is not kept.
         os.remove(save_labelmap(label_path, seg.labels, volume.affine, seg.names))

@@ -89,12 +89,13 @@ def load_labelmap(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
 
 def save_labelmap(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray,
                   names: dict[str, int]) -> Path:
-    """Write ``labels`` as NIfTI plus a ``{"labels": names}`` JSON sidecar; return the sidecar path.
+    """Write ``labels`` as NIfTI or NRRD (by suffix) plus a ``{"labels": names}`` JSON sidecar.
 
-    Both files are written to a temporary name in the target folder and renamed into place, so
+    Returns the sidecar path. NRRD is what 3D Slicer's MONAI Label module asks drafts in
+    (``result_extension: .nrrd``); it is written in LPS space, as Slicer writes it. Both files are written to a temporary name in the target folder and renamed into place, so
     a reader (MONAI Label's datastore watcher, a viewer) never sees a half-written mask.
     """
-    path = _nifti_output_path(path)
+    path = _output_path(path, NIFTI_SUFFIXES + (".nrrd",))
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"label map must be 3D, got shape {labels.shape}")
@@ -104,13 +105,17 @@ def save_labelmap(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarra
     if (labels.size and int(labels.min()) < 0) or top > np.iinfo(np.uint16).max:
         raise ValueError("label values must lie in 0..65535")
     names = _validated_names(names, where="names")
-    _write_nifti(path, labels.astype(np.uint8 if top < 256 else np.uint16, copy=False), affine)
+    labels = labels.astype(np.uint8 if top < 256 else np.uint16, copy=False)
+    if path.name.lower().endswith(".nrrd"):
+        _write_nrrd(path, labels, affine)
+    else:
+        _write_nifti(path, labels, affine)
     return write_json(sidecar_path(path), {"labels": names})
 
 
 def save_volume(path: str | os.PathLike, volume: Volume) -> Path:
     """Write an image volume as NIfTI atomically; int16 when it holds whole numbers (CT HU)."""
-    path = _nifti_output_path(path)
+    path = _output_path(path, NIFTI_SUFFIXES)
     data = np.asarray(volume.data)
     info = np.iinfo(np.int16)
     whole = bool(data.size) and np.array_equal(data, np.round(data)) \
@@ -313,10 +318,10 @@ def _holds_dicom(folder: Path) -> bool:
 
 # -- writing helpers ---------------------------------------------------------------------------
 
-def _nifti_output_path(path: str | os.PathLike) -> Path:
+def _output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
     path = Path(path)
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{path}: output must be a .nii or .nii.gz file")
+    if not path.name.lower().endswith(suffixes):
+        raise InputError(f"{path}: output must be a {' or '.join(suffixes)} file")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -327,6 +332,20 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     image.set_qform(affine, code=1)  # both codes set: some viewers read only one of the two
     image.set_sform(affine, code=1)
     _atomic_write(path, lambda tmp: nib.save(image, tmp))
+
+
+def _write_nrrd(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nrrd
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]  # RAS -> LPS is its own inverse
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:, :3].T,  # row a = world step of axis a
+        "space origin": lps[:, 3],
+        "kinds": ["domain"] * 3,
+        "encoding": "gzip",
+    }
+    _atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"))
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
