@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from conftest import console_script, launch_server, serving, write_tiny_checkpoint
 from fastapi import HTTPException
@@ -151,9 +152,9 @@ def test_uncertainty_counts_only_the_body(tmp_path: Path, model: ServedModel,
     from medprompt.io.volume import load_volume
     from medprompt.model.predictor import Predictor
 
-    def probabilities(self: Predictor, grid, text, progress: bool = False) -> np.ndarray:
+    def probabilities(self: Predictor, grid, text, progress: bool = False) -> torch.Tensor:
         inside = grid.raw > -500
-        return np.stack([np.where(inside, 0.0, 0.5)] * text.shape[0]).astype(np.float32)
+        return torch.from_numpy(np.stack([np.where(inside, 0.0, 0.5)] * text.shape[0]).astype(np.float32))
 
     monkeypatch.setattr(Predictor, "probabilities", probabilities)
     volume = load_volume(write_ct(tmp_path / "ct.nii.gz", seed=0))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from medprompt.errors import InputError
 from medprompt.prior import geometry
@@ -46,22 +47,16 @@ def normalise(raw: np.ndarray, modality: str) -> np.ndarray:
     return (np.clip((raw - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1).astype(np.float32)
 
 
-def to_net_grid(volume: "Volume") -> NetGrid:
+def to_net_grid(volume: "Volume", device: torch.device | None = None) -> NetGrid:
+    """The volume on the network's grid; resampled on ``device`` when that is a GPU."""
     data = np.asarray(volume.data)
     if data.ndim != 3 or min(data.shape) < 2:
         raise InputError(f"{volume.source}: expected a 3D volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         data = np.nan_to_num(data, nan=float(np.nanmin(data)))
-    raw, frame = geometry.to_work(data, volume.affine, NET_SPACING_MM, exact_inplane=True)
+    raw, frame = geometry.to_work(data, volume.affine, NET_SPACING_MM, exact_inplane=True, device=device)
     modality = guess_modality(raw, volume.modality)
     return NetGrid(raw=raw, image=normalise(raw, modality), frame=frame, modality=modality)
-
-
-def slice_stack(image: np.ndarray, k: int, n: int = 3) -> np.ndarray:
-    """(n, X, Y): slice k with its neighbours (edge slices repeated), the 2.5D input."""
-    half = n // 2
-    idx = np.clip(np.arange(k - half, k + half + 1), 0, image.shape[2] - 1)
-    return np.moveaxis(image[:, :, idx], 2, 0)
 
 
 def body_centre(image: np.ndarray) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from medprompt.catalog import PromptEntry
 from medprompt.errors import WeightsError
 from medprompt.model.checkpoint import load_model, resolve_device
-from medprompt.model.grid import NetGrid, body_centre, slice_stack, to_net_grid
+from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.network import MedPromptNet
 from medprompt.prior import geometry
 
@@ -73,8 +73,12 @@ class Predictor:
         return torch.from_numpy(np.stack(vecs)).to(self.device)
 
     @torch.no_grad()
-    def probabilities(self, grid: NetGrid, text: torch.Tensor, progress: bool = False) -> np.ndarray:
-        """Sigmoid masks (P, X, Y, Z) on the working grid, averaging overlapping tiles."""
+    def probabilities(self, grid: NetGrid, text: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Sigmoid masks (P, X, Y, Z) on the working grid, averaging overlapping tiles, on ``self.device``.
+
+        The volume goes to the device once and stays there: on a GPU, copying every slice batch
+        and every tile's masks to and from host memory cost more than the network itself.
+        """
         tile = self.net.cfg.tile
         image = grid.image
         nx, ny, nz = image.shape
@@ -85,45 +89,42 @@ class Predictor:
         py = max(ny + oy, cy + oy + (tile - tile // 2))
         padded = np.full((px, py, nz), -1.0, np.float32)  # -1 = air after normalisation
         padded[ox : ox + nx, oy : oy + ny] = image
-        out = np.zeros((text.shape[0], px, py, nz), np.float32)
-        hits = np.zeros((px, py), np.float32)
         windows = [(x, y) for x in centred_starts(px, tile, cx + ox) for y in centred_starts(py, tile, cy + oy)]
         fg = np.argwhere((padded > -0.95).any(axis=2))
         x0, y0 = max(0, cx + ox - tile // 2), max(0, cy + oy - tile // 2)
         if len(fg) and fg[:, 0].min() >= x0 and fg[:, 0].max() < x0 + tile and fg[:, 1].min() >= y0 and fg[:, 1].max() < y0 + tile:
             windows = [(x0, y0)]  # the body fits the centred tile: exactly what training saw
+        hits = torch.zeros((px, py), device=self.device)
         for x, y in windows:
             hits[x : x + tile, y : y + tile] += 1
-        hits = np.maximum(hits, 1)
-        ks = list(range(nz))
-        chunks = [ks[i : i + self.batch] for i in range(0, nz, self.batch)]
-        for chunk in tqdm(chunks, desc="medprompt", unit="batch", disable=not progress, leave=False):
-            stack = np.stack([slice_stack(padded, k, self.net.cfg.in_slices) for k in chunk])  # (B, S, X, Y)
+        volume = torch.from_numpy(padded).to(self.device)
+        out = torch.zeros((text.shape[0], px, py, nz), device=self.device)
+        half = self.net.cfg.in_slices // 2
+        for k0 in tqdm(range(0, nz, self.batch), desc="medprompt", unit="batch", disable=not progress, leave=False):
+            ks = torch.arange(k0, min(k0 + self.batch, nz), device=self.device)
+            # (B, S, X, Y): each slice with its neighbours, edge slices repeated (as TileSampler in training).
+            idx = (ks[:, None] + torch.arange(-half, half + 1, device=self.device)).clamp(0, nz - 1)
+            stack = volume[:, :, idx].permute(2, 3, 0, 1)
             for x, y in windows:
-                inp = torch.from_numpy(np.ascontiguousarray(stack[:, :, x : x + tile, y : y + tile])).to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    logits, _ = self.net(inp, text)
-                prob = torch.sigmoid(logits.float()).cpu().numpy()  # (B, P, tile, tile)
-                out[:, x : x + tile, y : y + tile, chunk[0] : chunk[-1] + 1] += np.moveaxis(prob, 0, -1)
-        out /= hits[None, :, :, None]
+                    logits, _ = self.net(stack[:, :, x : x + tile, y : y + tile].contiguous(), text)
+                out[:, x : x + tile, y : y + tile, k0 : k0 + len(ks)] += torch.sigmoid(logits.float()).permute(1, 2, 3, 0)
+        out /= hits.clamp(min=1)[None, :, :, None]
         return out[:, ox : ox + nx, oy : oy + ny]
 
     def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
         """Label map on the input grid: value i+1 where prompt i is the most probable above 0.5."""
-        grid = to_net_grid(volume)
+        grid = to_net_grid(volume, self.device)
         prob = self.probabilities(grid, self.class_vectors(entries), progress)
-        best = prob.argmax(axis=0)
-        fg = prob.max(axis=0) > 0.5
-        canon = np.zeros(grid.frame.canonical_shape, np.uint16)
+        best = prob.argmax(dim=0)
+        fg = prob.max(dim=0).values > 0.5
         masks = []
         for i, entry in enumerate(entries):
-            mask = fg & (best == i)
+            mask = (fg & (best == i)).cpu().numpy()
             if int(entry.prior.get("components", 0)) == 1 and mask.any():
                 mask = largest_component(mask)
-            masks.append((int(mask.sum()), i, mask))
-        for _, i, mask in sorted(masks, key=lambda m: -m[0]):
-            canon[geometry.mask_to_canonical(mask, grid.frame)] = i + 1
-        return np.ascontiguousarray(geometry.canonical_to_input(canon, grid.frame))
+            masks.append((i + 1, mask))
+        return geometry.paint_input_labels(masks, grid.frame, self.device)
 
 
 def _encoder_key(spec: str | None) -> str | None:

@@ -141,10 +141,5 @@ class AnatomyPrior:
         """Label map on the input grid; value i+1 for ``entries[i]``, smaller classes painted last."""
         self.check_supported(entries)
         result = self.segment_work(volume, entries, progress)
-        canon = np.zeros(result.frame.canonical_shape, np.uint16)
-        values = {e.name: i + 1 for i, e in enumerate(entries)}
-        paint = sorted(entries, key=lambda e: -int(result.masks[e.name].sum()))
-        for entry in paint:
-            up = geometry.mask_to_canonical(result.masks[entry.name], result.frame)
-            canon[up] = values[entry.name]
-        return np.ascontiguousarray(geometry.canonical_to_input(canon, result.frame))
+        masks = [(i + 1, result.masks[e.name]) for i, e in enumerate(entries)]
+        return geometry.paint_input_labels(masks, result.frame)
