@@ -8,7 +8,9 @@ embedding cache, model load included; warm: cache filled) and a line for BENCHMA
 
 It also shows how the similarity floor is calibrated: the best similarity of every correctly
 resolved paraphrase against that of the ``unrelated`` prompts (nothing in the catalog). The floor
-in ``medprompt/text/similarity.py`` sits between the two.
+in ``medprompt/text/similarity.py`` sits between the two. Prompts for anatomy that no prompt file
+describes (``out_of_catalog``) must be refused rather than drafted as a neighbouring class; the
+margin that decides it is calibrated on the development paraphrases only.
 
     .venv/bin/python benchmarks/paraphrases.py [--text-encoder minilm]
 """
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from medprompt.catalog import PromptCatalog, default_catalog  # noqa: E402
 from medprompt.errors import PromptError  # noqa: E402
 from medprompt.text import get_text_encoder  # noqa: E402
-from medprompt.text.similarity import SIMILARITY_FLOORS, rank  # noqa: E402
+from medprompt.text.similarity import OTHER_MARGIN, SIMILARITY_FLOORS, rank  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "paraphrases.yaml"
 
@@ -88,12 +90,20 @@ def main() -> None:
           f"{np.percentile(right, 5):.3f}, median {np.median(right):.3f}; unrelated prompts median "
           f"{np.median([s for s, _ in unrelated]):.3f}, max {unrelated[-1][0]:.3f} ({unrelated[-1][1]!r}); "
           f"{rejected}/{len(unrelated)} unrelated rejected")
+    ooc = doc["out_of_catalog"]
+    ooc_refused = [t for t in ooc if outcome(catalog, t, encoder).startswith("error")]
+    leads = sorted((index.nearest_other(encoder.encode([t])[0])[1] - rank(catalog, t, encoder, index)[0][1], t)
+                   for t, w in sets["paraphrases"] if got[t] == w)
+    print(f"other anatomy: {len(ooc_refused)}/{len(ooc)} prompts for anatomy no prompt file describes refused; "
+          f"drafted anyway: {', '.join(repr(t) + ' -> ' + outcome(catalog, t, encoder) for t in ooc if t not in ooc_refused)}")
+    print(f"margin calibration: largest lead of an other-anatomy entry over the class among correctly resolved "
+          f"development paraphrases {leads[-1][0]:.3f} ({leads[-1][1]!r}); OTHER_MARGIN {OTHER_MARGIN}")
     print(f"time: encoder load + {len(index.names)} class phrases {t_index:.2f} s (empty cache); "
           f"per prompt {cold * 1e3:.1f} ms (new text), {warm * 1e3:.2f} ms (cached)")
     print(f"BENCHMARKS.md: | {encoder.key} | {len(cases)} paraphrases ({len(sets['heldout'])} held out), "
           f"{len({w for _, w in cases})} classes | **{acc:.1%}** (held out "
           f"{sum(got[t] == w for t, w in sets['heldout']) / len(sets['heldout']):.1%}) | keywords {kw_all:.1%} | "
-          f"{rejected}/{len(unrelated)} unrelated rejected | load + index {t_index:.1f} s, "
+          f"{rejected}/{len(unrelated)} unrelated rejected | {len(ooc_refused)}/{len(ooc)} | load + index {t_index:.1f} s, "
           f"{cold * 1e3:.0f} ms/new prompt, {warm * 1e3:.1f} ms cached |")
 
 

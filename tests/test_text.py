@@ -363,6 +363,39 @@ def test_below_the_floor_is_an_error_listing_the_nearest_classes(minilm_catalog:
                            minilm_catalog.similarity_index(encoder), floor=0.99)
 
 
+def test_anatomy_no_prompt_file_describes_is_refused_not_drafted_as_a_neighbour(minilm_catalog: PromptCatalog):
+    """"prostate" must not become a bladder mask, nor "the colon" a colon tumour."""
+    doc = yaml.safe_load(DATA.read_text(encoding="utf-8"))
+    refused = []
+    for text in doc["out_of_catalog"]:
+        assert minilm_catalog.lookup(text) is None, text
+        try:
+            minilm_catalog.resolve(text)
+        except PromptError:
+            refused.append(text)
+    assert len(refused) >= 0.8 * len(doc["out_of_catalog"]), sorted(set(doc["out_of_catalog"]) - set(refused))
+    with pytest.raises(PromptError, match=r"'prostate': it reads like prostate \(1\.00\), which no prompt file "
+                                          r"describes; closest known classes: urinary_bladder"):
+        minilm_catalog.resolve("prostate")
+    # Naming a class keeps it ("a tumour in the liver"); a structure named as a place is a landmark.
+    assert minilm_catalog.resolve("tumour in the liver").name == "liver_tumour"
+    assert minilm_catalog.resolve("the gland next to the duodenum that makes insulin").name == "pancreas"
+
+
+def test_a_users_own_class_for_other_anatomy_is_resolved_to_it(tmp_path: Path, minilm_cache, monkeypatch):
+    monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
+    (tmp_path / "thyroid.yaml").write_text(
+        "name: thyroid\naliases: [thyroid gland]\n"
+        "descriptions: [The butterfly-shaped endocrine gland in the front of the neck.]\n")
+    (tmp_path / "liver.yaml").write_text("name: liver\ndescriptions: [The liver, the organ that makes bile.]\n")
+    catalog = PromptCatalog.load([tmp_path])
+    encoder = get_text_encoder()
+    assert "thyroid gland" not in catalog.similarity_index(encoder).others
+    assert catalog.resolve("the gland in the neck that makes thyroxine", encoder).name == "thyroid"
+    with pytest.raises(PromptError, match="reads like heart"):
+        catalog.resolve("the heart", encoder)
+
+
 def test_misspellings_are_flagged_not_guessed(minilm_catalog: PromptCatalog):
     with pytest.raises(PromptError, match="misspelling of spleen.*closest known classes: spleen"):
         minilm_catalog.resolve("splen")

@@ -39,7 +39,36 @@ RELATIONS = tuple(r.split() for r in (
     "beneath", "below", "above", "over", "behind", "beside", "alongside", "between", "around", "from",
     "into", "toward", "towards"))
 DETERMINERS = frozenset("the a an both its their his her patient s left right".split())
+# How much closer to an OTHER_ANATOMY entry than to every class a prompt must be to be refused:
+# just above the largest such lead among the correctly resolved development paraphrases (0.046,
+# "HCC nodule" vs "pulmonary nodule"); benchmarks/paraphrases.py prints these leads.
+OTHER_MARGIN = 0.05
+COVERED = 0.9  # similarity at which a class phrase is taken to describe an OTHER_ANATOMY entry
 MISSPELLING = 0.8  # difflib ratio above which a prompt is taken as an attempt at a name or alias
+# Anatomy and findings that the shipped prompt files do not describe. A prompt for one of these
+# must be refused, not drafted as its nearest catalog class ("prostate" is not the bladder, "the
+# colon" is not a colon tumour): such prompts pass the floor above, because anatomy reads like
+# anatomy. A prompt closer to one of these than to every class is refused, naming what it read
+# like. An entry that a prompt file covers (a user's own class) is dropped from the list.
+OTHER_ANATOMY = (
+    # head and neck
+    "brain", "cerebrum", "cerebellum", "brainstem", "brain tumour", "brain metastasis", "pituitary gland",
+    "eye", "orbit", "optic nerve", "inner ear", "nasal cavity", "paranasal sinus", "teeth", "tongue",
+    "parotid gland", "submandibular gland", "thyroid gland", "larynx", "pharynx", "carotid artery",
+    "jugular vein", "lymph node",
+    # chest
+    "heart", "myocardium", "left ventricle", "atrium", "pericardium", "coronary artery",
+    "pulmonary artery", "superior vena cava", "trachea", "bronchus", "thymus", "breast",
+    "pulmonary nodule", "lung cancer",
+    # abdomen and pelvis, beyond the catalog
+    "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
+    "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
+    "iliac artery", "iliac vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
+    "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer",
+    # muscles, nerves, fat
+    "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
+    "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
+)
 
 
 def sides(text: str) -> set[str]:
@@ -58,20 +87,39 @@ def stem(name: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ClassIndex:
-    """Every phrase vector of every class of one catalog, for one encoder."""
+    """Every phrase vector of every class of one catalog, and of the other anatomy, for one encoder."""
 
     names: tuple[str, ...]      # class of each row of ``vectors``
     vectors: np.ndarray         # (phrases, dim) unit vectors
+    others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
+    other_vectors: np.ndarray   # (others, dim) unit vectors
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
+        from medprompt.catalog import normalise
+
         owners: list[str] = []
         texts: list[str] = []
         for entry in entries:
             phrases = class_texts(entry)
             texts += phrases
             owners += [entry.name] * len(phrases)
-        return cls(tuple(owners), encoder.encode(texts))
+        vectors = encoder.encode(texts)
+        spelt = {normalise(t) for e in entries for t in (e.name, *e.aliases)}
+        others = [o for o in OTHER_ANATOMY if normalise(o) not in spelt]
+        other_vectors = encoder.encode(others) if others else np.zeros((0, vectors.shape[1]), np.float32)
+        # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry.
+        covered = (other_vectors @ vectors.T).max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
+        keep = [i for i in range(len(others)) if not covered[i]]
+        return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep])
+
+    def nearest_other(self, vector: np.ndarray) -> tuple[str, float] | None:
+        """The other-anatomy entry closest to ``vector`` and its similarity."""
+        if not self.others:
+            return None
+        sims = self.other_vectors @ vector
+        i = int(np.argmax(sims))
+        return self.others[i], float(sims[i])
 
     def scores(self, vector: np.ndarray) -> dict[str, float]:
         """Best cosine similarity of ``vector`` to each class's phrases."""
@@ -111,27 +159,43 @@ def misspelt(catalog: PromptCatalog, text: str) -> str | None:
 
 def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
     """Classes the prompt names right after a spatial preposition (determiners and sides skipped)."""
+    return {entry.name for entry in catalog.entries.values()
+            if any(_after_relation(text, spelling) for spelling in (entry.name.replace("_", " "), *entry.aliases))}
+
+
+def _after_relation(text: str, spelling: str) -> bool:
+    """Whether ``text`` names ``spelling`` right after a spatial preposition ("... into the small bowel")."""
+    from medprompt.catalog import tokens
+
+    prompt, target = tokens(text), tokens(spelling)
+    for i in range(len(prompt) - len(target) + 1):
+        if prompt[i:i + len(target)] != target:
+            continue
+        j = i
+        while j > 0 and prompt[j - 1] in DETERMINERS:
+            j -= 1
+        if any(prompt[max(0, j - len(r)):j] == r for r in RELATIONS):
+            return True
+    return False
+
+
+def _names_a_class(catalog: PromptCatalog, text: str) -> bool:
+    """Whether the prompt spells out a class name or alias ("a tumour in the liver" names the liver)."""
     from medprompt.catalog import tokens
 
     prompt = tokens(text)
-    found = set()
     for entry in catalog.entries.values():
         for spelling in (entry.name.replace("_", " "), *entry.aliases):
             target = tokens(spelling)
-            for i in range(len(prompt) - len(target) + 1):
-                if prompt[i:i + len(target)] != target:
-                    continue
-                j = i
-                while j > 0 and prompt[j - 1] in DETERMINERS:
-                    j -= 1
-                if any(prompt[max(0, j - len(r)):j] == r for r in RELATIONS):
-                    found.add(entry.name)
-    return found
+            if any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1)):
+                return True
+    return False
 
 
-def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex) -> list[tuple[str, float]]:
+def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
+         vector: np.ndarray | None = None) -> list[tuple[str, float]]:
     """Eligible classes that are not landmarks, with their similarity to ``text``, best first."""
-    scores = index.scores(encoder.encode([text])[0])
+    scores = index.scores(encoder.encode([text])[0] if vector is None else vector)
     allowed = eligible(catalog, text)
     aside = landmarks(catalog, text)
     allowed = [n for n in allowed if n not in aside] or allowed
@@ -142,7 +206,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
             floor: float | None = None) -> PromptEntry:
     """The class whose phrases are closest to ``text``; PromptError below the floor or when a side is missing."""
     floor = SIMILARITY_FLOORS.get(encoder.key) if floor is None else floor
-    ranked = rank(catalog, text, encoder, index)
+    vector = encoder.encode([text])[0]
+    ranked = rank(catalog, text, encoder, index, vector)
     if not ranked:
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     best, score = ranked[0]
@@ -155,6 +220,12 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if floor is not None and score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
+    other = index.nearest_other(vector)
+    if other is not None and other[1] > score + OTHER_MARGIN and not _names_a_class(catalog, text) \
+            and not _after_relation(text, other[0]):
+        raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
+                          f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
+                          f"(see 'Prompts: the class catalog' in README.md)")
     if sides(best) and len(sides(text)) != 1:
         twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
         raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
