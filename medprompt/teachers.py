@@ -67,12 +67,19 @@ class PriorTeacher:
             if not mask.any():
                 weight[c] = ~body  # outside the patient is certain; inside we know nothing
                 continue
-            core = ndi.binary_erosion(mask, structure=_box(inner)) if any(inner) else mask
-            near = ndi.binary_dilation(mask, structure=_box(outer))
+            core = _erode(mask, inner) if any(inner) else mask
+            near = _dilate(mask, outer)
             target[c] = core
             weight[c] = core | ~near
         return TeacherTargets(target=target, weight=weight.astype(np.float32))
 
 
-def _box(radius: tuple[int, int, int]) -> np.ndarray:
-    return np.ones(tuple(2 * r + 1 for r in radius), bool)
+def _erode(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
+    """Binary erosion by a box (outside the array counts as background), as three 1-D passes:
+    the same voxels as ``ndi.binary_erosion`` with a box structure, many times faster."""
+    return ndi.minimum_filter(mask, size=tuple(2 * r + 1 for r in radius), mode="constant", cval=0)
+
+
+def _dilate(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
+    """Binary dilation by a box, separably (see ``_erode``)."""
+    return ndi.maximum_filter(mask, size=tuple(2 * r + 1 for r in radius), mode="constant", cval=0)

@@ -93,3 +93,46 @@ def test_init_continues_from_a_model_file(studies: Path, tmp_path: Path):
     a = net_base.state_dict()["head.2.weight"]
     b = net_next.state_dict()["head.2.weight"]
     assert (a - b).abs().max() < 1e-3  # a near-zero learning rate leaves the init weights in place
+
+
+def test_teacher_box_erosion_and_dilation_equal_scipy_binary_morphology():
+    """The teacher's separable box filters must give exactly ndi.binary_erosion/dilation's voxels."""
+    from scipy import ndimage as ndi
+
+    from medprompt.teachers import _dilate, _erode
+
+    rng = np.random.default_rng(0)
+    mask = ndi.gaussian_filter(rng.standard_normal((30, 25, 20)), 1.5) > 0.1
+    mask[0, :, :5] = True  # touches the array border
+    for radius in ((1, 1, 1), (3, 3, 2), (0, 2, 1)):
+        box = np.ones(tuple(2 * r + 1 for r in radius), bool)
+        np.testing.assert_array_equal(_erode(mask, radius), ndi.binary_erosion(mask, structure=box))
+        np.testing.assert_array_equal(_dilate(mask, radius), ndi.binary_dilation(mask, structure=box))
+
+
+def test_prior_teacher_is_confident_deep_inside_and_well_outside_only(tmp_path: Path):
+    from medprompt.catalog import default_catalog
+    from medprompt.model.grid import to_net_grid
+    from medprompt.prior.engine import AnatomyPrior
+    from medprompt.teachers import PriorTeacher
+
+    write_sample_data(tmp_path, n=1, seed=3)
+    grid = to_net_grid(volume_io.load_volume(tmp_path / "phantom_000.nii.gz"))
+    catalog = default_catalog()
+    t = PriorTeacher(catalog).targets(grid, [catalog["liver"]])
+    volume = volume_io.Volume(data=grid.raw, affine=grid.affine, source="t", modality=grid.modality)
+    liver = AnatomyPrior(catalog).segment_work(volume, [catalog["liver"]]).masks["liver"]
+    target, weight = t.target[0] > 0.5, t.weight[0] > 0.5
+    assert liver.sum() > 1000 and target.any()
+    assert np.all(liver[target]) and target.sum() < liver.sum()  # the core: inside, border left out
+    assert np.all(weight[target])  # the core is taught as liver ...
+    band = liver & ~target
+    assert not weight[band].any()  # ... its rim not at all ...
+    far = ~ndi_dilate(liver, 4)
+    assert np.all(weight[far]) and not target[far].any()  # ... and far outside is taught as not liver
+
+
+def ndi_dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(mask, structure=np.ones((2 * r + 1,) * 3, bool))

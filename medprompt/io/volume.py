@@ -92,8 +92,9 @@ def save_labelmap(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarra
     """Write ``labels`` as NIfTI or NRRD (by suffix) plus a ``{"labels": names}`` JSON sidecar.
 
     Returns the sidecar path. NRRD is what 3D Slicer's MONAI Label module asks drafts in
-    (``result_extension: .nrrd``); it is written in LPS space, as Slicer writes it. Both files are written to a temporary name in the target folder and renamed into place, so
-    a reader (MONAI Label's datastore watcher, a viewer) never sees a half-written mask.
+    (``result_extension: .nrrd``); it is written in LPS space, as Slicer writes it. Both files
+    are written to a temporary name in the target folder and renamed into place, so a reader
+    (MONAI Label's datastore watcher, a viewer) never sees a half-written mask.
     """
     path = _output_path(path, NIFTI_SUFFIXES + (".nrrd",))
     labels = np.asarray(labels)

@@ -97,20 +97,20 @@ class Predictor:
         hits = torch.zeros((px, py), device=self.device)
         for x, y in windows:
             hits[x : x + tile, y : y + tile] += 1
-        volume = torch.from_numpy(padded).to(self.device)
-        out = torch.zeros((text.shape[0], px, py, nz), device=self.device)
+        # Slice-major (Z, X, Y) input and (Z, P, X, Y) output: a batch of slices is one contiguous block.
+        volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(padded, 2, 0))).to(self.device)
+        out = torch.zeros((nz, text.shape[0], px, py), device=self.device)
         half = self.net.cfg.in_slices // 2
         for k0 in tqdm(range(0, nz, self.batch), desc="medprompt", unit="batch", disable=not progress, leave=False):
             ks = torch.arange(k0, min(k0 + self.batch, nz), device=self.device)
             # (B, S, X, Y): each slice with its neighbours, edge slices repeated (as TileSampler in training).
-            idx = (ks[:, None] + torch.arange(-half, half + 1, device=self.device)).clamp(0, nz - 1)
-            stack = volume[:, :, idx].permute(2, 3, 0, 1)
+            stack = volume[(ks[:, None] + torch.arange(-half, half + 1, device=self.device)).clamp(0, nz - 1)]
             for x, y in windows:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits, _ = self.net(stack[:, :, x : x + tile, y : y + tile].contiguous(), text)
-                out[:, x : x + tile, y : y + tile, k0 : k0 + len(ks)] += torch.sigmoid(logits.float()).permute(1, 2, 3, 0)
-        out /= hits.clamp(min=1)[None, :, :, None]
-        return out[:, ox : ox + nx, oy : oy + ny]
+                out[k0 : k0 + len(ks), :, x : x + tile, y : y + tile] += torch.sigmoid(logits.float())
+        out /= hits.clamp(min=1)
+        return out[:, :, ox : ox + nx, oy : oy + ny].permute(1, 2, 3, 0)
 
     def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
         """Label map on the input grid: value i+1 where prompt i is the most probable above 0.5."""

@@ -179,19 +179,6 @@ def _after_relation(text: str, spelling: str) -> bool:
     return False
 
 
-def _names_a_class(catalog: PromptCatalog, text: str) -> bool:
-    """Whether the prompt spells out a class name or alias ("a tumour in the liver" names the liver)."""
-    from medprompt.catalog import tokens
-
-    prompt = tokens(text)
-    for entry in catalog.entries.values():
-        for spelling in (entry.name.replace("_", " "), *entry.aliases):
-            target = tokens(spelling)
-            if any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1)):
-                return True
-    return False
-
-
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
          vector: np.ndarray | None = None) -> list[tuple[str, float]]:
     """Eligible classes that are not landmarks, with their similarity to ``text``, best first."""
@@ -212,6 +199,12 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     best, score = ranked[0]
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
+    other = index.nearest_other(vector)
+    above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
+    if above_floor and other is not None and other[1] > score + OTHER_MARGIN and not _after_relation(text, other[0]):
+        raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
+                          f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
+                          f"(see 'Prompts: the class catalog' in README.md)")
     spelt = misspelt(catalog, text)
     if spelt is not None and spelt != best:
         others = ", ".join([n for n, _ in ranked if n != spelt][:NEAREST - 1])
@@ -220,12 +213,6 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if floor is not None and score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
-    other = index.nearest_other(vector)
-    if other is not None and other[1] > score + OTHER_MARGIN and not _names_a_class(catalog, text) \
-            and not _after_relation(text, other[0]):
-        raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
-                          f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
-                          f"(see 'Prompts: the class catalog' in README.md)")
     if sides(best) and len(sides(text)) != 1:
         twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
         raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
