@@ -136,3 +136,19 @@ def ndi_dilate(mask: np.ndarray, r: int) -> np.ndarray:
     from scipy import ndimage as ndi
 
     return ndi.binary_dilation(mask, structure=np.ones((2 * r + 1,) * 3, bool))
+
+
+@pytest.mark.parametrize("classes", [3, 8, 12])
+def test_training_volumes_pack_targets_and_weights_without_losing_a_bit(classes: int):
+    from medprompt.trainers.zero_shot import TrainingVolume
+
+    rng = np.random.default_rng(classes)
+    image = rng.standard_normal((20, 18, 7)).astype(np.float32)
+    target = rng.random((classes, 20, 18, 7)) > 0.7
+    weight = rng.random((classes, 20, 18, 7)) > 0.4
+    tv = TrainingVolume.from_grid("v", image, target, weight)
+    assert tv.target.nbytes == 7 * -(-classes // 8) * 20 * 18  # a bit per class and voxel
+    for k in range(7):
+        t, w = tv.slice_targets(k, slice(3, 15), slice(0, 18))
+        np.testing.assert_array_equal(t, target[:, 3:15, :, k])
+        np.testing.assert_array_equal(w, weight[:, 3:15, :, k])

@@ -61,12 +61,18 @@ class ZeroShotConfig:
 
 @dataclass
 class TrainingVolume:
-    """Slice-major arrays (axial slice first) so drawing a training slice is one contiguous read."""
+    """Slice-major arrays (axial slice first) so drawing a training slice is one contiguous read.
+
+    Targets and weights are bits packed along the class axis (8 classes per byte): every study
+    stays in memory for sampling, and one byte per class and voxel made a round on 25 volumes of
+    128^3 hold 2.3 GB of them.
+    """
 
     name: str
     image: np.ndarray  # float16 (Z, X, Y), normalised
-    target: np.ndarray  # uint8 (Z, C, X, Y) in {0, 1}
-    weight: np.ndarray  # uint8 (Z, C, X, Y) in {0, 1}
+    target: np.ndarray  # uint8 (Z, ceil(C/8), X, Y): packed bits, 1 = the class is there
+    weight: np.ndarray  # uint8 (Z, ceil(C/8), X, Y): packed bits, 1 = the target is to be trusted
+    classes: int  # C
     slice_p: np.ndarray  # sampling probability per axial slice (more where organs are)
     centre: tuple[int, int]  # in-plane body centre: tiles are centred there (see grid.body_centre)
 
@@ -75,10 +81,17 @@ class TrainingVolume:
         """From working-grid arrays: image (X, Y, Z), target and weight (C, X, Y, Z) in {0, 1}."""
         fg = target.sum(axis=(0, 1, 2)).astype(np.float64)
         p = fg + 0.1 * fg.max() + 1.0
-        return cls(name, np.ascontiguousarray(np.moveaxis(image.astype(np.float16), 2, 0)),
-                   np.ascontiguousarray(np.moveaxis(target.astype(np.uint8), 3, 0)),
-                   np.ascontiguousarray(np.moveaxis(weight.astype(np.uint8), 3, 0)), p / p.sum(),
-                   body_centre(image.astype(np.float32)))
+
+        def pack(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.moveaxis(np.packbits(a.astype(bool), axis=0), 3, 0))
+
+        return cls(name, np.ascontiguousarray(np.moveaxis(image.astype(np.float16), 2, 0)), pack(target),
+                   pack(weight), int(target.shape[0]), p / p.sum(), body_centre(image.astype(np.float32)))
+
+    def slice_targets(self, k: int, sx: slice, sy: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Target and weight (C, x, y) in {0, 1} of slice ``k`` within the in-plane box (sx, sy)."""
+        return (np.unpackbits(self.target[k, :, sx, sy], axis=0, count=self.classes),
+                np.unpackbits(self.weight[k, :, sx, sy], axis=0, count=self.classes))
 
 
 def list_studies(studies: Sequence[Path]) -> list[Path]:
@@ -159,7 +172,7 @@ class TileSampler:
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """n tiles: images (n, S, t, t), targets and weights (n, C, t, t), float32."""
         t, half = self.tile, self.in_slices // 2
-        c = self.volumes[0].target.shape[1]
+        c = self.volumes[0].classes
         imgs = np.full((n, self.in_slices, t, t), -1.0, np.float32)  # -1 = air after normalisation
         tgts = np.zeros((n, c, t, t), np.float32)
         wts = np.ones((n, c, t, t), np.float32)  # outside the image is air: certainly no organ
@@ -174,8 +187,7 @@ class TileSampler:
             dx, dy = slice(sx.start - x0, sx.stop - x0), slice(sy.start - y0, sy.stop - y0)
             ks = np.clip(np.arange(k - half, k + half + 1), 0, nz - 1)
             imgs[i, :, dx, dy] = v.image[ks, sx, sy]
-            tgts[i, :, dx, dy] = v.target[k, :, sx, sy]
-            wts[i, :, dx, dy] = v.weight[k, :, sx, sy]
+            tgts[i, :, dx, dy], wts[i, :, dx, dy] = v.slice_targets(k, sx, sy)
         return imgs, tgts, wts
 
 
