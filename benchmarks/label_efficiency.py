@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500, help="steps per finetuning round")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "label_efficiency")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
