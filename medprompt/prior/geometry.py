@@ -76,7 +76,10 @@ def resample_torch(data: np.ndarray, sigma: Sequence[float], shape: tuple[int, .
                    device: torch.device) -> np.ndarray:
     """``to_work``'s scipy resampling in torch: Gaussian prefilter (scipy's kernel, radius 4 sigma,
     half-sample reflection at the borders) then linear zoom with pixel-edge alignment."""
-    t = torch.from_numpy(np.ascontiguousarray(data)).to(device).float()
+    data = np.ascontiguousarray(data)
+    if data.dtype not in (np.int16, np.int32, np.uint8, np.float32, np.float64):
+        data = data.astype(np.float32)  # e.g. MR's uint16: not every device kernel takes it
+    t = torch.from_numpy(data).to(device).float()
     for ax, s in enumerate(sigma):
         if s <= 0:
             continue
