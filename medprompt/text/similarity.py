@@ -8,7 +8,9 @@ names its side, and a class covering both sides (``kidneys``) wins when no side 
 A class named after a spatial preposition ("the pouch *under the liver*") is a landmark, not
 the target, and is set aside. Embeddings of misspelt words are noise ("splen" reads like the
 splenic vein), so a prompt that nearly spells one class's name but reads like another is an
-error naming both, not a guess.
+error naming both, not a guess. Anatomy that no class describes ("prostate") is refused by
+comparing the prompt with a reference list of other anatomy (``OTHER_ANATOMY``), not drafted as
+the nearest class.
 """
 
 from __future__ import annotations
