@@ -149,7 +149,7 @@ class Uncertainty(ImageScore):
 
         net = predictor(checkpoint, self.model.text_encoder)
         entries = [entry for _, entry in default_catalog().resolve_all(self.model.prompts)]
-        grid = to_net_grid(volume)
+        grid = to_net_grid(volume, net.device)
         prob = net.probabilities(grid, net.class_vectors(entries)).cpu().numpy()
         # The prior's body (filled: bowel gas and lungs count): air around the patient is trivially certain.
         return mean_binary_entropy(prob, body_mask(grid.raw, grid.modality))

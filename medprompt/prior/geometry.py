@@ -53,13 +53,14 @@ def to_work(
     )
     work_shape = tuple(max(2, int(round(n * s / t))) for n, s, t in zip(canon.shape, canon_spacing, target))
     zoom = [w / n for w, n in zip(work_shape, canon.shape)]
-    work = canon.astype(np.float32, copy=False)
+    work = canon
     if any(abs(z - 1) > 1e-3 for z in zoom):
         # Average before decimating so thin-slice noise does not alias into the coarse grid.
         sigma = [max(0.0, (1 / z - 1) / 2.5) for z in zoom]
         if _on_gpu(device):
             work = resample_torch(canon, sigma, work_shape, torch.device(device))
         else:
+            work = canon.astype(np.float32, copy=False)  # the GPU path converts on the device
             if any(s > 0 for s in sigma):
                 work = ndi.gaussian_filter(work, sigma)
             work = ndi.zoom(work, zoom, order=1, grid_mode=True, mode="nearest")
