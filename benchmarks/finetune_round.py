@@ -24,6 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from label_efficiency import save_corrections  # noqa: E402
 
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from medprompt.phantoms import write_sample_data  # noqa: E402
@@ -44,11 +47,8 @@ def main() -> None:
         root = Path(tmp) / "datastore"
         t = time.perf_counter()
         write_sample_data(root, n=args.labelled + args.unlabelled, seed=300, shape=(args.size,) * 3)
-        (root / "labels" / "final").mkdir(parents=True)
-        for image in sorted(root.glob("phantom_*.nii.gz"))[: args.labelled]:
-            stem = image.name[: -len(".nii.gz")]
-            shutil.copy(root / "reference" / image.name, root / "labels" / "final" / image.name)
-            shutil.copy(root / "reference" / f"{stem}.json", root / "labels" / "final" / f"{stem}.json")
+        images = sorted(p.name for p in root.glob("phantom_*.nii.gz"))
+        save_corrections(root, root / "reference", images[: args.labelled])
         shutil.rmtree(root / "reference")
         print(f"{args.labelled} labelled + {args.unlabelled} unlabelled phantoms of {args.size}^3 "
               f"written in {time.perf_counter() - t:.0f} s")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from medprompt.catalog import SYNAPSE8, default_catalog  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
-from medprompt.io.volume import load_labelmap, load_volume  # noqa: E402
+from medprompt.io.volume import load_labelmap, load_volume, sidecar_path  # noqa: E402
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from medprompt.model.predictor import load_checkpoint  # noqa: E402
 from medprompt.phantoms import write_sample_data  # noqa: E402
@@ -50,14 +50,20 @@ def score(model: Path, test_dir: Path, device: str) -> float:
     return float(np.mean(values))
 
 
+def save_corrections(root: Path, references: Path, names: list[str]) -> None:
+    """Phantoms' reference masks (and their class-name sidecars) as a datastore's saved final labels."""
+    final = root / "labels" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(references / name, final / name)
+        shutil.copy(sidecar_path(references / name), sidecar_path(final / name))
+
+
 def datastore(root: Path, pool: Path, labelled: list[str], unlabelled: list[str]) -> Path:
-    (root / "labels" / "final").mkdir(parents=True)
+    root.mkdir(parents=True)
     for name in labelled + unlabelled:
         shutil.copy(pool / name, root / name)
-    for name in labelled:
-        shutil.copy(pool / "reference" / name, root / "labels" / "final" / name)
-        stem = name[: -len(".nii.gz")]
-        shutil.copy(pool / "reference" / f"{stem}.json", root / "labels" / "final" / f"{stem}.json")
+    save_corrections(root, pool / "reference", labelled)
     return root
 
 
