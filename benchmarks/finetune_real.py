@@ -9,7 +9,6 @@ The corrections are ``ct_abdomen_b_dicom``'s reference mask (organs of the Synap
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from medprompt.catalog import SYNAPSE8  # noqa: E402
 from medprompt.drafts import draft  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
-from medprompt.io.volume import load_volume  # noqa: E402
+from medprompt.io.volume import load_volume, read_label_names, write_json  # noqa: E402
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from medprompt.trainers.finetune import train_finetune  # noqa: E402
 
@@ -37,7 +36,7 @@ def score(checkpoint: Path, organs: list[str]) -> tuple[float, dict[str, float]]
     volume = load_volume(case / "image.nii.gz")
     seg = draft(volume, organs, model="medprompt", checkpoint=checkpoint)
     ref = nib.load(case / "label.nii.gz")
-    names = json.loads((case / "labels.json").read_text())["labels"]
+    names = read_label_names(case / "labels.json")
     ev = evaluate(seg.labels, volume.affine, seg.names, np.asarray(ref.dataobj), ref.affine, names)
     return ev.mdice, {s.name: round(s.dice, 3) for s in ev.scores}
 
@@ -48,8 +47,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    b_names = json.loads((REAL / "ct_abdomen_b_dicom" / "labels.json").read_text())["labels"]
-    a_names = json.loads((REAL / "ct_abdomen_a" / "labels.json").read_text())["labels"]
+    b_names = read_label_names(REAL / "ct_abdomen_b_dicom" / "labels.json")
+    a_names = read_label_names(REAL / "ct_abdomen_a" / "labels.json")
     organs = [c for c in SYNAPSE8 if c in b_names and c in a_names]
     with tempfile.TemporaryDirectory() as tmp:
         ds = Path(tmp) / "datastore"
@@ -57,7 +56,7 @@ def main() -> None:
         shutil.copytree(REAL / "ct_abdomen_b_dicom" / "dicom", ds / "ct_b")
         shutil.copy(REAL / "ct_abdomen_a" / "image.nii.gz", ds / "ct_a.nii.gz")
         shutil.copy(REAL / "ct_abdomen_b_dicom" / "label.nii.gz", ds / "labels" / "final" / "ct_b.nii.gz")
-        (ds / "labels" / "final" / "ct_b.json").write_text(json.dumps({"labels": {c: b_names[c] for c in organs}}))
+        write_json(ds / "labels" / "final" / "ct_b.json", {"labels": {c: b_names[c] for c in organs}})
         served = Path(tmp) / "model" / "medprompt.pt"
         served.parent.mkdir()
         shutil.copy(DEFAULT_CHECKPOINT, served)

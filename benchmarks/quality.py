@@ -8,7 +8,6 @@ Same code path as ``medprompt infer`` + ``medprompt evaluate``; prints one table
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from medprompt.catalog import SYNAPSE8  # noqa: E402
 from medprompt.drafts import draft  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
-from medprompt.io.volume import load_volume  # noqa: E402
+from medprompt.io.volume import load_volume, read_label_names  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
 EXTRA = ("inferior_vena_cava", "portal_vein_and_splenic_vein", "adrenal_gland_left", "adrenal_gland_right",
@@ -40,7 +39,7 @@ def main() -> None:
     for case, image in CASES.items():
         folder = REAL / case
         ref_img = nib.load(folder / "label.nii.gz")
-        ref_names = json.loads((folder / "labels.json").read_text())["labels"]
+        ref_names = read_label_names(folder / "labels.json")
         volume = load_volume(folder / image)
         print(f"\n## {case} {volume.data.shape}")
         for group, prompts in (("Synapse 8", list(SYNAPSE8)), ("other classes", [c for c in EXTRA if c in ref_names])):
