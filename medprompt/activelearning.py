@@ -170,8 +170,11 @@ class Disagreement(ImageScore):
             raise PromptError(f"disagreement needs a prompt the anatomy prior can segment; "
                               f"{', '.join(self.model.prompts)} cannot be")
         # The drafts an annotator would see from each model, on the image's own grid.
-        prior = draft(volume, prompts, model="prior")
-        learned = draft(volume, prompts, model="medprompt", checkpoint=checkpoint, text_encoder=self.model.text_encoder)
+        # The localisers' own masks: LiteMedSAM would draw both inside the same boxes, hiding where
+        # they disagree, and costs seconds per study.
+        prior = draft(volume, prompts, model="prior", refine="none")
+        learned = draft(volume, prompts, model="medprompt", checkpoint=checkpoint, text_encoder=self.model.text_encoder,
+                        refine="none")
         return label_disagreement(learned.labels, prior.labels, learned.names)
 
 

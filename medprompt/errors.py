@@ -18,3 +18,7 @@ class PromptError(MedPromptError):
 
 class WeightsError(MedPromptError):
     """A model weight file that is missing or unusable."""
+
+
+class RequestError(MedPromptError):
+    """A malformed request parameter (clicks outside the image, a box with no pixels, a bad slice)."""

@@ -109,17 +109,20 @@ def _wait_until_up(server: RunningServer) -> None:
 
 
 def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint: Path,
-                  env: dict[str, str] | None = None) -> RunningServer:
+                  env: dict[str, str] | None = None, refine: str = "none") -> RunningServer:
     """Start ``command`` (a server launcher taking --port and --conf) in ``root``; returns at once.
 
     Its model folder is ``root/model`` and its medprompt start checkpoint ``checkpoint``; the log is
-    ``root/server.log``.
+    ``root/server.log``. Drafts default to ``--conf refine none``: LiteMedSAM costs about half a
+    second per slice on a CPU whatever the weights, so the tests that exercise it ask for it per
+    request (``"refine": "sam"``) and the rest test the localisers' own masks.
     """
     port = find_free_port()
     log = root / "server.log"
     model_dir = root / "model"
     args = [*command, "--studies", str(studies), "--port", str(port),
-            "--conf", "model_dir", str(model_dir), "--conf", "checkpoint", str(checkpoint)]
+            "--conf", "model_dir", str(model_dir), "--conf", "checkpoint", str(checkpoint),
+            "--conf", "refine", refine]
     started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -117,7 +117,11 @@ def test_infer_one_volume(tmp_path: Path, capsys: pytest.CaptureFixture, phantom
     assert str(output) in out and '"liver": 1' in out
     labels, affine, names = load_labelmap(output)
     assert names == {"liver": 1, "spleen": 2}
-    assert json.loads((tmp_path / "drafts" / "ct_draft.json").read_text()) == {"labels": names}
+    sidecar = json.loads((tmp_path / "drafts" / "ct_draft.json").read_text())
+    assert sidecar["labels"] == names
+    # The default draft is the prior's regions drawn by LiteMedSAM, and the sidecar says so per class.
+    assert set(sidecar["stages"]) == {"liver", "spleen"}
+    assert all(stage.startswith("prior + LiteMedSAM") for stage in sidecar["stages"].values()), sidecar["stages"]
     assert labels.shape == truth.shape
     np.testing.assert_allclose(affine, nib.load(image).affine, atol=1e-5)
     scores = {s.name: s.dice for s in evaluate(labels, affine, names, truth, affine, truth_names).scores}
@@ -130,7 +134,7 @@ def test_infer_folder_continues_past_a_bad_file(tmp_path: Path, capsys: pytest.C
         volume, _, _ = make_phantom(seed, SMALL)
         save_volume(inputs / f"case{seed}.nii.gz", volume)
     (inputs / "broken.nii.gz").write_bytes(b"not a volume")
-    assert main(["infer", str(inputs), str(tmp_path / "out"), "--prompts", "liver"]) == 2
+    assert main(["infer", str(inputs), str(tmp_path / "out"), "--prompts", "liver", "--refine", "none"]) == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
         ["case2.json", "case2.nii.gz", "case3.json", "case3.nii.gz"]
     assert_one_line_error(capsys, str(inputs / "broken.nii.gz"), "1 of 3 volumes failed")

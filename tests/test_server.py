@@ -198,10 +198,34 @@ def test_conf_prompts_set_the_default_prompts_and_labels(tmp_path: Path) -> None
     assert infer.info()["config"]["prompts"] == "liver,spleen"
 
 
+def test_both_models_refine_with_litemedsam_by_default_and_conf_turns_it_off(tmp_path: Path) -> None:
+    default = task_configs({}, str(tmp_path))
+    assert {name: default[name].infer().info()["config"]["refine"] for name in ("medprompt_prior", "medprompt")} == \
+        {"medprompt_prior": "sam", "medprompt": "sam"}
+    off = task_configs({"refine": "none", "models": "prior"}, str(tmp_path))[MODEL].infer()
+    assert off.info()["config"]["refine"] == "none"
+
+
+def test_a_request_can_ask_for_litemedsam_and_the_response_says_which_stage_drew_each_class(
+    server: RunningServer, client: MONAILabelClient,
+) -> None:
+    # The session server defaults to refine none (conftest); one request asks for the segmenter.
+    label_file, params = client.infer(MODEL, IMAGE, {"prompts": ["liver"], "refine": "sam"})
+    assert list(params["stages"]) == ["liver"] and params["stages"]["liver"].startswith("prior + LiteMedSAM")
+    assert liver_dice(server, label_file, params["label_names"]) > 0.5
+    _, plain = client.infer(MODEL, IMAGE, {"prompts": ["liver"]})
+    assert plain["stages"] == {"liver": "prior"}
+    with pytest.raises(MONAILabelClientException) as bad:
+        client.infer(MODEL, IMAGE, {"prompts": ["liver"], "refine": "magic"})
+    status, body = error_status(bad.value)
+    assert status == 400 and "refine" in body
+
+
 @pytest.mark.parametrize(
     ("conf", "named"),
-    [({"models": "medclip_sam"}, "medclip_sam"), ({"models": " "}, "models"), ({"prompts": "livr"}, "livr")],
-    ids=["unknown-model", "no-model", "unknown-prompt"],
+    [({"models": "medclip_sam"}, "medclip_sam"), ({"models": " "}, "models"), ({"prompts": "livr"}, "livr"),
+     ({"refine": "medsam2"}, "medsam2")],
+    ids=["unknown-model", "no-model", "unknown-prompt", "unknown-refinement"],
 )
 def test_bad_conf_is_refused_by_name(tmp_path: Path, conf: dict[str, str], named: str) -> None:
     with pytest.raises(MedPromptError, match=named):

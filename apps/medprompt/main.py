@@ -85,7 +85,11 @@ class MedPromptApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {name: config.infer() for name, config in self.task_configs.items()}
+        infers: dict[str, InferTask] = {}
+        for name, config in self.task_configs.items():
+            task = config.infer()  # the click config serves a 2D and a 3D model
+            infers.update(task if isinstance(task, dict) else {name: task})
+        return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
         trainers: dict[str, TrainTask] = {}

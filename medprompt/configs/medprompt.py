@@ -70,7 +70,10 @@ class MedPromptConfig(DraftConfig):
             default_prompts=self.prompts,
             checkpoints=self.checkpoints,
             text_encoder=self.text_encoder,
-            description="MedPrompt network: a text-prompted draft from a model trained without pixel labels",
+            description="MedPrompt network: a text-prompted draft from a model trained without pixel labels, "
+                        "drawn by LiteMedSAM",
+            refine=self.refine,
+            sam_checkpoint=self.sam_checkpoint,
         )
 
     def trainer(self) -> dict[str, TrainTask]:

@@ -11,7 +11,10 @@ class PriorConfig(DraftConfig):
         return PriorInfer(
             labels=self.labels,
             default_prompts=self.prompts,
-            description="Anatomy prior: a zero-shot draft from the prompt's intensity, position and size (no weights)",
+            description="Anatomy prior: a zero-shot draft from the prompt's intensity, position and size (no weights), "
+                        "drawn by LiteMedSAM",
+            refine=self.refine,
+            sam_checkpoint=self.sam_checkpoint,
         )
 
     def trainer(self) -> None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medprompt.errors import InputError, PromptError
+from medprompt.drafts import REFINE_CHOICES
+from medprompt.errors import InputError, MedPromptError, PromptError
 from medprompt.io.volume import load_volume, save_labelmap
 
 if TYPE_CHECKING:
@@ -38,6 +39,19 @@ def parse_prompts(value: Any) -> list[str]:
     )
 
 
+def sam_problems(refine: str, sam_checkpoint: str | None) -> list[str]:
+    """Load LiteMedSAM now when drafts will use it; one line if its weights cannot be used."""
+    if refine != "sam":
+        return []
+    from medprompt.sam import segmenter_factory
+
+    try:
+        segmenter_factory(sam_checkpoint)
+    except MedPromptError as e:
+        return [str(e)]
+    return []
+
+
 RESULT_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 
@@ -56,19 +70,22 @@ def result_suffix(request: dict[str, Any]) -> str:
 class DraftInfer(InferTask):
     """An infer task whose result is a draft for the request's prompts; subclasses say how to draft."""
 
-    def __init__(self, labels: dict[str, int], default_prompts: Sequence[str], description: str) -> None:
+    def __init__(self, labels: dict[str, int], default_prompts: Sequence[str], description: str,
+                 refine: str = "sam", sam_checkpoint: str | None = None) -> None:
+        self.refine = refine  # default of the request's "refine": "sam" (LiteMedSAM draws) or "none"
+        self.sam_checkpoint = sam_checkpoint
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labels,
             dimension=3,
             description=description,
             # Shown (and editable) in the client's options, e.g. 3D Slicer's MONAI Label module.
-            config={"prompts": ",".join(default_prompts)},
+            config={"prompts": ",".join(default_prompts), "refine": refine},
         )
 
     @abstractmethod
-    def segment(self, volume: Volume, prompts: list[str]) -> tuple[Segmentation, dict[str, Any]]:
-        """The draft, plus what the response should report about how it was made."""
+    def segment(self, volume: Volume, prompts: list[str], refine: str) -> tuple[Segmentation, dict[str, Any]]:
+        """The draft (drawn by LiteMedSAM when ``refine`` is "sam"), plus what the response should report."""
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Draft the request's image; the result file is removed by the server after it is sent."""
@@ -78,8 +95,11 @@ class DraftInfer(InferTask):
         if not isinstance(image, str) or not image:
             raise InputError("no image in the request: pass a datastore image id or upload a file")
         suffix = result_suffix(request)
+        refine = str(request.get("refine", self._config["refine"])).strip().lower()
+        if refine not in REFINE_CHOICES:
+            raise PromptError(f"'refine' must be one of {', '.join(REFINE_CHOICES)}, not '{refine}'")
         volume = load_volume(image)
-        seg, extra = self.segment(volume, prompts)
+        seg, extra = self.segment(volume, prompts, refine)
 
         fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_")
         os.close(fd)
@@ -88,6 +108,7 @@ class DraftInfer(InferTask):
         return label_path, {
             "label_names": seg.names,
             "prompts_resolved": seg.resolved,
+            "stages": seg.stages,
             **extra,
             "latencies": {"total": round(time.time() - begin, 2)},
         }

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from medprompt.drafts import Segmentation, draft, predictor
 from medprompt.errors import MedPromptError
-from medprompt.infers.draft import DraftInfer
+from medprompt.infers.draft import DraftInfer, sam_problems
 
 if TYPE_CHECKING:
     from medprompt.configs.medprompt import Checkpoints
@@ -29,8 +29,10 @@ class MedPromptInfer(DraftInfer):
         checkpoints: Checkpoints,
         text_encoder: str | None,
         description: str,
+        refine: str = "sam",
+        sam_checkpoint: str | None = None,
     ) -> None:
-        super().__init__(labels, default_prompts, description)
+        super().__init__(labels, default_prompts, description, refine=refine, sam_checkpoint=sam_checkpoint)
         self.checkpoints = checkpoints
         self.text_encoder = text_encoder
 
@@ -39,10 +41,11 @@ class MedPromptInfer(DraftInfer):
         # (a 503 naming the missing file), and its trainer, listed beside it, can make the file.
         return True
 
-    def segment(self, volume: Volume, prompts: list[str]) -> tuple[Segmentation, dict[str, Any]]:
+    def segment(self, volume: Volume, prompts: list[str], refine: str) -> tuple[Segmentation, dict[str, Any]]:
         path = self.checkpoints.served()
         modified = path.stat().st_mtime
-        seg = draft(volume, prompts, model="medprompt", checkpoint=path, text_encoder=self.text_encoder)
+        seg = draft(volume, prompts, model="medprompt", checkpoint=path, text_encoder=self.text_encoder,
+                    refine=refine, sam_checkpoint=self.sam_checkpoint)
         return seg, {"checkpoint": {"path": str(path), "mtime": modified}}
 
     def problems(self) -> list[str]:
@@ -68,4 +71,4 @@ class MedPromptInfer(DraftInfer):
                 predictor(path, self.text_encoder)
             except MedPromptError as e:
                 found.append(str(e))
-        return found
+        return found + sam_problems(self.refine, self.sam_checkpoint)

@@ -88,10 +88,10 @@ def load_labelmap(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
 
 
 def save_labelmap(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray,
-                  names: dict[str, int]) -> Path:
+                  names: dict[str, int], extra: dict | None = None) -> Path:
     """Write ``labels`` as NIfTI or NRRD (by suffix) plus a ``{"labels": names}`` JSON sidecar.
 
-    Returns the sidecar path. NRRD is what 3D Slicer's MONAI Label module asks drafts in
+    ``extra`` adds keys to the sidecar (e.g. which stages made each class). Returns the sidecar path. NRRD is what 3D Slicer's MONAI Label module asks drafts in
     (``result_extension: .nrrd``); it is written in LPS space, as Slicer writes it. Both files
     are written to a temporary name in the target folder and renamed into place, so a reader
     (MONAI Label's datastore watcher, a viewer) never sees a half-written mask.
@@ -111,7 +111,7 @@ def save_labelmap(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarra
         _write_nrrd(path, labels, affine)
     else:
         _write_nifti(path, labels, affine)
-    return write_json(sidecar_path(path), {"labels": names})
+    return write_json(sidecar_path(path), {"labels": names, **(extra or {})})
 
 
 def save_volume(path: str | os.PathLike, volume: Volume) -> Path:

@@ -15,6 +15,7 @@ from medprompt.errors import WeightsError
 from medprompt.model.checkpoint import load_model, resolve_device
 from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.network import MedPromptNet
+from medprompt.localization import Localization
 from medprompt.prior import geometry
 
 if TYPE_CHECKING:
@@ -112,8 +113,9 @@ class Predictor:
         out /= hits.clamp(min=1)
         return out[:, :, ox : ox + nx, oy : oy + ny].permute(1, 2, 3, 0)
 
-    def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
-        """Label map on the input grid: value i+1 where prompt i is the most probable above 0.5."""
+    def work_masks(self, volume: "Volume", entries: Sequence[PromptEntry],
+                   progress: bool = False) -> tuple[list[np.ndarray], NetGrid]:
+        """Per prompt, where it is the most probable class above 0.5, on the network's grid."""
         grid = to_net_grid(volume, self.device)
         prob = self.probabilities(grid, self.class_vectors(entries), progress)
         best = prob.argmax(dim=0)
@@ -123,8 +125,19 @@ class Predictor:
             mask = (fg & (best == i)).cpu().numpy()
             if int(entry.prior.get("components", 0)) == 1 and mask.any():
                 mask = largest_component(mask)
-            masks.append((i + 1, mask))
-        return geometry.paint_input_labels(masks, grid.frame, self.device)
+            masks.append(mask)
+        return masks, grid
+
+    def localize(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> Localization:
+        """Where each class is, for a segmenter to draw (see medprompt.sam.refine)."""
+        masks, grid = self.work_masks(volume, entries, progress)
+        return Localization(masks={e.name: m for e, m in zip(entries, masks)}, frame=grid.frame,
+                            modality=grid.modality, source="medprompt")
+
+    def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
+        """Label map on the input grid: value i+1 where prompt i is the most probable above 0.5."""
+        masks, grid = self.work_masks(volume, entries, progress)
+        return geometry.paint_input_labels(list(enumerate(masks, start=1)), grid.frame, self.device)
 
 
 def _encoder_key(spec: str | None) -> str | None:

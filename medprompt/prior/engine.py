@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
 from medprompt.errors import InputError, PromptError
+from medprompt.localization import Localization
 from medprompt.prior import geometry
 from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality
 from medprompt.prior.rules import RULES
@@ -31,6 +32,7 @@ class PriorResult:
     masks: dict[str, np.ndarray]
     landmarks: Landmarks
     frame: geometry.WorkFrame
+    modality: str = "CT"
 
 
 def denoise(work: np.ndarray, median: np.ndarray, body: np.ndarray, modality: str) -> np.ndarray:
@@ -121,7 +123,7 @@ class AnatomyPrior:
         for entry in entries:
             if "parts" in entry.prior:
                 masks[entry.name] = np.logical_or.reduce([masks[p] for p in entry.prior["parts"]])
-        return PriorResult(masks=masks, landmarks=lm, frame=frame)
+        return PriorResult(masks=masks, landmarks=lm, frame=frame, modality=modality)
 
     def _needs_liver(self, entries: Sequence[PromptEntry]) -> bool:
         """The liver anchors height (its tip) and neighbours ('near: liver'); find it when used."""
@@ -136,6 +138,13 @@ class AnatomyPrior:
             for name in e.prior.get("parts", [e.name]):
                 out[name] = self.catalog[name] if name != e.name else e
         return list(out.values())
+
+    def localize(self, volume: Volume, entries: Sequence[PromptEntry], progress: bool = False) -> Localization:
+        """Where each class is, for a segmenter to draw (see medprompt.sam.refine)."""
+        self.check_supported(entries)
+        result = self.segment_work(volume, entries, progress)
+        return Localization(masks={e.name: result.masks[e.name] for e in entries}, frame=result.frame,
+                            modality=result.modality, source="prior")
 
     def predict(self, volume: Volume, entries: Sequence[PromptEntry], progress: bool = False) -> np.ndarray:
         """Label map on the input grid; value i+1 for ``entries[i]``, smaller classes painted last."""

@@ -1,0 +1,75 @@
+"""MONAI Label infer tasks for interactive editing: clicks or a box on a slice -> LiteMedSAM's mask.
+
+Typed ``deepgrow`` so 3D Slicer's MONAI Label module (and OHIF's) offer them with their
+foreground/background point tools and ROI box. ``medprompt_click`` is a 2D model: the client
+sends the slice and replaces that slice of the segment only. ``medprompt_click_3d`` carries the
+mask through neighbouring slices (request ``propagate``, default ``--conf click_propagate``, 10)
+and the client replaces the whole segment with it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from medprompt.errors import InputError
+from medprompt.infers.draft import result_suffix, sam_problems
+from medprompt.io.volume import load_volume, save_labelmap
+
+
+class ClickInfer(InferTask):
+    """LiteMedSAM prompted by the annotator: the segment named ``label``, value 1 in the result."""
+
+    def __init__(self, labels: Sequence[str], dimension: int, propagate: int, sam_checkpoint: str | None,
+                 description: str) -> None:
+        super().__init__(type=InferType.DEEPGROW, labels=list(labels), dimension=dimension,
+                         description=description, config={"propagate": propagate} if dimension == 3 else {})
+        self.propagate = propagate if dimension == 3 else 0
+        self.sam_checkpoint = sam_checkpoint
+
+    def is_valid(self) -> bool:
+        return True
+
+    def problems(self) -> list[str]:
+        """LiteMedSAM's weights, loaded at start-up so a missing file is logged at once."""
+        return sam_problems("sam", self.sam_checkpoint)
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        from medprompt.catalog import default_catalog
+        from medprompt.prior.landmarks import guess_modality
+        from medprompt.sam import segmenter_factory
+        from medprompt.sam.interactive import ClickRequest, click_segment
+
+        begin = time.time()
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("no image in the request: pass a datastore image id or upload a file")
+        label = str(request.get("label") or "label")
+        suffix = result_suffix(request)
+        make = segmenter_factory(self.sam_checkpoint)
+        volume = load_volume(image)
+        data = np.asarray(volume.data)
+        if data.ndim != 3:
+            raise InputError(f"{volume.source}: expected a 3D volume, got shape {data.shape}")
+        clicks = ClickRequest.parse(request, data.shape, self.propagate)
+        modality = guess_modality(data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64)], volume.modality)
+        # A segment named after a class with its own window (lungs, bone) is shown in that window.
+        entry = default_catalog().lookup(label)
+        window = entry.sam.get("window") if entry is not None else None
+        mask = click_segment(data, volume.affine, modality, clicks, make, window=window)
+        fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_click_")
+        os.close(fd)
+        os.remove(save_labelmap(label_path, mask.astype(np.uint8), volume.affine, {label: 1}))
+        drawn = [int(k) for k in np.flatnonzero(mask.any(axis=(0, 1)))]
+        return label_path, {
+            "label_names": {label: 1},
+            "slice": clicks.k,
+            "slices": [drawn[0], drawn[-1]] if drawn else [],
+            "stages": {label: "annotator's " + ("box" if clicks.roi else "clicks") + " + LiteMedSAM"},
+            "latencies": {"total": round(time.time() - begin, 2)},
+        }

@@ -1,0 +1,269 @@
+"""Localise, then segment: a localiser's 3D regions become box prompts, LiteMedSAM draws the masks.
+
+A localiser (the anatomy prior, the learned model, later a saliency map) says *where* each class
+is, as a mask on its working grid; it is good at that and poor at boundaries. For every axial
+slice the region touches, each of its connected parts becomes a box (plus a margin) and
+LiteMedSAM returns logits on the slice's own pixels. In 3D:
+  - only slices inside the localiser's extent are drawn (first to last slice it marks);
+  - thin slices are sampled about every ``step_mm`` and the slices between, like slices where
+    the localiser has a gap, get logits interpolated from their sampled neighbours;
+  - each class's logits are kept inside its localiser region dilated by ``keep_within_mm``, so
+    SAM cannot run into a neighbour that looks alike;
+  - a one-part organ keeps its largest 3D component;
+  - where classes overlap, the higher logit wins.
+Axial slices, the box margin, the slack, the sampling step and the fallbacks were chosen by
+measuring on real CT and MR (BENCHMARKS.md, ``benchmarks/sam_refine.py``); see RefineSettings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from medprompt.localization import Localization
+from medprompt.prior import geometry
+from medprompt.sam.preprocess import axial_view, from_axial_view, to_uint8
+
+if TYPE_CHECKING:
+    from medprompt.catalog import PromptEntry
+    from medprompt.io.volume import Volume
+    from medprompt.sam.segmenter import SliceSegmenter
+
+OUTSIDE = -1e4  # logit outside a class's allowed region: never wins, never > 0
+FALLBACK = 2.0  # logit magnitude of a localiser's own mask where SAM is not trusted: SAM's confident logits beat it
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How localiser regions become prompts and SAM's logits a 3D mask (chosen in BENCHMARKS.md)."""
+
+    margin_mm: float = 2.0  # box margin on each side ...
+    margin_frac: float = 0.1  # ... plus this share of the box's own height/width (localisers undershoot big organs)
+    keep_within_mm: float = 15.0  # SAM's mask is kept inside the localiser's region grown by this
+    step_mm: float = 5.0  # SAM runs on slices about this far apart; the ones between are interpolated
+    min_area_mm2: float = 20.0  # smaller parts of a localiser's slice get no box of their own
+    min_area_ratio: float = 0.5  # SAM's slice mask below this share of the localiser's: keep the localiser's
+    # Added to SAM's logits inside the localiser's mask and subtracted outside, so the localiser decides
+    # where SAM is unsure. None: 0 on CT (SAM's boundaries win), 8 on MR and other modalities, where
+    # LiteMedSAM's boundaries were worse than the prior's (opposed-phase fat-water edges, the bright
+    # renal sinus inside a dark kidney) and the prior learns its intensities from the image itself.
+    localiser_weight: float | None = None
+
+    def weight_for(self, modality: str) -> float:
+        if self.localiser_weight is not None:
+            return self.localiser_weight
+        return 0.0 if modality == "CT" else 8.0
+
+
+@dataclass
+class Refined:
+    """The label map on the input grid and, per class, which stages made it."""
+
+    labels: np.ndarray
+    stages: dict[str, str] = field(default_factory=dict)
+    encoded_slices: int = 0
+    cached_slices: int = 0
+
+
+def _dilate_work(mask: np.ndarray, spacing: Sequence[float], mm: float) -> np.ndarray:
+    """``mask`` grown by ``mm`` (Euclidean, in millimetres) on its own grid, within its padded bounding box."""
+    if mm <= 0 or not mask.any():
+        return mask
+    pad = [int(math.ceil(mm / s)) + 1 for s in spacing]
+    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    box = tuple(slice(max(0, i[0] - p), min(n, i[-1] + p + 1)) for i, p, n in zip(idx, pad, mask.shape))
+    out = np.zeros_like(mask)
+    out[box] = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= mm
+    return out
+
+
+@dataclass
+class _ClassRegion:
+    """One class on the axial view grid, within the crop its dilated localiser region spans."""
+
+    value: int
+    origin: tuple[int, int, int]  # (slice, row, col) of the crop in the view
+    seed: np.ndarray  # localiser mask (Z, rows, cols) in the crop
+    allowed: np.ndarray  # seed dilated by keep_within_mm
+
+
+def _to_view_crop(mask: np.ndarray, frame: geometry.WorkFrame) -> tuple[tuple[int, int, int], np.ndarray] | None:
+    placed = geometry.upsample_crop(mask, frame)
+    if placed is None:
+        return None
+    box, up = placed
+    nx, ny, _ = frame.canonical_shape
+    origin = (box[2].start, ny - box[1].stop, nx - box[0].stop)
+    return origin, axial_view(up)
+
+
+def _region(value: int, seed_work: np.ndarray, frame: geometry.WorkFrame, keep_mm: float) -> _ClassRegion | None:
+    allowed = _to_view_crop(_dilate_work(seed_work, frame.work_spacing, keep_mm), frame)
+    seed = _to_view_crop(seed_work, frame)
+    if allowed is None or seed is None:
+        return None
+    (az, ar, ac), allowed_crop = allowed
+    (sz, sr, sc), seed_crop = seed
+    placed = np.zeros_like(allowed_crop)
+    dz, dr, dc = sz - az, sr - ar, sc - ac
+    if min(dz, dr, dc) < 0:  # cannot happen for a dilation; keep the union if rounding ever disagrees
+        return _ClassRegion(value, (sz, sr, sc), seed_crop, seed_crop.copy())
+    placed[dz : dz + seed_crop.shape[0], dr : dr + seed_crop.shape[1], dc : dc + seed_crop.shape[2]] = seed_crop
+    return _ClassRegion(value, (az, ar, ac), placed, allowed_crop | placed)
+
+
+def _boxes(seed: np.ndarray, pixel_mm: tuple[float, float], settings: RefineSettings) -> np.ndarray:
+    """One box (x0, y0, x1, y1 in crop pixels, with margin) per connected part of a slice's mask."""
+    lab, n = ndi.label(seed, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros((0, 4), np.float32)
+    areas = ndi.sum_labels(seed, lab, index=np.arange(1, n + 1)) * pixel_mm[0] * pixel_mm[1]
+    keep = [i for i, a in enumerate(areas) if a >= min(settings.min_area_mm2, areas.max())]
+    out = []
+    for i, sl in enumerate(ndi.find_objects(lab)):
+        if i in keep:
+            rows, cols = sl
+            my = settings.margin_mm / pixel_mm[0] + settings.margin_frac * (rows.stop - rows.start)
+            mx = settings.margin_mm / pixel_mm[1] + settings.margin_frac * (cols.stop - cols.start)
+            out.append([cols.start - mx, rows.start - my, cols.stop - 1 + mx, rows.stop - 1 + my])
+    return np.asarray(out, np.float32)
+
+
+def sampled_slices(present: np.ndarray, step: int) -> list[int]:
+    """Slices to run SAM on: every ``step``-th slice the localiser marks, always its first and last."""
+    ks = np.flatnonzero(present)
+    if len(ks) == 0:
+        return []
+    chosen = {int(ks[0]), int(ks[-1])}
+    chosen.update(int(k) for k in ks if (k - ks[0]) % step == 0)
+    return sorted(chosen)
+
+
+def _interpolate_missing(logits: np.ndarray, done: list[int]) -> None:
+    """Slices between the first and last drawn slice that were not drawn get logits linearly
+    interpolated from the nearest drawn slices on either side (in place)."""
+    for a, b in zip(done[:-1], done[1:]):
+        for k in range(a + 1, b):
+            w = (k - a) / (b - a)
+            logits[k] = (1 - w) * logits[a] + w * logits[b]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return lab == int(np.argmax(sizes)) + 1
+
+
+def refine(
+    volume: "Volume",
+    loc: Localization,
+    entries: Sequence["PromptEntry"],
+    segmenter_for: "callable",
+    settings: RefineSettings = RefineSettings(),
+    progress: bool = False,
+) -> Refined:
+    """Label map on the input grid (value i+1 for ``entries[i]``) drawn by LiteMedSAM inside ``loc``'s regions.
+
+    ``segmenter_for(slices_uint8, pixel_mm)`` returns a :class:`SliceSegmenter` set to those slices
+    (one per intensity window in use). Classes whose prompt file says ``sam.refine: false`` keep
+    the localiser's mask.
+    """
+    frame = loc.frame
+    data = np.asarray(volume.data)
+    canon = nib.orientations.apply_orientation(data, frame.ornt)
+    sx, sy, sz = frame.canonical_spacing
+    pixel_mm = (float(sy), float(sx))  # view rows run along y, columns along x
+    step = max(1, int(round(settings.step_mm / float(sz))))
+    view_shape = (canon.shape[2], canon.shape[1], canon.shape[0])
+
+    regions: dict[str, _ClassRegion] = {}
+    stages: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        mask = loc.masks.get(entry.name)
+        region = _region(i + 1, mask, frame, settings.keep_within_mm) if mask is not None and mask.any() else None
+        if region is None:
+            stages[entry.name] = f"{loc.source} (nothing found)"
+            continue
+        regions[entry.name] = region
+
+    # One uint8 view (and one segmenter) per intensity window in use.
+    windows: dict[tuple | None, list[str]] = {}
+    for entry in entries:
+        if entry.name in regions and entry.sam.get("refine", True):
+            w = tuple(entry.sam["window"]) if "window" in entry.sam and loc.modality == "CT" else None
+            windows.setdefault(w, []).append(entry.name)
+    plans = {name: sampled_slices(regions[name].seed.any(axis=(1, 2)), step) for names in windows.values() for name in names}
+
+    best = np.zeros(view_shape, np.float32)
+    labels = np.zeros(view_shape, np.uint16)
+    encoded = cached = 0
+    by_name = {e.name: e for e in entries}
+    kept: dict[str, int] = {}  # class -> slices where the localiser's mask was kept
+    weight = settings.weight_for(loc.modality)
+    for window, names in windows.items():
+        seg: SliceSegmenter = segmenter_for(axial_view(to_uint8(canon, loc.modality, window)), pixel_mm)
+        wanted = sorted({regions[n].origin[0] + k for n in names for k in plans[n]})
+        before = seg.encoded
+        seg.prepare(wanted, progress=progress)
+        encoded += seg.encoded - before
+        cached += len(wanted) - (seg.encoded - before)
+        for name in tqdm(names, desc="LiteMedSAM masks", unit="class", disable=not progress, leave=False):
+            r = regions[name]
+            logits = np.full(r.seed.shape, OUTSIDE, np.float32)
+            z0, r0, c0 = r.origin
+            nz, nr, nc = r.seed.shape
+            for k in plans[name]:
+                # One decoder call per class and slice, for the class's crop only: batching every
+                # class of a slice into one call was slower on the CPU (measured 22 s vs 19 s on
+                # ct_abdomen_a), since the decoder's cost is per prompt and the crop grows.
+                boxes = _boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32)
+                out = seg.predict(z0 + k, boxes=boxes, region=(r0, r0 + nr, c0, c0 + nc)).amax(dim=0).numpy()
+                if weight:
+                    out = out + np.where(r.seed[k], weight, -weight)
+                drawn = int(((out > 0) & r.allowed[k]).sum())
+                if drawn < settings.min_area_ratio * int(r.seed[k].sum()):
+                    # SAM outlined a small part of what the localiser marks (e.g. the bright renal
+                    # sinus inside a dark kidney on T1 MR): keep the localiser's slice instead.
+                    out = np.where(r.seed[k], FALLBACK, -FALLBACK).astype(np.float32)
+                    kept[name] = kept.get(name, 0) + 1
+                logits[k] = out
+            _interpolate_missing(logits, plans[name])
+            logits[~r.allowed] = OUTSIDE
+            fg = logits > 0
+            if not fg.any():
+                stages[name] = f"{loc.source} (SAM drew nothing; localiser mask kept)"
+                logits = np.where(r.seed, 0.5, OUTSIDE).astype(np.float32)
+            else:
+                if int(by_name[name].prior.get("components", 0)) == 1:
+                    logits[fg & ~_largest_component(fg)] = OUTSIDE
+                stages[name] = f"{loc.source} + LiteMedSAM"
+                if kept.get(name):
+                    stages[name] += f" ({loc.source}'s own mask kept on {kept[name]} of {len(plans[name])} slices)"
+            _merge(best, labels, logits, r)
+    for entry in entries:
+        if entry.name in regions and entry.name not in stages:
+            r = regions[entry.name]
+            _merge(best, labels, np.where(r.seed, 0.5, OUTSIDE).astype(np.float32), r)
+            stages[entry.name] = f"{loc.source} (SAM refinement off for this class)"
+    labels_canon = from_axial_view(labels)
+    return Refined(labels=np.ascontiguousarray(geometry.canonical_to_input(labels_canon, frame)),
+                   stages={e.name: stages[e.name] for e in entries}, encoded_slices=encoded, cached_slices=cached)
+
+
+def _merge(best: np.ndarray, labels: np.ndarray, logits: np.ndarray, r: _ClassRegion) -> None:
+    """Paint ``r``'s class where its logit is positive and beats every class painted so far."""
+    z0, r0, c0 = r.origin
+    nz, nr, nc = logits.shape
+    sl = (slice(z0, z0 + nz), slice(r0, r0 + nr), slice(c0, c0 + nc))
+    win = logits > best[sl]
+    best[sl][win] = logits[win]
+    labels[sl][win] = r.value
