@@ -2,7 +2,7 @@
 
 Same code path as ``medprompt infer`` + ``medprompt evaluate``; prints one table per case.
 
-    .venv/bin/python benchmarks/quality.py [--model prior|medprompt] [--checkpoint FILE]
+    .venv/bin/python benchmarks/quality.py [--model prior|medprompt] [--refine sam|none] [--checkpoint FILE]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="prior")
     p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--refine", default="sam", help="sam (default, as medprompt infer) or none (the model's own masks)")
     args = p.parse_args()
     if not REAL.exists():
         sys.exit(f"error: {REAL} not found")
@@ -44,7 +45,7 @@ def main() -> None:
         print(f"\n## {case} {volume.data.shape}")
         for group, prompts in (("Synapse 8", list(SYNAPSE8)), ("other classes", [c for c in EXTRA if c in ref_names])):
             t = time.perf_counter()
-            seg = draft(volume, prompts, model=args.model, checkpoint=args.checkpoint)
+            seg = draft(volume, prompts, model=args.model, checkpoint=args.checkpoint, refine=args.refine)
             dt = time.perf_counter() - t
             ev = evaluate(seg.labels, volume.affine, seg.names, np.asarray(ref_img.dataobj), ref_img.affine, ref_names)
             cells = ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores)

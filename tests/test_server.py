@@ -169,7 +169,7 @@ print(json.dumps({{"package": medprompt.__file__, "models": sorted(app.info()["m
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(loaded["package"]) == REPO_ROOT / "medprompt" / "__init__.py"
-    assert loaded["models"] == ["medprompt", MODEL]
+    assert loaded["models"] == ["medprompt", "medprompt_click", "medprompt_click_3d", MODEL]
     assert loaded["sam2"] is False
     assert loaded["tracking"] is False  # MONAI Label's default is on (MLflow)
     assert loaded["dicomweb"] == "DICOMWebDatastore"

@@ -1,0 +1,83 @@
+"""Benchmark: prior + LiteMedSAM drafts of a 512x512x200 CT (Synapse 8): cold, re-prompted, one click.
+
+The volume is the real ``ct_abdomen_a`` resampled to 512x512x200 (as benchmarks/prior_speed.py).
+The embedding cache is a fresh temporary folder, so the first draft computes every embedding it
+needs ("cold"); the second draft of the same study reads them back ("re-prompt"); a click then
+segments one slice whose embedding is cached. Peak memory is the process's maximum RSS.
+
+    .venv/bin/python benchmarks/sam_speed.py [--clicks 5]      # uses the GPU when there is one
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from prior_speed import CASE, clinical_size_ct  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200])
+    p.add_argument("--clicks", type=int, default=5)
+    args = p.parse_args()
+    if not CASE.exists():
+        sys.exit(f"error: {CASE} not found (../shared/data/real beside the checkout)")
+    os.environ["MEDPROMPT_CACHE"] = tempfile.mkdtemp(prefix="medprompt_sam_speed_")
+
+    import medprompt.sam as sam
+    from medprompt.drafts import draft
+    from medprompt.sam.interactive import ClickRequest, click_segment
+    from medprompt.sam.segmenter import encoder_dtype
+
+    vol = clinical_size_ct(tuple(args.shape))
+    make = sam.segmenter_factory()  # weights loaded (and hash-checked) once, as a server does; GPU when present
+    device = sam.resolve_device("auto")
+    print(f"volume {vol.data.shape} spacing {np.round(vol.spacing, 3)} mm; device {device}, "
+          f"encoder {encoder_dtype(device) or 'fp32'}")
+
+    t = time.perf_counter()
+    alone = draft(vol, refine="none")
+    t_prior = time.perf_counter() - t
+    t = time.perf_counter()
+    cold = draft(vol)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    again = draft(vol)
+    t_again = time.perf_counter() - t
+    assert np.array_equal(cold.labels, again.labels), "cached embeddings must give the same draft"
+
+    liver = cold.labels == cold.names["liver"]
+    k = int(np.argmax(liver.sum(axis=(0, 1))))
+    i, j = (int(v) for v in np.argwhere(liver[:, :, k]).mean(axis=0))
+    request = ClickRequest.parse({"foreground": [[i, j, k]], "label": "liver"}, vol.data.shape)
+    click_segment(vol.data, vol.affine, "CT", request, make)  # this slice's embedding, if the draft skipped it
+    clicks = []
+    for _ in range(args.clicks):
+        t = time.perf_counter()
+        click_segment(vol.data, vol.affine, "CT", request, make)
+        clicks.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"prior alone (refine none):           {t_prior:6.1f} s")
+    print(f"cold draft (prior + LiteMedSAM):     {t_cold:6.1f} s  ({t_cold / t_prior:.1f}x the prior alone)")
+    print(f"re-prompt, embeddings cached:        {t_again:6.1f} s  ({t_again / t_prior:.1f}x the prior alone)")
+    print(f"one click on a cached slice:         {np.median(clicks):6.2f} s (median of {len(clicks)})")
+    print(f"peak RSS {peak:.0f} MiB")
+    print("stages:", cold.stages)
+    print("voxels per class (alone -> refined):",
+          {n: (int(np.sum(alone.labels == v)), int(np.sum(cold.labels == v))) for n, v in cold.names.items()})
+
+
+if __name__ == "__main__":
+    main()
