@@ -154,7 +154,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     studies = root / "studies"
     write_sample_data(studies, n=3, shape=(64, 64, 40))
     checkpoint = write_tiny_checkpoint(root / "medprompt_tiny.pt")
-    with serving(launch_server(root, [str(console_script("medprompt")), "serve"], studies, checkpoint)) as running:
+    env = {**os.environ, "MEDPROMPT_CACHE": str(root / "cache")}  # embeddings and text vectors stay in the test
+    with serving(launch_server(root, [str(console_script("medprompt")), "serve"], studies, checkpoint, env)) as running:
         yield running
 
 

@@ -20,6 +20,15 @@ from medprompt.sam.preprocess import axial_view
 if TYPE_CHECKING:
     from conftest import RunningServer
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embeddings go to the test's own folder, never the user's cache."""
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
+    from medprompt import sam
+
+    sam.shared_cache.cache_clear()
+
+
 RAS = np.diag([0.8, 0.8, 3.0, 1.0])
 LPS = np.diag([-0.8, -0.8, 3.0, 1.0])
 

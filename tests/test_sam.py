@@ -344,7 +344,8 @@ def test_overlapping_classes_are_resolved_by_their_logits_and_a_shrunk_mask_fall
 
 
 def test_thin_slices_are_sampled_and_the_rest_interpolated() -> None:
-    assert sampled_slices(np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], bool), 3) == [1, 4, 7]
+    assert sampled_slices(np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], bool), 3) == [1, 3, 6, 7]  # grid 0, 3, 6 + ends
+    assert sampled_slices(np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], bool), 3, offset=2) == [1, 4, 7]
     assert sampled_slices(np.array([1, 1, 1, 1, 1, 0], bool), 3) == [0, 3, 4]
     volume, frame = _scene(nz=20, sz=1.0)
     n = 40
@@ -354,7 +355,7 @@ def test_thin_slices_are_sampled_and_the_rest_interpolated() -> None:
     loc = Localization(masks={"liver": seed}, frame=frame, modality="CT", source="prior")
     out = refine(volume, loc, [default_catalog()["liver"]], lambda slices, px: seg,
                  RefineSettings(step_mm=5.0, keep_within_mm=2.0))
-    assert sorted(k for k, _ in seg.calls) == [2, 7, 12, 16]
+    assert sorted(k for k, _ in seg.calls) == [2, 5, 10, 15, 16]  # the shared grid of 5 slices + the ends
     np.testing.assert_array_equal(out.labels == 1, seed)  # every slice between was filled
 
 

@@ -59,8 +59,8 @@ def intensity_range(volume: np.ndarray, modality: str, window: Sequence[float] |
 def apply_range(data: np.ndarray, rng: IntensityRange) -> np.ndarray:
     """Any-shaped array -> uint8 with ``rng``: clipped, scaled to 0..255; non-finite values count as the lowest."""
     data = np.asarray(data, dtype=np.float32)
-    scaled = (np.clip(np.nan_to_num(data, nan=rng.lo, posinf=rng.hi, neginf=rng.lo), rng.lo, rng.hi) - rng.lo) \
-        / max(rng.hi - rng.lo, 1e-6) * 255.0
+    finite = data if np.isfinite(data).all() else np.nan_to_num(data, nan=rng.lo, posinf=rng.hi, neginf=rng.lo)
+    scaled = (np.clip(finite, rng.lo, rng.hi) - rng.lo) / max(rng.hi - rng.lo, 1e-6) * 255.0
     out = np.rint(scaled).astype(np.uint8)
     if rng.keep_zero:
         out[data == 0] = 0

@@ -136,13 +136,15 @@ def _boxes(seed: np.ndarray, pixel_mm: tuple[float, float], settings: RefineSett
     return np.asarray(out, np.float32)
 
 
-def sampled_slices(present: np.ndarray, step: int) -> list[int]:
-    """Slices to run SAM on: every ``step``-th slice the localiser marks, always its first and last."""
+def sampled_slices(present: np.ndarray, step: int, offset: int = 0) -> list[int]:
+    """Slices to run SAM on: the localiser's first and last, and those between on a grid of ``step``
+    slices that every class shares (``offset`` places this class's crop on it), so classes reuse
+    each other's embeddings instead of each needing its own."""
     ks = np.flatnonzero(present)
     if len(ks) == 0:
         return []
     chosen = {int(ks[0]), int(ks[-1])}
-    chosen.update(int(k) for k in ks if (k - ks[0]) % step == 0)
+    chosen.update(int(k) for k in ks if (k + offset) % step == 0)
     return sorted(chosen)
 
 
@@ -201,7 +203,8 @@ def refine(
         if entry.name in regions and entry.sam.get("refine", True):
             w = tuple(entry.sam["window"]) if "window" in entry.sam and loc.modality == "CT" else None
             windows.setdefault(w, []).append(entry.name)
-    plans = {name: sampled_slices(regions[name].seed.any(axis=(1, 2)), step) for names in windows.values() for name in names}
+    plans = {name: sampled_slices(regions[name].seed.any(axis=(1, 2)), step, regions[name].origin[0])
+             for names in windows.values() for name in names}
 
     best = np.zeros(view_shape, np.float32)
     labels = np.zeros(view_shape, np.uint16)
@@ -209,6 +212,7 @@ def refine(
     by_name = {e.name: e for e in entries}
     kept: dict[str, int] = {}  # class -> slices where the localiser's mask was kept
     weight = settings.weight_for(loc.modality)
+    edge = np.array([view_shape[2] - 1, view_shape[1] - 1] * 2, np.float32)  # boxes stay on the slice
     for window, names in windows.items():
         seg: SliceSegmenter = segmenter_for(axial_view(to_uint8(canon, loc.modality, window)), pixel_mm)
         wanted = sorted({regions[n].origin[0] + k for n in names for k in plans[n]})
@@ -225,7 +229,8 @@ def refine(
                 # One decoder call per class and slice, for the class's crop only: batching every
                 # class of a slice into one call was slower on the CPU (measured 22 s vs 19 s on
                 # ct_abdomen_a), since the decoder's cost is per prompt and the crop grows.
-                boxes = _boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32)
+                boxes = np.clip(_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
+                                0, edge)
                 out = seg.predict(z0 + k, boxes=boxes, region=(r0, r0 + nr, c0, c0 + nc)).amax(dim=0).numpy()
                 if weight:
                     out = out + np.where(r.seed[k], weight, -weight)
