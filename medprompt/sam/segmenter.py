@@ -105,7 +105,7 @@ class SliceSegmenter:
     def predict(self, k: int, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
                 point_labels: np.ndarray | None = None,
                 region: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-        """Logits (N, rows, cols) on slice ``k``'s own pixels; the mask is logits > 0.
+        """Logits (N, rows, cols) on slice ``k``'s own pixels, as a CPU tensor; the mask is logits > 0.
 
         ``boxes`` (N, 4): x0, y0, x1, y1 in slice pixels (column, row), one mask each. ``points``
         (N, P, 2) x, y with ``point_labels`` (N, P): 1 foreground, 0 background; with boxes they
@@ -128,8 +128,8 @@ class SliceSegmenter:
         image = self._embeddings[k].to(dev, torch.float32)[None]
         region = region or (0, g.shape[0], 0, g.shape[1])
         logits, quality = decode(net, image, sparse, dense, g, region)
-        self.last_quality = quality  # SAM's own IoU estimate per prompt, for choosing among candidates
-        return logits
+        self.last_quality = quality.float().cpu()  # SAM's own IoU estimate per prompt, for choosing among candidates
+        return logits.float().cpu()
 
 
 def _taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
