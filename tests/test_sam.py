@@ -410,3 +410,69 @@ def test_default_draft_on_a_real_ct_beats_the_prior_alone(real_data: Path) -> No
     (prior, prior_mean), (sam, sam_mean) = scores["none"], scores["sam"]
     assert sam_mean >= 0.76, scores
     assert all(sam[c] >= prior[c] - 0.02 for c in prior), scores
+
+
+# -- embeddings precomputed when a study is handed out ---------------------------------------------
+
+class RecordingSegmenter(ScriptedSegmenter):
+    def __init__(self, organs, prepared: list[int]) -> None:
+        super().__init__(organs)
+        self.prepared = prepared
+
+    def prepare(self, ks, progress: bool = False) -> None:
+        self.prepared.extend(int(k) for k in ks)
+
+
+def test_precompute_prepares_the_slices_a_draft_asks_for_with_the_same_pixels() -> None:
+    from medprompt.sam.refine import precompute
+
+    volume, frame = _scene(nz=30, sz=1.0)
+    volume.data[5:35, 5:35, :] = 50.0  # soft tissue everywhere but slices 0-1
+    volume.data[:, :, :2] = -1000.0
+    seed = np.zeros((40, 40, 30), bool)
+    seed[10:30, 10:30, 7:23] = True
+    early: list[int] = []
+    views: list[np.ndarray] = []
+
+    def make_early(slices, px):
+        views.append(slices)
+        return RecordingSegmenter([], early)
+
+    assert precompute(volume, make_early, RefineSettings(step_mm=5.0)) == len(early)
+    assert early == [5, 10, 15, 20, 25]  # the shared 5-slice grid, minus the empty slices 0 (air)
+    later: list[int] = []
+    loc = Localization(masks={"liver": seed}, frame=frame, modality="CT", source="prior")
+
+    def make_later(slices, px):
+        np.testing.assert_array_equal(slices, views[0])  # the same uint8 pixels: the same cache keys
+        return RecordingSegmenter([(axial_view(seed), 4.0)], later)
+
+    refine(volume, loc, [default_catalog()["liver"]], make_later, RefineSettings(step_mm=5.0))
+    assert set(later) - set(early) == {7, 22}  # only the organ's two ends were not ready
+
+
+def test_prefetcher_runs_one_study_at_a_time_in_the_background_and_never_fails_the_caller() -> None:
+    import threading
+
+    from medprompt.sam.prefetch import Prefetcher
+
+    release = threading.Event()
+    seen: list[str] = []
+
+    def slow(path: str, checkpoint: str | None) -> int:
+        seen.append(path)
+        release.wait(10)
+        if path == "bad":
+            raise OSError("unreadable")
+        return 3
+
+    prefetcher = Prefetcher(run=slow)
+    assert prefetcher.start("a") is True
+    assert prefetcher.start("b") is False  # skipped, not queued, while "a" runs
+    release.set()
+    prefetcher.thread.join(10)
+    assert prefetcher.start("bad") is True
+    prefetcher.thread.join(10)
+    assert prefetcher.start("c") is True  # an error released the slot too
+    prefetcher.thread.join(10)
+    assert seen == ["a", "bad", "c"]

@@ -56,6 +56,7 @@ import medprompt  # noqa: E402
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
+from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
 from medprompt.infers.http import http_errors  # noqa: E402
 
@@ -74,6 +75,9 @@ class MedPromptApp(MONAILabelApp):
         settings.MONAI_LABEL_AUTO_UPDATE_SCORING = bool(strtobool(conf.get("auto_scoring", "false")))
         self.task_configs = task_configs(conf, model_dir=os.path.join(app_dir, "model"))
         self.schedule_options = schedule_options(conf)  # a bad value stops the start with one line
+        # Next Sample starts on the study's LiteMedSAM embeddings in the background (drafts refine with it).
+        prefetch = strtobool(conf.get("sam_prefetch", "true")) and (conf.get("refine") or "sam").strip().lower() == "sam"
+        self.prefetcher = Prefetcher(conf.get("sam_checkpoint") or None, logger=logger) if prefetch else None
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         super().__init__(
             app_dir=app_dir,
@@ -104,6 +108,13 @@ class MedPromptApp(MONAILabelApp):
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         return {name: ScoreMethod(score) for name, score in image_scores(self.task_configs).items()}
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """As MONAI Label's; the chosen study's LiteMedSAM embeddings are then computed in the background."""
+        result = super().next_sample(request)
+        if self.prefetcher is not None and result.get("path"):
+            self.prefetcher.start(result["path"])
+        return result
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """As MONAI Label's, but bad requests become HTTP 4xx naming the problem instead of a bare 500."""

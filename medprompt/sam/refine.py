@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -148,6 +148,34 @@ def sampled_slices(present: np.ndarray, step: int, offset: int = 0) -> list[int]
     return sorted(chosen)
 
 
+def sampling_step(slice_mm: float, settings: RefineSettings) -> int:
+    """Slices between two drawn ones: about ``settings.step_mm`` apart, at least every slice."""
+    return max(1, int(round(settings.step_mm / slice_mm)))
+
+
+def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettings = RefineSettings(),
+               progress: bool = False) -> int:
+    """Compute (or find cached) the embeddings a default draft of ``volume`` will ask for first.
+
+    Those are the slices of the shared sampling grid (``sampled_slices``) in the default window,
+    with the same pixels :func:`refine` shows LiteMedSAM, so a later draft reads them from the
+    cache; slices with nothing in them are skipped. Returns how many slices were prepared.
+    """
+    from medprompt.prior.landmarks import guess_modality
+
+    data = np.asarray(volume.data)
+    ornt = nib.orientations.io_orientation(volume.affine)
+    canon = nib.orientations.apply_orientation(data, ornt)
+    modality = guess_modality(canon[::4, ::4, ::2], volume.modality)
+    view = axial_view(to_uint8(canon, modality, None))
+    spacing = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
+    sx, sy, sz = (float(spacing[int(np.flatnonzero(ornt[:, 0] == ax)[0])]) for ax in range(3))
+    step = sampling_step(sz, settings)
+    wanted = [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
+    segmenter_for(view, (sy, sx)).prepare(wanted, progress=progress)
+    return len(wanted)
+
+
 def _interpolate_missing(logits: np.ndarray, done: list[int]) -> None:
     """Slices between the first and last drawn slice that were not drawn get logits linearly
     interpolated from the nearest drawn slices on either side (in place)."""
@@ -169,7 +197,7 @@ def refine(
     volume: "Volume",
     loc: Localization,
     entries: Sequence["PromptEntry"],
-    segmenter_for: "callable",
+    segmenter_for: Callable,
     settings: RefineSettings = RefineSettings(),
     progress: bool = False,
 ) -> Refined:
@@ -180,11 +208,10 @@ def refine(
     the localiser's mask.
     """
     frame = loc.frame
-    data = np.asarray(volume.data)
-    canon = nib.orientations.apply_orientation(data, frame.ornt)
+    canon = nib.orientations.apply_orientation(np.asarray(volume.data), frame.ornt)
     sx, sy, sz = frame.canonical_spacing
     pixel_mm = (float(sy), float(sx))  # view rows run along y, columns along x
-    step = max(1, int(round(settings.step_mm / float(sz))))
+    step = sampling_step(float(sz), settings)
     view_shape = (canon.shape[2], canon.shape[1], canon.shape[0])
 
     regions: dict[str, _ClassRegion] = {}
