@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--frac", nargs="+", type=float, default=[RefineSettings.margin_frac])
     p.add_argument("--weight", nargs="+", type=float, default=[None],
                    help="localiser weight (default: by modality, see RefineSettings)")
+    p.add_argument("--ends", nargs="+", type=int, default=[int(RefineSettings.draw_ends)],
+                   help="1: SAM also draws each class's first and last slice; 0: they copy the nearest drawn one")
     p.add_argument("--ratio", nargs="+", type=float, default=[RefineSettings.min_area_ratio])
     args = p.parse_args()
     if not REAL.exists():
@@ -74,18 +76,19 @@ def main() -> None:
         print(f"\n## {case} {volume.data.shape} ({args.model} {t_loc:.1f} s)")
         print(f"{args.model:28s} mDice {ev0.mdice:.3f}: " + ", ".join(f"{s.name} {s.dice:.3f}" for s in ev0.scores))
         summary.setdefault(("alone",), []).append(ev0.mdice)
-        grid = itertools.product(args.margin, args.frac, args.keep, args.step, args.ratio, args.weight)
-        for margin, frac, keep, step, ratio, weight in grid:
+        grid = itertools.product(args.margin, args.frac, args.keep, args.step, args.ratio, args.weight, args.ends)
+        for margin, frac, keep, step, ratio, weight, ends in grid:
             settings = RefineSettings(margin_mm=margin, margin_frac=frac, keep_within_mm=keep, step_mm=step,
-                                      min_area_ratio=ratio, localiser_weight=weight)
+                                      min_area_ratio=ratio, localiser_weight=weight, draw_ends=bool(ends))
             t = time.perf_counter()
             out = refine(volume, loc, entries, make, settings)
             dt = time.perf_counter() - t
             ev = evaluate(out.labels, volume.affine, names, ref, ref_img.affine, ref_names)
-            tag = f"+SAM m{margin:g}+{frac:g} k{keep:g} s{step:g} r{ratio:g} w{settings.weight_for(loc.modality):g}"
+            tag = (f"+SAM m{margin:g}+{frac:g} k{keep:g} s{step:g} r{ratio:g} "
+                   f"w{settings.weight_for(loc.modality):g} e{ends}")
             print(f"{tag:28s} mDice {ev.mdice:.3f} ({dt:.1f} s, {out.encoded_slices} encoded, "
                   f"{out.cached_slices} cached): " + ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores))
-            summary.setdefault((margin, frac, keep, step, ratio, weight), []).append(ev.mdice)
+            summary.setdefault((margin, frac, keep, step, ratio, weight, ends), []).append(ev.mdice)
     print("\n## mean mDice over cases")
     for key, vals in summary.items():
         print(f"{str(key):28s} {np.mean(vals):.3f}  ({', '.join(f'{v:.3f}' for v in vals)})")

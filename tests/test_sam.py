@@ -355,8 +355,12 @@ def test_thin_slices_are_sampled_and_the_rest_interpolated() -> None:
     loc = Localization(masks={"liver": seed}, frame=frame, modality="CT", source="prior")
     out = refine(volume, loc, [default_catalog()["liver"]], lambda slices, px: seg,
                  RefineSettings(step_mm=5.0, keep_within_mm=2.0))
-    assert sorted(k for k, _ in seg.calls) == [2, 5, 10, 15, 16]  # the shared grid of 5 slices + the ends
-    np.testing.assert_array_equal(out.labels == 1, seed)  # every slice between was filled
+    assert sorted(k for k, _ in seg.calls) == [5, 10, 15]  # the shared grid of 5 slices
+    np.testing.assert_array_equal(out.labels == 1, seed)  # every slice between and beyond was filled
+    ends = ScriptedSegmenter([(axial_view(seed), 4.0)])
+    refine(volume, loc, [default_catalog()["liver"]], lambda slices, px: ends,
+           RefineSettings(step_mm=5.0, keep_within_mm=2.0, draw_ends=True))
+    assert sorted(k for k, _ in ends.calls) == [2, 5, 10, 15, 16]  # ... and with the ends drawn too
 
 
 def test_classes_that_opt_out_keep_the_localisers_mask() -> None:
@@ -448,7 +452,10 @@ def test_precompute_prepares_the_slices_a_draft_asks_for_with_the_same_pixels() 
         return RecordingSegmenter([(axial_view(seed), 4.0)], later)
 
     refine(volume, loc, [default_catalog()["liver"]], make_later, RefineSettings(step_mm=5.0))
-    assert set(later) - set(early) == {7, 22}  # only the organ's two ends were not ready
+    assert set(later) <= set(early)  # every slice the draft draws was ready
+    later.clear()
+    refine(volume, loc, [default_catalog()["liver"]], make_later, RefineSettings(step_mm=5.0, draw_ends=True))
+    assert set(later) - set(early) == {7, 22}  # drawing the organ's ends too: only those were not ready
 
 
 def test_prefetcher_runs_one_study_at_a_time_in_the_background_and_never_fails_the_caller() -> None:

@@ -5,8 +5,10 @@ is, as a mask on its working grid; it is good at that and poor at boundaries. Fo
 slice the region touches, each of its connected parts becomes a box (plus a margin) and
 LiteMedSAM returns logits on the slice's own pixels. In 3D:
   - only slices inside the localiser's extent are drawn (first to last slice it marks);
-  - thin slices are sampled about every ``step_mm`` and the slices between, like slices where
-    the localiser has a gap, get logits interpolated from their sampled neighbours;
+  - slices are sampled on a grid about every ``step_mm`` that all classes share (so they share
+    embeddings); the slices between, like slices where the localiser has a gap, get logits
+    interpolated from their sampled neighbours, and the extent's ends beyond the grid take the
+    nearest sampled slice's logits inside their own boxes;
   - each class's logits are kept inside its localiser region dilated by ``keep_within_mm``, so
     SAM cannot run into a neighbour that looks alike;
   - a one-part organ keeps its largest 3D component;
@@ -50,6 +52,9 @@ class RefineSettings:
     step_mm: float = 5.0  # SAM runs on slices about this far apart; the ones between are interpolated
     min_area_mm2: float = 20.0  # smaller parts of a localiser's slice get no box of their own
     min_area_ratio: float = 0.5  # SAM's slice mask below this share of the localiser's: keep the localiser's
+    # SAM also on each class's first and last slice; off, they take the nearest drawn slice's logits
+    # inside their own boxes: Dice within 0.002 on the three cases, 22 % less cold time on a thin-slice CT.
+    draw_ends: bool = False
     # Added to SAM's logits inside the localiser's mask and subtracted outside, so the localiser decides
     # where SAM is unsure. None: 0 on CT (SAM's boundaries win), 8 on MR and other modalities, where
     # LiteMedSAM's boundaries were worse than the prior's (opposed-phase fat-water edges, the bright
@@ -136,15 +141,16 @@ def _boxes(seed: np.ndarray, pixel_mm: tuple[float, float], settings: RefineSett
     return np.asarray(out, np.float32)
 
 
-def sampled_slices(present: np.ndarray, step: int, offset: int = 0) -> list[int]:
+def sampled_slices(present: np.ndarray, step: int, offset: int = 0, ends: bool = True) -> list[int]:
     """Slices to run SAM on: the localiser's first and last, and those between on a grid of ``step``
     slices that every class shares (``offset`` places this class's crop on it), so classes reuse
     each other's embeddings instead of each needing its own."""
     ks = np.flatnonzero(present)
     if len(ks) == 0:
         return []
-    chosen = {int(ks[0]), int(ks[-1])}
-    chosen.update(int(k) for k in ks if (k + offset) % step == 0)
+    chosen = {int(k) for k in ks if (k + offset) % step == 0}
+    if ends or not chosen:
+        chosen.update((int(ks[0]), int(ks[-1])))
     return sorted(chosen)
 
 
@@ -183,6 +189,21 @@ def _interpolate_missing(logits: np.ndarray, done: list[int]) -> None:
         for k in range(a + 1, b):
             w = (k - a) / (b - a)
             logits[k] = (1 - w) * logits[a] + w * logits[b]
+
+
+def _extend_ends(logits: np.ndarray, done: list[int], seed: np.ndarray, pixel_mm: tuple[float, float],
+                 settings: RefineSettings) -> None:
+    """Localiser slices beyond the first and last drawn one take the nearest drawn slice's logits,
+    inside their own boxes (in place)."""
+    present = np.flatnonzero(seed.any(axis=(1, 2)))
+    if not len(present) or not done:
+        return
+    for k in [*range(int(present[0]), done[0]), *range(done[-1] + 1, int(present[-1]) + 1)]:
+        near = done[0] if k < done[0] else done[-1]
+        inside = np.zeros(seed.shape[1:], bool)
+        for x0, y0, x1, y1 in _boxes(seed[k], pixel_mm, settings):
+            inside[max(0, int(y0)) : int(np.ceil(y1)) + 1, max(0, int(x0)) : int(np.ceil(x1)) + 1] = True
+        logits[k] = np.where(inside, logits[near], OUTSIDE)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -230,7 +251,8 @@ def refine(
         if entry.name in regions and entry.sam.get("refine", True):
             w = tuple(entry.sam["window"]) if "window" in entry.sam and loc.modality == "CT" else None
             windows.setdefault(w, []).append(entry.name)
-    plans = {name: sampled_slices(regions[name].seed.any(axis=(1, 2)), step, regions[name].origin[0])
+    plans = {name: sampled_slices(regions[name].seed.any(axis=(1, 2)), step, regions[name].origin[0],
+                                  settings.draw_ends)
              for names in windows.values() for name in names}
 
     best = np.zeros(view_shape, np.float32)
@@ -269,6 +291,7 @@ def refine(
                     kept[name] = kept.get(name, 0) + 1
                 logits[k] = out
             _interpolate_missing(logits, plans[name])
+            _extend_ends(logits, plans[name], r.seed, pixel_mm, settings)
             logits[~r.allowed] = OUTSIDE
             fg = logits > 0
             if not fg.any():
