@@ -22,3 +22,7 @@ class WeightsError(MedPromptError):
 
 class RequestError(MedPromptError):
     """A malformed request parameter (clicks outside the image, a box with no pixels, a bad slice)."""
+
+
+class NotFoundError(MedPromptError):
+    """Something the request names (an image id, a model) that does not exist here."""

@@ -102,7 +102,8 @@ def test_nifti_single_frame_4d_is_squeezed(tmp_path: Path) -> None:
 # -- DICOM -------------------------------------------------------------------------------------
 
 def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, modality: str = "MR",
-                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1", skip: int | None = None) -> list[Path]:
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1", skip: int | None = None,
+                       jitter_mm: float = 0.0) -> list[Path]:
     """One 2D DICOM file per k-slice, written with ITK, geometry taken from a RAS affine."""
     import itk
 
@@ -118,14 +119,14 @@ def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, modal
         image = itk.image_from_array(np.ascontiguousarray(data[:, :, k].T.astype(np.int16)))
         image.SetSpacing([float(spacing[0]), float(spacing[1])])
         tags = image.GetMetaDataDictionary()
-        position = origin + lps[:, 2] * k
+        position = origin + lps[:, 2] * k + (jitter_mm if k % 2 else 0.0)  # odd slices a hair off the grid
         for key, value in {
             "0008|0060": modality,
             "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.0",
             "0020|000e": series_uid,
             "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0032": "\\".join(f"{v:.9f}" for v in position),
             "0020|0037": "\\".join(f"{v:.8f}" for v in np.r_[directions[:, 0], directions[:, 1]]),
             "0018|0050": f"{spacing[2]:.6f}",
         }.items():
@@ -160,6 +161,52 @@ def test_dicom_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError) as excinfo:
         load_volume(tmp_path / "gap")
     single_line_error(excinfo, tmp_path / "gap", "unevenly spaced")
+
+
+def test_dicom_slices_off_the_grid_by_rounding_noise_read_as_evenly_spaced(tmp_path: Path) -> None:
+    # A real GE series read as uneven with a deviation of 7e-15 mm; positions written with a few
+    # decimals are off by up to 5e-7 mm. Both are far below any missing slice.
+    write_dicom_series(tmp_path / "noisy", DICOM_DATA, ORIENTATIONS["LPS"], jitter_mm=2e-6)
+    volume = load_volume(tmp_path / "noisy")
+    np.testing.assert_array_equal(volume.data, DICOM_DATA)
+    np.testing.assert_allclose(volume.affine, ORIENTATIONS["LPS"], atol=1e-4)
+
+
+def test_volumes_declaring_more_voxels_than_the_limit_are_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A NIfTI header claiming a huge volume over a tiny payload: refused by its header, in one line.
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))  # NIfTI-1 sizes are int16
+    header.set_data_dtype(np.int16)
+    huge = tmp_path / "huge.nii"
+    huge.write_bytes(header.binaryblock + b"\0" * 4 + b"\1" * 64)
+    with pytest.raises(InputError) as excinfo:
+        load_volume(huge)
+    single_line_error(excinfo, huge, "voxels", "above the limit", "medprompt_max_voxels")
+    gz = tmp_path / "huge.nii.gz"
+    import gzip
+
+    gz.write_bytes(gzip.compress(huge.read_bytes()))
+    with pytest.raises(InputError, match="above the limit"):
+        load_volume(gz)
+    # Under the limit but truncated: the uncompressed payload is checked against the header.
+    header.set_data_shape((64, 64, 64))
+    short = tmp_path / "short.nii"
+    short.write_bytes(header.binaryblock + b"\0" * 4 + b"\1" * 64)
+    with pytest.raises(InputError) as excinfo:
+        load_volume(short)
+    single_line_error(excinfo, short, "truncated")
+    # The limit is the user's to set; NRRD and DICOM are checked the same way.
+    monkeypatch.setenv("MEDPROMPT_MAX_VOXELS", "1000")
+    nrrd_path = tmp_path / "small.nrrd"
+    nrrd.write(str(nrrd_path), np.zeros((12, 12, 12), np.int16))
+    with pytest.raises(InputError, match="1,728 voxels, above the limit of 1,000"):
+        load_volume(nrrd_path)
+    write_dicom_series(tmp_path / "series", DICOM_DATA, ORIENTATIONS["LPS"])
+    monkeypatch.setenv("MEDPROMPT_MAX_VOXELS", str(DICOM_DATA.size - 1))
+    with pytest.raises(InputError, match="above the limit"):
+        load_volume(tmp_path / "series")
 
 
 def test_folder_with_two_series_asks_for_one(tmp_path: Path) -> None:

@@ -125,6 +125,36 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
     assert MODEL in client.info()["models"]
 
 
+def test_client_errors_around_the_app_are_4xx_and_nothing_leaves_the_datastore(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """What MONAI Label's endpoints raised as 500s: an unknown model, ``params`` that is not JSON, a
+    label for an unknown image or under a tag that climbs out of the datastore."""
+    import requests
+
+    def infer(model: str, params: str) -> requests.Response:
+        return requests.post(f"{server.url}/infer/{model}?image={IMAGE}&output=json", data={"params": params},
+                             timeout=120)
+
+    unknown = infer("medclip_sam", "{}")
+    assert unknown.status_code == 404 and "medclip_sam" in unknown.json()["detail"]
+    assert MODEL in unknown.json()["detail"]  # the available models are named
+    bad_json = infer(MODEL, "{prompts: liver")
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["detail"]
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), label)
+    for query, status in (("image=../../escape", 404), (f"image={IMAGE}&tag=../../escape", 400),
+                          (f"image={IMAGE}&tag=%2Ftmp%2Fabs", 400), ("image=%00", 404)):
+        with label.open("rb") as f:
+            answer = requests.put(f"{server.url}/datastore/label?{query}", files={"label": ("label.nii.gz", f)},
+                                  timeout=60)
+        assert answer.status_code == status, (query, answer.status_code, answer.text)
+    # labels/<tag> with tag ../../escape would have been <server root>/escape.
+    assert not (server.studies.parent / "escape").exists() and not Path("/tmp/abs").exists()
+    assert not list(server.studies.parent.rglob("escape*"))
+    assert MODEL in requests.get(f"{server.url}/info/", timeout=30).json()["models"]  # still serving
+
+
 def test_unreadable_upload_gets_422_and_the_server_keeps_serving(client: MONAILabelClient, tmp_path: Path) -> None:
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"this is not a NIfTI file")

@@ -58,7 +58,8 @@ from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
-from medprompt.infers.http import http_errors  # noqa: E402
+from medprompt.infers.http import http_errors, install_handlers  # noqa: E402
+from medprompt.io.datastore import GuardedDatastore  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class MedPromptApp(MONAILabelApp):
         prefetch = strtobool(conf.get("sam_prefetch", "true")) and (conf.get("refine") or "sam").strip().lower() == "sam"
         self.prefetcher = Prefetcher(conf.get("sam_checkpoint") or None, logger=logger) if prefetch else None
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
+        served = sys.modules.get("monailabel.app")  # the FastAPI app, when this runs inside the server
+        if served is not None and hasattr(served, "app"):
+            install_handlers(served.app)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -109,6 +113,11 @@ class MedPromptApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         return {name: ScoreMethod(score) for name, score in image_scores(self.task_configs).items()}
 
+    def init_datastore(self) -> Any:
+        """MONAI Label's local datastore, refusing label tags that would leave its folder and unknown images."""
+        store = super().init_datastore()
+        return GuardedDatastore.wrap(store) if type(store) is LocalDatastore else store
+
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """As MONAI Label's; the chosen study's LiteMedSAM embeddings are then computed in the background."""
         result = super().next_sample(request)
@@ -119,6 +128,10 @@ class MedPromptApp(MONAILabelApp):
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """As MONAI Label's, but bad requests become HTTP 4xx naming the problem instead of a bare 500."""
         with http_errors():
+            model = request.get("model")
+            if model not in self._infers:
+                raise HTTPException(status_code=404, detail=f"unknown model '{model}'; available: "
+                                                            f"{', '.join(sorted(self._infers))}")
             image = request.get("image")
             if isinstance(image, str) and image and not os.path.exists(image):
                 if not (datastore or self.datastore()).get_image_uri(image):

@@ -7,14 +7,17 @@ monailabel 0.8.5 installs no exception handlers, so any exception from an infer 
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from fastapi import HTTPException
 
-from medprompt.errors import InputError, MedPromptError, PromptError, WeightsError
+from medprompt.errors import InputError, MedPromptError, NotFoundError, PromptError, RequestError, WeightsError
 
 STATUS: dict[type[MedPromptError], int] = {
+    RequestError: 400,  # a malformed request parameter
+    NotFoundError: 404,  # an image id or model that does not exist
     PromptError: 400,  # the request's prompts are empty, unknown or ambiguous
     InputError: 422,  # the image exists but cannot be read as a 3D volume
     WeightsError: 503,  # a weight file is missing on the server: not the client's fault, but fixable
@@ -36,3 +39,31 @@ def http_errors() -> Iterator[None]:
         yield
     except MedPromptError as e:
         raise HTTPException(status_code=status_of(e), detail=str(e)) from e
+
+
+def install_handlers(app: Any) -> None:
+    """Client errors that MONAI Label's own endpoints raise before or around the app become 4xx.
+
+    Its endpoints parse ``params`` with ``json.loads`` and call the datastore directly, so a
+    malformed ``params`` or an unknown image id in ``PUT /datastore/label`` was a 500. The handlers
+    are added to the running FastAPI app and its middleware stack rebuilt on the next request
+    (Starlette copies the handlers when it builds the stack, which happens before the app starts).
+    """
+    from fastapi.responses import JSONResponse
+    from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+
+    async def bad_json(request: Any, exc: json.JSONDecodeError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": f"'params' is not valid JSON ({exc.msg}, "
+                                                                f"character {exc.pos})"})
+
+    async def not_found(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc) or type(exc).__name__})
+
+    async def ours(request: Any, exc: MedPromptError) -> JSONResponse:
+        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)})
+
+    app.add_exception_handler(json.JSONDecodeError, bad_json)
+    app.add_exception_handler(ImageNotFoundException, not_found)
+    app.add_exception_handler(LabelNotFoundException, not_found)
+    app.add_exception_handler(MedPromptError, ours)
+    app.middleware_stack = None

@@ -37,6 +37,15 @@ _NRRD_SPACES = {
 }
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+# Inputs declaring more voxels than this are refused before anything is allocated (a header can
+# claim any size over a tiny payload). 2**30 voxels is a 4 GiB float32 volume, ten times a
+# 512x512x1000 CT; raise it with MEDPROMPT_MAX_VOXELS.
+ENV_MAX_VOXELS = "MEDPROMPT_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 2**30
+# DICOM slice positions may differ from a regular grid by floating-point and decimal-string
+# rounding (GE: 7e-15 mm); a deviation above this share of the slice spacing is a real gap.
+UNEVEN_SLICE_TOLERANCE = 1e-3
+
 # Exceptions the readers raise for damaged or unexpected files (truncated gzip, bad headers,
 # undecodable pixel data); all become one-line InputErrors naming the file.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
@@ -198,6 +207,8 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
         data, affine, modality = reader(path)
     except InputError:
         raise
+    except MemoryError:
+        raise InputError(f"{path}: too large to read into memory") from None
     except _READ_ERRORS as error:
         raise InputError(f"{path}: cannot read {kind} file ({_one_line(error)})") from None
     data = _as_3d(data, path)
@@ -225,10 +236,32 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
+def max_voxels() -> int:
+    raw = os.environ.get(ENV_MAX_VOXELS, "").strip()
+    try:
+        return int(float(raw)) if raw else DEFAULT_MAX_VOXELS
+    except ValueError:
+        raise InputError(f"{ENV_MAX_VOXELS}={raw!r} is not a number of voxels") from None
+
+
+def _check_size(path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse a declared size above the voxel limit before reading (or allocating) anything."""
+    count = int(np.prod([max(1, int(n)) for n in shape], dtype=object))
+    if count > max_voxels():
+        raise InputError(f"{path}: declares {'x'.join(str(int(n)) for n in shape)} = {count:,} voxels, "
+                         f"above the limit of {max_voxels():,} ({ENV_MAX_VOXELS})")
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
     image = nib.load(str(path))
     if image.get_data_dtype().fields is not None:  # RGB and other structured voxel types
         raise InputError(f"{path}: voxel data is not numeric (dtype {image.get_data_dtype()})")
+    _check_size(path, image.shape)
+    if path.name.lower().endswith(".nii"):  # uncompressed: the payload's size is known up front
+        needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+        if path.stat().st_size < needed:
+            raise InputError(f"{path}: is truncated (the header declares {needed:,} bytes, "
+                             f"the file holds {path.stat().st_size:,})")
     return np.asanyarray(image.dataobj), image.affine, None
 
 
@@ -236,6 +269,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
     import nrrd
 
     try:
+        _check_size(path, tuple(nrrd.read_header(str(path)).get("sizes", ())))
         data, header = nrrd.read(str(path))  # index order i, j, k (Fortran), like NIfTI
     except nrrd.NRRDError as error:
         raise InputError(f"{path}: cannot read NRRD file ({_one_line(error)})") from None
@@ -283,6 +317,10 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     if len(series) > 1:
         raise InputError(f"{folder}: holds {len(series)} DICOM series; pass one file of the "
                          "series you want")
+    probe = itk.GDCMImageIO.New()
+    probe.SetFileName(series[0][0])
+    probe.ReadImageInformation()
+    _check_size(path, (probe.GetDimensions(0), probe.GetDimensions(1), len(series[0])))
     dicom_io = itk.GDCMImageIO.New()
     reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=series[0], ImageIO=dicom_io)
     warnings_shown = itk.Object.GetGlobalWarningDisplay()
@@ -292,8 +330,12 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     finally:
         itk.Object.SetGlobalWarningDisplay(warnings_shown)
     image = reader.GetOutput()
-    if image.GetMetaDataDictionary().HasKey("ITK_non_uniform_sampling_deviation"):
-        raise InputError(f"{path}: DICOM slices are unevenly spaced (missing slices?)")
+    dictionary = image.GetMetaDataDictionary()
+    if dictionary.HasKey("ITK_non_uniform_sampling_deviation"):
+        deviation = float(dictionary["ITK_non_uniform_sampling_deviation"])  # mm, worst slice
+        if deviation > UNEVEN_SLICE_TOLERANCE * float(image.GetSpacing()[2]):
+            raise InputError(f"{path}: DICOM slices are unevenly spaced (a slice is {deviation:.3g} mm "
+                             "off a regular grid: missing slices?)")
     data = itk.array_from_image(image).transpose(2, 1, 0)  # ITK arrays are (k, j, i)
     step = np.asarray(image.GetDirection(), dtype=np.float64) @ np.diag(image.GetSpacing())
     affine = np.eye(4)
