@@ -27,7 +27,6 @@ from medprompt.sam.cache import EmbeddingCache, slice_key
 from medprompt.sam.preprocess import (SAM_SIZE, SliceGeometry, axial_view, from_axial_view, logits_to_slice,
                                       model_input, to_uint8)
 from medprompt.sam.refine import FALLBACK, RefineSettings, refine, sampled_slices
-from medprompt.sam.segmenter import SliceSegmenter
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
