@@ -482,3 +482,21 @@ def test_prefetcher_runs_one_study_at_a_time_in_the_background_and_never_fails_t
     assert prefetcher.start("c") is True  # an error released the slot too
     prefetcher.thread.join(10)
     assert seen == ["a", "bad", "c"]
+
+
+def test_a_three_slice_slab_of_a_real_ct_drafts_the_liver_better_than_the_prior(real_data: Path) -> None:
+    """A 3-slice series (as the GE series of issue 11): the prior used to erode it to nothing."""
+    from medprompt.drafts import draft
+
+    volume, ref, names = _ct_a(real_data)
+    liver = ref == names["liver"]
+    start = int(np.argmax(liver.sum(axis=(0, 1)))) - 1
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ np.array([0, 0, start]) + volume.affine[:3, 3]
+    slab = Volume(data=volume.data[:, :, start : start + 3].copy(), affine=affine, source="slab", modality="CT")
+    truth = liver[:, :, start : start + 3]
+    dice = {}
+    for refine_with in ("none", "sam"):
+        mask = draft(slab, ["liver"], refine=refine_with).labels == 1
+        dice[refine_with] = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice["none"] >= 0.85 and dice["sam"] >= 0.9 and dice["sam"] > dice["none"], dice

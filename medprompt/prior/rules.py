@@ -100,7 +100,9 @@ def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np
         reach = tuple(max(1, int(round(12.0 / s))) for s in lm.spacing)
         cand &= ndi.binary_dilation(lm.anchors[attrs["near"]], structure=ball(reach))
     r_mm = float(attrs.get("erode_mm", 5.0))
-    rad = tuple(int(round(r_mm / s)) for s in lm.spacing)
+    # A slab of a few slices (a 3-slice series, a thick-slab MR) cannot be eroded through its
+    # thickness without erasing everything: erode along an axis at most a quarter of its extent.
+    rad = tuple(min(int(round(r_mm / s)), max(0, (n - 1) // 4)) for s, n in zip(lm.spacing, shape))
     se = ball(rad)
     core = ndi.binary_erosion(cand, structure=se) if any(rad) else cand
     lab, n = ndi.label(core)
@@ -120,7 +122,9 @@ def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np
     mask = trim_thin_ends(fill_holes(mask))
     if mask.sum() * voxel_ml > vmax:
         mask = trim_to_volume(mask, np.broadcast_to(w, shape), int(vmax / voxel_ml))
-    if mask.sum() * voxel_ml < 0.1 * vmin:
+    # Too small to be the organ, unless the scan covers only a slab of it (organs span 60-200 mm).
+    coverage = min(1.0, shape[2] * lm.spacing[2] / 150.0)
+    if mask.sum() * voxel_ml < 0.1 * vmin * coverage:
         return np.zeros(shape, bool)
     return mask
 
