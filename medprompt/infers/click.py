@@ -57,6 +57,8 @@ class ClickInfer(InferTask):
         if data.ndim != 3:
             raise InputError(f"{volume.source}: expected a 3D volume, got shape {data.shape}")
         clicks = ClickRequest.parse(request, data.shape, self.propagate)
+        if self.dimension == 2:
+            clicks.propagate = 0  # the client replaces only the clicked slice with a 2D model's result
         modality = guess_modality(data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64)], volume.modality)
         # A segment named after a class with its own window (lungs, bone) is shown in that window.
         entry = default_catalog().lookup(label)

@@ -9,6 +9,7 @@ comes from memory or disk for every later prompt, model and request.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -36,9 +37,11 @@ def encoder_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if _cpu_has_bf16() else None
 
 
+@lru_cache(maxsize=1)
 def _cpu_has_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
