@@ -128,8 +128,9 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
 def test_client_errors_around_the_app_are_4xx_and_nothing_leaves_the_datastore(
     server: RunningServer, tmp_path: Path
 ) -> None:
-    """What MONAI Label's endpoints raised as 500s: an unknown model, ``params`` that is not JSON, a
-    label for an unknown image or under a tag that climbs out of the datastore."""
+    """What MONAI Label's endpoints raised as 500s (or, for a trainer, accepted and failed out of sight):
+    an unknown model, strategy or trainer, ``params`` that is not JSON, a label for an unknown image or
+    under a tag that climbs out of the datastore."""
     import requests
 
     def infer(model: str, params: str) -> requests.Response:
@@ -149,6 +150,10 @@ def test_client_errors_around_the_app_are_4xx_and_nothing_leaves_the_datastore(
             answer = requests.put(f"{server.url}/datastore/label?{query}", files={"label": ("label.nii.gz", f)},
                                   timeout=60)
         assert answer.status_code == status, (query, answer.status_code, answer.text)
+    strategy = requests.post(f"{server.url}/activelearning/most_confusing", json={}, timeout=60)
+    assert strategy.status_code == 404 and "most_confusing" in strategy.json()["detail"]
+    trainer = requests.post(f"{server.url}/train/medclip_sam", json={}, timeout=60)
+    assert trainer.status_code == 404 and "medprompt_finetune" in trainer.json()["detail"]
     # labels/<tag> with tag ../../escape would have been <server root>/escape.
     assert not (server.studies.parent / "escape").exists() and not Path("/tmp/abs").exists()
     assert not list(server.studies.parent.rglob("escape*"))

@@ -82,7 +82,7 @@ class MedPromptApp(MONAILabelApp):
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         served = sys.modules.get("monailabel.app")  # the FastAPI app, when this runs inside the server
         if served is not None and hasattr(served, "app"):
-            install_handlers(served.app)
+            install_handlers(served.app, known_trainers=lambda: set(self._trainers))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -120,6 +120,10 @@ class MedPromptApp(MONAILabelApp):
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """As MONAI Label's; the chosen study's LiteMedSAM embeddings are then computed in the background."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"unknown strategy '{strategy}'; available: "
+                                                        f"{', '.join(sorted(self._strategies))}")
         result = super().next_sample(request)
         if self.prefetcher is not None and result.get("path"):
             self.prefetcher.start(result["path"])

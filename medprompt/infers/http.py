@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fastapi import HTTPException
 
@@ -41,13 +41,14 @@ def http_errors() -> Iterator[None]:
         raise HTTPException(status_code=status_of(e), detail=str(e)) from e
 
 
-def install_handlers(app: Any) -> None:
+def install_handlers(app: Any, known_trainers: Callable[[], set[str]] | None = None) -> None:
     """Client errors that MONAI Label's own endpoints raise before or around the app become 4xx.
 
     Its endpoints parse ``params`` with ``json.loads`` and call the datastore directly, so a
     malformed ``params`` or an unknown image id in ``PUT /datastore/label`` was a 500. The handlers
     are added to the running FastAPI app and its middleware stack rebuilt on the next request
     (Starlette copies the handlers when it builds the stack, which happens before the app starts).
+    ``known_trainers`` adds the check of ``POST /train/<name>`` (see UnknownTrainerGuard).
     """
     from fastapi.responses import JSONResponse
     from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
@@ -67,3 +68,25 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(LabelNotFoundException, not_found)
     app.add_exception_handler(MedPromptError, ours)
     app.middleware_stack = None
+    if known_trainers is not None:
+        app.add_middleware(UnknownTrainerGuard, known=known_trainers)
+
+
+class UnknownTrainerGuard:
+    """``POST /train/<name>`` with a name no trainer has is a 404 here. MONAI Label hands the request
+    to a child process first, so the client got a 200 and the round failed later, out of sight."""
+
+    def __init__(self, app: Any, known: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.known = known
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("method") == "POST":
+            parts = [p for p in str(scope.get("path", "")).split("/") if p]
+            if len(parts) == 2 and parts[0] == "train" and parts[1] not in self.known():
+                from fastapi.responses import JSONResponse
+
+                detail = f"unknown trainer '{parts[1]}'; available: {', '.join(sorted(self.known())) or 'none'}"
+                await JSONResponse(status_code=404, content={"detail": detail})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
