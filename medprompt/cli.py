@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from medprompt.drafts import REFINE_CHOICES
 from medprompt.errors import InputError, MedPromptError
 from medprompt.io.volume import NIFTI_SUFFIXES, find_volumes, volume_stem, write_json
 
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", default="prior", help="draft model: prior (default) or medprompt")
     infer.add_argument("--checkpoint", type=Path, default=None,
                        help="model file for --model medprompt (default: models/medprompt_default.pt)")
-    infer.add_argument("--refine", default="sam", choices=("sam", "none"),
+    infer.add_argument("--refine", default="sam", choices=REFINE_CHOICES,
                        help="sam (default): the model's regions prompt LiteMedSAM, which draws the masks; "
                             "none: the model's own masks")
     infer.add_argument("--sam-checkpoint", type=Path, default=None, metavar="PATH",

@@ -23,6 +23,14 @@ MODELS: tuple[str, ...] = ("prior", "medprompt")
 REFINE_CHOICES: tuple[str, ...] = ("sam", "none")
 
 
+def refine_choice(value: object, where: str = "refinement") -> str:
+    """``value`` as one of REFINE_CHOICES (case and spaces ignored); PromptError naming ``where`` otherwise."""
+    choice = str(value).strip().lower()
+    if choice not in REFINE_CHOICES:
+        raise PromptError(f"unknown {where} '{value}'; available: {', '.join(REFINE_CHOICES)}")
+    return choice
+
+
 @dataclass
 class Segmentation:
     """A draft: label map on the input grid, class name -> value, and how each prompt resolved."""
@@ -55,8 +63,7 @@ def draft(
     """
     if model not in MODELS:
         raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
-    if refine not in REFINE_CHOICES:
-        raise PromptError(f"unknown refinement '{refine}'; available: {', '.join(REFINE_CHOICES)}")
+    refine = refine_choice(refine)
     catalog = catalog or default_catalog()
     pairs = catalog.resolve_all(prompts)
     entries = [entry for _, entry in pairs]

@@ -29,6 +29,18 @@ SERVER_START_TIMEOUT_S = 180.0
 SERVER_STOP_TIMEOUT_S = 30.0
 
 
+@pytest.fixture
+def sam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """LiteMedSAM's embeddings (and text vectors) go to the test's own folder, never the user's cache,
+    so a test's cache hits and misses are its own."""
+    from medprompt import sam
+
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
+    sam.shared_cache.cache_clear()
+    yield tmp_path / "cache"
+    sam.shared_cache.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """``../shared/data/real`` beside the checkout (never copied into the repo), or skip."""

@@ -109,12 +109,7 @@ def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nda
     return path, labels, names
 
 
-def test_infer_one_volume(tmp_path: Path, capsys: pytest.CaptureFixture, phantom_file,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))  # LiteMedSAM's embeddings stay in the test
-    from medprompt import sam
-
-    sam.shared_cache.cache_clear()
+def test_infer_one_volume(tmp_path: Path, capsys: pytest.CaptureFixture, phantom_file, sam_cache: Path) -> None:
     image, truth, truth_names = phantom_file
     output = tmp_path / "drafts" / "ct_draft.nii.gz"
     assert main(["infer", str(image), str(output), "--prompts", "liver", "spleen"]) == 0

@@ -6,27 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
 from medprompt.errors import RequestError
-from medprompt.io.volume import load_labelmap, load_volume, read_label_names
+from medprompt.io.volume import load_labelmap
 from medprompt.sam import segmenter_factory
 from medprompt.sam.interactive import ClickRequest, PlaneMap, click_segment
 from medprompt.sam.preprocess import axial_view
+from test_sam import _ct_a  # the real CT, its reference and label names
 
 if TYPE_CHECKING:
     from conftest import RunningServer
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Embeddings go to the test's own folder, never the user's cache."""
-    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
-    from medprompt import sam
-
-    sam.shared_cache.cache_clear()
+pytestmark = pytest.mark.usefixtures("sam_cache")  # conftest: a private embedding cache per test
 
 
 RAS = np.diag([0.8, 0.8, 3.0, 1.0])
@@ -72,12 +66,6 @@ def test_click_requests_take_the_slice_of_the_last_click_and_keep_its_points_onl
     assert (req.k, req.foreground, req.background, req.roi) == (4, [(2, 3, 4)], [(5, 5, 4)], None)
     roi = ClickRequest.parse({"roi": [8, 2, 1, 6, 3, 3]}, (10, 10, 5))
     assert (roi.k, roi.roi, roi.propagate) == (3, (2, 8, 1, 6), 0)
-
-
-def _ct_a(real_data: Path):
-    folder = real_data / "ct_abdomen_a"
-    return (load_volume(folder / "image.nii.gz"), np.asarray(nib.load(folder / "label.nii.gz").dataobj),
-            read_label_names(folder / "labels.json"))
 
 
 def test_a_box_or_one_click_on_a_real_ct_slice_gives_the_organ(real_data: Path) -> None:

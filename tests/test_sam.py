@@ -29,13 +29,7 @@ from medprompt.sam.preprocess import (SAM_SIZE, SliceGeometry, axial_view, from_
 from medprompt.sam.refine import FALLBACK, RefineSettings, refine, sampled_slices
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own embedding cache folder, so hits and misses are its own."""
-    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
-    from medprompt import sam
-
-    sam.shared_cache.cache_clear()
+pytestmark = pytest.mark.usefixtures("sam_cache")  # conftest: a private embedding cache per test
 
 
 @pytest.fixture(scope="module")

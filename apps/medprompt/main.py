@@ -76,9 +76,10 @@ class MedPromptApp(MONAILabelApp):
         settings.MONAI_LABEL_AUTO_UPDATE_SCORING = bool(strtobool(conf.get("auto_scoring", "false")))
         self.task_configs = task_configs(conf, model_dir=os.path.join(app_dir, "model"))
         self.schedule_options = schedule_options(conf)  # a bad value stops the start with one line
-        # Next Sample starts on the study's LiteMedSAM embeddings in the background (drafts refine with it).
-        prefetch = strtobool(conf.get("sam_prefetch", "true")) and (conf.get("refine") or "sam").strip().lower() == "sam"
-        self.prefetcher = Prefetcher(conf.get("sam_checkpoint") or None, logger=logger) if prefetch else None
+        # Next Sample starts on the study's LiteMedSAM embeddings in the background, when drafts use it.
+        drawing = [c for c in self.task_configs.values() if getattr(c, "refine", None) == "sam"]
+        prefetch = drawing and strtobool(conf.get("sam_prefetch", "true"))
+        self.prefetcher = Prefetcher(drawing[0].sam_checkpoint, logger=logger) if prefetch else None
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         served = sys.modules.get("monailabel.app")  # the FastAPI app, when this runs inside the server
         if served is not None and hasattr(served, "app"):

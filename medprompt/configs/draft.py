@@ -7,8 +7,7 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 
 from medprompt.catalog import SYNAPSE8, default_catalog
-from medprompt.drafts import REFINE_CHOICES
-from medprompt.errors import MedPromptError
+from medprompt.drafts import refine_choice
 from medprompt.infers.draft import parse_prompts
 
 
@@ -24,7 +23,5 @@ class DraftConfig(TaskConfig):
         resolved = default_catalog().resolve_all(prompts)
         self.prompts = [text for text, _ in resolved]
         self.labels = {entry.name: value for value, (_, entry) in enumerate(resolved, start=1)}
-        self.refine = (conf.get("refine") or "sam").strip().lower()
-        if self.refine not in REFINE_CHOICES:
-            raise MedPromptError(f"unknown --conf refine '{self.refine}'; available: {', '.join(REFINE_CHOICES)}")
+        self.refine = refine_choice(conf.get("refine") or "sam", "--conf refine")
         self.sam_checkpoint = conf.get("sam_checkpoint") or None

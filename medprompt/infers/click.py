@@ -41,9 +41,9 @@ class ClickInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         from medprompt.catalog import default_catalog
-        from medprompt.prior.landmarks import guess_modality
         from medprompt.sam import segmenter_factory
         from medprompt.sam.interactive import ClickRequest, click_segment
+        from medprompt.sam.preprocess import modality_of
 
         begin = time.time()
         image = request.get("image")
@@ -59,7 +59,7 @@ class ClickInfer(InferTask):
         clicks = ClickRequest.parse(request, data.shape, self.propagate)
         if self.dimension == 2:
             clicks.propagate = 0  # the client replaces only the clicked slice with a 2D model's result
-        modality = guess_modality(data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64)], volume.modality)
+        modality = modality_of(data, volume.modality)
         # A segment named after a class with its own window (lungs, bone) is shown in that window.
         entry = default_catalog().lookup(label)
         window = entry.sam.get("window") if entry is not None else None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medprompt.drafts import REFINE_CHOICES
+from medprompt.drafts import refine_choice
 from medprompt.errors import InputError, MedPromptError, PromptError
 from medprompt.io.volume import load_volume, save_labelmap
 
@@ -95,9 +95,7 @@ class DraftInfer(InferTask):
         if not isinstance(image, str) or not image:
             raise InputError("no image in the request: pass a datastore image id or upload a file")
         suffix = result_suffix(request)
-        refine = str(request.get("refine", self._config["refine"])).strip().lower()
-        if refine not in REFINE_CHOICES:
-            raise PromptError(f"'refine' must be one of {', '.join(REFINE_CHOICES)}, not '{refine}'")
+        refine = refine_choice(request.get("refine", self._config["refine"]), "'refine'")
         volume = load_volume(image)
         seg, extra = self.segment(volume, prompts, refine)
 

@@ -246,10 +246,10 @@ def max_voxels() -> int:
 
 def _check_size(path: Path, shape: tuple[int, ...]) -> None:
     """Refuse a declared size above the voxel limit before reading (or allocating) anything."""
-    count = int(np.prod([max(1, int(n)) for n in shape], dtype=object))
-    if count > max_voxels():
+    count, limit = int(np.prod([max(1, int(n)) for n in shape], dtype=object)), max_voxels()
+    if count > limit:
         raise InputError(f"{path}: declares {'x'.join(str(int(n)) for n in shape)} = {count:,} voxels, "
-                         f"above the limit of {max_voxels():,} ({ENV_MAX_VOXELS})")
+                         f"above the limit of {limit:,} ({ENV_MAX_VOXELS})")
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, None]:

@@ -44,10 +44,7 @@ def to_work(
     On a CUDA ``device`` the same filter and interpolation run in torch (scipy is single-threaded
     and took most of a GPU draft's time); on the CPU scipy is the faster of the two.
     """
-    ornt = nib.orientations.io_orientation(affine)
-    canon = nib.orientations.apply_orientation(data, ornt)
-    vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    canon_spacing = tuple(float(vox[int(ax)]) for ax in _inverse_axes(ornt))
+    canon, ornt, canon_spacing = to_canonical(data, affine)
     target = tuple(
         spacing_mm if (exact_inplane and ax < 2) else max(s, spacing_mm) for ax, s in enumerate(canon_spacing)
     )
@@ -67,6 +64,15 @@ def to_work(
     real_spacing = tuple(s * n / w for s, n, w in zip(canon_spacing, canon.shape, work_shape))
     frame = WorkFrame(ornt, tuple(canon.shape), tuple(work.shape), canon_spacing, real_spacing)
     return np.ascontiguousarray(work, dtype=np.float32), frame
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``data`` in closest-RAS axis order (a view where possible), the orientation used, and the voxel
+    size in mm along the RAS axes."""
+    ornt = nib.orientations.io_orientation(affine)
+    canon = nib.orientations.apply_orientation(data, ornt)
+    vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return canon, ornt, tuple(float(vox[int(ax)]) for ax in _inverse_axes(ornt))
 
 
 def _on_gpu(device: torch.device | str | None) -> bool:

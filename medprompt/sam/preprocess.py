@@ -72,6 +72,15 @@ def to_uint8(volume: np.ndarray, modality: str, window: Sequence[float] | None =
     return apply_range(volume, intensity_range(volume, modality, window))
 
 
+def modality_of(data: np.ndarray, declared: str | None) -> str:
+    """The modality LiteMedSAM's preprocessing follows: declared, else guessed (HU-like values are CT)
+    from a strided sample, so it costs milliseconds on a full CT."""
+    from medprompt.prior.landmarks import guess_modality
+
+    step = [max(1, n // 64) for n in data.shape]
+    return guess_modality(np.asarray(data)[tuple(slice(None, None, s) for s in step)], declared)
+
+
 def axial_view(canonical: np.ndarray) -> np.ndarray:
     """(X, Y, Z) RAS array -> (Z, rows, cols) radiological axial slices: row 0 anterior, column 0 patient right."""
     return np.ascontiguousarray(np.transpose(canonical[::-1, ::-1, :], (2, 1, 0)))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from medprompt.localization import Localization
 from medprompt.prior import geometry
-from medprompt.sam.preprocess import axial_view, from_axial_view, to_uint8
+from medprompt.sam.preprocess import axial_view, from_axial_view, modality_of, to_uint8
 
 if TYPE_CHECKING:
     from medprompt.catalog import PromptEntry
@@ -166,15 +166,8 @@ def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettin
     with the same pixels :func:`refine` shows LiteMedSAM, so a later draft reads them from the
     cache; slices with nothing in them are skipped. Returns how many slices were prepared.
     """
-    from medprompt.prior.landmarks import guess_modality
-
-    data = np.asarray(volume.data)
-    ornt = nib.orientations.io_orientation(volume.affine)
-    canon = nib.orientations.apply_orientation(data, ornt)
-    modality = guess_modality(canon[::4, ::4, ::2], volume.modality)
-    view = axial_view(to_uint8(canon, modality, None))
-    spacing = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
-    sx, sy, sz = (float(spacing[int(np.flatnonzero(ornt[:, 0] == ax)[0])]) for ax in range(3))
+    canon, _, (sx, sy, sz) = geometry.to_canonical(np.asarray(volume.data), volume.affine)
+    view = axial_view(to_uint8(canon, modality_of(canon, volume.modality), None))
     step = sampling_step(sz, settings)
     wanted = [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
     segmenter_for(view, (sy, sx)).prepare(wanted, progress=progress)
