@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from medprompt.errors import PromptError
+from medprompt.errors import PromptError, shown
 
 if TYPE_CHECKING:
     from medprompt.text.encoders import TextEncoder
@@ -51,6 +51,18 @@ _STOP = frozenset(
     "a an the of and or in on to is are be it its this that with by for from as at into which who "
     "what where segment segmentation mask show find me please organ structure region".split()
 )
+
+
+QUOTE_CHARS = 80  # of a prompt quoted in an error message
+
+
+MAX_PROMPT_CHARS = 1000  # a sentence or a short paragraph; longer costs the text encoder for nothing
+
+
+def quoted(text: str) -> str:
+    """A prompt quoted in an error message: on one line, control characters blanked, long ones cut."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
 
 
 def tokens(text: str) -> list[str]:
@@ -197,15 +209,18 @@ class PromptCatalog:
         if encoder is not None:
             from medprompt.text import similarity
 
-            return similarity.resolve(self, text.strip(), encoder, self.similarity_index(encoder))
+            try:
+                return similarity.resolve(self, text.strip(), encoder, self.similarity_index(encoder))
+            except PromptError as error:  # its messages quote the prompt whole: newlines, 100k characters
+                raise PromptError(str(error).replace(f"'{text.strip()}'", f"'{quoted(text)}'")) from None
         scores = self.keyword_scores(text)
         if scores:
             ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
             if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
                 return self.entries[ranked[0][0]]
             tied = [n for n, s in ranked if s == ranked[0][1]]
-            raise PromptError(f"prompt '{text}' is ambiguous between: {', '.join(tied)}; name one of them")
-        raise PromptError(f"unknown prompt '{text}'; closest known classes: {', '.join(self.closest(text))}")
+            raise PromptError(f"prompt '{quoted(text)}' is ambiguous between: {', '.join(tied)}; name one of them")
+        raise PromptError(f"unknown prompt '{quoted(text)}'; closest known classes: {', '.join(self.closest(text))}")
 
     def similarity_index(self, encoder: TextEncoder) -> ClassIndex:
         """Phrase vectors of every class for ``encoder``, built once per encoder and catalog content."""
@@ -235,14 +250,23 @@ class PromptCatalog:
             prompts = SYNAPSE8
         if isinstance(prompts, str):
             raise PromptError("prompts must be a list of strings, not a single string")
-        prompts = [p for p in prompts]
+        try:
+            prompts = [p for p in prompts]
+        except TypeError:
+            raise PromptError(f"prompts must be a list of strings, not {type(prompts).__name__}") from None
         if not prompts or all(not (isinstance(p, str) and p.strip()) for p in prompts):
             raise PromptError("empty prompt list: give at least one class name or description")
         out: list[tuple[str, PromptEntry]] = []
         seen: set[str] = set()
         for p in prompts:
             if not isinstance(p, str):
-                raise PromptError(f"prompt {p!r} is not a string")
+                raise PromptError(f"prompt {shown(p)} is not a string")
+            if any(not c.isprintable() and c not in " \t\n\r" for c in p):
+                # NUL, escape sequences and the like: a client's bug or a probe, never a description.
+                raise PromptError(f"prompt '{quoted(p)}' contains control characters")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise PromptError(f"prompt '{quoted(p)}' is {len(p):,} characters long; "
+                                  f"a description has at most {MAX_PROMPT_CHARS}")
             entry = self.resolve(p, encoder)
             if entry.name not in seen:
                 seen.add(entry.name)
@@ -271,14 +295,20 @@ def _range(value: Any, path: Path, field_name: str) -> None:
         raise PromptError(f"{path}: field '{field_name}' must be [low, high] numbers with low <= high")
 
 
+def _unknown(fields: Iterable[Any], known: set[str]) -> str | None:
+    """The first field name not in ``known``, for a message (YAML keys may be numbers, null or long text)."""
+    unknown = sorted(quoted(f) if isinstance(f, str) else shown(f) for f in fields if f not in known)
+    return unknown[0] if unknown else None
+
+
 def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
     if prior is None:
         return {"supported": False}
     if not isinstance(prior, dict):
         raise PromptError(f"{path}: field 'prior' must be a mapping")
-    unknown = set(prior) - _PRIOR_FIELDS
+    unknown = _unknown(prior, _PRIOR_FIELDS)
     if unknown:
-        raise PromptError(f"{path}: unknown field 'prior.{sorted(unknown)[0]}' (known: {', '.join(sorted(_PRIOR_FIELDS))})")
+        raise PromptError(f"{path}: unknown field 'prior.{unknown}' (known: {', '.join(sorted(_PRIOR_FIELDS))})")
     if not isinstance(prior.get("supported", False), bool):
         raise PromptError(f"{path}: field 'prior.supported' must be true or false")
     for mod in ("ct", "mr"):
@@ -287,7 +317,7 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
             if not isinstance(block, dict):
                 raise PromptError(f"{path}: field 'prior.{mod}' must be a mapping")
             for key, val in block.items():
-                _range(val, path, f"prior.{mod}.{key}")
+                _range(val, path, f"prior.{mod}.{quoted(str(key))}")
     if "volume_ml" in prior:
         _range(prior["volume_ml"], path, "prior.volume_ml")
     if "location" in prior:
@@ -296,7 +326,7 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
             raise PromptError(f"{path}: field 'prior.location' must be a mapping")
         for key, val in loc.items():
             if isinstance(val, list):
-                _range(val, path, f"prior.location.{key}")
+                _range(val, path, f"prior.location.{quoted(str(key))}")
     if "components" in prior and not (isinstance(prior["components"], int) and prior["components"] >= 1):
         raise PromptError(f"{path}: field 'prior.components' must be a positive integer")
     for key in ("parts", "exclude"):
@@ -312,9 +342,9 @@ def _validate_sam(sam: Any, path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(sam, dict):
         raise PromptError(f"{path}: field 'sam' must be a mapping")
-    unknown = set(sam) - _SAM_FIELDS
+    unknown = _unknown(sam, _SAM_FIELDS)
     if unknown:
-        raise PromptError(f"{path}: unknown field 'sam.{sorted(unknown)[0]}' (known: {', '.join(sorted(_SAM_FIELDS))})")
+        raise PromptError(f"{path}: unknown field 'sam.{unknown}' (known: {', '.join(sorted(_SAM_FIELDS))})")
     if "refine" in sam and not isinstance(sam["refine"], bool):
         raise PromptError(f"{path}: field 'sam.refine' must be true or false")
     if "window" in sam:
@@ -332,18 +362,23 @@ def parse_prompt_file(path: Path) -> list[PromptEntry]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise PromptError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise PromptError(f"{path}:{where} is not valid YAML ({quoted(str(problem))})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"{path}: cannot read the prompt file ({quoted(str(e))})") from None
+    except RecursionError:
+        raise PromptError(f"{path}: is not valid YAML (nested too deeply)") from None
     items = doc if isinstance(doc, list) else [doc]
     entries = []
     for item in items:
         if not isinstance(item, dict):
             raise PromptError(f"{path}: expected a mapping with fields name, descriptions, ... (got {type(item).__name__})")
-        unknown = set(item) - _TOP_FIELDS
+        unknown = _unknown(item, _TOP_FIELDS)
         if unknown:
-            raise PromptError(f"{path}: unknown field '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP_FIELDS))})")
+            raise PromptError(f"{path}: unknown field '{unknown}' (known: {', '.join(sorted(_TOP_FIELDS))})")
         name = item.get("name")
         if not isinstance(name, str) or normalise(name) != name or not name:
-            raise PromptError(f"{path}: field 'name' must be a lower-case identifier like 'kidney_left' (got {name!r})")
+            raise PromptError(f"{path}: field 'name' must be a lower-case identifier like 'kidney_left' (got {shown(name)})")
         entries.append(
             PromptEntry(
                 name=name,

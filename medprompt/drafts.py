@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.catalog import PromptCatalog, default_catalog, quoted
 from medprompt.errors import PromptError
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def refine_choice(value: object, where: str = "refinement") -> str:
     """``value`` as one of REFINE_CHOICES (case and spaces ignored); PromptError naming ``where`` otherwise."""
     choice = str(value).strip().lower()
     if choice not in REFINE_CHOICES:
-        raise PromptError(f"unknown {where} '{value}'; available: {', '.join(REFINE_CHOICES)}")
+        raise PromptError(f"unknown {where} '{quoted(str(value))}'; available: {', '.join(REFINE_CHOICES)}")
     return choice
 
 

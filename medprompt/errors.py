@@ -3,6 +3,22 @@
 The CLI prints ``str(error)`` without a traceback; the server maps them to HTTP 4xx.
 """
 
+import reprlib
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def shown(value: object) -> str:
+    """A user-supplied value quoted in an error message: its repr, cut to a few dozen characters, one line.
+
+    Values come from files and requests: a 100k-character prompt or a nested YAML bomb must not be
+    echoed back whole, nor a newline split the message.
+    """
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= 100 else text[:97] + "..."
+
 
 class MedPromptError(Exception):
     """Base class for problems caused by the user's input or environment, not by a bug."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from medprompt.errors import InputError
@@ -35,6 +36,11 @@ def serve(
     schedule_options(conf)
     studies = _studies(studies)
     _check_port(host, port)
+    from medprompt.access import auth_enabled, exposure_warning
+
+    warning = exposure_warning(host, auth_enabled())
+    if warning:
+        print(warning, file=sys.stderr)
 
     from monailabel.main import Main
 

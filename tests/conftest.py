@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def _wait_until_up(server: RunningServer) -> None:
             with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError as error:
+            if error.code == 401:  # up, with authentication on
+                return
         except OSError:
             pass
         time.sleep(0.5)

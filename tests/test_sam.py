@@ -214,6 +214,29 @@ def test_embeddings_are_computed_once_and_shared_by_every_segmenter(random_sam_f
     assert third.encoded == 1  # only the changed slice is new
 
 
+def test_concurrent_requests_for_one_study_encode_each_slice_once(random_sam_file: Path, tmp_path: Path) -> None:
+    """Four requests opening the same study at once (several clients, or a draft during the prefetch)."""
+    import threading
+
+    make = segmenter_factory(random_sam_file, "cpu", EmbeddingCache(tmp_path / "c"))
+    slices = (np.random.default_rng(2).random((6, 40, 50)) * 255).astype(np.uint8)
+    segmenters = [make(slices, (1.0, 1.0)) for _ in range(4)]
+    start = threading.Barrier(len(segmenters))
+
+    def run(segmenter) -> None:
+        start.wait()
+        segmenter.prepare(range(6))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in segmenters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(s.encoded for s in segmenters) == 6  # each slice once, whoever got there first
+    box = np.array([[5, 5, 30, 30]], np.float32)
+    np.testing.assert_allclose(segmenters[3].predict(5, boxes=box), segmenters[0].predict(5, boxes=box), atol=1e-5)
+
+
 def test_cropped_decoding_equals_the_full_decoder_cropped(random_sam_file: Path, tmp_path: Path) -> None:
     make = segmenter_factory(random_sam_file, "cpu", EmbeddingCache(tmp_path / "c"))
     seg = make((np.random.default_rng(2).random((1, 150, 210)) * 255).astype(np.uint8), (0.8, 0.7))

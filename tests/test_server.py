@@ -213,9 +213,15 @@ print(json.dumps({{"package": medprompt.__file__, "models": sorted(app.info()["m
 def test_server_drafts_a_real_dicom_series_on_its_own_grid(
     server: RunningServer, client: MONAILabelClient, real_data: Path
 ) -> None:
-    """A server-side DICOM folder (JPEG 2000, 20 slices) drafted through the server overlays the study."""
+    """A DICOM series folder (JPEG 2000, 20 slices) put in the studies folder, drafted through the server by
+    its path, overlays the study. (A path outside the studies folder is a 404: tests/test_bad_inputs.py.)"""
+    import shutil
+
     case = real_data / "ct_abdomen_b_dicom"
-    label_file, params = client.infer(MODEL, str(case / "dicom"), {"prompts": ["liver"]})
+    series = server.studies / "dicom_series" / "ct_abdomen_b"
+    if not series.exists():
+        shutil.copytree(case / "dicom", series)
+    label_file, params = client.infer(MODEL, str(series), {"prompts": ["liver"]})
     labels = nib.load(label_file)
     image = load_volume(case / "dicom")
     assert labels.shape == image.data.shape == (512, 512, 20)

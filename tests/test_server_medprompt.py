@@ -96,10 +96,11 @@ def test_medprompt_drafts_the_request_prompts_with_the_served_checkpoint(
 def test_a_zero_shot_round_trains_on_the_images_only_and_the_next_draft_uses_it(
     server: RunningServer, client: MONAILabelClient, small_volume: Path, tmp_path: Path
 ) -> None:
-    # A "label" that breaks anything reading it: the round must not look at labels at all.
-    broken = tmp_path / "broken.nii.gz"
-    broken.write_bytes(b"not a label map")
-    client.save_label("phantom_001", str(broken), tag="final")
+    # A "label" that breaks anything reading it, put in the folder by hand (an upload would be refused):
+    # the round must not look at labels at all.
+    final = server.studies / "labels" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "phantom_001.nii.gz").write_bytes(b"not a label map")
     images = sorted(client.datastore()["objects"])
 
     client.train_start(TRAINER, {"steps": 2, "model_config": "tiny"})

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,14 @@ from monailabel.utils.async_tasks.utils import tasks  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import medprompt  # noqa: E402
+from medprompt.access import auth_enabled, enable_token_check, exposure_warning, host_from_argv  # noqa: E402
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
-from medprompt.infers.http import http_errors, install_handlers  # noqa: E402
-from medprompt.io.datastore import GuardedDatastore  # noqa: E402
+from medprompt.infers.http import ServedNames, http_errors, install_handlers  # noqa: E402
+from medprompt.io.datastore import GuardedDatastore, recover  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,13 @@ class MedPromptApp(MONAILabelApp):
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         served = sys.modules.get("monailabel.app")  # the FastAPI app, when this runs inside the server
         if served is not None and hasattr(served, "app"):
-            install_handlers(served.app, known_trainers=lambda: set(self._trainers))
+            install_handlers(served.app, served=lambda: ServedNames(
+                trainers=set(self._trainers), scoring=set(self._scoring_methods), models=set(self._infers),
+                dicomweb=self.studies.startswith(("http://", "https://"))))
+            enable_token_check()
+            warning = exposure_warning(host_from_argv(sys.argv) or "127.0.0.1", auth_enabled())
+            if warning:  # `monailabel start_server` listens on 0.0.0.0 unless given --host
+                logger.warning(warning)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -115,7 +123,10 @@ class MedPromptApp(MONAILabelApp):
         return {name: ScoreMethod(score) for name, score in image_scores(self.task_configs).items()}
 
     def init_datastore(self) -> Any:
-        """MONAI Label's local datastore, refusing label tags that would leave its folder and unknown images."""
+        """MONAI Label's local datastore, refusing label tags that would leave its folder and unknown images,
+        writing labels and its index atomically, and recovering from a save that a crash cut short."""
+        if not self.studies.startswith(("http://", "https://")):
+            recover(self.studies)
         store = super().init_datastore()
         return GuardedDatastore.wrap(store) if type(store) is LocalDatastore else store
 
@@ -138,9 +149,11 @@ class MedPromptApp(MONAILabelApp):
                 raise HTTPException(status_code=404, detail=f"unknown model '{model}'; available: "
                                                             f"{', '.join(sorted(self._infers))}")
             image = request.get("image")
-            if isinstance(image, str) and image and not os.path.exists(image):
-                if not (datastore or self.datastore()).get_image_uri(image):
-                    raise HTTPException(status_code=404, detail=f"unknown image id '{image}': not in the datastore")
+            if not isinstance(image, str) or not (_readable_path(image, self.studies)
+                                                  or (datastore or self.datastore()).get_image_uri(image)):
+                # Any path on the server is not an image: only MONAI Label's upload file and what lies in the studies folder.
+                shown = repr(image) if len(repr(image)) <= 80 else repr(image)[:77] + "..."
+                raise HTTPException(status_code=404, detail=f"unknown image id {shown}: not in the datastore")
             return super().infer(request, datastore)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +223,20 @@ class MedPromptApp(MONAILabelApp):
                 "get it from https://github.com/QIICR/dcmqi/releases and put it on PATH or in %s",
                 os.path.join(self.app_dir, "bin"),
             )
+
+
+def _readable_path(path: str, studies: str) -> bool:
+    """A path a request may name instead of an image id: the temporary file POST /infer/<model> writes a
+    client's upload to (tempfile's folder), or a file or DICOM series folder inside the studies folder."""
+    if "\0" in path or not os.path.exists(path):
+        return False
+    real = os.path.realpath(path)
+    if os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):
+        return True
+    if studies.startswith(("http://", "https://")):
+        return False
+    root = os.path.realpath(studies)
+    return os.path.commonpath([real, root]) == root
 
 
 def _report_problems(name: str, task: Any) -> None:

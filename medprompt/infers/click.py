@@ -17,9 +17,17 @@ from typing import Any, Sequence
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medprompt.errors import InputError
-from medprompt.infers.draft import result_suffix, sam_problems
+from medprompt.errors import InputError, RequestError
+from medprompt.infers.draft import request_image, result_suffix, sam_problems
 from medprompt.io.volume import load_volume, save_labelmap
+
+
+def segment_label(request: dict[str, Any]) -> str:
+    """The name of the segment being edited (request ``label``, default "label"); RequestError when blank."""
+    label = str(request.get("label") or "label")
+    if not label.strip():
+        raise RequestError("'label' must name the segment being edited, not be blank")
+    return label
 
 
 class ClickInfer(InferTask):
@@ -46,10 +54,8 @@ class ClickInfer(InferTask):
         from medprompt.sam.preprocess import modality_of
 
         begin = time.time()
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise InputError("no image in the request: pass a datastore image id or upload a file")
-        label = str(request.get("label") or "label")
+        image = request_image(request)
+        label = segment_label(request)
         suffix = result_suffix(request)
         make = segmenter_factory(self.sam_checkpoint)
         volume = load_volume(image)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from medprompt.drafts import refine_choice
-from medprompt.errors import InputError, MedPromptError, PromptError
+from medprompt.errors import InputError, MedPromptError, PromptError, shown
 from medprompt.io.volume import load_volume, save_labelmap
 
 if TYPE_CHECKING:
@@ -63,8 +63,18 @@ def result_suffix(request: dict[str, Any]) -> str:
     """
     suffix = request.get("result_extension") or ".nii.gz"
     if suffix not in RESULT_SUFFIXES:
-        raise InputError(f"result_extension '{suffix}' is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
+        raise InputError(f"result_extension {shown(suffix)} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
     return suffix
+
+
+def request_image(request: dict[str, Any]) -> str:
+    """The path of the request's image (MONAI Label puts the datastore image's path there); InputError otherwise."""
+    image = request.get("image")
+    if not isinstance(image, str) or not image:
+        raise InputError("no image in the request: pass a datastore image id or upload a file")
+    if not image.isprintable():  # a line break in it would break every message naming the file
+        raise InputError(f"'image' {shown(image)} is not a file path (it holds control characters)")
+    return image
 
 
 class DraftInfer(InferTask):
@@ -91,9 +101,7 @@ class DraftInfer(InferTask):
         """Draft the request's image; the result file is removed by the server after it is sent."""
         begin = time.time()
         prompts = parse_prompts(request.get("prompts", self._config["prompts"]))
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise InputError("no image in the request: pass a datastore image id or upload a file")
+        image = request_image(request)
         suffix = result_suffix(request)
         refine = refine_choice(request.get("refine", self._config["refine"]), "'refine'")
         volume = load_volume(image)

@@ -1,20 +1,34 @@
-"""MONAI Label's local datastore with the checks its REST endpoint leaves out.
+"""MONAI Label's local datastore with the checks and the crash safety its REST endpoint leaves out.
 
 ``PUT /datastore/label`` passes the client's image id and label tag straight to
 ``LocalDatastore.save_label``, which joins the tag onto the labels folder: a tag like ``../../x``
-would write outside the datastore, and an unknown image id was a 500.
+would write outside the datastore, and an unknown image id was a 500. It also copies the label
+over the previous one in place and rewrites ``datastore_v2.json`` in place, so a server killed
+mid-save (power cut, OOM killer) could leave a half-written correction, or an index that stops the
+next start with a JSON error. Here both are written to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from medprompt.errors import NotFoundError, RequestError
+from medprompt.errors import InputError, NotFoundError, RequestError, shown
 
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+logger = logging.getLogger(__name__)
+
+_TMP = ".medprompt-tmp"  # suffix of files being written; no datastore extension matches it
+INDEX_NAME = "datastore_v2.json"  # LocalDatastore's default index file
+STALE_TMP_S = 60.0  # a temporary file untouched this long belongs to a save that was killed
 
 
 class GuardedDatastore(LocalDatastore):
@@ -24,9 +38,141 @@ class GuardedDatastore(LocalDatastore):
         store.__class__ = cls
         return store  # type: ignore[return-value]
 
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """As LocalDatastore.add_image, for a plain image id and a file that reads as a 3D volume, atomically.
+
+        An unreadable upload is refused here (422) rather than stored, where every later draft,
+        score and training round would trip over it.
+        """
+        from medprompt.io.volume import load_volume
+
+        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+        if not isinstance(image_id, str) or not _is_safe_id(image_id):
+            raise RequestError(f"image id {shown(image_id)} is not a file name (no '/', '\\', control "
+                               "characters or leading '.')")
+        _check_info(image_info)
+        load_volume(image_filename)  # InputError (422) naming the problem
+        _, image_ext = self._to_id(os.path.basename(image_filename))
+        name = self._filename(image_id, image_ext)
+        dest = os.path.join(self._datastore.image_path(), name)
+        logger.info(f"Adding image {image_id} -> {dest}")
+        with FileLock(self._lock_file):
+            _atomic_copy(image_filename, dest)
+            info = dict(image_info or {}, ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        if not isinstance(label_tag, str) or not _TAG.match(label_tag) or ".." in label_tag:
-            raise RequestError(f"label tag {label_tag!r} is not a plain name (letters, digits, '_', '-', '.')")
-        if not isinstance(image_id, str) or "\0" in image_id or not self._datastore.objects.get(image_id):
-            raise NotFoundError(f"unknown image id {image_id!r}: not in the datastore")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        """As LocalDatastore.save_label, after checking the tag, the image id and the file, and atomically."""
+        from medprompt.io.volume import load_labelmap, stored_shape
+
+        if not isinstance(label_tag, str) or not _is_plain_name(label_tag):
+            raise RequestError(f"label tag {shown(label_tag)} is not a plain name (letters, digits, '_', '-', '.')")
+        obj = self._datastore.objects.get(image_id) if isinstance(image_id, str) and "\0" not in image_id else None
+        if not obj:
+            raise NotFoundError(f"unknown image id {shown(image_id)}: not in the datastore")
+        _check_info(label_info)
+        labels, _, _ = load_labelmap(label_filename)  # InputError (422): never store a correction no round could read
+        image_shape = stored_shape(self.get_image_uri(image_id))
+        if image_shape is not None and tuple(labels.shape) != image_shape:
+            raise InputError(f"the label's grid {'x'.join(map(str, labels.shape))} is not the image's "
+                             f"{'x'.join(map(str, image_shape))}: save it on the image's own grid")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        dest = os.path.join(label_path, name)
+        logger.info(f"Saving label for image {image_id}; tag {label_tag} -> {dest}")
+        with FileLock(self._lock_file):
+            os.makedirs(label_path, exist_ok=True)
+            _atomic_copy(label_filename, dest)
+            info = dict(label_info or {}, ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        """As LocalDatastore's; with nothing labelled yet a 404 saying so (it failed an assertion: a 500)."""
+        if not self.get_labeled_images():
+            raise NotFoundError("no study has a final label yet: there is no dataset to download")
+        return super().get_dataset_archive(limit_cases)
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """Write the index to a temporary file and rename it over the old one (never half-written)."""
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            tmp = f"{self._datastore_config_path}.{secrets.token_hex(4)}{_TMP}"
+            try:
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self._datastore_config_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+def recover(studies: str | os.PathLike, index_name: str = INDEX_NAME) -> None:
+    """Before the datastore opens: drop temporary files a killed save left, and set aside an unreadable index.
+
+    LocalDatastore refuses to start on an index it cannot parse; moved aside, the index is rebuilt
+    from the image and label files on disk (their per-label info, such as timestamps, is lost).
+    """
+    root = Path(studies)
+    if not root.is_dir():
+        return
+    now = time.time()
+    for leftover in root.rglob(f"*{_TMP}"):
+        # A training round's child process opens the datastore too: spare a save in progress right now.
+        if now - leftover.stat().st_mtime > STALE_TMP_S:
+            leftover.unlink(missing_ok=True)
+    index = root / index_name
+    if not index.is_file():
+        return
+    try:
+        json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        aside = index.with_name(f"{index.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(index, aside)
+        logger.warning(f"datastore index {index} was unreadable ({error}); moved to {aside.name} and rebuilt "
+                       "from the files on disk")
+
+
+def _check_info(info: object) -> None:
+    """The request's ``params`` becomes the label's or image's info: it must be a JSON object."""
+    if info is not None and not isinstance(info, dict):
+        raise RequestError("'params' must be a JSON object, e.g. {\"label_info\": [{\"name\": \"liver\", \"idx\": 1}]}")
+
+
+def _is_safe_id(text: str) -> bool:
+    """An image id is a file name in the images folder: any characters but separators and controls."""
+    return (0 < len(text) <= 200 and not text.startswith(".") and not any(c in "/\\" for c in text)
+            and all(ord(c) >= 32 and ord(c) != 127 for c in text))
+
+
+def _is_plain_name(tag: str) -> bool:
+    return (0 < len(tag) <= 64 and tag[0].isascii() and tag[0].isalnum() and ".." not in tag
+            and all(c.isascii() and (c.isalnum() or c in "_.-") for c in tag))
+
+
+def _atomic_copy(source: str, dest: str) -> None:
+    """Copy to a temporary name in ``dest``'s folder, flush it to disk, then rename over ``dest``."""
+    tmp = f"{os.path.join(os.path.dirname(dest), '.' + os.path.basename(dest))}.{secrets.token_hex(4)}{_TMP}"
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

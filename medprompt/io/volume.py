@@ -8,7 +8,11 @@ Slicer or OHIF without any resampling, whatever format the study came in.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import logging
 import numbers
 import os
 import secrets
@@ -20,7 +24,10 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from medprompt.errors import InputError
+from medprompt.errors import InputError, shown
+from medprompt.io import dicom
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -43,14 +50,18 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ENV_MAX_VOXELS = "MEDPROMPT_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 2**30
 # DICOM slice positions may differ from a regular grid by floating-point and decimal-string
-# rounding (GE: 7e-15 mm); a deviation above this share of the slice spacing is a real gap.
-UNEVEN_SLICE_TOLERANCE = 1e-3
+# rounding (GE: 7e-15 mm; 3-decimal positions: 2e-3 of a 0.5 mm slice); a deviation above this share
+# of the slice spacing is a real gap (a missing slice is a whole spacing).
+UNEVEN_SLICE_TOLERANCE = 1e-2
+# Voxel sides outside this range (mm) are a broken header, not a CT or MR (micro-CT reaches 0.005).
+VOXEL_MM_RANGE = (1e-3, 1e3)
 
 # Exceptions the readers raise for damaged or unexpected files (truncated gzip, bad headers,
 # undecodable pixel data); all become one-line InputErrors naming the file.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError, EOFError, ValueError, TypeError, KeyError, IndexError, zlib.error, RuntimeError,
-    nib.filebasedimages.ImageFileError,
+    nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+    OverflowError, StopIteration,  # a NIfTI vox_offset of inf; pynrrd on an empty file
 )
 
 
@@ -74,8 +85,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
     """Read a NIfTI/NRRD file, a DICOM series folder, or the series of one DICOM file in it."""
     path = Path(path)
     data, affine, modality = _read_any(path)
-    return Volume(data=data.astype(np.float32, copy=False), affine=affine, source=str(path),
-                  modality=modality)
+    return Volume(data=_finite_float32(data, path), affine=affine, source=str(path), modality=modality)
 
 
 def load_labelmap(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, int] | None]:
@@ -150,7 +160,7 @@ def read_label_names(path: str | os.PathLike) -> dict[str, int]:
         content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such label-names file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: also bad UTF-8, a 5000-digit int
         raise InputError(f"{path}: not a readable JSON file ({_one_line(error)})") from None
     if isinstance(content, dict) and isinstance(content.get("labels"), dict):
         content = content["labels"]
@@ -158,6 +168,29 @@ def read_label_names(path: str | os.PathLike) -> dict[str, int]:
         return _validated_names(content, where=str(path))
     except ValueError as error:
         raise InputError(str(error)) from None
+
+
+def stored_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """The voxel grid a NIfTI/NRRD file declares, from its header alone (None for anything else or unreadable).
+
+    For checks that must not read a whole CT, such as whether an uploaded label fits its image.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith(NIFTI_SUFFIXES):
+            shape = tuple(int(n) for n in nib.load(str(path)).shape)
+        elif name.endswith(NRRD_SUFFIXES):
+            import nrrd
+
+            shape = tuple(int(n) for n in nrrd.read_header(str(path)).get("sizes", ()))
+        else:
+            return None
+    except Exception:  # the full read names the problem; this is only a cheap pre-check
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -191,7 +224,11 @@ def find_volumes(folder: str | os.PathLike) -> list[Path]:
 
 def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Dispatch on the path's kind and check the result is a numeric 3D grid with a usable affine."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # a name too long for the file system, a permission denied
+        raise InputError(f"{shown(str(path))}: cannot access it ({error.strerror or _one_line(error)})") from None
+    if not exists:
         raise InputError(f"{path}: no such file or folder")
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
@@ -218,10 +255,35 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     if np.issubdtype(data.dtype, np.complexfloating):
         raise InputError(f"{path}: voxel data is complex; a real-valued image is needed")
     affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) \
-            or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(f"{path}: voxel-to-world transform is missing or degenerate")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: voxel-to-world transform is missing or not finite")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all((sizes >= VOXEL_MM_RANGE[0]) & (sizes <= VOXEL_MM_RANGE[1])):
+        raise InputError(f"{path}: voxel size {' x '.join(f'{v:.3g}' for v in sizes)} mm is not that of a "
+                         f"CT or MR (each side must lie in {VOXEL_MM_RANGE[0]:g}..{VOXEL_MM_RANGE[1]:g} mm)")
+    if abs(np.linalg.det(affine[:3, :3] / sizes)) < 1e-3:
+        raise InputError(f"{path}: voxel-to-world transform is degenerate (its axes are parallel)")
     return data, affine, modality
+
+
+def _finite_float32(data: np.ndarray, path: Path) -> np.ndarray:
+    """float32 voxels with NaN/Inf replaced by the finite minimum (as outside a resampled MR's field of view).
+
+    Every model works in float32; values beyond its range would become Inf and break windows and
+    percentiles, so they are refused rather than clipped.
+    """
+    if np.issubdtype(data.dtype, np.floating) and data.dtype.itemsize > 4:
+        top = float(np.max(np.abs(data), initial=0.0, where=np.isfinite(data)))
+        if top > np.finfo(np.float32).max:
+            raise InputError(f"{path}: voxel values up to {top:.3g} are beyond float32's range")
+    data = data.astype(np.float32, copy=False)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        if bad.all():
+            raise InputError(f"{path}: no voxel has a finite value (all NaN or Inf)")
+        data = np.where(bad, data[~bad].min(), data).astype(np.float32, copy=False)
+        logger.warning(f"{path}: {int(bad.sum()):,} NaN/Inf voxels set to the image minimum")
+    return data
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -269,8 +331,10 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
     import nrrd
 
     try:
-        _check_size(path, tuple(nrrd.read_header(str(path)).get("sizes", ())))
-        data, header = nrrd.read(str(path))  # index order i, j, k (Fortran), like NIfTI
+        with open(path, "rb") as handle:
+            header = nrrd.read_header(handle)
+            _check_size(path, tuple(header.get("sizes", ())))
+            data = nrrd.read_data(*_nrrd_payload(path, header, handle), str(path))  # i, j, k order, like NIfTI
     except nrrd.NRRDError as error:
         raise InputError(f"{path}: cannot read NRRD file ({_one_line(error)})") from None
     directions = header.get("space directions")
@@ -293,7 +357,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
         space = str(header.get("space", "right-anterior-superior")).lower()
         if space not in _NRRD_SPACES:
-            raise InputError(f"{path}: NRRD space '{space}' is not a patient (anatomical) space")
+            raise InputError(f"{path}: NRRD space {shown(space)} is not a patient (anatomical) space")
         flips = np.asarray(_NRRD_SPACES[space])
     affine = np.eye(4)
     affine[:3, :3] = flips[:, None] * matrix
@@ -301,46 +365,117 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
     return data, affine, None
 
 
+def _nrrd_payload(path: Path, header: dict, handle: io.BufferedIOBase) -> tuple[dict, io.IOBase]:
+    """The header and file ``nrrd.read_data`` reads; compressed data is inflated here, at most as far as declared.
+
+    pynrrd inflates a whole gzip/bzip2 payload whatever the header declares (a few kB can inflate to
+    GBs), and reads a detached data file to its end (``data file: /dev/zero`` never ends).
+    """
+    import nrrd
+
+    name = header.get("data file", header.get("datafile"))
+    if name is not None:
+        data_path = path.parent / str(name)  # an absolute name stays absolute
+        if not data_path.resolve().is_relative_to(path.parent.resolve()):
+            # An uploaded .nhdr naming /etc/... or ../.. would make the server read its own files as voxels.
+            raise InputError(f"{path}: its data file {shown(name)} lies outside the header's folder")
+        if not data_path.is_file():
+            raise InputError(f"{path}: its data file {shown(name)} is missing or not a regular file")
+    encoding = header.get("encoding")
+    if encoding not in ("gzip", "gz", "bzip2", "bz2") or "sizes" not in header or "type" not in header:
+        return header, handle  # raw and text data are read no further than the file's size
+    count = int(np.prod([int(n) for n in header["sizes"]], dtype=object))
+    size = count * nrrd.reader._determine_datatype(header).itemsize
+    line_skip = int(header.get("lineskip", header.get("line skip", 0)))
+    byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
+    if count < 0 or line_skip < 0 or byte_skip < -1:
+        raise InputError(f"{path}: cannot read NRRD file (negative sizes or skips in the header)")
+    with (open(data_path, "rb") if name is not None else handle) as source:
+        for _ in range(line_skip):
+            source.readline()
+        opener = gzip.GzipFile if encoding.startswith("gz") else bz2.BZ2File
+        with opener(fileobj=source, mode="rb") as stream:
+            if byte_skip == -1:  # the data are the last bytes of the inflated stream
+                payload = b""
+                while chunk := stream.read(2**20):
+                    payload = (payload + chunk)[-size:] if size else b""
+            else:
+                stream.seek(byte_skip)
+                payload = stream.read(size + 1)
+    if len(payload) != size:
+        raise InputError(f"{path}: its {encoding} data {'exceed' if len(payload) > size else 'fall short of'} "
+                         f"the {size:,} bytes its header declares")
+    raw = {k: v for k, v in header.items() if k not in ("data file", "datafile", "lineskip", "line skip",
+                                                         "byteskip", "byte skip")}
+    raw["encoding"] = "raw"
+    return raw, io.BytesIO(payload)
+
+
 def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Read one DICOM series with ITK/GDCM (decodes JPEG2000 and applies rescale slope/intercept)."""
+    """Read one DICOM series, or one multi-frame file, with ITK/GDCM onto a regular orthogonal grid.
+
+    ITK/GDCM decodes the pixels (JPEG2000 and all) and applies rescale slope/intercept; the slice
+    geometry comes from each slice's (or frame's) own position tags, so uneven slices and gantry
+    tilt are resampled with a warning instead of being stacked as a regular grid
+    (medprompt.io.dicom). A single file with NumberOfFrames > 1, or a folder whose one series is
+    such a file, is read as one volume of its frames.
+    """
     import itk
 
     folder, wanted = (path, None) if path.is_dir() else (path.parent, path.resolve())
-    finder = itk.GDCMSeriesFileNames.New()
-    finder.SetUseSeriesDetails(True)  # split series that mix orientations or sizes
-    finder.SetDirectory(str(folder))
-    series = [list(finder.GetFileNames(uid)) for uid in finder.GetSeriesUIDs()]
-    if wanted is not None:
-        series = [files for files in series if any(Path(f).resolve() == wanted for f in files)]
-    if not series:
-        raise InputError(f"{path}: no readable DICOM series found")
-    if len(series) > 1:
-        raise InputError(f"{folder}: holds {len(series)} DICOM series; pass one file of the "
-                         "series you want")
+    if wanted is not None and dicom.frame_count(dicom.read_header(path, ["NumberOfFrames"])) > 1:
+        files = [str(path)]  # a multi-frame file is a whole volume: no need to scan its folder
+    else:
+        finder = itk.GDCMSeriesFileNames.New()
+        finder.SetUseSeriesDetails(True)  # split series that mix orientations or sizes
+        finder.SetDirectory(str(folder))
+        series = [list(finder.GetFileNames(uid)) for uid in finder.GetSeriesUIDs()]
+        if wanted is not None:
+            series = [files for files in series if any(Path(f).resolve() == wanted for f in files)]
+        if not series:
+            raise InputError(f"{path}: no readable DICOM series found")
+        if len(series) > 1:
+            raise InputError(f"{folder}: holds {len(series)} DICOM series; pass one file of the "
+                             "series you want")
+        files = series[0]
     probe = itk.GDCMImageIO.New()
-    probe.SetFileName(series[0][0])
+    probe.SetFileName(files[0])
     probe.ReadImageInformation()
-    _check_size(path, (probe.GetDimensions(0), probe.GetDimensions(1), len(series[0])))
+    frames = probe.GetDimensions(2) if probe.GetNumberOfDimensions() > 2 else 1
+    _check_size(path, (probe.GetDimensions(0), probe.GetDimensions(1), frames * len(files)))
+    rescale = None
+    if len(files) == 1 and frames > 1:
+        stack, rescale = dicom.multiframe_stack(files[0])
+        if stack is not None and len(stack.positions) != frames:
+            raise InputError(f"{path}: DICOM header declares {len(stack.positions)} frames, "
+                             f"the pixel data {frames}")
+    else:
+        stack = dicom.series_stack(files, path)
+    grid = None
+    if stack is not None:
+        grid = dicom.plan_grid(stack, (probe.GetDimensions(0), probe.GetDimensions(1)), path,
+                               UNEVEN_SLICE_TOLERANCE)
+        _check_size(path, grid.shape)  # tilt correction widens the grid
     dicom_io = itk.GDCMImageIO.New()
-    reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=series[0], ImageIO=dicom_io)
+    reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=files, ImageIO=dicom_io)
     warnings_shown = itk.Object.GetGlobalWarningDisplay()
-    itk.Object.SetGlobalWarningDisplay(False)  # uneven spacing is reported below, in one line
+    itk.Object.SetGlobalWarningDisplay(False)  # uneven spacing is handled below, in one line
     try:
         reader.Update()
     finally:
         itk.Object.SetGlobalWarningDisplay(warnings_shown)
     image = reader.GetOutput()
-    dictionary = image.GetMetaDataDictionary()
-    if dictionary.HasKey("ITK_non_uniform_sampling_deviation"):
-        deviation = float(dictionary["ITK_non_uniform_sampling_deviation"])  # mm, worst slice
-        if deviation > UNEVEN_SLICE_TOLERANCE * float(image.GetSpacing()[2]):
-            raise InputError(f"{path}: DICOM slices are unevenly spaced (a slice is {deviation:.3g} mm "
-                             "off a regular grid: missing slices?)")
     data = itk.array_from_image(image).transpose(2, 1, 0)  # ITK arrays are (k, j, i)
-    step = np.asarray(image.GetDirection(), dtype=np.float64) @ np.diag(image.GetSpacing())
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ step
-    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    if rescale is not None:
+        data = dicom.rescale_frames(data, (dicom_io.GetRescaleSlope(), dicom_io.GetRescaleIntercept()),
+                                    rescale)
+    if grid is not None:
+        data, affine = dicom.regularize(data, grid), grid.affine
+    else:  # no per-slice geometry in the headers: ITK's, as it stacked them
+        step = np.asarray(image.GetDirection(), dtype=np.float64) @ np.diag(image.GetSpacing())
+        affine = np.eye(4)
+        affine[:3, :3] = _LPS_TO_RAS @ step
+        affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
     tags = dicom_io.GetMetaDataDictionary()
     modality = str(tags["0008|0060"]).strip() if tags.HasKey("0008|0060") else ""
     return data, affine, modality or None
@@ -409,7 +544,7 @@ def _validated_names(names: object, where: str) -> dict[str, int]:
     for name, value in names.items():
         if not isinstance(name, str) or not name.strip() or isinstance(value, bool) \
                 or not isinstance(value, numbers.Integral) or not 1 <= value <= 65535:
-            raise ValueError(f"{where}: bad class entry {name!r}: {value!r} "
+            raise ValueError(f"{where}: bad class entry {shown(name)}: {shown(value)} "
                              "(need a name and a label value 1..65535)")
         clean[name] = int(value)  # numpy integers are fine here, but not in JSON
     if len(set(clean.values())) != len(clean):

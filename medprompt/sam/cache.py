@@ -7,7 +7,9 @@ model, or clicked on) reads it back in milliseconds instead of about half a seco
 Entries are float16 ``.npy`` files in ``$MEDPROMPT_CACHE/sam`` (default ``~/.cache/medprompt/sam``),
 bounded on disk (``MEDPROMPT_SAM_CACHE_GB``, default 4 GB: about 2,000 slices); the least
 recently used are dropped first. A small in-memory layer serves a study's repeated prompts. The
-cache is an optimisation only: a folder that cannot be written never breaks a draft.
+cache is an optimisation only: a folder that cannot be written never breaks a draft. Concurrent
+requests for the same study (a draft started while *Next Sample*'s prefetch runs, several clients
+opening one study) share the work: ``computing`` makes the second wait for the first's slices.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -64,6 +68,7 @@ class EmbeddingCache:
         self._memory_bytes = 0
         self._disk_bytes: int | None = None  # counted on the first write
         self._lock = threading.Lock()
+        self._inflight: dict[str, list] = {}  # key -> [lock, holders and waiters]
         self._warned = False
         self.hits = 0
         self.misses = 0
@@ -117,6 +122,30 @@ class EmbeddingCache:
                 self._disk_bytes += path.stat().st_size
             if self._disk_bytes > self.limit_bytes:
                 self._prune()
+
+    @contextmanager
+    def computing(self, keys: Sequence[str]) -> Iterator[None]:
+        """Hold ``keys`` while their embeddings are computed; another thread computing any of them waits
+        here, then finds them with ``get``. Locks are taken in sorted order, so two holders never deadlock."""
+        with self._lock:
+            entries = [self._inflight.setdefault(k, [threading.Lock(), 0]) for k in sorted(set(keys))]
+            for entry in entries:
+                entry[1] += 1
+        taken = []
+        try:
+            for entry in entries:
+                entry[0].acquire()
+                taken.append(entry)
+            yield
+        finally:
+            for entry in reversed(taken):
+                entry[0].release()
+            with self._lock:
+                for key in sorted(set(keys)):
+                    entry = self._inflight[key]
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._inflight[key]
 
     def _remember(self, key: str, data: np.ndarray) -> None:
         if key in self._memory:

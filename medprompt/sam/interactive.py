@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import nibabel as nib
 import numpy as np
 
-from medprompt.errors import RequestError
+from medprompt.errors import RequestError, shown
 from medprompt.sam.preprocess import apply_range, intensity_range
 from medprompt.sam.segmenter import SliceSegmenter
 
@@ -80,10 +80,10 @@ def _points(value: Any, name: str, shape: tuple[int, ...]) -> list[tuple[int, in
     for p in value:
         try:
             i, j, k = (int(round(float(v))) for v in p)
-        except (TypeError, ValueError):
-            raise RequestError(f"'{name}' must be a list of [i, j, k] voxel indices, got {p!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf, or an int beyond float
+            raise RequestError(f"'{name}' must be a list of [i, j, k] voxel indices, got {shown(p)}") from None
         if not all(0 <= v < n for v, n in zip((i, j, k), shape)):
-            raise RequestError(f"'{name}' point {list(p)} is outside the image (size {list(shape)})")
+            raise RequestError(f"'{name}' point {shown(list(p))} is outside the image (size {list(shape)})")
         out.append((i, j, k))
     return out
 
@@ -108,13 +108,13 @@ class ClickRequest:
                 raise RequestError("'roi' must be [i0, i1, j0, j1, k0, k1] voxel indices")
             try:
                 i0, i1, j0, j1, k0, k1 = (int(round(float(v))) for v in roi)
-            except (TypeError, ValueError):
-                raise RequestError(f"'roi' must hold numbers, got {roi!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise RequestError(f"'roi' must hold numbers, got {shown(roi)}") from None
             i0, i1, j0, j1 = min(i0, i1), max(i0, i1), min(j0, j1), max(j0, j1)
             i0, j0 = max(0, i0), max(0, j0)
             i1, j1 = min(shape[0] - 1, i1), min(shape[1] - 1, j1)
             if i1 <= i0 or j1 <= j0:
-                raise RequestError(f"'roi' {list(roi)} holds no pixels of the image (size {list(shape)})")
+                raise RequestError(f"'roi' {shown(list(roi))} holds no pixels of the image (size {list(shape)})")
             roi = (i0, i1, j0, j1)
             roi_k = (min(k0, k1) + max(k0, k1)) // 2
         k = request.get("slice")
@@ -124,18 +124,18 @@ class ClickRequest:
             raise RequestError("nothing to segment: add a foreground click or an ROI box")
         try:
             k = int(k)
-        except (TypeError, ValueError):
-            raise RequestError(f"'slice' must be a slice index, got {k!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"'slice' must be a slice index, got {shown(k)}") from None
         if not 0 <= k < shape[2]:
-            raise RequestError(f"'slice' {k} is outside the image ({shape[2]} slices)")
+            raise RequestError(f"'slice' {shown(k)} is outside the image ({shape[2]} slices)")
         fg = [p for p in fg if p[2] == k]
         bg = [p for p in bg if p[2] == k]
         if not fg and roi is None:
             raise RequestError(f"no foreground click on slice {k} and no ROI box: nothing to segment")
         try:
             propagate = int(request.get("propagate", propagate_default))
-        except (TypeError, ValueError):
-            raise RequestError(f"'propagate' must be a number of slices, got {request.get('propagate')!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"'propagate' must be a number of slices, got {shown(request.get('propagate'))}") from None
         return cls(k=k, foreground=fg, background=bg, roi=roi, propagate=max(0, min(propagate, shape[2])))
 
 

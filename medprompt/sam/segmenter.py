@@ -9,8 +9,10 @@ comes from memory or disk for every later prompt, model and request.
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +47,20 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+# One encoder run at a time per device: on a CPU each run already uses every core, and concurrent
+# requests running it side by side only thrash (20 concurrent cold drafts: see BENCHMARKS.md).
+_ENCODER_SLOTS: dict[str, threading.Semaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _encoder_slot(device: torch.device) -> Iterator[None]:
+    with _SLOTS_LOCK:
+        slot = _ENCODER_SLOTS.setdefault(str(device), threading.Semaphore(1))
+    with slot:
+        yield
 
 
 class SliceSegmenter:
@@ -93,14 +109,25 @@ class SliceSegmenter:
         bar = tqdm(total=len(todo), desc="LiteMedSAM encoder", unit="slice", disable=not progress or not todo, leave=False)
         for i in range(0, len(todo), self.batch):
             chunk = todo[i : i + self.batch]
-            x = model_input(self.slices[chunk], self.geometry).to(self.sam.device)
-            with torch.autocast(self.sam.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                emb = self.sam.net.image_encoder(x)
-            emb = emb.to(torch.float16).cpu()
-            for k, e in zip(chunk, emb):
-                self._embeddings[k] = e
-                self.cache.put(self._key(k), e.numpy())
-            self.encoded += len(chunk)
+            # Slices another request is encoding right now are waited for, then read, not encoded twice.
+            with self.cache.computing([self._key(k) for k in chunk]), _encoder_slot(self.sam.device):
+                fresh = []
+                for k in chunk:
+                    cached = self.cache.get(self._key(k))
+                    if cached is not None:
+                        self._embeddings[k] = torch.from_numpy(cached)
+                    else:
+                        fresh.append(k)
+                if fresh:
+                    x = model_input(self.slices[fresh], self.geometry).to(self.sam.device)
+                    with torch.autocast(self.sam.device.type, dtype=self.dtype or torch.float32,
+                                        enabled=self.dtype is not None):
+                        emb = self.sam.net.image_encoder(x)
+                    emb = emb.to(torch.float16).cpu()
+                    for k, e in zip(fresh, emb):
+                        self._embeddings[k] = e
+                        self.cache.put(self._key(k), e.numpy())
+                    self.encoded += len(fresh)
             bar.update(len(chunk))
         bar.close()
 
@@ -135,6 +162,16 @@ class SliceSegmenter:
         return logits.float().cpu()
 
 
+def _two_way(transformer: torch.nn.Module, keys: torch.Tensor, key_pe: torch.Tensor,
+             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's TwoWayTransformer.forward on token-major (N, HW, C) image tokens (same layers, same order)."""
+    queries = tokens
+    for layer in transformer.layers:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+    attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+    return transformer.norm_final_attn(queries + attn_out), keys
+
+
 def _taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear taps of output rows lo..hi-1 when resizing n_in -> n_out as torch does
     (``align_corners=False``: source position clamped at 0, upper neighbour at the last row)."""
@@ -160,10 +197,12 @@ def decode(net: torch.nn.Module, image: torch.Tensor, sparse: torch.Tensor, dens
     n = sparse.shape[0]
     tokens = torch.cat([torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)[None].expand(n, -1, -1),
                         sparse], dim=1)
-    src = image.expand(n, -1, -1, -1) + dense
-    pos = net.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
-    c, h, w = src.shape[1:]
-    hs, src = dec.transformer(src, pos, tokens)
+    c, h, w = image.shape[1:]
+    # Token-major and contiguous from the start: SAM's transformer permutes (B, C, H, W) to a strided
+    # (B, HW, C) view, and the many element-wise adds on those views were a third of the decoder's time.
+    src = (image + dense).flatten(2).transpose(1, 2).contiguous().expand(n, -1, -1)
+    pos = net.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).contiguous()
+    hs, src = _two_way(dec.transformer, src, pos, tokens)
     hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C/8)
     quality = dec.iou_prediction_head(hs[:, 0, :])[:, 0]
     src = src.transpose(1, 2).reshape(n, c, h, w)

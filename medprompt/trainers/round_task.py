@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from monailabel.interfaces.tasks.train import TrainTask
 
+from medprompt.catalog import quoted
 from medprompt.errors import InputError
 from medprompt.io.volume import write_json
 
@@ -32,10 +33,10 @@ def request_int(request: dict[str, Any], key: str, default: int) -> int:
     value = request.get(key, default)
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "ten", inf
         number = 0
     if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
-        raise InputError(f"'{key}' must be a positive whole number, not {value!r}")
+        raise InputError(f"'{key}' must be a positive whole number, not {quoted(str(value))}")
     return number
 
 
