@@ -83,6 +83,15 @@ CORPUS: dict[str, tuple[str, Callable[[Path], None], str]] = {
 }
 
 
+def _truncated_dicom_series(folder: Path) -> None:
+    """A valid 5-slice CT series whose middle file lost the second half of its pixel data."""
+    from test_io import ORIENTATIONS, write_dicom_series
+
+    files = write_dicom_series(folder, CT[:8, :8, :5], ORIENTATIONS["LPS"], modality="CT")
+    data = files[2].read_bytes()
+    files[2].write_bytes(data[: len(data) - 40])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
@@ -92,6 +101,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder.mkdir()
         write(folder / filename)
         files[name] = folder / filename
+    _truncated_dicom_series(root / "truncated_dicom" / "series")
+    files["truncated_dicom"] = root / "truncated_dicom" / "series"
     return files
 
 
@@ -107,6 +118,29 @@ def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def small_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEDPROMPT_MAX_VOXELS", str(10**8))
+
+
+def test_cli_refuses_a_dicom_series_with_a_truncated_slice(corpus: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    code = main(["infer", str(corpus["truncated_dicom"]), str(tmp_path / "out.nii.gz"), "--refine", "none"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "series" in lines[0] and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_nan_and_inf_voxels_become_the_image_minimum_with_a_warning(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from medprompt.io.volume import load_volume
+
+    data = CT.astype(np.float32)
+    data[0, 0, 0], data[1, 1, 1], data[2, 2, 2] = np.nan, np.inf, -np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "holes.nii.gz")
+    volume = load_volume(tmp_path / "holes.nii.gz")
+    lowest = data[np.isfinite(data)].min()
+    assert np.isfinite(volume.data).all() and volume.data[0, 0, 0] == volume.data[2, 2, 2] == lowest
+    np.testing.assert_array_equal(volume.data[3:], data[3:])
+    assert "3 NaN/Inf voxels" in caplog.text
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))

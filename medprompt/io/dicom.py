@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,6 +109,56 @@ def header_errors(path: str | Path) -> Iterator[None]:
             ValueError, TypeError, KeyError, AttributeError, IndexError, EOFError, ArithmeticError,
             NotImplementedError, struct.error) as error:
         raise InputError(f"{path}: cannot read DICOM header ({_one_line(error)})") from None
+
+
+# Transfer syntaxes whose pixel data has a known size: implicit/explicit VR little endian, big endian.
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def check_pixel_bytes(path: str | Path) -> None:
+    """Refuse a file whose uncompressed pixel data is shorter than its header declares.
+
+    ITK/GDCM reads such a slice without complaint (a copy cut short, a full disk), and the draft
+    would be made on whatever fills the missing bytes.
+    """
+    import pydicom
+
+    with header_errors(path), open(path, "rb") as handle:
+        header = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        start = handle.tell()
+        syntax = str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2"))
+        if syntax not in _UNCOMPRESSED or "Rows" not in header or "Columns" not in header:
+            return
+        bits = int(header.get("BitsAllocated", 16) or 16)
+        declared = (int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1) or 1)
+                    * frame_count(header) * bits + 7) // 8
+        held = os.fstat(handle.fileno()).st_size - start
+    if held < declared:  # ``held`` still counts the pixel element's own 8-12 byte header: lenient
+        raise InputError(f"{path}: DICOM pixel data is cut short ({max(held, 0):,} of {declared:,} bytes)")
+
+
+def check_left_out(folder: str | Path, files: Sequence[str]) -> None:
+    """Refuse a series when a file of it in ``folder`` is one GDCM could not read and left out.
+
+    GDCM's series finder skips such a file silently; the gap it leaves would then be interpolated as
+    if a slice were missing. Other objects in the folder (DICOMDIR, reports) are not of the series
+    and stay ignored.
+    """
+    import pydicom
+
+    chosen = {Path(f).resolve() for f in files}
+    uid = str(read_header(files[0], ["SeriesInstanceUID"]).get("SeriesInstanceUID", ""))
+    for other in sorted(Path(folder).iterdir()):
+        if not other.is_file() or other.resolve() in chosen:
+            continue
+        try:
+            header = pydicom.dcmread(str(other), stop_before_pixels=True, force=True,
+                                     specific_tags=["SeriesInstanceUID"])
+        except Exception:  # not DICOM at all: not ours to judge
+            continue
+        if uid and str(header.get("SeriesInstanceUID", "")) == uid:
+            raise InputError(f"{other}: a slice of this series that cannot be read (damaged or cut short?); "
+                             "remove it to read the others with the gap interpolated")
 
 
 def frame_count(header) -> int:

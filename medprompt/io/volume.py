@@ -11,6 +11,8 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import functools
+import hashlib
 import json
 import logging
 import numbers
@@ -79,6 +81,20 @@ class Volume:
         """Voxel size in mm along the stored axes i, j, k (norms of the affine's columns)."""
         norms = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
         return float(norms[0]), float(norms[1]), float(norms[2])
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the voxels as laid out in memory, shape, affine and modality: the key of work kept
+        per study (medprompt.memo). About 0.13 s for a 512x512x200 float32 CT, no copy. The same
+        voxels in another memory layout get another digest (a miss, never a wrong hit). A Volume is not
+        changed after it is made; one that is must be a new Volume."""
+        data = np.asarray(self.data)
+        layout = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+        flat = data.ravel(order="K") if layout == "F" else np.ascontiguousarray(data).ravel()
+        h = hashlib.sha256(f"{data.dtype.str}|{data.shape}|{layout}|{self.modality}".encode())
+        h.update(np.ascontiguousarray(self.affine, dtype=np.float64).tobytes())
+        h.update(memoryview(flat).cast("B"))
+        return h.hexdigest()
 
 
 def load_volume(path: str | os.PathLike) -> Volume:
@@ -438,6 +454,9 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
             raise InputError(f"{folder}: holds {len(series)} DICOM series; pass one file of the "
                              "series you want")
         files = series[0]
+        dicom.check_left_out(folder, files)
+    for file in files:
+        dicom.check_pixel_bytes(file)
     probe = itk.GDCMImageIO.New()
     probe.SetFileName(files[0])
     probe.ReadImageInformation()

@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from medprompt.localization import Localization
+from medprompt.memo import Memo
 from medprompt.prior import geometry
 from medprompt.sam.preprocess import axial_view, from_axial_view, modality_of, to_uint8
 
@@ -158,6 +159,18 @@ def sampling_step(slice_mm: float, settings: RefineSettings) -> int:
     return max(1, int(round(settings.step_mm / slice_mm)))
 
 
+def uint8_view(volume: "Volume", canon: np.ndarray, ornt: np.ndarray, modality: str,
+               window: tuple | None) -> np.ndarray:
+    """The axial uint8 slices LiteMedSAM sees of ``volume`` (``canon``: its data reoriented by ``ornt``),
+    kept for the last studies: shared by the prefetch and every later draft. Read-only."""
+    def make() -> np.ndarray:
+        view = axial_view(to_uint8(canon, modality, window))
+        view.flags.writeable = False
+        return view
+
+    return _VIEWS.get_or_make((volume.digest, np.asarray(ornt).tobytes(), modality, window), make)
+
+
 def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettings = RefineSettings(),
                progress: bool = False) -> int:
     """Compute (or find cached) the embeddings a default draft of ``volume`` will ask for first.
@@ -166,8 +179,8 @@ def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettin
     with the same pixels :func:`refine` shows LiteMedSAM, so a later draft reads them from the
     cache; slices with nothing in them are skipped. Returns how many slices were prepared.
     """
-    canon, _, (sx, sy, sz) = geometry.to_canonical(np.asarray(volume.data), volume.affine)
-    view = axial_view(to_uint8(canon, modality_of(canon, volume.modality), None))
+    canon, ornt, (sx, sy, sz) = geometry.to_canonical(np.asarray(volume.data), volume.affine)
+    view = uint8_view(volume, canon, ornt, modality_of(canon, volume.modality), None)
     step = sampling_step(sz, settings)
     wanted = [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
     segmenter_for(view, (sy, sx)).prepare(wanted, progress=progress)
@@ -204,6 +217,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
     return lab == int(np.argmax(sizes)) + 1
+
+
+# The last studies' windowed uint8 slices (about 1 s to make for a 512x512x200 CT, 52 MB each), so
+# drafting a study again reads them instead (medprompt.memo).
+_VIEWS: Memo[np.ndarray] = Memo(entries=4)
 
 
 def refine(
@@ -255,24 +273,28 @@ def refine(
     weight = settings.weight_for(loc.modality)
     edge = np.array([view_shape[2] - 1, view_shape[1] - 1] * 2, np.float32)  # boxes stay on the slice
     for window, names in windows.items():
-        seg: SliceSegmenter = segmenter_for(axial_view(to_uint8(canon, loc.modality, window)), pixel_mm)
+        seg: SliceSegmenter = segmenter_for(uint8_view(volume, canon, frame.ornt, loc.modality, window), pixel_mm)
         wanted = sorted({regions[n].origin[0] + k for n in names for k in plans[n]})
         before = seg.encoded
         seg.prepare(wanted, progress=progress)
         encoded += seg.encoded - before
         cached += len(wanted) - (seg.encoded - before)
-        for name in tqdm(names, desc="LiteMedSAM masks", unit="class", disable=not progress, leave=False):
-            r = regions[name]
-            logits = np.full(r.seed.shape, OUTSIDE, np.float32)
-            z0, r0, c0 = r.origin
-            nz, nr, nc = r.seed.shape
+        drawn_on: dict[int, list[tuple[str, int]]] = {}
+        for name in names:
             for k in plans[name]:
-                # One decoder call per class and slice, for the class's crop only: batching every
-                # class of a slice into one call was slower on the CPU (measured 22 s vs 19 s on
-                # ct_abdomen_a), since the decoder's cost is per prompt and the crop grows.
+                drawn_on.setdefault(regions[name].origin[0] + k, []).append((name, k))
+        all_logits = {name: np.full(regions[name].seed.shape, OUTSIDE, np.float32) for name in names}
+        # Slice by slice, so every class drawn on a slice shares its decoder context (segmenter.py). One
+        # decoder call per class, for the class's crop only: batching every class of a slice into one
+        # call was slower on the CPU (measured 22 s vs 19 s on ct_abdomen_a), since the crops grow.
+        for z in tqdm(sorted(drawn_on), desc="LiteMedSAM masks", unit="slice", disable=not progress, leave=False):
+            for name, k in drawn_on[z]:
+                r = regions[name]
+                _, r0, c0 = r.origin
+                nr, nc = r.seed.shape[1:]
                 boxes = np.clip(_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
                                 0, edge)
-                out = seg.predict(z0 + k, boxes=boxes, region=(r0, r0 + nr, c0, c0 + nc)).amax(dim=0).numpy()
+                out = seg.predict(z, boxes=boxes, region=(r0, r0 + nr, c0, c0 + nc)).amax(dim=0).numpy()
                 if weight:
                     out = out + np.where(r.seed[k], weight, -weight)
                 drawn = int(((out > 0) & r.allowed[k]).sum())
@@ -281,7 +303,10 @@ def refine(
                     # sinus inside a dark kidney on T1 MR): keep the localiser's slice instead.
                     out = np.where(r.seed[k], FALLBACK, -FALLBACK).astype(np.float32)
                     kept[name] = kept.get(name, 0) + 1
-                logits[k] = out
+                all_logits[name][k] = out
+        for name in names:
+            r = regions[name]
+            logits = all_logits.pop(name)
             _interpolate_missing(logits, plans[name])
             _extend_ends(logits, plans[name], r.seed, pixel_mm, settings)
             logits[~r.allowed] = OUTSIDE

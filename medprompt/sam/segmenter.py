@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterable, Iterator, Sequence
@@ -19,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from medprompt.sam.cache import EmbeddingCache, slice_key
-from medprompt.sam.preprocess import SAM_SIZE, SliceGeometry, model_input
+from medprompt.sam.decoder import SliceContext, decode, slice_context, token_pe
+from medprompt.sam.preprocess import SliceGeometry, model_input
 from medprompt.sam.weights import LoadedSam
 
 ENV_PRECISION = "MEDPROMPT_SAM_PRECISION"
+CONTEXT_SLICES = 4  # slices whose decoder context is kept (about 10 MB each)
 
 
 def encoder_dtype(device: torch.device) -> torch.dtype | None:
@@ -49,16 +52,17 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-# One encoder run at a time per device: on a CPU each run already uses every core, and concurrent
-# requests running it side by side only thrash (20 concurrent cold drafts: see BENCHMARKS.md).
-_ENCODER_SLOTS: dict[str, threading.Semaphore] = {}
+# One LiteMedSAM run (encoder or decoder) at a time per device: on a CPU each already uses every
+# core, and concurrent requests running them side by side only thrash (20 concurrent drafts: see
+# BENCHMARKS.md).
+_DEVICE_SLOTS: dict[str, threading.Semaphore] = {}
 _SLOTS_LOCK = threading.Lock()
 
 
 @contextmanager
-def _encoder_slot(device: torch.device) -> Iterator[None]:
+def _device_slot(device: torch.device) -> Iterator[None]:
     with _SLOTS_LOCK:
-        slot = _ENCODER_SLOTS.setdefault(str(device), threading.Semaphore(1))
+        slot = _DEVICE_SLOTS.setdefault(str(device), threading.Semaphore(1))
     with slot:
         yield
 
@@ -76,6 +80,8 @@ class SliceSegmenter:
         self.geometry: SliceGeometry | None = None
         self._keys: dict[int, str] = {}
         self._embeddings: dict[int, torch.Tensor] = {}
+        self._contexts: OrderedDict[int, SliceContext] = OrderedDict()
+        self._pe: torch.Tensor | None = None
         self.encoded = 0  # slices this segmenter ran the encoder on (the rest came from the cache)
         self.last_quality: torch.Tensor | None = None
 
@@ -87,6 +93,7 @@ class SliceSegmenter:
         self.geometry = SliceGeometry.for_slice(slices.shape[1:], tuple(pixel_mm)[:2])
         self._keys.clear()
         self._embeddings.clear()
+        self._contexts.clear()
 
     def _key(self, k: int) -> str:
         if k not in self._keys:
@@ -110,7 +117,7 @@ class SliceSegmenter:
         for i in range(0, len(todo), self.batch):
             chunk = todo[i : i + self.batch]
             # Slices another request is encoding right now are waited for, then read, not encoded twice.
-            with self.cache.computing([self._key(k) for k in chunk]), _encoder_slot(self.sam.device):
+            with self.cache.computing([self._key(k) for k in chunk]), _device_slot(self.sam.device):
                 fresh = []
                 for k in chunk:
                     cached = self.cache.get(self._key(k))
@@ -130,6 +137,20 @@ class SliceSegmenter:
                     self.encoded += len(fresh)
             bar.update(len(chunk))
         bar.close()
+
+    def _context(self, k: int) -> SliceContext:
+        """Slice ``k``'s prompt-independent decoder work, kept for the last few slices: every class drawn
+        on a slice (and every candidate box of a click) shares it."""
+        if k in self._contexts:
+            self._contexts.move_to_end(k)
+            return self._contexts[k]
+        if self._pe is None:
+            self._pe = token_pe(self.sam.net)
+        image = self._embeddings[k].to(self.sam.device, torch.float32)[None]
+        self._contexts[k] = ctx = slice_context(self.sam.net, image, self._pe)
+        while len(self._contexts) > CONTEXT_SLICES:
+            self._contexts.popitem(last=False)
+        return ctx
 
     @torch.no_grad()
     def predict(self, k: int, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
@@ -154,71 +175,9 @@ class SliceSegmenter:
             pts = (torch.from_numpy(coords).to(dev),
                    torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=dev).reshape(n, -1))
         net = self.sam.net
-        sparse, dense = net.prompt_encoder(points=pts, boxes=box_t, masks=None)
-        image = self._embeddings[k].to(dev, torch.float32)[None]
+        sparse, _ = net.prompt_encoder(points=pts, boxes=box_t, masks=None)
         region = region or (0, g.shape[0], 0, g.shape[1])
-        logits, quality = decode(net, image, sparse, dense, g, region)
+        with _device_slot(dev):
+            logits, quality = decode(net, self._context(k), sparse, g, region)
         self.last_quality = quality.float().cpu()  # SAM's own IoU estimate per prompt, for choosing among candidates
         return logits.float().cpu()
-
-
-def _two_way(transformer: torch.nn.Module, keys: torch.Tensor, key_pe: torch.Tensor,
-             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's TwoWayTransformer.forward on token-major (N, HW, C) image tokens (same layers, same order)."""
-    queries = tokens
-    for layer in transformer.layers:
-        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-    attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
-    return transformer.norm_final_attn(queries + attn_out), keys
-
-
-def _taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear taps of output rows lo..hi-1 when resizing n_in -> n_out as torch does
-    (``align_corners=False``: source position clamped at 0, upper neighbour at the last row)."""
-    src = np.maximum((np.arange(lo, hi) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def decode(net: torch.nn.Module, image: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-           g: SliceGeometry, region: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's mask decoder for N prompts: logits on ``region`` of the slice only, and SAM's IoU estimate.
-
-    The two-way transformer needs the whole embedding, but everything after it is local: the
-    upscaling is two stride-2, kernel-2 transposed convolutions with a per-pixel LayerNorm, the
-    mask is a per-pixel product with the mask token's hypernetwork output, and the resize back to
-    the slice is bilinear. So only the 64x64 embedding cells under the region are upscaled, which
-    for an organ's box is a small part of the 256x256 output (the upscaling was most of the
-    decoder's time). Equal to cropping ``logits_to_slice`` of the full output (tests/test_sam.py).
-    Only the first mask token is used (SAM's single-mask output, as MedSAM is trained).
-    """
-    dec = net.mask_decoder
-    n = sparse.shape[0]
-    tokens = torch.cat([torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)[None].expand(n, -1, -1),
-                        sparse], dim=1)
-    c, h, w = image.shape[1:]
-    # Token-major and contiguous from the start: SAM's transformer permutes (B, C, H, W) to a strided
-    # (B, HW, C) view, and the many element-wise adds on those views were a third of the decoder's time.
-    src = (image + dense).flatten(2).transpose(1, 2).contiguous().expand(n, -1, -1)
-    pos = net.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).contiguous()
-    hs, src = _two_way(dec.transformer, src, pos, tokens)
-    hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C/8)
-    quality = dec.iou_prediction_head(hs[:, 0, :])[:, 0]
-    src = src.transpose(1, 2).reshape(n, c, h, w)
-    r0, r1, c0, c1 = region
-    ri0, ri1, rw = _taps(g.resized[0], g.shape[0], r0, r1)
-    ci0, ci1, cw = _taps(g.resized[1], g.shape[1], c0, c1)
-    scale = SAM_SIZE // h  # 4: one embedding cell -> 4x4 logits
-    e_r0, e_r1 = int(ri0.min()) // scale, int(ri1.max()) // scale + 1
-    e_c0, e_c1 = int(ci0.min()) // scale, int(ci1.max()) // scale + 1
-    up = dec.output_upscaling(src[:, :, e_r0:e_r1, e_c0:e_c1])  # (N, C/8, 4h', 4w')
-    logits = torch.einsum("nc,nchw->nhw", hyper, up)
-    base_r, base_c = e_r0 * scale, e_c0 * scale
-    dev = logits.device
-    rw_t = torch.from_numpy(rw).to(dev)[None, :, None]
-    logits = (logits[:, torch.from_numpy(ri0 - base_r).to(dev)] * (1 - rw_t)
-              + logits[:, torch.from_numpy(ri1 - base_r).to(dev)] * rw_t)
-    cw_t = torch.from_numpy(cw).to(dev)[None, None, :]
-    return (logits[:, :, torch.from_numpy(ci0 - base_c).to(dev)] * (1 - cw_t)
-            + logits[:, :, torch.from_numpy(ci1 - base_c).to(dev)] * cw_t), quality
