@@ -2,7 +2,7 @@
 
 Scanners and converters store MR as uint16, int16, float32 or float64 with arbitrary scaling; every
 model normalises robustly (percentiles), so the draft must not depend on the storage. Checked through
-the files (NIfTI), with every draft model, with and without LiteMedSAM.
+the files (NIfTI), with every draft model, with and without LiteMedSAM, and with a click.
 """
 
 from __future__ import annotations
@@ -59,3 +59,23 @@ def test_uint16_and_float64_at_1e6_scale_draft_the_same(mr_pair: tuple[Path, Pat
             assert dice >= 0.99, f"{model}+{refine} {name}: Dice {dice:.4f} between uint16 and float64 storage"
     if model == "prior":
         assert drawn >= 2  # the prior finds organs on this contrast: the comparison is not of empty masks
+
+
+def test_a_click_draws_the_same_on_uint16_and_float64_storage(mr_pair: tuple[Path, Path], sam_cache: Path) -> None:
+    """The click models (medprompt_click, medprompt_click_3d) read intensities through the same percentiles."""
+    from medprompt.sam import segmenter_factory
+    from medprompt.sam.interactive import ClickRequest, click_segment
+    from medprompt.sam.preprocess import modality_of
+
+    small, large = (load_volume(p) for p in mr_pair)
+    _, labels, names = make_phantom(3, shape=(64, 64, 40))
+    liver = labels == names["liver"]
+    k = int(np.argmax(liver.sum(axis=(0, 1))))
+    i, j = (int(v) for v in np.argwhere(liver[:, :, k]).mean(axis=0))
+    request = ClickRequest.parse({"foreground": [[i, j, k]], "propagate": 2}, small.data.shape)
+    make = segmenter_factory()
+    masks = [click_segment(v.data, v.affine, modality_of(v.data, v.modality), request, make) for v in (small, large)]
+    assert modality_of(small.data, None) == modality_of(large.data, None) == "MR"
+    assert masks[0].any()
+    dice = 2 * np.sum(masks[0] & masks[1]) / (masks[0].sum() + masks[1].sum())
+    assert dice >= 0.99, dice
