@@ -58,6 +58,7 @@ from medprompt.access import auth_enabled, enable_token_check, exposure_warning,
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
+from medprompt.errors import shown  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
 from medprompt.infers.http import ServedNames, http_errors, install_handlers  # noqa: E402
@@ -152,8 +153,7 @@ class MedPromptApp(MONAILabelApp):
             if not isinstance(image, str) or not (_readable_path(image, self.studies)
                                                   or (datastore or self.datastore()).get_image_uri(image)):
                 # Any path on the server is not an image: only MONAI Label's upload file and what lies in the studies folder.
-                shown = repr(image) if len(repr(image)) <= 80 else repr(image)[:77] + "..."
-                raise HTTPException(status_code=404, detail=f"unknown image id {shown}: not in the datastore")
+                raise HTTPException(status_code=404, detail=f"unknown image id {shown(image)}: not in the datastore")
             return super().infer(request, datastore)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
