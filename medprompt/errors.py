@@ -20,6 +20,12 @@ def shown(value: object) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
+def one_line(error: BaseException) -> str:
+    """A library's exception message for a one-line error: whitespace collapsed, cut at 160 characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 class MedPromptError(Exception):
     """Base class for problems caused by the user's input or environment, not by a bug."""
 

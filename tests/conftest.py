@@ -42,6 +42,17 @@ def sam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     sam.shared_cache.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, dict[str, int]]:
+    """Phantom 1 saved as NIfTI: (path, its labels, class name -> value)."""
+    from medprompt.io import save_volume
+    from medprompt.phantoms import make_phantom
+
+    volume, labels, names = make_phantom(1)
+    path = save_volume(tmp_path_factory.mktemp("phantom") / "ct.nii.gz", volume)
+    return path, labels, names
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """``../shared/data/real`` beside the checkout (never copied into the repo), or skip."""

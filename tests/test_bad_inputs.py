@@ -106,15 +106,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medprompt.io import save_volume
-    from medprompt.phantoms import make_phantom
-
-    volume, _, _ = make_phantom(1, shape=(48, 48, 24))
-    return save_volume(tmp_path_factory.mktemp("phantom") / "ct.nii.gz", volume)
-
-
 @pytest.fixture
 def small_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEDPROMPT_MAX_VOXELS", str(10**8))
@@ -160,9 +151,9 @@ def test_cli_refuses_each_bad_file_in_one_line_with_exit_2(
 @pytest.mark.parametrize("prompt", ["", "   ", "\x00", "liv\x1b[31mer", "x" * 100_000, "肝臓", "🫀", ",,,"],
                          ids=["empty", "blank", "nul", "escape", "huge", "unicode", "emoji", "commas"])
 def test_cli_refuses_unusable_prompts_in_one_short_line(
-    prompt: str, phantom_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    prompt: str, phantom_file: tuple[Path, np.ndarray, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code = main(["infer", str(phantom_file), str(tmp_path / "out.nii.gz"), "--refine", "none", "--prompts", prompt])
+    code = main(["infer", str(phantom_file[0]), str(tmp_path / "out.nii.gz"), "--refine", "none", "--prompts", prompt])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -102,13 +102,6 @@ def test_help_exits_0(capsys: pytest.CaptureFixture) -> None:
     assert "infer" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, dict[str, int]]:
-    volume, labels, names = make_phantom(1)
-    path = save_volume(tmp_path_factory.mktemp("phantom") / "ct.nii.gz", volume)
-    return path, labels, names
-
-
 def test_infer_one_volume(tmp_path: Path, capsys: pytest.CaptureFixture, phantom_file, sam_cache: Path) -> None:
     image, truth, truth_names = phantom_file
     output = tmp_path / "drafts" / "ct_draft.nii.gz"

@@ -17,29 +17,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medprompt.errors import InputError
 from medprompt.io import load_volume
+from test_io import LPS, SPACING, make_affine, rotation
 
-LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 STUDY_UID = "1.2.826.0.1.3680043.2.1125.9.1"
 SERIES_UID = "1.2.826.0.1.3680043.2.1125.9.2"
 
-
-def rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
-    yaw, pitch = np.deg2rad(yaw_deg), np.deg2rad(pitch_deg)
-    about_z = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-    about_x = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
-    return about_x @ about_z
-
-
-def make_affine(directions: np.ndarray, spacing, origin) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = directions @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
-
-
-SPACING = (0.7, 0.9, 2.5)  # anisotropic on purpose: swapped axes would change it
 OBLIQUE = make_affine(rotation(20, 10), SPACING, (-5.0, 3.0, 7.0))
 STORED = np.random.default_rng(0).integers(-300, 300, (7, 6, 5)).astype(np.int16)  # i, j, k
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from medprompt.errors import InputError, NotFoundError, RequestError, shown
+from medprompt.io.volume import atomic_write, load_labelmap, load_volume, stored_shape
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ class GuardedDatastore(LocalDatastore):
         An unreadable upload is refused here (422) rather than stored, where every later draft,
         score and training round would trip over it.
         """
-        from medprompt.io.volume import load_volume
-
         image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
         if not isinstance(image_id, str) or not _is_safe_id(image_id):
             raise RequestError(f"image id {shown(image_id)} is not a file name (no '/', '\\', control "
@@ -57,7 +55,7 @@ class GuardedDatastore(LocalDatastore):
         dest = os.path.join(self._datastore.image_path(), name)
         logger.info(f"Adding image {image_id} -> {dest}")
         with FileLock(self._lock_file):
-            _atomic_copy(image_filename, dest)
+            atomic_write(dest, lambda tmp: _copy(image_filename, tmp), suffix=_TMP, durable=True)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
             self._update_datastore_file(lock=False)
@@ -65,8 +63,6 @@ class GuardedDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """As LocalDatastore.save_label, after checking the tag, the image id and the file, and atomically."""
-        from medprompt.io.volume import load_labelmap, stored_shape
-
         if not isinstance(label_tag, str) or not _is_plain_name(label_tag):
             raise RequestError(f"label tag {shown(label_tag)} is not a plain name (letters, digits, '_', '-', '.')")
         obj = self._datastore.objects.get(image_id) if isinstance(image_id, str) and "\0" not in image_id else None
@@ -85,7 +81,7 @@ class GuardedDatastore(LocalDatastore):
         logger.info(f"Saving label for image {image_id}; tag {label_tag} -> {dest}")
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
-            _atomic_copy(label_filename, dest)
+            atomic_write(dest, lambda tmp: _copy(label_filename, tmp), suffix=_TMP, durable=True)
             info = dict(label_info or {}, ts=int(time.time()), name=name)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._update_datastore_file(lock=False)
@@ -102,16 +98,8 @@ class GuardedDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            tmp = f"{self._datastore_config_path}.{secrets.token_hex(4)}{_TMP}"
-            try:
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    handle.write(text)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self._datastore_config_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(self._datastore_config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"),
+                         suffix=_TMP, durable=True)
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:
@@ -164,15 +152,6 @@ def _is_plain_name(tag: str) -> bool:
             and all(c.isascii() and (c.isalnum() or c in "_.-") for c in tag))
 
 
-def _atomic_copy(source: str, dest: str) -> None:
-    """Copy to a temporary name in ``dest``'s folder, flush it to disk, then rename over ``dest``."""
-    tmp = f"{os.path.join(os.path.dirname(dest), '.' + os.path.basename(dest))}.{secrets.token_hex(4)}{_TMP}"
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _copy(source: str, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "wb") as out:
+        shutil.copyfileobj(src, out)

@@ -31,11 +31,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from medprompt.errors import InputError
+from medprompt.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # DICOM patient space (LPS) <-> RAS+, its own inverse
 # Two slices whose orientations (direction cosines) differ by more than this are not one stack.
 _ORIENTATION_TOLERANCE = 1e-4
 # In-plane drift of the slices up to this share of a pixel is not a gantry tilt. Looser than the
@@ -108,7 +108,7 @@ def header_errors(path: str | Path) -> Iterator[None]:
     except (pydicom.errors.InvalidDicomError, pydicom.errors.BytesLengthException, OSError,
             ValueError, TypeError, KeyError, AttributeError, IndexError, EOFError, ArithmeticError,
             NotImplementedError, struct.error) as error:
-        raise InputError(f"{path}: cannot read DICOM header ({_one_line(error)})") from None
+        raise InputError(f"{path}: cannot read DICOM header ({one_line(error)})") from None
 
 
 # Transfer syntaxes whose pixel data has a known size: implicit/explicit VR little endian, big endian.
@@ -356,9 +356,9 @@ def plan_grid(stack: Stack, size: tuple[int, int], where: str | Path, tolerance:
         warnings.append(message)
     origin = positions[0] + lo_i * stack.spacing[0] * stack.row + lo_j * stack.spacing[1] * stack.column
     affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ np.column_stack(
+    affine[:3, :3] = LPS_TO_RAS @ np.column_stack(
         [stack.row * stack.spacing[0], stack.column * stack.spacing[1], normal * step])
-    affine[:3, 3] = _LPS_TO_RAS @ origin
+    affine[:3, 3] = LPS_TO_RAS @ origin
     return Grid(shape=(size_i, size_j, len(lower)), affine=affine, order=order, lower=lower,
                 weight=weight, shifts=shifts, warnings=tuple(warnings))
 
@@ -479,7 +479,3 @@ def _place(slice_: np.ndarray, shift: np.ndarray, shape: tuple[int, ...], fill: 
                                     output_shape=tuple(shape), order=1, mode="constant", cval=fill,
                                     output=np.float32)
 
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 160 else text[:157] + "..."

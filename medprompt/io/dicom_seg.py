@@ -15,8 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from medprompt.errors import InputError
+from medprompt.io.dicom import LPS_TO_RAS
+from medprompt.io.volume import atomic_write
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # Colours (RGB) for segments 1, 2, ... in viewers that show them; cycled.
 _COLOURS = [(221, 130, 101), (157, 108, 162), (185, 102, 83), (128, 174, 128), (241, 214, 145), (216, 101, 79),
             (183, 156, 220), (111, 184, 210), (230, 220, 70), (255, 250, 220)]
@@ -42,7 +43,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], ser
     # name no class are left out.
     kept = np.where(np.isin(labels, list(present.values())), labels, 0).astype(np.uint16)
     image = sitk.GetImageFromArray(np.ascontiguousarray(kept.transpose(2, 1, 0)))
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]
     spacing = np.linalg.norm(lps[:, :3], axis=0)
     image.SetSpacing([float(v) for v in spacing])
     image.SetDirection([float(v) for v in (lps[:, :3] / spacing).ravel()])
@@ -69,12 +70,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], ser
     dataset = writer.write(image, [pydicom.dcmread(str(f)) for f in _files_of(sources, series)])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        dataset.save_as(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: dataset.save_as(str(tmp)))
     return out
 
 
@@ -96,8 +92,8 @@ def read_seg(path: str | os.PathLike, grid: tuple[tuple[int, int, int], np.ndarr
     image = result.image
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
     names = {str(s.SegmentLabel): int(s.SegmentNumber) for s in dataset.SegmentSequence}
     labels = np.ascontiguousarray(result.data.transpose(2, 1, 0))
     if grid is None:

@@ -26,7 +26,7 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from medprompt.errors import InputError, shown
+from medprompt.errors import InputError, one_line, shown
 from medprompt.io import dicom
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ _NRRD_SPACES = {
     "left-posterior-superior": (-1.0, -1.0, 1.0),
     "lps": (-1.0, -1.0, 1.0),
 }
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 # Inputs declaring more voxels than this are refused before anything is allocated (a header can
 # claim any size over a tiny payload). 2**30 voxels is a 4 GiB float32 volume, ten times a
@@ -165,7 +164,7 @@ def write_json(path: str | os.PathLike, content: object) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(content, indent=1) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -177,7 +176,7 @@ def read_label_names(path: str | os.PathLike) -> dict[str, int]:
     except FileNotFoundError:
         raise InputError(f"{path}: no such label-names file") from None
     except (OSError, ValueError, RecursionError) as error:  # ValueError: also bad UTF-8, a 5000-digit int
-        raise InputError(f"{path}: not a readable JSON file ({_one_line(error)})") from None
+        raise InputError(f"{path}: not a readable JSON file ({one_line(error)})") from None
     if isinstance(content, dict) and isinstance(content.get("labels"), dict):
         content = content["labels"]
     try:
@@ -243,7 +242,7 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     try:
         exists = path.exists()
     except OSError as error:  # a name too long for the file system, a permission denied
-        raise InputError(f"{shown(str(path))}: cannot access it ({error.strerror or _one_line(error)})") from None
+        raise InputError(f"{shown(str(path))}: cannot access it ({error.strerror or one_line(error)})") from None
     if not exists:
         raise InputError(f"{path}: no such file or folder")
     name = path.name.lower()
@@ -263,7 +262,7 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     except MemoryError:
         raise InputError(f"{path}: too large to read into memory") from None
     except _READ_ERRORS as error:
-        raise InputError(f"{path}: cannot read {kind} file ({_one_line(error)})") from None
+        raise InputError(f"{path}: cannot read {kind} file ({one_line(error)})") from None
     data = _as_3d(data, path)
     if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number)
                                              or data.dtype == np.bool_):
@@ -352,7 +351,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
             _check_size(path, tuple(header.get("sizes", ())))
             data = nrrd.read_data(*_nrrd_payload(path, header, handle), str(path))  # i, j, k order, like NIfTI
     except nrrd.NRRDError as error:
-        raise InputError(f"{path}: cannot read NRRD file ({_one_line(error)})") from None
+        raise InputError(f"{path}: cannot read NRRD file ({one_line(error)})") from None
     directions = header.get("space directions")
     if directions is None:
         spacings = header.get("spacings", [1.0] * data.ndim)
@@ -493,8 +492,8 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     else:  # no per-slice geometry in the headers: ITK's, as it stacked them
         step = np.asarray(image.GetDirection(), dtype=np.float64) @ np.diag(image.GetSpacing())
         affine = np.eye(4)
-        affine[:3, :3] = _LPS_TO_RAS @ step
-        affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+        affine[:3, :3] = dicom.LPS_TO_RAS @ step
+        affine[:3, 3] = dicom.LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
     tags = dicom_io.GetMetaDataDictionary()
     modality = str(tags["0008|0060"]).strip() if tags.HasKey("0008|0060") else ""
     return data, affine, modality or None
@@ -528,13 +527,13 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     image = nib.Nifti1Image(data, affine)
     image.set_qform(affine, code=1)  # both codes set: some viewers read only one of the two
     image.set_sform(affine, code=1)
-    _atomic_write(path, lambda tmp: nib.save(image, tmp))
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def _write_nrrd(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     import nrrd
 
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]  # RAS -> LPS is its own inverse
+    lps = dicom.LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]  # RAS -> LPS is its own inverse
     header = {
         "space": "left-posterior-superior",
         "space directions": lps[:, :3].T,  # row a = world step of axis a
@@ -542,15 +541,26 @@ def _write_nrrd(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
         "kinds": ["domain"] * 3,
         "encoding": "gzip",
     }
-    _atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"))
+    atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path`` (atomic on POSIX)."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # nibabel picks gzip by name
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffix: str | None = None,
+                 durable: bool = False) -> None:
+    """Write via a temporary file in the same folder, then rename over ``path`` (atomic on POSIX).
+
+    ``suffix`` ends the temporary name (default: the file's own, as writers that pick a format by
+    name, nibabel's gzip, need). ``durable`` flushes it to disk before the rename, so a power cut
+    leaves the old file or the new one, never an empty one.
+    """
+    path = Path(path)
+    if suffix is None:
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
     try:
         write(tmp)
+        if durable:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -578,7 +588,3 @@ def _strip_suffix(name: str) -> str:
             return name[: -len(suffix)]
     return name
 
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
