@@ -43,7 +43,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Why a 2D study gets no score; ScoreMethod reports how many it skipped and strategies rank them last.
+SKIPPED_2D = "a 2D study (X-ray, ultrasound or one slice): the MedPrompt network scores 3D volumes"
 PROBABILITY_EPS = 1e-6  # keeps log2 finite for saturated sigmoids; changes H by < 3e-5 bits
+
+
+def is_2d_study(datastore: Datastore, image: str) -> bool:
+    """Whether the datastore image ``image`` is a 2D study (a picture, 2D DICOM or 2D NIfTI file)."""
+    from medprompt.io.image2d import is_image2d
+
+    uri = datastore.get_image_uri(image)
+    return bool(uri) and is_image2d(uri)
 
 
 def mean_binary_entropy(prob: np.ndarray, region: np.ndarray) -> float:
@@ -115,7 +125,8 @@ class ImageScore(ABC):
         """Scores of ``images``: cached ones read, the others computed one at a time and stored.
 
         An image that cannot be read is logged and left out, so one broken file does not stop the
-        rest; a missing checkpoint raises WeightsError before anything is computed.
+        rest; a missing checkpoint raises WeightsError before anything is computed. A 2D study (X-ray,
+        ultrasound, one slice) is left out with its reason logged: both scores are about the 3D network.
         """
         # Read once, before computing: a score made while a round replaces the checkpoint is stored
         # under the old key, so it is recomputed next time rather than trusted.
@@ -124,6 +135,9 @@ class ImageScore(ABC):
         scores: dict[str, float] = {}
         for image in tqdm(images, desc=self.name, unit="image", disable=not progress):
             score = self.cached(datastore.get_image_info(image), key)
+            if score is None and is_2d_study(datastore, image):
+                logger.info(f"{self.name}: {image} not scored: {SKIPPED_2D}")
+                continue
             if score is None:
                 begin = time.time()
                 try:
@@ -192,8 +206,11 @@ class ScoreMethod(ScoringMethod):
         begin = time.time()
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         scores = self.score.update(datastore, images, progress=True)
-        summary = {"total": len(images), "scored": len(scores), "failed": len(images) - len(scores),
-                   "latency": round(time.time() - begin, 3)}
+        skipped = sum(1 for image in images if image not in scores and is_2d_study(datastore, image))
+        summary = {"total": len(images), "scored": len(scores), "skipped_2d": skipped,
+                   "failed": len(images) - len(scores) - skipped, "latency": round(time.time() - begin, 3)}
+        if skipped:
+            summary["skipped_reason"] = SKIPPED_2D
         logger.info(f"{self.score.name}: {summary}")
         return summary
 
@@ -201,7 +218,8 @@ class ScoreMethod(ScoringMethod):
 class ScoreStrategy(Strategy):
     """``POST /activelearning/<name>``: the unlabelled study with the highest score.
 
-    Ties go to the first image id; images that cannot be scored come last but are not hidden.
+    Ties go to the first image id; images that cannot be scored (unreadable, or 2D studies) come last
+    but are not hidden.
     No unlabelled image: None, which MONAI Label answers with ``{}`` (nothing to label).
     """
 

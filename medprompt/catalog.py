@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from medprompt import synonyms
 from medprompt.errors import PromptError, shown
 
 if TYPE_CHECKING:
@@ -40,17 +41,22 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_TEXT_ENCODER = "minilm"
 ENV_EXTRA_DIRS = "MEDPROMPT_PROMPTS_DIRS"
 
-_TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior", "sam"}
+_TOP_FIELDS = {"name", "aliases", "descriptions", "keywords", "prior", "sam", "image2d"}
+_IMAGE2D_FIELDS = {"modalities", "intensity", "position", "size", "parts", "sequence", "note"}
+_IMAGE2D_MODALITIES = {"XR", "US", "MR", "CT", "MG"}
 _SAM_FIELDS = {"refine", "window"}
 _PRIOR_FIELDS = {
     "supported", "note", "method", "ct", "mr", "location", "volume_ml", "components", "parts", "erode_mm",
     "near", "radius_mm", "exclude",
 }
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
+STOP_WORDS = frozenset(
     "a an the of and or in on to is are be it its this that with by for from as at into which who "
     "what where segment segmentation mask show find me please organ structure region".split()
 )
+# Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
+# right organ tissue") says which side but not what, and is refused rather than guessed.
+GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
 
 
 QUOTE_CHARS = 80  # of a prompt quoted in an error message
@@ -79,7 +85,7 @@ def words(text: str) -> list[str]:
     """Content words of a prompt, with a crude plural fold so 'kidneys' meets 'kidney'."""
     out = []
     for w in tokens(text):
-        if w in _STOP:
+        if w in STOP_WORDS:
             continue
         if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
             w = w[:-1]
@@ -100,6 +106,10 @@ class PromptEntry:
     # How LiteMedSAM refines the class: ``window`` [level, width] in HU for CT (default soft tissue),
     # ``refine: false`` keeps the localiser's own mask (e.g. the whole body).
     sam: Mapping[str, Any] = field(default_factory=dict)
+    # What the class looks like on a 2D image (the 2D attribute prior, medprompt/saliency/attribute.py):
+    # ``modalities``, relative ``intensity`` (dark/bright), ``position`` of its centre in the image frame
+    # (fractions of width x and height y), ``size`` (area fraction of the field), ``parts``, MR ``sequence``.
+    image2d: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def prior_supported(self) -> bool:
@@ -168,7 +178,8 @@ class PromptCatalog:
         Name/alias words weigh most; laterality words ('left', 'right') only break ties between
         sided classes, so 'the kidney filters blood' means both kidneys and 'left kidney' one.
         """
-        prompt = words(text)
+        # Both readings: as written and in plain nouns ('renal' -> 'kidney', 'sinister' -> 'left').
+        prompt = list(dict.fromkeys(words(text) + words(synonyms.canonical(text))))
         if not prompt:
             return {}
         scores: dict[str, float] = {}
@@ -195,13 +206,21 @@ class PromptCatalog:
         return scores
 
     def resolve(self, text: str, encoder: TextEncoder | None = None) -> PromptEntry:
-        """Name or alias first, then text similarity (``encoder``, else the catalog's ``text_encoder``)
-        or, with neither, keywords; an unresolvable prompt names the closest classes."""
+        """Name or alias first (as written, then in plain nouns: 'sinistral renal' -> 'left kidney'),
+        then text similarity (``encoder``, else the catalog's ``text_encoder``) or, with neither,
+        keywords; an unresolvable prompt names the closest classes."""
         if not isinstance(text, str) or not text.strip():
             raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
-        exact = self.lookup(text)
+        exact = self.lookup(text) or self.lookup(synonyms.canonical(text))
         if exact is not None:
             return exact
+        plain = words(synonyms.canonical(text))
+        if all(w in synonyms.SIDE_WORDS or w in GENERIC_WORDS for w in plain):
+            side = {synonyms.SIDE_WORDS[w] for w in plain if w in synonyms.SIDE_WORDS}
+            near = [n for n in self.names if side & set(words(n.replace("_", " ")))] or self.closest(text)
+            raise PromptError(f"prompt '{quoted(text)}' names no structure, only a side or a generic word; "
+                              f"name the organ; known classes{' on that side' if side else ''}: "
+                              f"{', '.join(near[:6])}")
         if encoder is None and self.text_encoder is not None:
             from medprompt.text.encoders import get_text_encoder
 
@@ -317,6 +336,10 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
             if not isinstance(block, dict):
                 raise PromptError(f"{path}: field 'prior.{mod}' must be a mapping")
             for key, val in block.items():
+                if mod == "mr" and key == "flow":  # blood flow of a vessel: 'fast' (arterial) changes its MR window
+                    if val not in ("fast", "slow"):
+                        raise PromptError(f"{path}: field 'prior.mr.flow' must be fast or slow")
+                    continue
                 _range(val, path, f"prior.{mod}.{quoted(str(key))}")
     if "volume_ml" in prior:
         _range(prior["volume_ml"], path, "prior.volume_ml")
@@ -335,6 +358,40 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
     if prior.get("supported") and "method" not in prior and "parts" not in prior:
         raise PromptError(f"{path}: field 'prior.method' is required when prior.supported is true")
     return dict(prior)
+
+
+def _validate_image2d(block: Any, path: Path) -> dict[str, Any]:
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise PromptError(f"{path}: field 'image2d' must be a mapping")
+    unknown = _unknown(block, _IMAGE2D_FIELDS)
+    if unknown:
+        raise PromptError(f"{path}: unknown field 'image2d.{unknown}' (known: {', '.join(sorted(_IMAGE2D_FIELDS))})")
+    mods = _str_list(block.get("modalities"), path, "image2d.modalities", required=True)
+    if not set(mods) <= _IMAGE2D_MODALITIES:
+        raise PromptError(f"{path}: field 'image2d.modalities' must name some of {', '.join(sorted(_IMAGE2D_MODALITIES))}")
+    if block.get("intensity") not in ("dark", "bright"):
+        raise PromptError(f"{path}: field 'image2d.intensity' must be dark or bright")
+    position = block.get("position", {})
+    if not isinstance(position, dict) or set(position) - {"x", "y"}:
+        raise PromptError(f"{path}: field 'image2d.position' must be a mapping of x and/or y ranges")
+    for axis, value in position.items():
+        _range(value, path, f"image2d.position.{axis}")
+        if not 0 <= value[0] <= value[1] <= 1:
+            raise PromptError(f"{path}: field 'image2d.position.{axis}' must lie in 0..1 (fractions of the image)")
+    if "size" in block:
+        _range(block["size"], path, "image2d.size")
+        if not 0 < block["size"][0] <= block["size"][1] <= 1:
+            raise PromptError(f"{path}: field 'image2d.size' must be area fractions in (0, 1]")
+    if "parts" in block and not (isinstance(block["parts"], int) and not isinstance(block["parts"], bool)
+                                 and block["parts"] >= 1):
+        raise PromptError(f"{path}: field 'image2d.parts' must be a positive integer")
+    if "sequence" in block and not isinstance(block["sequence"], str):
+        raise PromptError(f"{path}: field 'image2d.sequence' must be an MR sequence name such as FLAIR")
+    out = dict(block)
+    out["modalities"] = list(mods)
+    return out
 
 
 def _validate_sam(sam: Any, path: Path) -> dict[str, Any]:
@@ -388,6 +445,7 @@ def parse_prompt_file(path: Path) -> list[PromptEntry]:
                 prior=_validate_prior(item.get("prior"), path),
                 source=str(path),
                 sam=_validate_sam(item.get("sam"), path),
+                image2d=_validate_image2d(item.get("image2d"), path),
             )
         )
     return entries

@@ -1,4 +1,5 @@
-"""The ``medprompt`` command: infer, evaluate, sample-data, serve.
+"""The ``medprompt`` command: infer, evaluate, sample-data, train-zero-shot, train-finetune, train-clip,
+train-weak, serve, pacs-demo.
 
 Every user-facing failure is a MedPromptError and ends as ``error: <message>`` on stderr with
 exit code 2 (argparse's own code for bad usage), never a traceback.
@@ -15,6 +16,7 @@ from typing import Sequence
 
 from medprompt.drafts import REFINE_CHOICES
 from medprompt.errors import InputError, MedPromptError
+from medprompt.io.image2d import find_images2d, image_stem, is_image2d
 from medprompt.io.volume import NIFTI_SUFFIXES, find_volumes, volume_stem, write_json
 
 EXIT_USAGE = 2
@@ -39,11 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     infer = commands.add_parser("infer", help="draft masks for a volume or a folder of volumes")
-    infer.add_argument("input", type=Path, help="NIfTI/NRRD file, DICOM series folder, or a folder of volumes")
-    infer.add_argument("output", type=Path, help="output .nii.gz (one input) or folder")
+    infer.add_argument("input", type=Path, help="NIfTI/NRRD file, DICOM series folder, 2D image (PNG/JPEG/TIFF/BMP, "
+                                                "2D DICOM or NIfTI), or a folder of them")
+    infer.add_argument("output", type=Path, help="output .nii.gz (one input), .png (one 2D image) or folder")
     infer.add_argument("--prompts", nargs="+", metavar="P",
                        help="class names or sentences (default: the Synapse 8 organs)")
-    infer.add_argument("--model", default="prior", help="draft model: prior (default) or medprompt")
+    infer.add_argument("--model", default="prior", help="draft model: prior (default) or medprompt; "
+                                                        "2D images: weak:MODEL.pt (made by train-weak)")
     infer.add_argument("--checkpoint", type=Path, default=None,
                        help="model file for --model medprompt (default: models/medprompt_default.pt)")
     infer.add_argument("--refine", default="sam", choices=REFINE_CHOICES,
@@ -54,14 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--text-encoder", default=None, metavar="SPEC",
                        help="frozen text encoder for --model medprompt: minilm (default, offline), biomedclip, "
                             "a model folder, or open_clip:MODEL:TAG_OR_PATH")
+    infer.add_argument("--saliency", default=None, metavar="METHOD",
+                       help="2D images: the saliency method that finds each class (default: attribute, the "
+                            "prompt file's 2D attributes; others as registered in medprompt.saliency)")
+    infer.add_argument("--overlay", type=Path, default=None, metavar="DIR",
+                       help="2D images: also write saliency and mask overlays as PNGs into DIR")
     infer.set_defaults(run=_infer)
 
-    evaluate = commands.add_parser("evaluate", help="per-class Dice/IoU of a label map against a reference")
-    evaluate.add_argument("--pred", type=Path, required=True, help="predicted label map")
-    evaluate.add_argument("--ref", type=Path, required=True, help="reference label map")
+    evaluate = commands.add_parser("evaluate", help="per-class Dice/IoU of label maps against references: "
+                                                    "one pair, two folders, or an MSD/nnU-Net dataset")
+    evaluate.add_argument("--pred", type=Path, required=True, help="predicted label map, or a folder of them")
+    evaluate.add_argument("--ref", type=Path, required=True,
+                          help="reference label map, a folder of them, or an MSD/nnU-Net dataset folder "
+                               "(dataset.json + labelsTs/ or labelsTr/)")
     evaluate.add_argument("--pred-labels", type=Path, help="JSON of class name -> value (default: sidecar)")
-    evaluate.add_argument("--ref-labels", type=Path, help="JSON of class name -> value (default: sidecar)")
+    evaluate.add_argument("--ref-labels", type=Path,
+                          help="JSON of class name -> value (default: sidecar, dataset.json or the folder's labels.json)")
+    evaluate.add_argument("--name-map", type=Path, metavar="JSON",
+                          help='JSON {"their name": "our name", ...} applied to both sides before matching')
     evaluate.add_argument("--json", type=Path, dest="json_out", help="also write the scores to this JSON file")
+    evaluate.add_argument("--csv", type=Path, dest="csv_out",
+                          help="also write per-case scores and the mean, sd and n rows to this CSV file")
     evaluate.set_defaults(run=_evaluate)
 
     sample = commands.add_parser("sample-data", help="write synthetic CT phantoms and their reference masks")
@@ -107,6 +124,58 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.set_defaults(run=_train_finetune)
 
+    clip = commands.add_parser("train-clip", help="finetune an open_clip model (e.g. BiomedCLIP) on image-text "
+                                                  "pairs with the DHN-NCE loss (MedCLIP-SAM)")
+    source = clip.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", type=Path, metavar="CSV", help="pairs file with columns image,text[,class]")
+    source.add_argument("--studies", type=Path, metavar="DIR",
+                        help="MONAI Label datastore: pairs are made from the saved labels (labels/final), "
+                             "crops of each class with its prompt texts, into OUT/pairs/")
+    clip.add_argument("--model", required=True, metavar="SPEC",
+                      help="model to start from (local weights only): biomedclip, a folder with "
+                           "open_clip_config.json, or open_clip:ARCH:PATH_OR_TAG")
+    clip.add_argument("--out", type=Path, required=True, metavar="DIR",
+                      help="model folder to write (a model spec itself); a partial run there resumes")
+    clip.add_argument("--steps", type=int, default=1000)
+    clip.add_argument("--batch-size", type=int, default=16)
+    clip.add_argument("--lr", type=float, default=1e-5)
+    clip.add_argument("--tau", type=float, default=0.6, help="DHN-NCE temperature (default: 0.6)")
+    clip.add_argument("--beta1", type=float, default=0.15, help="hardness, image to text (default: 0.15)")
+    clip.add_argument("--beta2", type=float, default=0.15, help="hardness, text to image (default: 0.15)")
+    clip.add_argument("--device", default="auto")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
+    clip.add_argument("--max-minutes", type=float, default=None,
+                      help="stop after this long (saved and resumable); default: run all steps")
+    clip.set_defaults(run=_train_clip)
+
+    weak = commands.add_parser("train-weak", help="train a 2D segmentation network on the zero-shot masks of a "
+                                                   "folder of unlabelled 2D images (weak supervision, MedCLIP-SAM)")
+    weak.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of 2D images")
+    weak.add_argument("--prompts", nargs="+", required=True, metavar="CLASS", help="classes to learn")
+    weak.add_argument("--out", type=Path, required=True, metavar="MODEL.pt",
+                      help="model file to write; a partial run beside it (MODEL.pt.state) resumes")
+    weak.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                      help="learn from these masks (<stem>.png, values by sidecar names or prompt order) "
+                           "instead of zero-shot drafts")
+    weak.add_argument("--saliency", default=None, metavar="METHOD", help="saliency method of the zero-shot drafts")
+    weak.add_argument("--sam-checkpoint", type=Path, default=None, metavar="PATH", help="LiteMedSAM weights")
+    weak.add_argument("--steps", type=int, default=300, help="both passes together (default: 300)")
+    weak.add_argument("--batch-size", type=int, default=4)
+    weak.add_argument("--lr", type=float, default=3e-3)
+    weak.add_argument("--size", type=int, default=256, help="network input side in pixels (default: 256)")
+    weak.add_argument("--snapshots", type=int, default=3, help="checkpoints ensembled (default: 3)")
+    weak.add_argument("--uncertain", type=float, default=0.8,
+                      help="normalised entropy of the ensemble above which a pixel leaves the second pass "
+                           "(default: 0.8, i.e. a two-class probability between about 0.24 and 0.76)")
+    weak.add_argument("--no-second-pass", action="store_true", help="one pass on every pixel of the masks")
+    weak.add_argument("--device", default="auto")
+    weak.add_argument("--seed", type=int, default=0)
+    weak.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
+    weak.add_argument("--max-minutes", type=float, default=None,
+                      help="stop after this long (saved and resumable); default: run all steps")
+    weak.set_defaults(run=_train_weak)
+
     serve = commands.add_parser("serve", help="start the MONAI Label server on a studies folder")
     serve.add_argument("--studies", help="studies folder or DICOMweb URL (default: phantoms in ./sample_data)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -114,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="app option, as for monailabel start_server (repeatable)")
     serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("pacs-demo", help="start a local Orthanc with phantoms (or --dicom) and serve it for OHIF")
+    demo.add_argument("--dicom", type=Path, default=None, metavar="FOLDER",
+                      help="upload the DICOM files under FOLDER instead of the phantoms")
+    demo.add_argument("--storage", type=Path, default=Path("pacs_demo"), metavar="DIR",
+                      help="Orthanc's database and the demo's caches (default: ./pacs_demo)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000, help="the app's port (OHIF at /ohif/)")
+    demo.add_argument("--orthanc-port", type=int, default=None, help="Orthanc's HTTP port (default: a free one)")
+    demo.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                      help="app option, as for serve (repeatable)")
+    demo.set_defaults(run=_pacs_demo)
     return parser
 
 
@@ -128,6 +209,26 @@ def _infer(args: argparse.Namespace) -> int:
     bar = tqdm(jobs, desc="drafting", unit="volume", disable=len(jobs) < 2, file=sys.stderr)
     for source, target in bar:
         try:
+            if is_image2d(source) and str(args.model).lower().startswith("weak:"):  # a train-weak model
+                from medprompt.weak.draft import draft_weak_file
+
+                result = draft_weak_file(source, target, args.prompts, args.model, refine=args.refine,
+                                         sam_checkpoint=args.sam_checkpoint)
+                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
+                continue
+            if str(args.model).lower().startswith("weak:"):
+                raise InputError(f"{source}: --model weak:... drafts 2D images; this is a volume")
+            if is_image2d(source):  # X-ray, ultrasound, one MR/CT slice: saliency -> boxes -> LiteMedSAM
+                from medprompt.drafts2d import draft2d_file
+
+                if str(args.model).lower() != "prior":
+                    raise InputError(f"{source}: --model {args.model} drafts volumes; a 2D image is localised by "
+                                     "a saliency method (--saliency) or drafted by --model weak:MODEL.pt")
+
+                result = draft2d_file(source, target, args.prompts, saliency=args.saliency, refine=args.refine,
+                                      sam_checkpoint=args.sam_checkpoint, overlay_dir=args.overlay)
+                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
+                continue
             volume = load_volume(source)
             result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1,
                            checkpoint=args.checkpoint, text_encoder=args.text_encoder,
@@ -149,28 +250,40 @@ def _infer(args: argparse.Namespace) -> int:
 def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     """(input volume, output label map) pairs: one file or DICOM folder, or every volume in a folder.
 
-    OUTPUT ending in .nii/.nii.gz names the one output file; anything else is a folder.
+    OUTPUT ending in .nii/.nii.gz (or .png for a 2D image) names the one output file; anything else
+    is a folder, where 2D images get ``<stem>.png`` and volumes ``<stem>.nii.gz``.
     """
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
     inputs = [source] if source.is_file() else find_volumes(source)
+    if source.is_dir():
+        inputs = sorted(set(inputs) | set(find_images2d(source)))
     if not inputs:
-        raise InputError(f"{source}: no volumes found (.nii, .nii.gz, .nrrd, .nhdr or DICOM series)")
+        raise InputError(f"{source}: no volumes found (.nii, .nii.gz, .nrrd, .nhdr or DICOM series) "
+                         "and no 2D images (.png, .jpg, .tif, .bmp, 2D DICOM or NIfTI)")
+    if output.name.lower().endswith(".png"):
+        if len(inputs) > 1 or not is_image2d(inputs[0]):
+            raise InputError(f"{output}: a .png label map is written for one 2D image; "
+                             f"{source} is {'a folder' if len(inputs) > 1 else 'not a 2D image'}")
+        return [(inputs[0], output)]
     if output.name.lower().endswith(NIFTI_SUFFIXES):
         if len(inputs) > 1:
             raise InputError(f"{output}: {source} holds {len(inputs)} volumes; give an output folder")
         return [(inputs[0], output)]
-    stems = [volume_stem(p) for p in inputs]
+    stems = [image_stem(p) if is_image2d(p) else volume_stem(p) for p in inputs]
     clash = sorted({s for s in stems if stems.count(s) > 1})
     if clash:
         raise InputError(f"{source}: several volumes named {', '.join(clash)}; outputs would collide")
-    return [(p, output / f"{s}.nii.gz") for p, s in zip(inputs, stems)]
+    return [(p, output / f"{s}{'.png' if is_image2d(p) else '.nii.gz'}") for p, s in zip(inputs, stems)]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from medprompt.evaluation import evaluate_files
+    from medprompt.evaluation import DatasetEvaluation, case_name, evaluate_files, read_name_map
 
-    result = evaluate_files(args.pred, args.ref, args.pred_labels, args.ref_labels)
+    name_map = read_name_map(args.name_map) if args.name_map is not None else None
+    if _label_folder(args.pred) or _label_folder(args.ref):
+        return _evaluate_folders(args, name_map)
+    result = evaluate_files(args.pred, args.ref, args.pred_labels, args.ref_labels, name_map)
     if not result.scores:
         raise InputError(f"{args.pred} and {args.ref} share no class names "
                          f"(prediction: {', '.join(result.only_pred) or 'none'}; "
@@ -190,6 +303,56 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json_out is not None:
         write_json(args.json_out, result.to_dict())
         print(f"wrote {args.json_out}")
+    if args.csv_out is not None:
+        case = case_name(args.ref)
+        DatasetEvaluation(cases={case: result}, classes=[s.name for s in result.scores],
+                          pred_paths={case: str(args.pred)}, ref_paths={case: str(args.ref)}).write_csv(args.csv_out)
+        print(f"wrote {args.csv_out}")
+    return 0
+
+
+def _label_folder(path: Path) -> bool:
+    """A folder of label maps or a dataset, as opposed to one label map (a file or a DICOM series folder)."""
+    return path.is_dir() and find_volumes(path) != [path]
+
+
+def _evaluate_folders(args: argparse.Namespace, name_map: dict[str, str] | None) -> int:
+    """Two folders or a dataset: per-class mean +- sd over cases, unmatched cases warned about and listed."""
+    from medprompt.evaluation import evaluate_folders
+
+    for option, path in (("--pred", args.pred), ("--ref", args.ref)):
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder ({option})")
+    if not (_label_folder(args.pred) and _label_folder(args.ref)):
+        raise InputError(f"--pred {args.pred} and --ref {args.ref}: give two label maps or two folders, "
+                         f"not a file and a folder")
+    result = evaluate_folders(args.pred, args.ref, args.pred_labels, args.ref_labels, name_map, progress=True)
+    for side, cases in (("prediction", result.only_pred_cases), ("reference", result.only_ref_cases)):
+        if cases:
+            print(f"warning: {len(cases)} case(s) only in the {side} folder, not scored: {', '.join(cases)}",
+                  file=sys.stderr)
+    fmt = lambda v: "  n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    summary = result.summary()
+    width = max(len("class"), len("mean"), *(len(c.name) for c in summary))
+    print(f"{len(result.cases)} cases; per class: mean +- sd over the cases whose reference holds it (n)")
+    print(f"{'class':<{width}}    n  Dice mean +- sd   IoU mean +- sd   false-positive cases")
+    for c in summary:
+        print(f"{c.name:<{width}}  {c.n:>3}  {fmt(c.dice_mean)} +- {fmt(c.dice_sd)}   "
+              f"{fmt(c.iou_mean)} +- {fmt(c.iou_sd)}   {len(c.false_positive_cases)}")
+    print(f"{'mean':<{width}}       {fmt(result.mdice)}            {fmt(result.miou)}            (mDice, mIoU)")
+    for side, names in (("predictions", result.only_pred_classes), ("references", result.only_ref_classes)):
+        if names:
+            more = f", ... ({len(names)} in all; --json lists them)" if len(names) > 12 else ""
+            print(f"classes only in the {side} (not scored): {', '.join(names[:12])}{more}")
+    resampled = [case for case, e in result.cases.items() if e.resampled]
+    if resampled:
+        print(f"note: resampled (nearest neighbour) onto the reference grid: {', '.join(resampled)}")
+    if args.json_out is not None:
+        write_json(args.json_out, result.to_dict())
+        print(f"wrote {args.json_out}")
+    if args.csv_out is not None:
+        result.write_csv(args.csv_out)
+        print(f"wrote {args.csv_out}")
     return 0
 
 
@@ -211,6 +374,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise MedPromptError(f"the server is not available ({error})") from None
     return serve(studies=args.studies, host=args.host, port=args.port, conf=dict(args.conf))
+
+
+def _pacs_demo(args: argparse.Namespace) -> int:
+    from medprompt.pacs.demo import run_demo
+
+    return run_demo(dicom=args.dicom, storage=args.storage, host=args.host, port=args.port,
+                    orthanc_port=args.orthanc_port, conf=dict(args.conf))
 
 
 def _train_zero_shot(args: argparse.Namespace) -> int:
@@ -245,4 +415,46 @@ def _train_finetune(args: argparse.Namespace) -> int:
     verdict = f"replaced {result.served} (kept as {result.version})" if result.accepted else \
         f"kept {result.served}: the candidate was worse"
     print(f"validation Dice on {', '.join(result.validation)}: {before} -> {result.candidate_score:.3f}; {verdict}")
+    return 0
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    from medprompt.clip.train import ClipTrainConfig, describe, train_clip
+
+    if args.steps < 1 or args.batch_size < 2:
+        raise InputError("--steps must be positive and --batch-size at least 2")
+    if args.tau <= 0:
+        raise InputError(f"--tau must be positive, got {args.tau}")
+    pairs = args.pairs
+    if args.studies is not None:
+        from medprompt.clip.model import resolve_files
+        from medprompt.clip.pairs import build_pairs
+
+        resolve_files(args.model)  # a missing model is reported before any crop is written
+        pairs = build_pairs(args.studies, args.out / "pairs")
+        print(f"wrote {pairs}")
+    cfg = ClipTrainConfig(pairs=pairs, model=args.model, out=args.out, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, tau=args.tau, beta1=args.beta1, beta2=args.beta2, device=args.device,
+                          seed=args.seed, resume=not args.no_resume,
+                          time_limit_s=args.max_minutes * 60 if args.max_minutes else None)
+    print(describe(train_clip(cfg, progress=True)))
+    return 0
+
+
+def _train_weak(args: argparse.Namespace) -> int:
+    from medprompt.weak.train import WeakConfig, train_weak
+
+    if not 0.0 < args.uncertain <= 1.0:
+        raise InputError(f"--uncertain must be in (0, 1], got {args.uncertain}")
+    cfg = WeakConfig(images=args.images, prompts=args.prompts, out=args.out, masks=args.masks, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, size=args.size, snapshots=args.snapshots,
+                     second_pass=not args.no_second_pass, uncertain=args.uncertain, saliency=args.saliency,
+                     sam_checkpoint=args.sam_checkpoint, device=args.device, seed=args.seed,
+                     resume=not args.no_resume, time_limit_s=args.max_minutes * 60 if args.max_minutes else None)
+    result = train_weak(cfg, progress=True)
+    if not result.complete:
+        print(f"stopped at step {result.step}/{result.steps}; saved, run again to resume")
+        return 0
+    excluded = "" if result.excluded is None else f", {result.excluded:.1%} of pixels uncertain in pass 2"
+    print(f"wrote {result.out} ({result.steps} steps in {result.seconds:.0f} s{excluded})")
     return 0

@@ -48,3 +48,7 @@ class RequestError(MedPromptError):
 
 class NotFoundError(MedPromptError):
     """Something the request names (an image id, a model) that does not exist here."""
+
+
+class PacsError(MedPromptError):
+    """A DICOMweb server (PACS) that cannot be reached, or failed or refused a request."""

@@ -68,6 +68,10 @@ def _studies(studies: str | os.PathLike | None) -> str:
         return str(SAMPLE_DIR.resolve())
     text = os.fspath(studies)
     if text.startswith(("http://", "https://")):
+        from medprompt.pacs.client import DicomWebClient
+        from medprompt.pacs.datastore import default_auth
+
+        DicomWebClient(text, default_auth()).check()  # unreachable or not DICOMweb: one line now, not a traceback
         return text
     if not Path(text).is_dir():
         # MONAI Label would silently create an empty datastore here; a typo deserves a message.

@@ -19,10 +19,13 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from medprompt.pacs.orthanc import Orthanc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
@@ -197,3 +200,23 @@ def _stop(process: subprocess.Popen) -> bool:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return False
+
+
+def require_orthanc() -> None:
+    """Skip, saying how to install it, unless Orthanc and its DICOMweb plugin are installed."""
+    from medprompt.pacs.orthanc import INSTALL_HINT, find_dicomweb_plugin, find_orthanc
+
+    if find_orthanc() is None:
+        pytest.skip(f"Orthanc is not installed ({INSTALL_HINT})")
+    if find_dicomweb_plugin() is None:
+        pytest.skip(f"Orthanc's DICOMweb plugin is not installed ({INSTALL_HINT})")
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator["Orthanc"]:
+    """A started private Orthanc (DICOMweb on, loopback only) storing in the test's folder; stopped after."""
+    from medprompt.pacs.orthanc import Orthanc
+
+    require_orthanc()
+    with Orthanc(tmp_path / "orthanc") as running:
+        yield running

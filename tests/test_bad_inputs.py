@@ -68,8 +68,7 @@ CORPUS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "garbage_nrrd": ("text.nrrd", _nrrd("hello, this is not an image\n"), "cannot read"),
     "nrrd_wrong_sizes": ("sizes.nrrd", _nrrd("NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10\nencoding: raw\n\n"),
                          "cannot read"),
-    "png": ("picture.png", _bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64), "unknown file type"),
-    "two_d": ("slice.nii.gz", _nifti(CT[:, :, 0]), "2D"),
+    "png": ("picture.png", _bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64), "cannot read"),  # a cut-short 2D picture
     "one_voxel_thick": ("thin.nii.gz", _nifti(CT[:1]), "2D"),
     "four_d": ("frames.nii.gz", _nifti(np.stack([CT, CT], -1)), "4D"),
     "all_nan": ("nan.nii.gz", _nifti(NAN), "finite"),
@@ -134,6 +133,7 @@ def test_nan_and_inf_voxels_become_the_image_minimum_with_a_warning(tmp_path: Pa
     assert "3 NaN/Inf voxels" in caplog.text
 
 
+# A 2D NIfTI slice is a valid 2D study (tests/test_image2d.py, tests/test_server_2d.py), so not in the corpus.
 @pytest.mark.parametrize("case", sorted(CORPUS))
 def test_cli_refuses_each_bad_file_in_one_line_with_exit_2(
     case: str, corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, small_limit: None

@@ -87,6 +87,21 @@ def test_custom_prompts_name_the_labels_in_prompt_order(
     assert liver_dice(server, label_file, params["label_names"]) > 0.5
 
 
+def test_ohif_keeping_the_model_indices_gets_each_class_at_its_info_value(
+    server: RunningServer, client: MONAILabelClient
+) -> None:
+    """OHIF's panel names values by /info's labels and sends restore_label_idx=false: liver must come back as
+    /info's liver (5), not as 1, which OHIF would show as the aorta; a class /info lacks goes after them."""
+    info = client.info()["models"][MODEL]["labels"]
+    label_file, params = client.infer(MODEL, IMAGE, {"prompts": "liver,spleen,inferior vena cava",
+                                                     "restore_label_idx": False})
+    extra = max(info.values()) + 1
+    assert params["label_names"] == {"liver": info["liver"], "spleen": info["spleen"], "inferior_vena_cava": extra}
+    values = set(np.unique(np.asarray(nib.load(label_file).dataobj)).tolist())
+    assert {info["liver"], info["spleen"]} <= values <= {0, info["liver"], info["spleen"], extra}
+    assert liver_dice(server, label_file, params["label_names"]) > 0.5
+
+
 def test_saved_label_is_stored_and_active_learning_moves_on(client: MONAILabelClient, tmp_path: Path) -> None:
     images = sorted(client.datastore()["objects"])
     first = client.next_sample("first", {})["id"]
@@ -183,19 +198,27 @@ def test_app_loads_the_medprompt_package_not_its_own_folder_offline_and_untracke
     write_sample_data(tmp_path / "studies", n=1, shape=(16, 16, 12))
     script = f"""
 import json, socket, sys
-def offline(*args, **kwargs):
+attempts = []
+def offline(self, address, *args, **kwargs):
+    attempts.append(list(address)[:2])
     raise OSError("network access during app start-up")
 socket.socket.connect = offline
 from monailabel.interfaces.utils.app import app_instance
 app = app_instance(app_dir={str(REPO_ROOT / "apps" / "medprompt")!r}, studies={str(tmp_path / "studies")!r}, conf={{}})
-# A DICOMweb datastore makes MONAI Label's base app download dcmqi from GitHub unless the app stops it.
-dicomweb = app_instance(app_dir={str(REPO_ROOT / "apps" / "medprompt")!r}, studies="http://127.0.0.1:9/dicom-web", conf={{}})
+# A DICOMweb datastore made MONAI Label's base app download dcmqi from GitHub; ours only asks the PACS
+# (here unreachable: one error naming it, before anything else is fetched).
+from medprompt.errors import PacsError
+try:
+    app_instance(app_dir={str(REPO_ROOT / "apps" / "medprompt")!r}, studies="http://127.0.0.1:9/dicom-web", conf={{}})
+    dicomweb = "started"
+except PacsError as error:
+    dicomweb = str(error)
 import medprompt
 from monailabel.config import settings
 print(json.dumps({{"package": medprompt.__file__, "models": sorted(app.info()["models"]),
                    "sam2": any(m.startswith("monailabel.sam2") for m in sys.modules),
                    "tracking": settings.MONAI_LABEL_TRACKING_ENABLED,
-                   "dicomweb": type(dicomweb.datastore()).__name__}}))
+                   "dicomweb": dicomweb, "attempts": attempts}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
@@ -207,7 +230,8 @@ print(json.dumps({{"package": medprompt.__file__, "models": sorted(app.info()["m
     assert loaded["models"] == ["medprompt", "medprompt_click", "medprompt_click_3d", MODEL]
     assert loaded["sam2"] is False
     assert loaded["tracking"] is False  # MONAI Label's default is on (MLflow)
-    assert loaded["dicomweb"] == "DICOMWebDatastore"
+    assert loaded["dicomweb"].startswith("cannot reach the DICOMweb server http://127.0.0.1:9/dicom-web")
+    assert loaded["attempts"] == [["127.0.0.1", 9]]  # the PACS itself, nothing downloaded
 
 
 def test_server_drafts_a_real_dicom_series_on_its_own_grid(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -58,11 +57,12 @@ from medprompt.access import auth_enabled, enable_token_check, exposure_warning,
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
-from medprompt.errors import shown  # noqa: E402
+from medprompt.errors import PacsError, shown  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
 from medprompt.infers.http import ServedNames, http_errors, install_handlers  # noqa: E402
 from medprompt.io.datastore import GuardedDatastore, recover  # noqa: E402
+from medprompt.io.image2d import is_image2d  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +125,30 @@ class MedPromptApp(MONAILabelApp):
 
     def init_datastore(self) -> Any:
         """MONAI Label's local datastore, refusing label tags that would leave its folder and unknown images,
-        writing labels and its index atomically, and recovering from a save that a crash cut short."""
-        if not self.studies.startswith(("http://", "https://")):
-            recover(self.studies)
-        store = super().init_datastore()
-        return GuardedDatastore.wrap(store) if type(store) is LocalDatastore else store
+        writing labels and its index atomically, and recovering from a save that a crash cut short.
+        A DICOMweb URL gets ours (medprompt.pacs): series fetched as stored and decoded here, final
+        labels stored back as DICOM SEG, no dcmqi."""
+        if self.studies.startswith(("http://", "https://")):
+            from medprompt.pacs.datastore import DicomWebDatastore
+            from medprompt.pacs.seg_output import install
+
+            self.studies = self.studies.rstrip("/").strip()
+            try:
+                store = DicomWebDatastore(self.studies)
+            except PacsError as error:
+                if "monailabel.app" not in sys.modules:
+                    raise
+                # Inside the server (`monailabel start_server`), uvicorn would print a traceback: one line instead.
+                logger.error(f"error: {error}")
+                logging.shutdown()
+                os._exit(2)
+            install(self.datastore)
+            return store
+        recover(self.studies)
+        # 2D studies too: pictures (PNG, JPEG, TIFF, BMP) and 2D DICOM files beside the NIfTI/NRRD volumes.
+        return GuardedDatastore.open(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                     auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """As MONAI Label's; the chosen study's LiteMedSAM embeddings are then computed in the background."""
@@ -138,8 +157,8 @@ class MedPromptApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown strategy '{strategy}'; available: "
                                                         f"{', '.join(sorted(self._strategies))}")
         result = super().next_sample(request)
-        if self.prefetcher is not None and result.get("path"):
-            self.prefetcher.start(result["path"])
+        if self.prefetcher is not None and result.get("path") and not is_image2d(result["path"]):
+            self.prefetcher.start(result["path"])  # a 2D study's one embedding is computed with its draft
         return result
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
@@ -154,7 +173,12 @@ class MedPromptApp(MONAILabelApp):
                                                   or (datastore or self.datastore()).get_image_uri(image)):
                 # Any path on the server is not an image: only MONAI Label's upload file and what lies in the studies folder.
                 raise HTTPException(status_code=404, detail=f"unknown image id {shown(image)}: not in the datastore")
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
+            if self.studies.startswith(("http://", "https://")):
+                from medprompt.pacs.seg_output import remember
+
+                remember(result)  # its class names, should the client ask for the draft as DICOM SEG
+            return result
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """As MONAI Label's, but a bad parameter becomes HTTP 4xx with ``run_sync``; in MONAI Label's usual
@@ -185,6 +209,8 @@ class MedPromptApp(MONAILabelApp):
         return result
 
     def _final_label(self, label_id: str) -> Path | None:
+        if is_image2d(self.datastore().get_image_uri(label_id) or ""):
+            return None  # a 2D study's correction does not train the 3D network: it starts no round
         uri = self.datastore().get_label_uri(label_id, "final")
         return Path(uri) if uri and os.path.isfile(uri) else None
 
@@ -216,13 +242,7 @@ class MedPromptApp(MONAILabelApp):
         return started is not None
 
     def _download_dcmqi_tools(self) -> None:
-        """MONAI Label fetches dcmqi from GitHub when the datastore is DICOMweb; nothing downloads here."""
-        if not shutil.which("itkimage2segimage"):
-            logger.warning(
-                "dcmqi's itkimage2segimage is not on PATH: DICOM SEG output (output=dicom_seg) needs it; "
-                "get it from https://github.com/QIICR/dcmqi/releases and put it on PATH or in %s",
-                os.path.join(self.app_dir, "bin"),
-            )
+        """MONAI Label fetches dcmqi from GitHub for its DICOMweb datastore; ours writes DICOM SEG in-process."""
 
 
 def _readable_path(path: str, studies: str) -> bool:

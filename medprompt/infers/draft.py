@@ -14,10 +14,12 @@ import time
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from medprompt.drafts import refine_choice
 from medprompt.errors import InputError, MedPromptError, PromptError, shown
+from medprompt.io.image2d import is_image2d
 from medprompt.io.volume import load_volume, save_labelmap
 
 if TYPE_CHECKING:
@@ -77,6 +79,31 @@ def request_image(request: dict[str, Any]) -> str:
     return image
 
 
+def info_values(labels: Any, names: dict[str, int], info: dict[str, int]) -> tuple[Any, dict[str, int]]:
+    """The draft with each class that ``/info`` lists at its ``/info`` value, the others after the largest.
+
+    OHIF's MONAI Label panel names a result's values by the model's ``/info`` labels, not by the
+    response's ``label_names`` (it sends ``restore_label_idx: false``, "keep the model's indices"):
+    a draft of ``liver,spleen`` as values 1 and 2 would show as the first two /info classes.
+    """
+    free = max(info.values(), default=0) + 1
+    mapped: dict[str, int] = {}
+    for name in sorted(names, key=names.get):
+        if name in info:
+            mapped[name] = int(info[name])
+        else:
+            mapped[name], free = free, free + 1
+    lut = np.zeros(max(names.values(), default=0) + 1, np.int64)
+    for name, value in names.items():
+        lut[value] = mapped[name]
+    dtype = np.uint8 if max(mapped.values(), default=0) < 256 else np.uint16
+    return lut[np.asarray(labels)].astype(dtype), mapped
+
+
+def _false(value: Any) -> bool:
+    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
+
+
 class DraftInfer(InferTask):
     """An infer task whose result is a draft for the request's prompts; subclasses say how to draft."""
 
@@ -93,6 +120,11 @@ class DraftInfer(InferTask):
             config={"prompts": ",".join(default_prompts), "refine": refine},
         )
 
+    # The saliency method (medprompt.saliency) that localises classes on a 2D study; None: the attribute prior,
+    # or the weak model once a medprompt_weak2d round has written it (``weak_model``).
+    saliency_2d: str | None = None
+    weak_model: str | None = None
+
     @abstractmethod
     def segment(self, volume: Volume, prompts: list[str], refine: str) -> tuple[Segmentation, dict[str, Any]]:
         """The draft (drawn by LiteMedSAM when ``refine`` is "sam"), plus what the response should report."""
@@ -102,17 +134,24 @@ class DraftInfer(InferTask):
         begin = time.time()
         prompts = parse_prompts(request.get("prompts", self._config["prompts"]))
         image = request_image(request)
-        suffix = result_suffix(request)
         refine = refine_choice(request.get("refine", self._config["refine"]), "'refine'")
+        if is_image2d(image):  # an X-ray, ultrasound or single slice: saliency -> boxes -> LiteMedSAM
+            from medprompt.infers.draft2d import infer_2d
+
+            return infer_2d(request, image, prompts, refine, self.saliency_2d, self.sam_checkpoint, self.weak_model)
+        suffix = result_suffix(request)
         volume = load_volume(image)
         seg, extra = self.segment(volume, prompts, refine)
 
+        labels, names = seg.labels, seg.names
+        if _false(request.get("restore_label_idx")):
+            labels, names = info_values(labels, names, self.labels)
         fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_")
         os.close(fd)
         # The names travel in the response's label_names, so the sidecar JSON is not kept.
-        os.remove(save_labelmap(label_path, seg.labels, volume.affine, seg.names))
+        os.remove(save_labelmap(label_path, labels, volume.affine, names))
         return label_path, {
-            "label_names": seg.names,
+            "label_names": names,
             "prompts_resolved": seg.resolved,
             "stages": seg.stages,
             **extra,

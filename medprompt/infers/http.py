@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator
 
 from fastapi import HTTPException
 
-from medprompt.errors import InputError, MedPromptError, NotFoundError, PromptError, RequestError, WeightsError, shown
+from medprompt.errors import (InputError, MedPromptError, NotFoundError, PacsError, PromptError, RequestError,
+                              WeightsError, shown)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ STATUS: dict[type[MedPromptError], int] = {
     PromptError: 400,  # the request's prompts are empty, unknown or ambiguous
     InputError: 422,  # the image exists but cannot be read as a 3D volume
     WeightsError: 503,  # a weight file is missing on the server: not the client's fault, but fixable
+    PacsError: 502,  # the DICOMweb server (PACS) behind this one failed or cannot be reached
 }
 
 

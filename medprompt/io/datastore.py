@@ -18,20 +18,37 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from medprompt.errors import InputError, NotFoundError, RequestError, shown
-from medprompt.io.volume import atomic_write, load_labelmap, load_volume, stored_shape
+from medprompt.errors import InputError, NotFoundError, RequestError, one_line, shown
+from medprompt.io.image2d import PICTURE_SUFFIXES, is_image2d, load_image2d, load_label2d
+from medprompt.io.volume import (NIFTI_SUFFIXES, NRRD_SUFFIXES, atomic_write, load_labelmap, load_volume,
+                                  max_voxels, stored_shape)
 
 logger = logging.getLogger(__name__)
 
 _TMP = ".medprompt-tmp"  # suffix of files being written; no datastore extension matches it
 INDEX_NAME = "datastore_v2.json"  # LocalDatastore's default index file
 STALE_TMP_S = 60.0  # a temporary file untouched this long belongs to a save that was killed
+# File patterns listed as studies (and labels) beyond MONAI Label's defaults: the 2D pictures and DICOM
+# files medprompt.io.image2d reads. A .dcm file is listed only when it is a 2D image, not a series' slice.
+STUDY_PATTERNS_2D = tuple(f"*{s}" for s in (*PICTURE_SUFFIXES, ".dcm")) + tuple(f"*{s.upper()}" for s in
+                                                                               (*PICTURE_SUFFIXES, ".dcm"))
+
+
+LABEL2D_SUFFIXES = (".png", ".nii.gz", ".nii", ".nrrd")  # lossless one-channel label files of a 2D study
 
 
 class GuardedDatastore(LocalDatastore):
+    @classmethod
+    def open(cls, studies: str, extensions: list[str], auto_reload: bool, read_only: bool) -> "GuardedDatastore":
+        """A studies folder listing ``extensions`` plus the 2D image types (STUDY_PATTERNS_2D)."""
+        patterns = list(dict.fromkeys([*extensions, *STUDY_PATTERNS_2D]))
+        return cls(studies, extensions=patterns, auto_reload=auto_reload, read_only=read_only)
+
     @classmethod
     def wrap(cls, store: LocalDatastore) -> "GuardedDatastore":
         """The same datastore object (its watcher and caches), with this class's checks."""
@@ -49,7 +66,8 @@ class GuardedDatastore(LocalDatastore):
             raise RequestError(f"image id {shown(image_id)} is not a file name (no '/', '\\', control "
                                "characters or leading '.')")
         _check_info(image_info)
-        load_volume(image_filename)  # InputError (422) naming the problem
+        # InputError (422) naming the problem; an X-ray, ultrasound or single slice is a 2D study.
+        load_image2d(image_filename) if is_image2d(image_filename) else load_volume(image_filename)
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
         dest = os.path.join(self._datastore.image_path(), name)
@@ -69,11 +87,11 @@ class GuardedDatastore(LocalDatastore):
         if not obj:
             raise NotFoundError(f"unknown image id {shown(image_id)}: not in the datastore")
         _check_info(label_info)
-        labels, _, _ = load_labelmap(label_filename)  # InputError (422): never store a correction no round could read
-        image_shape = stored_shape(self.get_image_uri(image_id))
-        if image_shape is not None and tuple(labels.shape) != image_shape:
-            raise InputError(f"the label's grid {'x'.join(map(str, labels.shape))} is not the image's "
-                             f"{'x'.join(map(str, image_shape))}: save it on the image's own grid")
+        image_uri = self.get_image_uri(image_id)
+        if is_image2d(image_uri):
+            check_label2d(label_filename, image_uri)
+        else:
+            check_label3d(label_filename, image_uri)
         _, label_ext = self._to_id(os.path.basename(label_filename))
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, label_ext)
@@ -82,9 +100,14 @@ class GuardedDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
             atomic_write(dest, lambda tmp: _copy(label_filename, tmp), suffix=_TMP, durable=True)
+            previous = obj.labels.get(label_tag)
             info = dict(label_info or {}, ts=int(time.time()), name=name)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._update_datastore_file(lock=False)
+            if previous is not None and previous.ext and previous.ext != label_ext:
+                # A correction saved as .nrrd replacing a .png one (3D Slicer after the Python client, say):
+                # the old file would otherwise be taken for this image's label by whatever globs the folder.
+                Path(label_path, self._filename(image_id, previous.ext)).unlink(missing_ok=True)
         return image_id
 
     def get_dataset_archive(self, limit_cases: int | None) -> str:
@@ -92,6 +115,12 @@ class GuardedDatastore(LocalDatastore):
         if not self.get_labeled_images():
             raise NotFoundError("no study has a final label yet: there is no dataset to download")
         return super().get_dataset_archive(limit_cases)
+
+    def _list_files(self, path: str, patterns: Any) -> dict[str, str]:
+        """As LocalDatastore's, less .dcm files that are slices of a series (only 2D DICOM files are studies)."""
+        files = super()._list_files(path, patterns)
+        return {name: file for name, file in files.items()
+                if not name.lower().endswith(".dcm") or is_image2d(os.path.join(path, file))}
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         """Write the index to a temporary file and rename it over the old one (never half-written)."""
@@ -107,6 +136,83 @@ class GuardedDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+def check_label3d(label_filename: str, image_uri: str) -> None:
+    """A correction of a volume: a label map on the image's voxel grid; InputError (422) otherwise."""
+    labels, _, _ = load_labelmap(label_filename)  # never store a correction no round could read
+    image_shape = stored_shape(image_uri)
+    if image_shape is not None and tuple(labels.shape) != image_shape:
+        raise InputError(f"the label's grid {'x'.join(map(str, labels.shape))} is not the image's "
+                         f"{'x'.join(map(str, image_shape))}: save it on the image's own grid")
+
+
+def check_label2d(label_filename: str, image_uri: str) -> None:
+    """A correction of a 2D study: one channel of whole numbers >= 0 on the image's own pixel grid.
+
+    A picture label (PNG) is compared as displayed (rows x columns). A NIfTI or NRRD one, as 3D Slicer
+    saves it, is compared on the grid ITK reads the image on: the NIfTI image's stored grid, else
+    columns x rows (x 1). InputError (422) naming both sizes otherwise.
+    """
+    name = label_filename.lower()
+    if not name.endswith(LABEL2D_SUFFIXES):
+        suffix = "".join(Path(label_filename).suffixes) or "a file with no suffix"
+        raise InputError(f"a label of a 2D study is saved as {', '.join(LABEL2D_SUFFIXES)}, not {shown(suffix)} "
+                         "(JPEG and other lossy or colour formats change class values)")
+    image = load_image2d(image_uri)
+    rows, cols = image.shape
+    if name.endswith(NRRD_SUFFIXES + NIFTI_SUFFIXES):
+        shape = _squeezed(_label_grid(label_filename).shape)
+        expected = _squeezed(image.stored.shape) if image.stored is not None else (cols, rows)
+        if shape != expected:
+            raise InputError(f"the label's grid {'x'.join(map(str, shape))} is not the image's "
+                             f"{'x'.join(map(str, expected))} (columns x rows of a {rows}x{cols} image): save it "
+                             "on the image's own grid")
+        return
+    labels, _ = load_label2d(label_filename)
+    if labels.shape != image.shape:
+        raise InputError(f"the label is {labels.shape[0]}x{labels.shape[1]} pixels but the image is {rows}x{cols} "
+                         "(rows x columns): save it on the image's own grid")
+
+
+def _label_grid(path: str) -> np.ndarray:
+    """The stored array of a NIfTI/NRRD label of a 2D study (the volume reader wants 3D), checked to be
+    class values: whole numbers >= 0 in one channel. InputError naming the problem otherwise."""
+    try:
+        if path.lower().endswith(NRRD_SUFFIXES):
+            import nrrd
+
+            shape = tuple(int(n) for n in nrrd.read_header(path).get("sizes", ()))
+            _check_label_size(path, shape)
+            data, _ = nrrd.read(path)
+        else:
+            image = nib.load(path)
+            _check_label_size(path, tuple(int(n) for n in image.shape))
+            data = np.asanyarray(image.dataobj)
+    except InputError:
+        raise
+    except Exception as error:  # readers raise anything from OSError to struct.error on damaged files
+        raise InputError(f"cannot read the label file ({one_line(error)})") from None
+    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) \
+            or np.iscomplexobj(data):
+        raise InputError(f"the label is not a map of class values (dtype {data.dtype})")
+    if data.size and (not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)) or data.min() < 0):
+        raise InputError("the label is not a label map (values are not whole numbers >= 0)")
+    return data
+
+
+def _check_label_size(path: str, shape: tuple[int, ...]) -> None:
+    count = int(np.prod(shape)) if shape else 0
+    if count > max_voxels():
+        raise InputError(f"the label declares {count:,} voxels, above the limit of {max_voxels():,} "
+                         "(MEDPROMPT_MAX_VOXELS)")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def recover(studies: str | os.PathLike, index_name: str = INDEX_NAME) -> None:

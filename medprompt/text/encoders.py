@@ -71,6 +71,14 @@ class TextEncoder:
                 out[todo[text]] = vector
         return out
 
+    def vocabulary(self) -> frozenset[str]:
+        """Whole words the tokenizer holds as one token: words the encoder reads, not fragments.
+
+        Prompt resolution takes these as real words, never as misspellings (text/similarity.py);
+        empty for an encoder whose tokenizer has no word-piece vocabulary file.
+        """
+        return frozenset()
+
     def _run(self, texts: list[str]) -> np.ndarray:
         import torch
 
@@ -108,6 +116,9 @@ class HFTextTower(TextEncoder):
         st_config = folder / "sentence_bert_config.json"
         st = weights.read_json(st_config) if st_config.is_file() else {}
         self.context_length = int(st.get("max_seq_length") or config.get("max_position_embeddings") or 512)
+
+    def vocabulary(self) -> frozenset[str]:
+        return wordpiece_words(self.folder)
 
     def _load(self) -> None:
         from open_clip.hf_model import HFTextEncoder
@@ -150,8 +161,23 @@ class OpenClipText(TextEncoder):
         else:
             self._tokenizer = open_clip.get_tokenizer(self.files.model_name, context_length=context)
 
+    def vocabulary(self) -> frozenset[str]:
+        folder = self.files.tokenizer_folder
+        return wordpiece_words(folder) if folder is not None else frozenset()
+
     def _embed(self, texts: list[str]) -> Any:
         return self._model.encode_text(self._tokenizer(texts))
+
+
+@lru_cache(maxsize=8)
+def wordpiece_words(folder: Path) -> frozenset[str]:
+    """Alphabetic whole-word entries of a WordPiece ``vocab.txt`` (not '##' pieces or [special] tokens)."""
+    path = Path(folder) / "vocab.txt"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(w.lower() for w in lines if w.isalpha() and w.isascii())
 
 
 def get_text_encoder(spec: str | None = None, allow_download: bool = False) -> TextEncoder:

@@ -6,9 +6,13 @@ classes described from several angles. Sides are decided by words, not by the em
 barely separates "left kidney" from "right kidney": a sided class is eligible only when the prompt
 names its side, and a class covering both sides (``kidneys``) wins when no side is named.
 A class named after a spatial preposition ("the pouch *under the liver*") is a landmark, not
-the target, and is set aside. Embeddings of misspelt words are noise ("splen" reads like the
-splenic vein), so a prompt that nearly spells one class's name but reads like another is an
-error naming both, not a guess. Anatomy that no class describes ("prostate") is refused by
+the target, and is set aside. A prompt is read twice, as written and in plain nouns
+(``medprompt.synonyms``: "left renal organ" -> "left kidney organ"), and each class keeps its
+better score. Embeddings of misspelt words are noise ("splen" reads like the splenic vein), so a
+prompt whose spelling, corrected, names another class than its reading is an error naming both,
+not a guess. Only a token that is no word is corrected: a word of the catalog, of the synonym
+table, of the other-anatomy list or of the encoder's own vocabulary is never a typo ("renal" is
+not a misspelt "adrenal"). Anatomy that no class describes ("prostate") is refused by
 comparing the prompt with a reference list of other anatomy (``OTHER_ANATOMY``), not drafted as
 the nearest class.
 """
@@ -16,11 +20,13 @@ the nearest class.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from medprompt import synonyms
 from medprompt.errors import PromptError
 from medprompt.text.encoders import MINILM_KEY, TextEncoder, class_texts
 
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 # the best similarity of every prompt in tests/data/paraphrases.yaml's `unrelated` list (max 0.41)
 # and below all correct paraphrases but one (0.39; the next is 0.48); benchmarks/paraphrases.py.
 SIMILARITY_FLOORS: dict[str, float] = {MINILM_KEY: 0.42}
-SIDES = {"left": "left", "right": "right", "sinister": "left", "dexter": "right"}
+SIDES = synonyms.SIDE_WORDS
 NEAREST = 3
 # Words after which a class name is a landmark ("the gland above the left kidney"): spatial only;
 # "of"/"in" are left out because "wall of the stomach" and "tumour in the liver" name the target.
@@ -46,7 +52,8 @@ DETERMINERS = frozenset("the a an both its their his her patient s left right".s
 # "HCC nodule" vs "pulmonary nodule"); benchmarks/paraphrases.py prints these leads.
 OTHER_MARGIN = 0.05
 COVERED = 0.9  # similarity at which a class phrase is taken to describe an OTHER_ANATOMY entry
-MISSPELLING = 0.8  # difflib ratio above which a prompt is taken as an attempt at a name or alias
+MISSPELLING = 0.8  # difflib ratio above which a non-word is taken as an attempt at a catalog word
+MIN_TYPO_CHARS = 4  # shorter tokens (ivc, lt, ct) are abbreviations, too short to correct
 # Anatomy and findings that the shipped prompt files do not describe. A prompt for one of these
 # must be refused, not drafted as its nearest catalog class ("prostate" is not the bladder, "the
 # colon" is not a colon tumour): such prompts pass the floor above, because anatomy reads like
@@ -95,6 +102,7 @@ class ClassIndex:
     vectors: np.ndarray         # (phrases, dim) unit vectors
     others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
     other_vectors: np.ndarray   # (others, dim) unit vectors
+    words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -113,7 +121,8 @@ class ClassIndex:
         # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry.
         covered = (other_vectors @ vectors.T).max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
         keep = [i for i in range(len(others)) if not covered[i]]
-        return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep])
+        return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
+                   known_words(entries, encoder))
 
     def nearest_other(self, vector: np.ndarray) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity."""
@@ -150,13 +159,53 @@ def eligible(catalog: PromptCatalog, text: str) -> list[str]:
     return out
 
 
-def misspelt(catalog: PromptCatalog, text: str) -> str | None:
-    """The class whose name or alias ``text`` nearly (not exactly) spells, if any."""
-    from medprompt.catalog import normalise
+def known_words(entries: Iterable[PromptEntry], encoder: TextEncoder | None = None) -> frozenset[str]:
+    """Words that are never misspellings: every word of the classes' texts, the synonym table,
+    the other-anatomy list and stop words, plus the whole words of the encoder's vocabulary."""
+    from medprompt.catalog import STOP_WORDS, tokens
 
-    spellings = {normalise(a): e.name for e in catalog.entries.values() for a in (e.name, *e.aliases)}
-    hit = difflib.get_close_matches(normalise(text), list(spellings), n=1, cutoff=MISSPELLING)
-    return spellings[hit[0]] if hit else None
+    texts = [t for e in entries for t in (e.name, *e.aliases, *e.keywords, *e.descriptions)]
+    out = {w for t in (*texts, *OTHER_ANATOMY) for w in tokens(t.replace("_", " "))}
+    out |= synonyms.vocabulary() | STOP_WORDS
+    vocabulary = getattr(encoder, "vocabulary", None)
+    return frozenset(out | (vocabulary() if callable(vocabulary) else frozenset()))
+
+
+def spelling_fixes(catalog: PromptCatalog, text: str, known: frozenset[str]) -> dict[str, str]:
+    """Tokens of ``text`` that are not in ``known`` but nearly spell a class's word: {token: correction}.
+
+    Corrections are words of class names and aliases (joined ones too: 'leftkidney' -> 'left
+    kidney') and of the synonym table; "splen" -> "spleen", never "renal" -> "adrenal".
+    """
+    from medprompt.catalog import tokens, words
+
+    spellings: dict[str, str] = {}
+    for entry in catalog.entries.values():
+        for spelling in (entry.name.replace("_", " "), *entry.aliases):
+            parts = tokens(spelling)
+            spellings["".join(parts)] = " ".join(parts)
+            spellings.update((w, w) for w in parts)
+    spellings.update((w, w) for w in synonyms.vocabulary())
+    candidates = [s for s in spellings if len(s) >= MIN_TYPO_CHARS]
+    fixes: dict[str, str] = {}
+    for token in tokens(text):
+        if len(token) < MIN_TYPO_CHARS or not token.isalpha() or token in known or set(words(token)) <= known:
+            continue
+        hit = difflib.get_close_matches(token, candidates, n=1, cutoff=MISSPELLING)
+        if hit:
+            fixes[token] = spellings[hit[0]]
+    return fixes
+
+
+def corrected(text: str, fixes: dict[str, str]) -> str:
+    """``text`` with each misspelt token replaced (whole tokens, any case)."""
+    return re.sub(r"[A-Za-z0-9]+", lambda m: fixes.get(m.group(0).lower(), m.group(0)), text)
+
+
+def readings(text: str) -> list[str]:
+    """The prompt as written and, when it uses medical word forms, in plain nouns (see the docstring)."""
+    plain = synonyms.canonical(text)
+    return [text] if plain == text else [text, plain]
 
 
 def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
@@ -182,11 +231,19 @@ def _after_relation(text: str, spelling: str) -> bool:
 
 
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
-         vector: np.ndarray | None = None) -> list[tuple[str, float]]:
-    """Eligible classes that are not landmarks, with their similarity to ``text``, best first."""
-    scores = index.scores(encoder.encode([text])[0] if vector is None else vector)
-    allowed = eligible(catalog, text)
-    aside = landmarks(catalog, text)
+         vectors: np.ndarray | None = None) -> list[tuple[str, float]]:
+    """Eligible classes that are not landmarks, with their similarity to ``text``, best first.
+
+    ``vectors`` are the embeddings of ``readings(text)``; a class scores its best over them.
+    """
+    texts = readings(text)
+    vectors = encoder.encode(texts) if vectors is None else vectors
+    scores: dict[str, float] = {}
+    for vector in vectors:
+        for name, s in index.scores(vector).items():
+            scores[name] = max(s, scores.get(name, -2.0))
+    allowed = eligible(catalog, texts[-1])
+    aside = set().union(*(landmarks(catalog, t) for t in texts))
     allowed = [n for n in allowed if n not in aside] or allowed
     return sorted(((n, scores[n]) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
 
@@ -195,23 +252,32 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
             floor: float | None = None) -> PromptEntry:
     """The class whose phrases are closest to ``text``; PromptError below the floor or when a side is missing."""
     floor = SIMILARITY_FLOORS.get(encoder.key) if floor is None else floor
-    vector = encoder.encode([text])[0]
-    ranked = rank(catalog, text, encoder, index, vector)
+    texts = readings(text)
+    vectors = encoder.encode(texts)
+    ranked = rank(catalog, text, encoder, index, vectors)
     if not ranked:
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     best, score = ranked[0]
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
-    other = index.nearest_other(vector)
+    nearest_others = [o for o in (index.nearest_other(v) for v in vectors) if o is not None]
+    other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
-    if above_floor and other is not None and other[1] > score + OTHER_MARGIN and not _after_relation(text, other[0]):
+    if (above_floor and other is not None and other[1] > score + OTHER_MARGIN
+            and not any(_after_relation(t, other[0]) for t in texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
                           f"(see 'Prompts: the class catalog' in README.md)")
-    spelt = misspelt(catalog, text)
-    if spelt is not None and spelt != best:
-        others = ", ".join([n for n, _ in ranked if n != spelt][:NEAREST - 1])
-        raise PromptError(f"unknown prompt '{text}': it looks like a misspelling of {spelt} but reads like {best}; "
-                          f"closest known classes: {spelt}, {others}")
+    fixes = spelling_fixes(catalog, text, index.words)
+    if fixes:
+        try:  # the corrected text has no typos left: this recursion ends at once
+            spelt: str | None = catalog.resolve(corrected(text, fixes), encoder).name
+        except PromptError:
+            spelt = None
+        if spelt is not None and spelt != best:
+            others = ", ".join([n for n, _ in ranked if n != spelt][:NEAREST - 1])
+            typos = ", ".join(f"'{t}' -> '{c}'" for t, c in fixes.items())
+            raise PromptError(f"unknown prompt '{text}': it looks like a misspelling of {spelt} ({typos}) but reads "
+                              f"like {best}; closest known classes: {spelt}, {others}")
     if floor is not None and score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")

@@ -10,6 +10,8 @@ it is no worse on held-out labelled volumes; every accepted model is also kept a
 
 from __future__ import annotations
 
+import glob
+
 import json
 import os
 import shutil
@@ -86,7 +88,9 @@ def find_labelled(studies: Path, default_names: dict[str, int] | None = None) ->
     labelled, unlabelled = [], []
     for image in images:
         stem = volume_stem(image)
-        candidates = [p for p in final.glob(f"{stem}.*") if p.suffix != ".json"] if final.is_dir() else []
+        # Exactly this stem: ids such as DICOM UIDs may be another id plus ".N", which a glob would also match.
+        candidates = [p for p in final.glob(f"{glob.escape(stem)}.*")
+                      if p.suffix != ".json" and volume_stem(p) == stem] if final.is_dir() else []
         if not candidates:
             unlabelled.append(image)
             continue

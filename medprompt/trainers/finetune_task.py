@@ -38,9 +38,10 @@ class FinetuneTrainTask(RoundTask):
         from medprompt.trainers.finetune import train_finetune
 
         steps = request_int(request, "steps", DEFAULT_STEPS)
+        datastore.datalist()  # a DICOMweb datastore fetches its labelled series and reads their SEGs into its cache
         folder = getattr(datastore, "_datastore_path", None)
         if not folder or not Path(folder).is_dir():
-            raise InputError("finetuning needs a local studies folder (a DICOMweb datastore is not supported yet)")
+            raise InputError("finetuning needs a local studies folder or a DICOMweb datastore")
         begin, start_ts = time.time(), datetime.now().isoformat(timespec="seconds")
         served_now = self.checkpoints.served()
         losses: dict[str, float] = {}

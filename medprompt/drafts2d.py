@@ -1,0 +1,179 @@
+"""Typed prompts -> a 2D label map: saliency -> box prompts -> LiteMedSAM (MedCLIP-SAM's zero-shot path).
+
+For each prompt: a saliency method (``medprompt.saliency``; default the attribute prior) maps
+where the class is, :func:`medprompt.saliency.prompts.saliency_to_prompts` turns the map into boxes
+as MedCLIP-SAMv2 does, and LiteMedSAM draws the masks on the whole image, shown to it as it was
+trained (longest side 256, aspect kept, 0.5-99.5 percentile clipping, or a CT window where the
+pixels are Hounsfield units). Where classes overlap, the pixel goes to the class with the higher
+SAM logit. ``refine="none"`` keeps the saliency regions themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
+from medprompt.drafts import refine_choice
+from medprompt.errors import PromptError
+from medprompt.io.image2d import Image2D
+from medprompt.saliency import checked_map
+from medprompt.saliency import get as get_saliency
+from medprompt.saliency.attribute import modality_for, working_image
+from medprompt.saliency.prompts import SamPrompts, saliency_to_prompts
+
+HU_LIKE_MIN = -500.0  # a CT slice whose minimum is below this holds Hounsfield units (else it is a windowed picture)
+
+
+@dataclass
+class Draft2D:
+    """A 2D draft: labels (rows, cols), class -> value, prompt -> class, stages, and what made each mask."""
+
+    labels: np.ndarray
+    names: dict[str, int]
+    resolved: dict[str, str]
+    stages: dict[str, str] = field(default_factory=dict)
+    saliency: dict[str, np.ndarray] = field(default_factory=dict)
+    prompts: dict[str, SamPrompts] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def sam_pixels(grey: np.ndarray, modality: str) -> np.ndarray:
+    """uint8 pixels as LiteMedSAM was trained on them: a CT window for HU data, else percentile clipping."""
+    from medprompt.sam.preprocess import apply_range, intensity_range
+
+    as_ct = modality == "CT" and float(grey.min()) < HU_LIKE_MIN
+    return apply_range(grey, intensity_range(grey, "CT" if as_ct else "OTHER"))
+
+
+def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None, refine: str = "sam",
+            sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
+            points: bool = False) -> Draft2D:
+    """Segment ``prompts`` on ``image``; see the module docstring. PromptError for a class with no 2D
+    attributes (unless another saliency method is chosen) or an image of another modality."""
+    start = time.perf_counter()
+    refine = refine_choice(refine)
+    catalog = catalog or default_catalog()
+    if prompts is None:
+        raise PromptError(f"{image.source} is a 2D image: name what to segment with --prompts "
+                          "(e.g. lungs, breast_tumor, brain_tumor, liver)")
+    pairs = catalog.resolve_all(prompts)
+    entries = [entry for _, entry in pairs]
+    method = get_saliency(saliency)
+    method_name = (saliency or "attribute").strip().lower()
+    modalities = {e.name: _modality(image, e, strict=method_name == "attribute") for e in entries}
+    make_segmenter = None
+    if refine == "sam":
+        from medprompt.sam import segmenter_factory
+
+        make_segmenter = segmenter_factory(sam_checkpoint)  # a missing weight fails before the work
+    names = {e.name: i + 1 for i, e in enumerate(entries)}
+    out = Draft2D(labels=np.zeros(image.shape, np.uint8 if len(entries) < 256 else np.uint16), names=names,
+                  resolved={text: e.name for text, e in pairs})
+    best = np.full(image.shape, -np.inf, np.float32)
+    segmenters: dict[tuple[str, str], object] = {}  # one embedding per channel LiteMedSAM sees
+    for entry in entries:
+        sal = checked_map(method(image, entry), image.shape, method_name)
+        parts = int(entry.image2d.get("parts", 1)) if entry.image2d else 1
+        sam_prompts = saliency_to_prompts(sal, parts=parts, per_part=True, points=points)
+        out.saliency[entry.name], out.prompts[entry.name] = sal, sam_prompts
+        if sam_prompts.empty:
+            out.stages[entry.name] = f"{method_name} saliency: nothing found"
+            continue
+        if make_segmenter is None:
+            mask = np.logical_or.reduce(sam_prompts.regions)
+            logits = np.where(mask, 1.0, -1.0).astype(np.float32)
+            out.stages[entry.name] = f"{method_name} saliency"
+        else:
+            pixels = sam_pixels(working_image(image, entry, modalities[entry.name]), modalities[entry.name])
+            key = (modalities[entry.name], str(entry.image2d.get("sequence", "")) if entry.image2d else "")
+            seg = segmenters.get(key)
+            if seg is None:
+                seg = segmenters[key] = make_segmenter(pixels[None], image.pixel_mm)
+            point_labels = np.ones(sam_prompts.points.shape[:2], np.int64) if sam_prompts.points is not None else None
+            per_box = seg.predict(0, boxes=sam_prompts.boxes, points=sam_prompts.points,
+                                  point_labels=point_labels).numpy()
+            logits = per_box.max(axis=0)
+            out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
+        take = (logits > 0) & (logits > best)
+        out.labels[take] = names[entry.name]
+        best = np.where(take, logits, best)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _modality(image: Image2D, entry: PromptEntry, strict: bool) -> str:
+    """The modality LiteMedSAM's preprocessing (and the attribute prior) follow. ``strict``: the attribute
+    prior's checks (the class must have 2D attributes for this modality); other saliency methods read any
+    class on any image, so the image's own modality, else the class's, else none."""
+    if strict:
+        return modality_for(image, entry)
+    try:
+        return modality_for(image, entry)
+    except PromptError:
+        return image.family or "OTHER"
+
+
+def draft2d_file(source: str | Path, target: str | Path, prompts: Sequence[str] | None, saliency: str | None = None,
+                 refine: str = "sam", sam_checkpoint: str | Path | None = None,
+                 overlay_dir: str | Path | None = None) -> Draft2D:
+    """The CLI's 2D path: read ``source``, draft, write the label map (+ sidecar) and, optionally, overlays."""
+    from medprompt.io.image2d import image_stem, load_image2d, save_label2d
+
+    image = load_image2d(source)
+    result = draft2d(image, prompts, saliency=saliency, refine=refine, sam_checkpoint=sam_checkpoint)
+    boxes = {name: p.boxes.round(1).tolist() for name, p in result.prompts.items()}
+    save_label2d(target, result.labels, image, result.names,
+                 extra={"stages": result.stages, "prompts_resolved": result.resolved, "boxes": boxes,
+                        "saliency": (saliency or "attribute").strip().lower(), "seconds": round(result.seconds, 3)})
+    if overlay_dir is not None:
+        write_overlays(Path(overlay_dir), image_stem(target), image, result)
+    return result
+
+
+# Distinct colours for classes 1, 2, ... in overlays (repeats after eight).
+COLOURS = np.array([[255, 64, 64], [64, 200, 255], [255, 210, 0], [80, 230, 80], [230, 90, 255], [255, 140, 0],
+                    [0, 255, 200], [255, 255, 255]], np.uint8)
+
+
+def write_overlays(folder: Path, stem: str, image: Image2D, result: Draft2D, max_side: int = 512) -> list[Path]:
+    """``<stem>_saliency.png`` (each class's map as a heat tint, its boxes drawn) and ``<stem>_mask.png``
+    (mask outlines and boxes) over the image, at most ``max_side`` pixels: for a person to look at."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    from medprompt.io.volume import atomic_write
+
+    grey = image.grey()
+    lo, hi = np.percentile(grey, (0.5, 99.5))
+    base = np.clip((grey - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    rgb = np.repeat(base[:, :, None], 3, axis=2).astype(np.float32)
+    heat = rgb.copy()
+    outline = rgb.copy()
+    for name, value in result.names.items():
+        colour = COLOURS[(value - 1) % len(COLOURS)].astype(np.float32)
+        sal = result.saliency.get(name)
+        if sal is not None:
+            heat = heat * (1 - 0.6 * sal[:, :, None]) + colour * 0.6 * sal[:, :, None]
+        mask = result.labels == value
+        edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, max(image.shape) // 256))
+        outline[edge] = colour
+    scale = min(1.0, max_side / max(image.shape))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, pixels in (("saliency", heat), ("mask", outline)):
+        picture = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+        draw = ImageDraw.Draw(picture)
+        for name, value in result.names.items():
+            prompts = result.prompts.get(name)
+            for box in (prompts.boxes if prompts is not None else []):
+                draw.rectangle([float(v) * scale for v in box], outline=tuple(int(c) for c in COLOURS[(value - 1) % 8]))
+        path = folder / f"{stem}_{suffix}.png"
+        atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+        written.append(path)
+    return written

@@ -1,0 +1,426 @@
+"""2D images in (PNG, JPEG, TIFF, BMP, 2D DICOM, 2D NIfTI) and 2D label maps out (PNG or NIfTI).
+
+Chest X-rays, ultrasound and single MR/CT slices arrive as pictures or single DICOM files, not as
+volumes. Every reader here returns an :class:`Image2D`: the pixels as a person looks at them
+(row 0 at the top), grey (H, W) or colour (H, W, 3), the physical pixel size where the file knows
+it, and the modality where it declares one. Label maps are written on the same pixel grid, as a
+uint8 PNG with a JSON sidecar or, when the output name ends in .nii/.nii.gz, as a NIfTI on the
+input's own grid (a 2D NIfTI's affine is kept, so the mask overlays the slice in any viewer).
+
+Colour is kept only where it carries information: an RGB file whose three channels are equal
+(most ultrasound and X-ray exports) is read as grey; palette images become RGB, alpha is dropped.
+Problems are one-line :class:`InputError` s naming the file, as for volumes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medprompt.errors import InputError, one_line, shown
+from medprompt.io import dicom
+from medprompt.io.volume import (NIFTI_SUFFIXES, _is_dicom_file, atomic_write, max_voxels,
+                                 write_json, _validated_names)
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LABEL_SUFFIXES = (".png",) + NIFTI_SUFFIXES
+# DICOM modalities that are projection or 2D imaging: one file is one image, never a slice of a series.
+DICOM_2D_MODALITIES = frozenset("CR DX MG US XA RF IO PX XC ES GM SM OT SC".split())
+# Modality families the 2D attribute prior knows (prompts/*.yaml, ``image2d.modalities``).
+MODALITY_FAMILY = {"CR": "XR", "DX": "XR", "RF": "XR", "XA": "XR", "MG": "MG", "US": "US", "MR": "MR", "CT": "CT"}
+GREY_TOLERANCE = 0.02  # of the value range: channel differences below this on 99 % of pixels are noise, not colour
+MIN_SIDE = 8  # pixels: anything narrower is a strip or a thumbnail, not an image to segment
+
+
+@dataclass
+class Image2D:
+    """One 2D image as displayed: ``pixels`` (H, W) grey or (H, W, 3) RGB, float32.
+
+    ``pixel_mm`` is (row, column) spacing in mm, (1, 1) when the file does not say
+    (``spacing_known`` False). ``nifti`` keeps a NIfTI input's affine and stored layout, so a label
+    map can be written back onto the stored grid.
+    """
+
+    pixels: np.ndarray
+    source: str
+    modality: str | None = None
+    pixel_mm: tuple[float, float] = (1.0, 1.0)
+    spacing_known: bool = False
+    affine: np.ndarray | None = None  # voxel (i, j, k) -> RAS mm of the stored grid, where known
+    stored: "_Stored | None" = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.pixels.ndim == 3
+
+    @property
+    def family(self) -> str | None:
+        """XR, US, MR, CT, MG, or None when the file declares no modality."""
+        return MODALITY_FAMILY.get((self.modality or "").upper(), (self.modality or "").upper() or None)
+
+    def grey(self) -> np.ndarray:
+        """Luminance (ITU-R BT.601) of an RGB image; the pixels of a grey one."""
+        if not self.is_rgb:
+            return self.pixels
+        return self.pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """How the displayed (rows, cols) grid maps back to a NIfTI's stored array."""
+
+    shape: tuple[int, ...]
+    transpose: bool
+    flip_rows: bool
+    flip_cols: bool
+
+
+# -- what is 2D ------------------------------------------------------------------------------------
+
+def is_image2d(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file the 2D readers take: a picture, a 2D DICOM file, or a 2D NIfTI.
+
+    A DICOM file counts as 2D when its modality is a projection/2D one (CR, DX, US, MG, ...), when it
+    is colour, or when it is the only DICOM file in its folder; a CT/MR file among others is a slice
+    of a series and stays with the volume readers.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+    except (OSError, ValueError):  # a name too long or holding NUL: no file; the caller's reader says so
+        return False
+    name = path.name.lower()
+    if name.endswith(PICTURE_SUFFIXES):
+        return True
+    if name.endswith(NIFTI_SUFFIXES):
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception:  # unreadable: the volume reader names the problem
+            return False
+        return _nifti_is_2d(shape)
+    if name.endswith(".dcm") or _is_dicom_file(path):
+        try:
+            header = dicom.read_header(path, ["Modality", "SamplesPerPixel", "NumberOfFrames"])
+        except Exception:
+            return False
+        modality = str(getattr(header, "Modality", "") or "").upper()
+        if modality in DICOM_2D_MODALITIES or int(getattr(header, "SamplesPerPixel", 1) or 1) == 3:
+            return True
+        return dicom.frame_count(header) <= 1 and _lone_dicom(path)
+    return False
+
+
+def find_images2d(folder: str | os.PathLike) -> list[Path]:
+    """The 2D image files directly in ``folder`` (pictures, 2D DICOM files, 2D NIfTI), sorted."""
+    folder = Path(folder)
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and is_image2d(p)]
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``cxr.nii.gz`` -> ``cxr``, ``us.png`` -> ``us``)."""
+    name = Path(path).name
+    for suffix in sorted(PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",), key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _nifti_is_2d(shape: tuple[int, ...]) -> bool:
+    dims = list(shape)
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return len(dims) == 2
+
+
+def _lone_dicom(path: Path) -> bool:
+    others = (p for p in path.parent.iterdir() if p != path and p.is_file()
+              and (p.suffix.lower() == ".dcm" or _is_dicom_file(p)))
+    return next(others, None) is None
+
+
+# -- readers ---------------------------------------------------------------------------------------
+
+def load_image2d(path: str | os.PathLike) -> Image2D:
+    """Read one 2D image; InputError naming the file and the problem otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file (a 2D image is one file)")
+    name = path.name.lower()
+    try:
+        if name.endswith(PICTURE_SUFFIXES):
+            image = _read_picture(path)
+        elif name.endswith(NIFTI_SUFFIXES):
+            image = _read_nifti2d(path)
+        elif name.endswith(".dcm") or _is_dicom_file(path):
+            image = _read_dicom2d(path)
+        else:
+            raise InputError(f"{path}: unknown 2D image type (expected .png, .jpg, .tif, .bmp, a 2D DICOM "
+                             "file or a 2D NIfTI)")
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path}: too large to read into memory") from None
+    except Exception as error:  # decoders raise anything from OSError to struct.error on damaged files
+        raise InputError(f"{path}: cannot read the image ({one_line(error)})") from None
+    return _checked(image, path)
+
+
+def _checked(image: Image2D, path: Path) -> Image2D:
+    h, w = image.shape
+    if min(h, w) < MIN_SIDE:
+        raise InputError(f"{path}: is {h}x{w} pixels; a 2D image needs at least {MIN_SIDE} pixels per side")
+    pixels = np.asarray(image.pixels)
+    if not (np.issubdtype(pixels.dtype, np.number) or pixels.dtype == np.bool_) or np.iscomplexobj(pixels):
+        raise InputError(f"{path}: pixel data is not real numbers (dtype {pixels.dtype})")
+    if pixels.dtype.itemsize > 4 and np.issubdtype(pixels.dtype, np.floating):
+        top = float(np.max(np.abs(pixels), initial=0.0, where=np.isfinite(pixels)))
+        if top > np.finfo(np.float32).max:
+            raise InputError(f"{path}: pixel values up to {top:.3g} are beyond float32's range")
+    pixels = pixels.astype(np.float32)
+    bad = ~np.isfinite(pixels)
+    if bad.all():
+        raise InputError(f"{path}: no pixel has a finite value")
+    if bad.any():
+        pixels[bad] = pixels[~bad].min()
+    if pixels.ndim == 3:
+        if pixels.shape[2] not in (3, 4):
+            raise InputError(f"{path}: has {pixels.shape[2]} channels; grey or RGB is needed")
+        pixels = pixels[:, :, :3]
+        # R = G = B up to rounding and JPEG's chroma noise: grey stored as RGB (a grey FLAIR must not be
+        # read as an RGB composite of three sequences).
+        spread = np.ptp(pixels, axis=2)
+        span = float(np.ptp(pixels)) or 1.0
+        if float(np.percentile(spread, 99)) <= max(1.0, GREY_TOLERANCE * span):
+            pixels = pixels.mean(axis=2)
+    if not all(np.isfinite(v) and 1e-4 <= v <= 1e3 for v in image.pixel_mm):
+        raise InputError(f"{path}: pixel spacing {shown(image.pixel_mm)} mm is not that of an image")
+    image.pixels = np.ascontiguousarray(pixels)
+    return image
+
+
+def _check_pixels(path: Path, count: int) -> None:
+    limit = max_voxels()
+    if count > limit:
+        raise InputError(f"{path}: declares {count:,} pixels, above the limit of {limit:,} (MEDPROMPT_MAX_VOXELS)")
+
+
+def _read_picture(path: Path) -> Image2D:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            _check_pixels(path, im.size[0] * im.size[1])
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise InputError(f"{path}: holds {frames} frames; one 2D image is needed")
+            mode = im.mode
+            if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "LA", "La", "RGBa"):
+                im = im.convert("RGB" if mode not in ("LA", "La") else "L")
+            elif mode == "1":
+                im = im.convert("L")
+            pixels = np.asarray(im)
+    if pixels.ndim == 2 and pixels.dtype.byteorder == ">":  # I;16B
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+    return Image2D(pixels=pixels, source=str(path))
+
+
+def _read_nifti2d(path: Path) -> Image2D:
+    image = nib.load(str(path))
+    shape = tuple(int(n) for n in image.shape)
+    if not _nifti_is_2d(shape):
+        raise InputError(f"{path}: is {'x'.join(map(str, shape))}; a 2D image (X x Y, or X x Y x 1) is needed")
+    _check_pixels(path, int(np.prod(shape)))
+    dtype = image.get_data_dtype()
+    data = np.asanyarray(image.dataobj)
+    if dtype.fields is not None:  # RGB24 / RGBA32: structured voxels -> channels
+        data = np.stack([data[name] for name in list(dtype.names)[:3]], axis=-1)
+        data = data.reshape(shape[0], shape[1], 3)
+    else:
+        data = data.reshape(shape[0], shape[1])
+    affine = np.asarray(image.affine, np.float64)
+    from medprompt.sam.interactive import PlaneMap
+
+    plane = PlaneMap.for_affine(affine)
+    view = plane.to_view(data) if data.ndim == 2 else np.stack([plane.to_view(data[..., c]) for c in range(3)], -1)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    pixel_mm = (float(spacing[0]), float(spacing[1])) if plane.transpose else (float(spacing[1]), float(spacing[0]))
+    modality = _modality_from_intent(image)
+    return Image2D(pixels=np.ascontiguousarray(view), source=str(path), modality=modality, pixel_mm=pixel_mm,
+                   spacing_known=True, affine=affine,
+                   stored=_Stored(shape=shape, transpose=plane.transpose, flip_rows=plane.flip_rows,
+                                  flip_cols=plane.flip_cols))
+
+
+def _modality_from_intent(image: nib.Nifti1Image) -> str | None:
+    """A NIfTI says nothing of modality; a description naming one (as some converters write) is used."""
+    try:
+        text = image.header["descrip"].tobytes().decode("ascii", "ignore").upper()
+    except Exception:
+        return None
+    for token in text.replace("_", " ").split():
+        if token in MODALITY_FAMILY:
+            return token
+    return None
+
+
+def _read_dicom2d(path: Path) -> Image2D:
+    import pydicom
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, convert_color_space
+
+    with dicom.header_errors(path):
+        ds = pydicom.dcmread(str(path), force=True)
+    if "PixelData" not in ds:
+        raise InputError(f"{path}: DICOM file holds no pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_pixels(path, rows * cols * max(1, dicom.frame_count(ds)))
+    frames = dicom.frame_count(ds)
+    if frames > 1:
+        raise InputError(f"{path}: is a multi-frame DICOM ({frames} frames, e.g. a cine loop); one 2D image is needed")
+    dicom.check_pixel_bytes(path)
+    pixels = ds.pixel_array
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples == 3:
+        compressed = ds.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in ds.file_meta else False
+        if photometric.startswith("YBR") and not compressed:
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        pixels = pixels.astype(np.float32)
+    else:
+        pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+        if photometric == "MONOCHROME1":  # low values are white: invert so that dense/bright is high
+            pixels = pixels.max() + pixels.min() - pixels
+    spacing, known = _dicom_spacing(ds, path)
+    modality = str(ds.get("Modality", "") or "").strip().upper() or None
+    return Image2D(pixels=pixels, source=str(path), modality=modality, pixel_mm=spacing, spacing_known=known,
+                   affine=_dicom_affine(ds, spacing))
+
+
+def _dicom_spacing(ds, path: Path) -> tuple[tuple[float, float], bool]:
+    """(row, column) mm: PixelSpacing, else ImagerPixelSpacing (projection images), else the
+    ultrasound region's physical deltas (cm per pixel); (1, 1) and unknown otherwise."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        if value is not None:
+            try:
+                row, col = (float(v) for v in list(value)[:2])
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: DICOM {tag} {shown(str(value))} is not two numbers") from None
+            return (row, col), True
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if regions:
+        region = regions[0]
+        units_x, units_y = region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection")
+        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
+        if units_x == 3 and units_y == 3 and dx and dy:  # 3 = cm
+            return (abs(float(dy)) * 10.0, abs(float(dx)) * 10.0), True
+    return (1.0, 1.0), False
+
+
+def _dicom_affine(ds, spacing: tuple[float, float]) -> np.ndarray | None:
+    """Voxel (column i, row j, 0) -> RAS mm from ImageOrientation/PositionPatient, where the file has them."""
+    iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+    if iop is None or ipp is None:
+        return None
+    try:
+        iop = np.asarray([float(v) for v in iop], np.float64)
+        ipp = np.asarray([float(v) for v in ipp], np.float64)
+    except (TypeError, ValueError):
+        return None
+    if iop.shape != (6,) or ipp.shape != (3,):
+        return None
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    affine = np.eye(4)
+    affine[:3, 0] = dicom.LPS_TO_RAS @ row_dir * spacing[1]
+    affine[:3, 1] = dicom.LPS_TO_RAS @ col_dir * spacing[0]
+    affine[:3, 2] = dicom.LPS_TO_RAS @ normal
+    affine[:3, 3] = dicom.LPS_TO_RAS @ ipp
+    return affine
+
+
+# -- writers ---------------------------------------------------------------------------------------
+
+def save_label2d(path: str | os.PathLike, labels: np.ndarray, image: Image2D, names: dict[str, int],
+                 extra: dict | None = None) -> Path:
+    """Write a 2D label map on ``image``'s grid plus its JSON sidecar; returns the sidecar path.
+
+    ``.png``: uint8 class indices, as displayed. ``.nii``/``.nii.gz``: on the input's stored grid and
+    affine for a NIfTI input, else (columns, rows, 1) with the DICOM's affine or the pixel spacing.
+    Both files are written to a temporary name and renamed into place.
+    """
+    path = Path(path)
+    lower = path.name.lower()
+    if not lower.endswith(LABEL_SUFFIXES):
+        raise InputError(f"{path}: a 2D label map is written as .png, .nii or .nii.gz")
+    labels = np.asarray(labels)
+    if labels.shape != image.shape:
+        raise ValueError(f"label map {labels.shape} does not match the image {image.shape}")
+    names = _validated_names(names, where="names")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lower.endswith(".png"):
+        if labels.size and int(labels.max()) > 255:
+            raise InputError(f"{path}: {int(labels.max())} classes do not fit a PNG label map (255 at most); "
+                             "write .nii.gz")
+        from PIL import Image
+
+        data = labels.astype(np.uint8)
+        atomic_write(path, lambda tmp: Image.fromarray(data, mode="L").save(tmp, format="PNG"))
+    else:
+        data, affine = to_stored(labels, image)
+        top = int(data.max()) if data.size else 0
+        nifti = nib.Nifti1Image(data.astype(np.uint8 if top < 256 else np.uint16), affine)
+        nifti.set_qform(affine, code=1)
+        nifti.set_sform(affine, code=1)
+        atomic_write(path, lambda tmp: nib.save(nifti, tmp))
+    meta = {"shape": list(image.shape), "pixel_mm": list(image.pixel_mm) if image.spacing_known else None}
+    return write_json(label2d_sidecar(path), {"labels": names, **(extra or {}), "image": meta})
+
+
+def label2d_sidecar(path: str | os.PathLike) -> Path:
+    """``lungs.png`` / ``lungs.nii.gz`` -> ``lungs.json``: where a 2D label map's class names live."""
+    path = Path(path)
+    return path.with_name(image_stem(path) + ".json")
+
+
+def to_stored(labels: np.ndarray, image: Image2D) -> tuple[np.ndarray, np.ndarray]:
+    """A displayed (rows, cols) label map as an (X, Y[, 1]) array and its voxel -> RAS affine on the grid ITK
+    (so 3D Slicer) reads ``image`` on: a NIfTI's stored grid and affine, a DICOM's own geometry, and for a
+    picture (or a DICOM without position) origin 0, the pixel spacing and identity LPS directions, which
+    in RAS flip the first two axes. A label written so overlays the image it was drawn on in Slicer."""
+    if image.stored is not None and image.affine is not None:
+        s = image.stored
+        view = labels[::-1 if s.flip_rows else 1, ::-1 if s.flip_cols else 1]
+        return np.ascontiguousarray(view if s.transpose else view.T).reshape(s.shape), image.affine
+    affine = image.affine if image.affine is not None else np.diag([-image.pixel_mm[1], -image.pixel_mm[0], 1.0, 1.0])
+    return np.ascontiguousarray(labels.T)[:, :, None], affine
+
+
+def load_label2d(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, int] | None]:
+    """A 2D label map as displayed (rows, cols) and the names of its sidecar (None without one)."""
+    from medprompt.io.volume import read_label_names
+
+    path = Path(path)
+    image = load_image2d(path)
+    if image.is_rgb:
+        raise InputError(f"{path}: a label map is one channel of class values, not a colour image")
+    labels = image.pixels
+    if not np.array_equal(labels, np.round(labels)) or labels.min() < 0:
+        raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
+    sidecar = label2d_sidecar(path)
+    names = read_label_names(sidecar) if sidecar.is_file() else None
+    return labels.astype(np.int32), names
+
+

@@ -1,0 +1,82 @@
+"""Medical word forms a prompt may use for what the catalog names in plain English.
+
+Anatomy has three vocabularies: English nouns (kidney), Latin/Greek adjectives (renal, nephric,
+hepatic, splenic, gastric) and Latin names (ren, lien, vesica fellea), plus Latin laterality
+(sinister, dexter). The prompt files spell classes in the first; a sentence embedding reads the
+others poorly ("splenic tissue" lands near the splenic *vein*) and a spelling matcher takes them
+for typos ("left renal" ~ "left adrenal"). So a prompt gets a second, *canonical* reading in which
+each such form is replaced by the noun it means; resolution weighs both readings (catalog.py,
+text/similarity.py), so a compound like "splenic vein" keeps its own reading too.
+
+The table maps word forms to nouns, never phrases to classes: it knows that "renal" means
+"kidney", not which class a prompt wants. A user's prompt file needs no entry here.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Laterality: Latin and clinical forms -> the words the class names use.
+SIDE_WORDS: dict[str, str] = {
+    "left": "left", "sinister": "left", "sinistra": "left", "sinistrum": "left", "sinistral": "left",
+    "laevus": "left", "lt": "left",
+    "right": "right", "dexter": "right", "dextra": "right", "dextrum": "right", "dextral": "right",
+    "rt": "right",
+}
+
+# Adjectives and Latin/Greek names -> the English noun (the word the prompt files use).
+ORGAN_WORDS: dict[str, str] = {
+    # kidney
+    "renal": "kidney", "nephric": "kidney", "ren": "kidney", "renes": "kidney",
+    # liver
+    "hepatic": "liver", "hepar": "liver", "jecur": "liver",
+    # spleen
+    "splenic": "spleen", "lienal": "spleen", "lien": "spleen",
+    # stomach
+    "gastric": "stomach", "gaster": "stomach", "ventriculus": "stomach",
+    # pancreas
+    "pancreatic": "pancreas",
+    # gallbladder
+    "cholecyst": "gallbladder", "cholecystic": "gallbladder", "vesica fellea": "gallbladder",
+    "vesica biliaris": "gallbladder", "biliary vesicle": "gallbladder", "gall bladder": "gallbladder",
+    "bile bladder": "gallbladder",
+    # urinary bladder
+    "vesical": "urinary bladder", "vesica urinaria": "urinary bladder",
+    # adrenal glands
+    "suprarenal": "adrenal", "epinephric": "adrenal",
+    # lungs
+    "pulmonary": "lung", "pulmonic": "lung", "pulmo": "lung", "pulmones": "lung",
+    # vessels
+    "aortic": "aorta", "caval": "vena cava",
+    # oesophagus
+    "esophageal": "esophagus", "oesophageal": "esophagus", "oesophagus": "esophagus",
+    # skeleton
+    "osseous": "bone", "skeletal": "bone",
+}
+
+
+def _pattern(table: dict[str, str]) -> re.Pattern[str]:
+    # Longest forms first so "vesica fellea" wins over any one-word form inside it.
+    forms = sorted(table, key=len, reverse=True)
+    return re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s_-]+".join(map(re.escape, f.split())) for f in forms)
+                      + r")(?![a-z0-9])", re.IGNORECASE)
+
+
+_FORMS = {**ORGAN_WORDS, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
+_FORM_RE = _pattern(_FORMS)
+
+
+def canonical(text: str) -> str:
+    """``text`` with every medical word form replaced by its plain noun or side ('left renal organ'
+    -> 'left kidney organ'); the text itself when it uses none."""
+    return _FORM_RE.sub(lambda m: _FORMS[" ".join(m.group(1).lower().replace("_", " ").replace("-", " ").split())],
+                        text)
+
+
+def vocabulary() -> set[str]:
+    """Every single word the table knows (forms and the words they mean): real words, never typos."""
+    out: set[str] = set()
+    for form, noun in (*ORGAN_WORDS.items(), *SIDE_WORDS.items()):
+        out.update(form.split())
+        out.update(noun.split())
+    return out

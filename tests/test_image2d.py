@@ -1,0 +1,396 @@
+"""2D images in and 2D label maps out (medprompt.io.image2d), the attribute saliency and the CLI's 2D path.
+
+Everything here is made in the test (pictures, DICOM files, NIfTI slices, synthetic radiographs and
+ultrasound frames), and drafted with ``--refine none`` (the saliency's own regions), so no weights
+are needed and it runs in seconds. Real images with LiteMedSAM: tests/test_zero_shot_2d.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from medprompt.catalog import default_catalog
+from medprompt.cli import main
+from medprompt.errors import InputError, PromptError
+from medprompt.io.image2d import find_images2d, is_image2d, load_image2d, load_label2d, save_label2d
+from medprompt.saliency.prompts import kmeans_foreground, saliency_to_prompts
+
+RNG = np.random.default_rng(0)
+GREY = (RNG.random((40, 60)) * 255).astype(np.uint8)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def write_dicom2d(path: Path, pixels: np.ndarray, modality: str, photometric: str = "MONOCHROME2",
+                  **tags: object) -> Path:
+    """A single-frame, uncompressed DICOM file written with pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 3:
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = np.ascontiguousarray(pixels, np.uint8).tobytes()
+    else:
+        ds.SamplesPerPixel = 1
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.PixelData = np.ascontiguousarray(pixels, np.uint16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def synthetic_xray(size: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """A PA chest film as physics makes it: dark air around a bright body, two dark lungs inside it."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.full((size, size), 20.0)
+    body = (np.abs(x - 0.5) < 0.42) & (y > 0.05)
+    img[body] = 200.0
+    lungs = (((x - 0.31) / 0.13) ** 2 + ((y - 0.42) / 0.26) ** 2 < 1) | (((x - 0.69) / 0.13) ** 2 + ((y - 0.42) / 0.26) ** 2 < 1)
+    img[lungs] = 70.0
+    img += RNG.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), lungs
+
+
+def synthetic_ultrasound(size: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Speckled tissue darkening with depth, a dark band touching the sides, and one hypoechoic oval mass."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 150.0 - 90.0 * y
+    img = img * RNG.gamma(4.0, 0.25, img.shape)  # speckle
+    img[(y > 0.72) & (y < 0.78)] *= 0.3  # a dark tissue plane across the whole image
+    mass = ((x - 0.45) / 0.12) ** 2 + ((y - 0.4) / 0.08) ** 2 < 1
+    img[mass] *= 0.15
+    return np.clip(img, 0, 255).astype(np.uint8), mass
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- readers ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix, fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".tif", "TIFF"), (".bmp", "BMP")])
+def test_grey_pictures_read_with_their_shape_and_no_spacing(tmp_path: Path, suffix: str, fmt: str) -> None:
+    path = tmp_path / f"grey{suffix}"
+    Image.fromarray(GREY).save(path, format=fmt)
+    image = load_image2d(path)
+    assert image.shape == (40, 60) and not image.is_rgb and image.pixels.dtype == np.float32
+    assert image.pixel_mm == (1.0, 1.0) and not image.spacing_known and image.modality is None
+    if fmt != "JPEG":  # lossless formats keep every value
+        np.testing.assert_array_equal(image.pixels, GREY)
+    assert is_image2d(path)
+
+
+def test_sixteen_bit_png_and_float_tiff_keep_their_values(tmp_path: Path) -> None:
+    deep = (RNG.random((30, 20)) * 4000).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(load_image2d(tmp_path / "deep.png").pixels, deep)
+    real = RNG.normal(0, 1000, (30, 20)).astype(np.float32)
+    Image.fromarray(real, mode="F").save(tmp_path / "real.tif")
+    np.testing.assert_allclose(load_image2d(tmp_path / "real.tif").pixels, real)
+
+
+def test_colour_kept_only_where_it_differs(tmp_path: Path) -> None:
+    same = np.repeat(GREY[:, :, None], 3, axis=2)
+    Image.fromarray(same).save(tmp_path / "grey_as_rgb.png")
+    assert load_image2d(tmp_path / "grey_as_rgb.png").pixels.shape == (40, 60)  # an ultrasound export
+    colour = same.copy()
+    colour[:, :, 1] = 255 - colour[:, :, 1]
+    Image.fromarray(colour).save(tmp_path / "rgb.png")
+    rgb = load_image2d(tmp_path / "rgb.png")
+    assert rgb.is_rgb and rgb.pixels.shape == (40, 60, 3)
+    np.testing.assert_array_equal(rgb.pixels[:, :, 1], colour[:, :, 1])
+    rgba = np.concatenate([colour, np.full((40, 60, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image2d(tmp_path / "rgba.png").pixels, colour)  # alpha dropped
+    Image.fromarray(colour).convert("P").save(tmp_path / "palette.png")
+    assert load_image2d(tmp_path / "palette.png").pixels.shape == (40, 60, 3)
+
+
+def test_dicom_radiograph_spacing_and_monochrome1(tmp_path: Path) -> None:
+    pixels = (RNG.random((50, 40)) * 4000).astype(np.uint16)
+    dx = write_dicom2d(tmp_path / "dx.dcm", pixels, "DX", ImagerPixelSpacing=[0.143, 0.15])
+    image = load_image2d(dx)
+    assert image.shape == (50, 40) and image.modality == "DX" and image.family == "XR"
+    assert image.pixel_mm == pytest.approx((0.143, 0.15)) and image.spacing_known
+    np.testing.assert_array_equal(image.pixels, pixels)
+    cr = write_dicom2d(tmp_path / "cr.dcm", pixels, "CR", photometric="MONOCHROME1", PixelSpacing=[0.2, 0.2],
+                       RescaleSlope=2, RescaleIntercept=-10)
+    inverted = load_image2d(cr).pixels  # low stored values are white: inverted so that dense is bright
+    rescaled = pixels * 2.0 - 10
+    np.testing.assert_allclose(inverted, rescaled.max() + rescaled.min() - rescaled)
+    assert load_image2d(cr).pixel_mm == (0.2, 0.2)
+    mg = write_dicom2d(tmp_path / "mg.dcm", pixels, "MG", PixelSpacing=[0.07, 0.07])
+    assert load_image2d(mg).family == "MG" and is_image2d(mg)
+
+
+def test_dicom_rgb_ultrasound_reads_colour_and_region_spacing(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+
+    rgb = (RNG.random((30, 45, 3)) * 255).astype(np.uint8)
+    region = Dataset()
+    region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection = 3, 3  # cm
+    region.PhysicalDeltaX, region.PhysicalDeltaY = 0.01, 0.02
+    us = write_dicom2d(tmp_path / "us.dcm", rgb, "US", photometric="RGB", SequenceOfUltrasoundRegions=[region])
+    image = load_image2d(us)
+    assert image.is_rgb and image.shape == (30, 45) and image.family == "US"
+    np.testing.assert_array_equal(image.pixels, rgb)
+    assert image.pixel_mm == pytest.approx((0.2, 0.1)) and image.spacing_known
+
+
+def test_a_ct_slice_among_others_is_a_series_a_lone_one_is_2d(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    a = write_dicom2d(series / "a.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7])
+    write_dicom2d(series / "b.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7])
+    assert not is_image2d(a)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    assert is_image2d(write_dicom2d(lone / "a.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7]))
+
+
+@pytest.mark.parametrize("shape", [(60, 40), (60, 40, 1)])
+def test_2d_nifti_spacing_and_label_written_back_on_its_grid(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    data = RNG.random(shape).astype(np.float32)
+    affine = np.diag([0.7, 0.8, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "slice.nii.gz")
+    image = load_image2d(tmp_path / "slice.nii.gz")
+    # Shown radiologically: rows from j (anterior at the top), columns from i (patient right on the left).
+    assert image.shape == (40, 60) and image.pixel_mm == pytest.approx((0.8, 0.7))
+    np.testing.assert_allclose(image.pixels, data.reshape(60, 40).T[::-1, ::-1])
+    labels = (image.pixels > 0.5).astype(np.uint8)
+    save_label2d(tmp_path / "mask.nii.gz", labels, image, {"thing": 1})
+    written = nib.load(tmp_path / "mask.nii.gz")
+    assert written.shape == shape and np.allclose(written.affine, affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj).reshape(60, 40), data.reshape(60, 40) > 0.5)
+    assert json.loads((tmp_path / "mask.json").read_text())["labels"] == {"thing": 1}
+    assert not is_image2d(_volume(tmp_path))
+
+
+def _volume(folder: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), folder / "vol.nii.gz")
+    return folder / "vol.nii.gz"
+
+
+def test_png_label_map_and_sidecar_round_trip(tmp_path: Path) -> None:
+    Image.fromarray(GREY).save(tmp_path / "img.png")
+    image = load_image2d(tmp_path / "img.png")
+    labels = np.zeros(image.shape, np.uint8)
+    labels[5:10, 5:20], labels[20:30, 30:50] = 1, 2
+    sidecar = save_label2d(tmp_path / "out" / "labels.png", labels, image, {"a": 1, "b": 2}, extra={"stages": {"a": "x"}})
+    assert sidecar == tmp_path / "out" / "labels.json"
+    back, names = load_label2d(tmp_path / "out" / "labels.png")
+    np.testing.assert_array_equal(back, labels)
+    assert names == {"a": 1, "b": 2} and json.loads(sidecar.read_text())["stages"] == {"a": "x"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.json", "labels.png"]  # no temp left
+
+
+@pytest.mark.parametrize("name, write, word", [
+    ("cut.png", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64), "cannot read"),
+    ("noise.jpg", lambda p: p.write_bytes(bytes(RNG.integers(0, 256, 500, dtype=np.uint8))), "cannot read"),
+    ("tiny.png", lambda p: Image.fromarray(np.zeros((4, 4), np.uint8)).save(p), "at least"),
+    ("frames.tif", lambda p: Image.fromarray(GREY).save(p, save_all=True, append_images=[Image.fromarray(GREY)]),
+     "frames"),
+    ("empty.bmp", lambda p: p.write_bytes(b""), "cannot read"),
+])
+def test_bad_2d_files_are_one_line_errors(tmp_path: Path, name: str, write, word: str,
+                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(InputError, match=word):
+        load_image2d(path)
+    assert main(["infer", str(path), str(tmp_path / "out.png"), "--prompts", "lungs", "--refine", "none"]) == 2
+    line = one_error_line(capsys)
+    assert name in line and word in line and not (tmp_path / "out.png").exists()
+
+
+def test_multiframe_dicom_and_missing_pixels_are_refused(tmp_path: Path) -> None:
+    cine = write_dicom2d(tmp_path / "cine.dcm", np.zeros((2 * 20, 30), np.uint16), "US", NumberOfFrames=2)
+    with pytest.raises(InputError, match="multi-frame"):
+        load_image2d(cine)
+
+
+# -- the attribute prior and prompts -----------------------------------------------------------------
+
+def test_kmeans_and_components_give_one_box_per_part() -> None:
+    sal = np.zeros((100, 120), np.float32)
+    sal[20:60, 10:40] = 0.9
+    sal[25:70, 70:110] = 0.8
+    sal[90:92, 0:3] = 0.85  # a speck: far less saliency than either part
+    assert kmeans_foreground(sal).sum() == 40 * 30 + 45 * 40 + 6
+    two = saliency_to_prompts(sal, parts=2, margin=0.0)
+    assert len(two.boxes) == 2
+    np.testing.assert_allclose(sorted(two.boxes.tolist()), [[10, 20, 39, 59], [70, 25, 109, 69]])
+    one = saliency_to_prompts(sal, parts=2, per_part=False, margin=0.0, points=True)
+    np.testing.assert_allclose(one.boxes, [[10, 20, 109, 69]])
+    assert saliency_to_prompts(np.zeros((10, 10), np.float32)).empty
+
+
+def test_synthetic_xray_gives_two_lungs(tmp_path: Path) -> None:
+    film, lungs = synthetic_xray()
+    Image.fromarray(film).save(tmp_path / "cxr.png")
+    assert main(["infer", str(tmp_path / "cxr.png"), str(tmp_path / "lungs.png"), "--prompts", "lung fields",
+                 "--refine", "none", "--overlay", str(tmp_path / "overlays")]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "lungs.png")) == 1
+    from scipy import ndimage
+
+    assert ndimage.label(drawn)[1] == 2 and dice(drawn, lungs) > 0.8
+    sidecar = json.loads((tmp_path / "lungs.json").read_text())
+    assert sidecar["labels"] == {"lungs": 1} and len(sidecar["boxes"]["lungs"]) == 2
+    assert sidecar["stages"]["lungs"] == "attribute saliency"
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["lungs_mask.png", "lungs_saliency.png"]
+
+
+def test_synthetic_ultrasound_finds_the_mass_not_the_band_or_the_deep_field(tmp_path: Path) -> None:
+    frame, mass = synthetic_ultrasound()
+    rgb = np.repeat(frame[:, :, None], 3, axis=2)  # ultrasound exports are grey stored as RGB
+    Image.fromarray(rgb).save(tmp_path / "us.png")
+    assert main(["infer", str(tmp_path / "us.png"), str(tmp_path / "mass.png"), "--prompts", "hypoechoic mass",
+                 "--refine", "none"]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "mass.png")) > 0
+    assert dice(drawn, mass) > 0.6
+
+
+def test_composite_mr_reads_flair_and_ignores_t1_bright_fat() -> None:
+    from medprompt.io.image2d import Image2D
+    from medprompt.saliency.attribute import attribute_saliency
+
+    size = 160
+    y, x = np.mgrid[0:size, 0:size] / size
+    head = ((x - 0.5) / 0.4) ** 2 + ((y - 0.5) / 0.45) ** 2 < 1
+    rim = head & ~(((x - 0.5) / 0.36) ** 2 + ((y - 0.5) / 0.41) ** 2 < 1)  # scalp and skull: a tenth of the radius
+    tumour = ((x - 0.62) / 0.08) ** 2 + ((y - 0.45) / 0.07) ** 2 < 1
+    fat = ((x - 0.4) / 0.05) ** 2 + ((y - 0.3) / 0.05) ** 2 < 1  # inside the brain, bright on T1 and FLAIR
+    t1, flair, t1c = (np.where(head, 90.0, 0.0) for _ in range(3))
+    for channel in (t1, flair, t1c):
+        channel[rim] = 200.0
+        channel += RNG.normal(0, 4, channel.shape) * head
+    flair[tumour] = 190.0
+    flair[fat] = t1[fat] = 200.0
+    image = Image2D(pixels=np.stack([t1, flair, t1c], -1).astype(np.float32), source="composite.png")
+    sal = attribute_saliency(image, default_catalog()["brain_tumor"])
+    assert sal[tumour].mean() > 0.5 and sal[fat].mean() < 0.1 and sal[rim].mean() < 0.1
+    # A single-channel image is the FLAIR itself: the tumour and the (here FLAIR-bright) fat light up,
+    # the scalp rim is peeled off.
+    alone = attribute_saliency(Image2D(pixels=flair.astype(np.float32), source="flair.png"),
+                               default_catalog()["brain_tumor"])
+    assert alone[tumour].mean() > 0.5 and alone[rim].mean() < 0.1
+
+
+# -- the CLI's 2D path --------------------------------------------------------------------------------
+
+def test_folder_of_images_drafts_each_to_png(tmp_path: Path) -> None:
+    film, _ = synthetic_xray(128)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(film).save(tmp_path / "in" / "a.png")
+    Image.fromarray(film).save(tmp_path / "in" / "b.jpg")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    assert [p.name for p in find_images2d(tmp_path / "in")] == ["a.png", "b.jpg"]
+    assert main(["infer", str(tmp_path / "in"), str(tmp_path / "out"), "--prompts", "lungs", "--refine", "none"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+
+
+def test_2d_output_as_nifti(tmp_path: Path) -> None:
+    film, _ = synthetic_xray(128)
+    Image.fromarray(film).save(tmp_path / "cxr.png")
+    assert main(["infer", str(tmp_path / "cxr.png"), str(tmp_path / "lungs.nii.gz"), "--prompts", "lungs",
+                 "--refine", "none"]) == 0
+    written = nib.load(tmp_path / "lungs.nii.gz")
+    assert written.shape == (128, 128, 1) and np.asarray(written.dataobj).max() == 1
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--prompts", "spleen"], "no 2D attributes"),
+    (["--prompts", "breast lesion", "--saliency", "nonsense"], "unknown saliency method"),
+    ([], "--prompts"),
+])
+def test_2d_prompt_errors(tmp_path: Path, argv: list[str], word: str, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(GREY).save(tmp_path / "img.png")
+    assert main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--refine", "none", *argv]) == 2
+    assert word in one_error_line(capsys)
+
+
+def test_a_class_on_another_modality_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dx = write_dicom2d(tmp_path / "dx.dcm", (RNG.random((40, 40)) * 1000).astype(np.uint16), "DX")
+    with pytest.raises(PromptError, match="described on US"):
+        from medprompt.drafts2d import draft2d
+
+        draft2d(load_image2d(dx), ["breast tumour"], refine="none")
+    assert main(["infer", str(dx), str(tmp_path / "out.png"), "--prompts", "breast mass", "--refine", "none"]) == 2
+    assert "DX" in one_error_line(capsys)
+
+
+def test_png_output_for_a_volume_or_a_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["infer", str(_volume(tmp_path)), str(tmp_path / "out.png"), "--refine", "none"]) == 2
+    assert "not a 2D image" in one_error_line(capsys)
+
+
+def test_a_registered_saliency_method_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medprompt.saliency as saliency
+
+    def corner(image, entry):  # a stand-in for gScoreCAM / M2IB: the top-left quarter
+        sal = np.zeros(image.shape, np.float32)
+        sal[: image.shape[0] // 2, : image.shape[1] // 2] = 1.0
+        return sal
+
+    monkeypatch.setitem(saliency._METHODS, "corner", corner)
+    Image.fromarray(GREY).save(tmp_path / "img.png")
+    assert main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--prompts", "lungs",
+                 "--saliency", "corner", "--refine", "none"]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "out.png"))
+    assert drawn[:20, :30].all() and not drawn[20:].any() and not drawn[:, 30:].any()
+    assert json.loads((tmp_path / "out.json").read_text())["saliency"] == "corner"
+
+
+def test_clip_saliency_without_its_weights_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEDPROMPT_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.delenv("MEDPROMPT_CLIP_MODEL", raising=False)
+    Image.fromarray(GREY).save(tmp_path / "img.png")
+    code = main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--prompts", "lungs",
+                 "--saliency", "gscorecam", "--refine", "none"])
+    if code == 0:
+        pytest.skip("BiomedCLIP's weights are on this machine")
+    assert code == 2 and "BiomedCLIP" in one_error_line(capsys) and not (tmp_path / "out.png").exists()
+
+
+def test_grey_jpeg_with_chroma_noise_reads_as_grey(tmp_path: Path) -> None:
+    noisy = np.repeat(GREY[:, :, None], 3, axis=2).astype(np.int16)
+    noisy += RNG.integers(-2, 3, noisy.shape).astype(np.int16)  # what JPEG's colour subsampling leaves
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(tmp_path / "flair.png")
+    assert not load_image2d(tmp_path / "flair.png").is_rgb
+
+
+def test_the_volume_model_on_a_2d_image_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(GREY).save(tmp_path / "img.png")
+    assert main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--prompts", "lungs",
+                 "--model", "medprompt"]) == 2
+    assert "--saliency" in one_error_line(capsys)

