@@ -458,6 +458,11 @@ def test_precompute_prepares_the_slices_a_draft_asks_for_with_the_same_pixels() 
         views.append(slices)
         return RecordingSegmenter([], early)
 
+    import threading
+
+    stop = threading.Event()
+    stop.set()  # a server shutting down: nothing more is encoded
+    assert precompute(volume, make_early, RefineSettings(step_mm=5.0), stop=stop) == 0 and early == []
     assert precompute(volume, make_early, RefineSettings(step_mm=5.0)) == len(early)
     assert early == [5, 10, 15, 20, 25]  # the shared 5-slice grid, minus the empty slices 0 (air)
     later: list[int] = []
@@ -476,13 +481,14 @@ def test_precompute_prepares_the_slices_a_draft_asks_for_with_the_same_pixels() 
 
 def test_prefetcher_runs_one_study_at_a_time_in_the_background_and_never_fails_the_caller() -> None:
     import threading
+    import time
 
     from medprompt.sam.prefetch import Prefetcher
 
     release = threading.Event()
     seen: list[str] = []
 
-    def slow(path: str, checkpoint: str | None) -> int:
+    def slow(path: str, checkpoint: str | None, stop: threading.Event) -> int:
         seen.append(path)
         release.wait(10)
         if path == "bad":
@@ -499,6 +505,23 @@ def test_prefetcher_runs_one_study_at_a_time_in_the_background_and_never_fails_t
     assert prefetcher.start("c") is True  # an error released the slot too
     prefetcher.thread.join(10)
     assert seen == ["a", "bad", "c"]
+
+    # At exit (Ctrl-C on the server) a run in progress is told to stop and waited for; nothing starts after.
+    slices: list[int] = []
+
+    def endless(path: str, checkpoint: str | None, stop: threading.Event) -> int:
+        while not stop.is_set():
+            slices.append(len(slices))
+            stop.wait(0.01)
+        return len(slices)
+
+    stopping = Prefetcher(run=endless)
+    assert stopping.start("d") is True
+    while not slices:
+        time.sleep(0.01)
+    stopping.close(timeout=10)
+    assert not stopping.thread.is_alive()
+    assert stopping.start("e") is False
 
 
 def test_a_three_slice_slab_of_a_real_ct_drafts_the_liver_better_than_the_prior(real_data: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -307,3 +308,26 @@ def test_serve_refuses_a_missing_folder_and_a_busy_port_before_starting(server: 
     )
     assert done.returncode == 2
     assert f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_while_a_study_is_encoded_in_the_background_stops_cleanly(tmp_path: Path) -> None:
+    """Next Sample starts LiteMedSAM's encoder on the study in a background thread; Ctrl-C in the middle used
+    to abort the process (exit 134, 'terminate called without an active exception'). ``serving`` requires
+    exit code 0; the log shows the encoding was under way and stopped."""
+    import urllib.request
+
+    from conftest import console_script, launch_server, serving, write_tiny_checkpoint
+    from medprompt.phantoms import write_sample_data
+
+    studies = tmp_path / "studies"
+    write_sample_data(studies, n=1)
+    env = {**os.environ, "MEDPROMPT_CACHE": str(tmp_path / "cache")}
+    command = [str(console_script("medprompt")), "serve", "--conf", "models", "prior"]
+    server = launch_server(tmp_path, command, studies, write_tiny_checkpoint(tmp_path / "tiny.pt"), env, refine="sam")
+    with serving(server):
+        request = urllib.request.Request(f"{server.url}/activelearning/first", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.load(response)["id"] == "phantom_000"
+        time.sleep(3)  # inside the encoder: a 64-slice phantom takes tens of seconds
+    assert "stopped after" in server.log.read_text(errors="replace")

@@ -190,12 +190,14 @@ class MedPromptApp(MONAILabelApp):
         """Server start (not training's child process): load the models' weights in the background.
 
         Each model that cannot serve logs one line naming what is missing and how to provide it,
-        within seconds, while the server already answers and the other models keep serving.
+        within seconds, while the server already answers and the other models keep serving. The
+        loaders are not daemon threads: a Ctrl-C during loading waits for them (seconds) instead of
+        tearing the interpreter down under torch's loading code, which aborted the process (exit 134).
         """
         super().on_init_complete()
         for name, task in self._infers.items():
             if hasattr(task, "problems"):
-                threading.Thread(target=_report_problems, args=(name, task), name=f"load-{name}", daemon=True).start()
+                threading.Thread(target=_report_problems, args=(name, task), name=f"load-{name}").start()
         self._start_finetune_schedule()
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any] | None:

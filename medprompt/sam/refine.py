@@ -19,6 +19,7 @@ measuring on real CT and MR (BENCHMARKS.md, ``benchmarks/sam_refine.py``); see R
 
 from __future__ import annotations
 
+import threading
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -172,18 +173,26 @@ def uint8_view(volume: "Volume", canon: np.ndarray, ornt: np.ndarray, modality: 
 
 
 def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettings = RefineSettings(),
-               progress: bool = False) -> int:
+               progress: bool = False, stop: threading.Event | None = None) -> int:
     """Compute (or find cached) the embeddings a default draft of ``volume`` will ask for first.
 
     Those are the slices of the shared sampling grid (``sampled_slices``) in the default window,
     with the same pixels :func:`refine` shows LiteMedSAM, so a later draft reads them from the
-    cache; slices with nothing in them are skipped. Returns how many slices were prepared.
+    cache; slices with nothing in them are skipped. ``stop`` set: ends after the slice in hand
+    (a server shutting down). Returns how many slices were prepared.
     """
     canon, ornt, (sx, sy, sz) = geometry.to_canonical(np.asarray(volume.data), volume.affine)
     view = uint8_view(volume, canon, ornt, modality_of(canon, volume.modality), None)
     step = sampling_step(sz, settings)
     wanted = [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
-    segmenter_for(view, (sy, sx)).prepare(wanted, progress=progress)
+    segmenter = segmenter_for(view, (sy, sx))
+    if stop is None:
+        segmenter.prepare(wanted, progress=progress)
+        return len(wanted)
+    for done, k in enumerate(wanted):
+        if stop.is_set():
+            return done
+        segmenter.prepare([k])
     return len(wanted)
 
 
