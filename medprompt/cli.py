@@ -101,11 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="start the encoder from an open_clip vision tower, e.g. biomedclip (local weights)")
     train.add_argument("--text-encoder", dest="train_text_encoder", default=None, metavar="SPEC",
                        help="frozen text encoder: minilm (default, offline), biomedclip, a folder, open_clip:MODEL:TAG")
-    train.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
-    train.add_argument("--max-minutes", type=float, default=None,
-                       help="stop after this long (saved and resumable); default: run all steps")
+    _add_run_options(train)
     train.set_defaults(run=_train_zero_shot)
 
     tune = commands.add_parser("train-finetune",
@@ -142,11 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     clip.add_argument("--tau", type=float, default=0.6, help="DHN-NCE temperature (default: 0.6)")
     clip.add_argument("--beta1", type=float, default=0.15, help="hardness, image to text (default: 0.15)")
     clip.add_argument("--beta2", type=float, default=0.15, help="hardness, text to image (default: 0.15)")
-    clip.add_argument("--device", default="auto")
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
-    clip.add_argument("--max-minutes", type=float, default=None,
-                      help="stop after this long (saved and resumable); default: run all steps")
+    _add_run_options(clip)
     clip.set_defaults(run=_train_clip)
 
     weak = commands.add_parser("train-weak", help="train a 2D segmentation network on the zero-shot masks of a "
@@ -169,11 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="normalised entropy of the ensemble above which a pixel leaves the second pass "
                            "(default: 0.8, i.e. a two-class probability between about 0.24 and 0.76)")
     weak.add_argument("--no-second-pass", action="store_true", help="one pass on every pixel of the masks")
-    weak.add_argument("--device", default="auto")
-    weak.add_argument("--seed", type=int, default=0)
-    weak.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
-    weak.add_argument("--max-minutes", type=float, default=None,
-                      help="stop after this long (saved and resumable); default: run all steps")
+    _add_run_options(weak)
     weak.set_defaults(run=_train_weak)
 
     serve = commands.add_parser("serve", help="start the MONAI Label server on a studies folder")
@@ -196,6 +184,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="app option, as for serve (repeatable)")
     demo.set_defaults(run=_pacs_demo)
     return parser
+
+
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    """What every training command takes: where it runs, its seed, and resuming or stopping a long run."""
+    command.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--no-resume", action="store_true", help="start over even if a partial run exists")
+    command.add_argument("--max-minutes", type=float, default=None,
+                         help="stop after this long (saved and resumable); default: run all steps")
+
+
+def _time_limit_s(args: argparse.Namespace) -> float | None:
+    return args.max_minutes * 60 if args.max_minutes else None
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -393,7 +394,7 @@ def _train_zero_shot(args: argparse.Namespace) -> int:
         studies=[Path(s) for s in args.studies], out=args.out or DEFAULT_CHECKPOINT, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, model_config=args.model_config,
         text_encoder=args.train_text_encoder, device=args.device, seed=args.seed, resume=not args.no_resume,
-        init_vision=args.init_vision, time_limit_s=args.max_minutes * 60 if args.max_minutes else None,
+        init_vision=args.init_vision, time_limit_s=_time_limit_s(args),
     )
     out = train_zero_shot(cfg, progress=True)
     print(f"wrote {out}")
@@ -436,7 +437,7 @@ def _train_clip(args: argparse.Namespace) -> int:
     cfg = ClipTrainConfig(pairs=pairs, model=args.model, out=args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, tau=args.tau, beta1=args.beta1, beta2=args.beta2, device=args.device,
                           seed=args.seed, resume=not args.no_resume,
-                          time_limit_s=args.max_minutes * 60 if args.max_minutes else None)
+                          time_limit_s=_time_limit_s(args))
     print(describe(train_clip(cfg, progress=True)))
     return 0
 
@@ -450,7 +451,7 @@ def _train_weak(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, lr=args.lr, size=args.size, snapshots=args.snapshots,
                      second_pass=not args.no_second_pass, uncertain=args.uncertain, saliency=args.saliency,
                      sam_checkpoint=args.sam_checkpoint, device=args.device, seed=args.seed,
-                     resume=not args.no_resume, time_limit_s=args.max_minutes * 60 if args.max_minutes else None)
+                     resume=not args.no_resume, time_limit_s=_time_limit_s(args))
     result = train_weak(cfg, progress=True)
     if not result.complete:
         print(f"stopped at step {result.step}/{result.steps}; saved, run again to resume")

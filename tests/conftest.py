@@ -220,3 +220,14 @@ def orthanc(tmp_path: Path) -> Iterator["Orthanc"]:
     require_orthanc()
     with Orthanc(tmp_path / "orthanc") as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a shared 2-core machine their syncing costs 10-50x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from medprompt.clip import saliency  # noqa: E402
 from medprompt.clip.model import image_to_unit_rgb, load_clip, write_model_folder  # noqa: E402
 from medprompt.errors import InputError, WeightsError  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine their syncing costs 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = 40

@@ -19,13 +19,7 @@ from medprompt.clip.model import load_clip, write_model_folder  # noqa: E402
 from medprompt.clip.pairs import build_pairs  # noqa: E402
 from medprompt.clip.train import ClipTrainConfig, exclusion_mask, read_pairs, read_image, train_clip  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine their syncing costs 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = 32

@@ -245,6 +245,9 @@ def bone(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.
     return ndi.binary_opening(mask)
 
 
+FLOW_WINDOWS = ([0.0, 0.15], [0.45, 1.0])  # flow void / bright blood, as fractions of the body's intensity range
+
+
 def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
     """Great vessels as a tube: per-slice round blob at the expected place, centre line smoothed.
 
@@ -272,9 +275,6 @@ def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: n
         if score > best_score:
             best, best_score = mask, score
     return best
-
-
-FLOW_WINDOWS = ([0.0, 0.15], [0.45, 1.0])  # flow void / bright blood, as fractions of the body's intensity range
 
 
 def _tube(cand: np.ndarray, w: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]) -> np.ndarray:
