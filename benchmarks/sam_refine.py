@@ -38,6 +38,7 @@ CASES = {"ct_abdomen_a": "image.nii.gz", "ct_abdomen_b_dicom": "dicom", "mr_abdo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="prior", help="localiser: prior or medprompt")
+    p.add_argument("--checkpoint", type=Path, default=None, help="--model medprompt: the model file (default: the shipped one)")
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--margin", nargs="+", type=float, default=[RefineSettings.margin_mm])
     p.add_argument("--keep", nargs="+", type=float, default=[RefineSettings.keep_within_mm])
@@ -66,7 +67,7 @@ def main() -> None:
 
             localiser = AnatomyPrior(catalog)
         else:
-            localiser = predictor()
+            localiser = predictor(args.checkpoint)
         t = time.perf_counter()
         loc = localiser.localize(volume, entries)
         t_loc = time.perf_counter() - t

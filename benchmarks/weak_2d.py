@@ -79,7 +79,9 @@ def main() -> int:
                         for refine in ("none", "sam"):
                             labels = draft_weak(image, model, [cls], refine=refine).labels
                             scores.setdefault(f"{mode}_{refine}", []).append(dice(labels == 1, refs[p]))
-                print(f"  fold {i}: trained on {len(train)} drafts in {result.seconds:.0f} s "
+                row.setdefault("left_out", []).extend(result.left_out)
+                print(f"  fold {i}: trained on {len(train) - len(result.left_out)} of {len(train)} drafts "
+                      f"(unsure, left out: {', '.join(result.left_out) or 'none'}) in {result.seconds:.0f} s "
                       f"(pass 2 left out {result.excluded:.1%} of pixels)", flush=True)
             row.update({k: float(np.mean(v)) for k, v in scores.items()})
             row["per_image"] = {k: [round(x, 3) for x in v] for k, v in scores.items()}

@@ -67,7 +67,7 @@ def reference_boxes(mask: np.ndarray) -> np.ndarray:
 
 def upper_bound(image_path: Path, entry_name: str, mask: np.ndarray, make) -> float:
     from medprompt.catalog import default_catalog
-    from medprompt.drafts2d import sam_pixels
+    from medprompt.sam.preprocess import sam_pixels
     from medprompt.io.image2d import load_image2d
     from medprompt.saliency.attribute import modality_for, working_image
 

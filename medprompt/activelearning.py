@@ -163,6 +163,11 @@ class Uncertainty(ImageScore):
 
         net = predictor(checkpoint, self.model.text_encoder)
         entries = [entry for _, entry in default_catalog().resolve_all(self.model.prompts)]
+        from medprompt.model.sam_predictor import SamNetPredictor
+
+        if isinstance(net, SamNetPredictor):  # a model on LiteMedSAM features: its cells on the sampled slices
+            prob, body = net.cell_uncertainty_inputs(volume, entries)
+            return mean_binary_entropy(prob, body)
         grid = to_net_grid(volume, net.device)
         prob = net.probabilities(grid, net.class_vectors(entries)).cpu().numpy()
         # The prior's body (filled: bowel gas and lungs count): air around the patient is trivially certain.

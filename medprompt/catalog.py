@@ -340,6 +340,10 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
                     if val not in ("fast", "slow"):
                         raise PromptError(f"{path}: field 'prior.mr.flow' must be fast or slow")
                     continue
+                if mod == "mr" and key == "like":  # a class of the same MR intensity (same T1 and T2)
+                    if not isinstance(val, str) or not val.strip():
+                        raise PromptError(f"{path}: field 'prior.mr.like' must be a class name")
+                    continue
                 _range(val, path, f"prior.{mod}.{quoted(str(key))}")
     if "volume_ml" in prior:
         _range(prior["volume_ml"], path, "prior.volume_ml")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from medprompt.drafts import REFINE_CHOICES
+from medprompt.drafts import ARCHS, REFINE_CHOICES, checkpoint_arch
 from medprompt.errors import InputError, MedPromptError
 from medprompt.io.image2d import find_images2d, image_stem, is_image2d
 from medprompt.io.volume import NIFTI_SUFFIXES, find_volumes, volume_stem, write_json
@@ -93,14 +93,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="folders of volumes and/or single volumes (images only)")
     train.add_argument("--out", type=Path, default=None,
                        help="model file to write (default: models/medprompt_default.pt)")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--model-config", default="small", help="small (default), tiny (tests) or vit_b16")
+    train.add_argument("--arch", choices=ARCHS, default=None,
+                       help="sam (default): a head on LiteMedSAM's cached image embeddings, taught by the prior + "
+                            "LiteMedSAM; vit: the older ViT trained from pixels, taught by the prior")
+    train.add_argument("--steps", type=int, default=None, help="default: 600 (sam), 2000 (vit)")
+    train.add_argument("--rounds", type=int, default=1,
+                       help="sam: rounds of self-training (2: the student's confident cells join the teacher's)")
+    train.add_argument("--batch-size", type=int, default=None, help="default: 16 (sam), 8 (vit)")
+    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 (sam), 3e-4 (vit)")
+    train.add_argument("--model-config", default="small", help="small (default), tiny (tests); vit also vit_b16")
     train.add_argument("--init-vision", default=None, metavar="SPEC",
                        help="start the encoder from an open_clip vision tower, e.g. biomedclip (local weights)")
     train.add_argument("--text-encoder", dest="train_text_encoder", default=None, metavar="SPEC",
                        help="frozen text encoder: minilm (default, offline), biomedclip, a folder, open_clip:MODEL:TAG")
+    train.add_argument("--init", type=Path, default=None,
+                       help="start from this model file (its architecture wins over --model-config)")
     _add_run_options(train)
     train.set_defaults(run=_train_zero_shot)
 
@@ -111,13 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", type=Path, default=None,
                       help="the served model file to improve (default: models/medprompt_default.pt)")
     tune.add_argument("--init", type=Path, default=None, help="start from this model file (default: --model)")
-    tune.add_argument("--steps", type=int, default=500)
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--steps", type=int, default=None, help="default: 300 (sam models), 500 (vit)")
+    tune.add_argument("--batch-size", type=int, default=None, help="default: 16 (sam), 8 (vit)")
+    tune.add_argument("--lr", type=float, default=None, help="default: 3e-4 (sam), 1e-4 (vit)")
     tune.add_argument("--label-names", type=Path, default=None,
                       help='JSON {"labels": {"liver": 1, ...}} for labels that carry no names of their own')
+    tune.add_argument("--text-encoder", dest="train_text_encoder", default=None, metavar="SPEC",
+                      help="frozen text encoder (default: minilm); must be the one --init was trained with")
     tune.add_argument("--device", default="auto")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--json", type=Path, dest="json_out", help="also write the round's result to this JSON file")
     tune.set_defaults(run=_train_finetune)
 
     clip = commands.add_parser("train-clip", help="finetune an open_clip model (e.g. BiomedCLIP) on image-text "
@@ -222,12 +232,24 @@ def _infer(args: argparse.Namespace) -> int:
             if is_image2d(source):  # X-ray, ultrasound, one MR/CT slice: saliency -> boxes -> LiteMedSAM
                 from medprompt.drafts2d import draft2d_file
 
-                if str(args.model).lower() != "prior":
-                    raise InputError(f"{source}: --model {args.model} drafts volumes; a 2D image is localised by "
-                                     "a saliency method (--saliency) or drafted by --model weak:MODEL.pt")
+                saliency, catalog = args.saliency, None
+                if str(args.model).lower() == "medprompt":  # the network's class map localises, SAM draws
+                    from medprompt.catalog import default_catalog
+                    from medprompt.drafts import predictor
+                    from medprompt.model.sam_predictor import saliency_method
+                    from medprompt.saliency import register
+                    from medprompt.trainers.finetune import catalog_with
 
-                result = draft2d_file(source, target, args.prompts, saliency=args.saliency, refine=args.refine,
-                                      sam_checkpoint=args.sam_checkpoint, overlay_dir=args.overlay)
+                    register("medprompt", saliency_method(args.checkpoint, args.sam_checkpoint), replace=True)
+                    saliency = "medprompt"
+                    # Classes the model learnt from corrections (e.g. "kidney" for both sides) are prompts too.
+                    classes = predictor(args.checkpoint, None, args.sam_checkpoint).meta.get("classes", [])
+                    catalog = catalog_with(list(classes), default_catalog())
+                elif str(args.model).lower() != "prior":
+                    raise InputError(f"{source}: --model {args.model} drafts volumes; a 2D image is localised by "
+                                     "a saliency method (--saliency), --model medprompt or --model weak:MODEL.pt")
+                result = draft2d_file(source, target, args.prompts, saliency=saliency, refine=args.refine,
+                                      sam_checkpoint=args.sam_checkpoint, overlay_dir=args.overlay, catalog=catalog)
                 tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
                 continue
             volume = load_volume(source)
@@ -385,33 +407,61 @@ def _pacs_demo(args: argparse.Namespace) -> int:
 
 
 def _train_zero_shot(args: argparse.Namespace) -> int:
+    from medprompt.distributed import init_distributed
     from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
-    from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise InputError("--steps and --batch-size must be positive")
-    cfg = ZeroShotConfig(
-        studies=[Path(s) for s in args.studies], out=args.out or DEFAULT_CHECKPOINT, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, model_config=args.model_config,
-        text_encoder=args.train_text_encoder, device=args.device, seed=args.seed, resume=not args.no_resume,
-        init_vision=args.init_vision, time_limit_s=_time_limit_s(args),
-    )
-    out = train_zero_shot(cfg, progress=True)
-    print(f"wrote {out}")
+    if args.init is not None and not args.init.is_file():
+        raise InputError(f"--init {args.init}: no such model file")
+    arch = args.arch or (checkpoint_arch(args.init) if args.init is not None else "sam")
+    sam = arch == "sam"
+    steps = args.steps if args.steps is not None else (600 if sam else 2000)
+    batch = args.batch_size if args.batch_size is not None else (16 if sam else 8)
+    lr = args.lr if args.lr is not None else (1e-3 if sam else 3e-4)
+    if steps < 1 or batch < 1 or args.rounds < 1:
+        raise InputError("--steps, --batch-size and --rounds must be positive")
+    out = args.out or DEFAULT_CHECKPOINT
+    studies = [Path(s) for s in args.studies]
+    if sam:
+        from medprompt.trainers.sam_rounds import zero_shot_sam
+        from medprompt.trainers.zero_shot import DEFAULT_CLASSES
+
+        out = zero_shot_sam(studies, out, DEFAULT_CLASSES, steps=steps, rounds=args.rounds, batch_size=batch, lr=lr,
+                            text_encoder=args.train_text_encoder, model_config=args.model_config,
+                            device=args.device, seed=args.seed, resume=not args.no_resume,
+                            time_limit_s=_time_limit_s(args), init=args.init)
+    else:
+        from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
+
+        cfg = ZeroShotConfig(
+            studies=studies, out=out, steps=steps, batch_size=batch, lr=lr, model_config=args.model_config,
+            text_encoder=args.train_text_encoder, device=args.device, seed=args.seed, resume=not args.no_resume,
+            init_vision=args.init_vision, time_limit_s=_time_limit_s(args), init=args.init,
+        )
+        out = train_zero_shot(cfg, progress=True)
+    if init_distributed(args.device).is_main:  # under torchrun, one report
+        print(f"wrote {out}")
     return 0
 
 
 def _train_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from medprompt.distributed import init_distributed
     from medprompt.io.volume import read_label_names
     from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
     from medprompt.trainers.finetune import train_finetune
 
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or (args.batch_size is not None and args.batch_size < 1):
         raise InputError("--steps and --batch-size must be positive")
     names = read_label_names(args.label_names) if args.label_names else None
     result = train_finetune(args.studies, args.model or DEFAULT_CHECKPOINT, args.init, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, device=args.device, label_names=names,
-                            seed=args.seed)
+                            seed=args.seed, text_encoder=args.train_text_encoder)
+    if not init_distributed(args.device).is_main:  # under torchrun, rank 0 validated and reports
+        return 0
+    if args.json_out is not None:
+        write_json(args.json_out, {**asdict(result), "served": str(result.served),
+                                   "version": str(result.version) if result.version else None})
     before = "none" if result.previous_score is None else f"{result.previous_score:.3f}"
     verdict = f"replaced {result.served} (kept as {result.version})" if result.accepted else \
         f"kept {result.served}: the candidate was worse"

@@ -21,6 +21,21 @@ if TYPE_CHECKING:
 
 MODELS: tuple[str, ...] = ("prior", "medprompt")
 REFINE_CHOICES: tuple[str, ...] = ("sam", "none")
+ARCHS: tuple[str, ...] = ("sam", "vit")  # MedPromptNet on LiteMedSAM embeddings; the older ViT on pixels
+
+
+def checkpoint_arch(path: str | Path) -> str:
+    """Which MedPromptNet a model file holds (``sam`` or ``vit``), by its format tag; a file that is neither
+    is left for the loader to report."""
+    import torch
+
+    from medprompt.model.sam_checkpoint import FORMAT
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return "vit"
+    return "sam" if isinstance(blob, dict) and blob.get("format") == FORMAT else "vit"
 
 
 def refine_choice(value: object, where: str = "refinement") -> str:
@@ -77,32 +92,44 @@ def draft(
 
         localiser = AnatomyPrior(catalog)
     else:
-        localiser = predictor(checkpoint, text_encoder)
+        localiser = predictor(checkpoint, text_encoder, sam_checkpoint)
     names = {e.name: i + 1 for i, e in enumerate(entries)}
     resolved = {text: e.name for text, e in pairs}
     if make_segmenter is None:
-        labels = localiser.predict(volume, entries, progress=progress)
+        labels = localiser.predict(volume, entries, progress=progress)  # the sam arch makes its own segmenter
         return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
                             stages={e.name: model for e in entries})
     from medprompt.sam.refine import refine as refine_with_sam
 
-    loc = localiser.localize(volume, entries, progress=progress)
+    loc = localiser.localize(volume, entries, progress=progress, **_segmenter_arg(localiser, make_segmenter))
     out = refine_with_sam(volume, loc, entries, make_segmenter, progress=progress)
     return Segmentation(labels=out.labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
                         stages=out.stages)
 
 
-def predictor(checkpoint: str | Path | None = None, text_encoder: str | None = None):
+def _segmenter_arg(localiser, make_segmenter) -> dict:
+    """The learned localiser on LiteMedSAM features reads the same segmenter (and cache) SAM draws with."""
+    from medprompt.model.sam_predictor import SamNetPredictor
+
+    return {"segmenter_for": make_segmenter} if isinstance(localiser, SamNetPredictor) else {}
+
+
+def predictor(checkpoint: str | Path | None = None, text_encoder: str | None = None,
+              sam_checkpoint: str | Path | None = None):
     """The loaded network for a model file, reused while the file is unchanged (a new round reloads)."""
     from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
 
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     mtime = path.stat().st_mtime_ns if path.is_file() else None
-    return _load_predictor(str(path), mtime, text_encoder)
+    return _load_predictor(str(path), mtime, text_encoder, str(sam_checkpoint) if sam_checkpoint else None)
 
 
 @lru_cache(maxsize=2)
-def _load_predictor(path: str, mtime: int | None, text_encoder: str | None):
+def _load_predictor(path: str, mtime: int | None, text_encoder: str | None, sam_checkpoint: str | None):
+    if mtime is not None and checkpoint_arch(path) == "sam":
+        from medprompt.model.sam_predictor import load_sam_predictor
+
+        return load_sam_predictor(path, text_encoder=text_encoder, sam_checkpoint=sam_checkpoint)
     from medprompt.model.predictor import load_checkpoint
 
     return load_checkpoint(path, text_encoder=text_encoder)

@@ -6,6 +6,10 @@ as MedCLIP-SAMv2 does, and LiteMedSAM draws the masks on the whole image, shown 
 trained (longest side 256, aspect kept, 0.5-99.5 percentile clipping, or a CT window where the
 pixels are Hounsfield units). Where classes overlap, the pixel goes to the class with the higher
 SAM logit. ``refine="none"`` keeps the saliency regions themselves.
+
+A focal lesion on ultrasound (a one-part class on a US image) is not one box: LiteMedSAM draws several
+proposals (the map's components and dark blobs) on the same embedding and the most lesion-like mask by
+ultrasound physics wins (:mod:`medprompt.saliency.lesion`); ``Draft2D.confidence`` says by how much.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from medprompt.errors import PromptError
 from medprompt.io.image2d import Image2D
 from medprompt.saliency import checked_map
 from medprompt.saliency import get as get_saliency
-from medprompt.saliency.attribute import modality_for, working_image
+from medprompt.saliency.attribute import attribute_saliency, modality_for, working_image
+from medprompt.saliency.lesion import select_lesion
 from medprompt.saliency.prompts import SamPrompts, saliency_to_prompts
-
-HU_LIKE_MIN = -500.0  # a CT slice whose minimum is below this holds Hounsfield units (else it is a windowed picture)
+from medprompt.sam.preprocess import sam_pixels
 
 
 @dataclass
@@ -39,15 +43,8 @@ class Draft2D:
     stages: dict[str, str] = field(default_factory=dict)
     saliency: dict[str, np.ndarray] = field(default_factory=dict)
     prompts: dict[str, SamPrompts] = field(default_factory=dict)
+    confidence: dict[str, float] = field(default_factory=dict)  # where the path can tell: 0 (a coin flip) .. 1
     seconds: float = 0.0
-
-
-def sam_pixels(grey: np.ndarray, modality: str) -> np.ndarray:
-    """uint8 pixels as LiteMedSAM was trained on them: a CT window for HU data, else percentile clipping."""
-    from medprompt.sam.preprocess import apply_range, intensity_range
-
-    as_ct = modality == "CT" and float(grey.min()) < HU_LIKE_MIN
-    return apply_range(grey, intensity_range(grey, "CT" if as_ct else "OTHER"))
 
 
 def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None, refine: str = "sam",
@@ -81,7 +78,9 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None,
         parts = int(entry.image2d.get("parts", 1)) if entry.image2d else 1
         sam_prompts = saliency_to_prompts(sal, parts=parts, per_part=True, points=points)
         out.saliency[entry.name], out.prompts[entry.name] = sal, sam_prompts
-        if sam_prompts.empty:
+        modality = modalities[entry.name]
+        focal_lesion = modality == "US" and parts == 1 and bool(entry.image2d)
+        if sam_prompts.empty and not (focal_lesion and make_segmenter is not None):
             out.stages[entry.name] = f"{method_name} saliency: nothing found"
             continue
         if make_segmenter is None:
@@ -89,16 +88,34 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None,
             logits = np.where(mask, 1.0, -1.0).astype(np.float32)
             out.stages[entry.name] = f"{method_name} saliency"
         else:
-            pixels = sam_pixels(working_image(image, entry, modalities[entry.name]), modalities[entry.name])
-            key = (modalities[entry.name], str(entry.image2d.get("sequence", "")) if entry.image2d else "")
+            grey = working_image(image, entry, modality)
+            key = (modality, str(entry.image2d.get("sequence", "")) if entry.image2d else "")
             seg = segmenters.get(key)
             if seg is None:
-                seg = segmenters[key] = make_segmenter(pixels[None], image.pixel_mm)
-            point_labels = np.ones(sam_prompts.points.shape[:2], np.int64) if sam_prompts.points is not None else None
-            per_box = seg.predict(0, boxes=sam_prompts.boxes, points=sam_prompts.points,
-                                  point_labels=point_labels).numpy()
-            logits = per_box.max(axis=0)
-            out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
+                seg = segmenters[key] = make_segmenter(sam_pixels(grey, modality)[None], image.pixel_mm)
+            if focal_lesion:
+                # A focal lesion on ultrasound: LiteMedSAM's masks of several proposals, ranked by
+                # ultrasound physics (medprompt.saliency.lesion). Another method's map (a learnt one)
+                # adds its places to the attribute prior's and decides where physics is unsure.
+                learnt = method_name != "attribute"
+                choice = select_lesion(seg, grey, attribute_saliency(image, entry) if learnt else sal,
+                                       entry.image2d, agreement=sal if learnt else None)
+                chosen = choice.chosen
+                out.confidence[entry.name] = round(choice.confidence, 4)  # 0 when nothing was found
+                if chosen is None:
+                    out.stages[entry.name] = f"{method_name} saliency: nothing found"
+                    continue
+                out.prompts[entry.name] = SamPrompts(boxes=chosen.box[None].astype(np.float32),
+                                                     regions=[chosen.logits > 0])
+                logits = chosen.logits
+                out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM proposals"
+            else:
+                point_labels = (np.ones(sam_prompts.points.shape[:2], np.int64)
+                                if sam_prompts.points is not None else None)
+                per_box = seg.predict(0, boxes=sam_prompts.boxes, points=sam_prompts.points,
+                                      point_labels=point_labels).numpy()
+                logits = per_box.max(axis=0)
+                out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
         take = (logits > 0) & (logits > best)
         out.labels[take] = names[entry.name]
         best = np.where(take, logits, best)
@@ -120,15 +137,16 @@ def _modality(image: Image2D, entry: PromptEntry, strict: bool) -> str:
 
 def draft2d_file(source: str | Path, target: str | Path, prompts: Sequence[str] | None, saliency: str | None = None,
                  refine: str = "sam", sam_checkpoint: str | Path | None = None,
-                 overlay_dir: str | Path | None = None) -> Draft2D:
+                 overlay_dir: str | Path | None = None, catalog: PromptCatalog | None = None) -> Draft2D:
     """The CLI's 2D path: read ``source``, draft, write the label map (+ sidecar) and, optionally, overlays."""
     from medprompt.io.image2d import image_stem, load_image2d, save_label2d
 
     image = load_image2d(source)
-    result = draft2d(image, prompts, saliency=saliency, refine=refine, sam_checkpoint=sam_checkpoint)
+    result = draft2d(image, prompts, saliency=saliency, refine=refine, sam_checkpoint=sam_checkpoint, catalog=catalog)
     boxes = {name: p.boxes.round(1).tolist() for name, p in result.prompts.items()}
     save_label2d(target, result.labels, image, result.names,
                  extra={"stages": result.stages, "prompts_resolved": result.resolved, "boxes": boxes,
+                        "confidence": result.confidence,
                         "saliency": (saliency or "attribute").strip().lower(), "seconds": round(result.seconds, 3)})
     if overlay_dir is not None:
         write_overlays(Path(overlay_dir), image_stem(target), image, result)

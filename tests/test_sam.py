@@ -251,6 +251,46 @@ def test_cropped_decoding_equals_the_full_decoder_cropped(random_sam_file: Path,
     torch.testing.assert_close(full, logits_to_slice(low[:, 0], g), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weights", ["random", "shipped"])
+def test_decoder_equals_sams_own_for_boxes_points_and_both(weights: str, random_sam_file: Path, tmp_path: Path) -> None:
+    """The re-associated attention of decoder.py (prompt-token matrices multiplied into the image
+    tokens instead of projecting them) is SAM's decoder: checked for every prompt length it meets."""
+    make = segmenter_factory(random_sam_file if weights == "random" else None, "cpu", EmbeddingCache(tmp_path / "c"))
+    seg = make((np.random.default_rng(3).random((1, 120, 160)) * 255).astype(np.uint8), (0.9, 0.7))
+    net, g = seg.sam.net, seg.geometry
+    boxes = np.array([[20, 30, 90, 100], [60, 10, 150, 70]], np.float32)
+    points = np.array([[[50, 60], [70, 40], [30, 90]], [[100, 40], [120, 60], [80, 20]]], np.float32)
+    labels = np.array([[1, 0, 1], [1, 1, 0]])
+    image = seg.embedding(0).float()[None]
+    for prompt in ({"boxes": boxes}, {"points": points, "point_labels": labels},
+                   {"boxes": boxes, "points": points, "point_labels": labels}):
+        ours = seg.predict(0, **prompt)
+        box_t = torch.from_numpy(g.box_to_model(boxes)) if "boxes" in prompt else None
+        pts = None
+        if "points" in prompt:
+            pts = (torch.from_numpy(g.points_to_model(points.reshape(-1, 2)).reshape(2, -1, 2)), torch.from_numpy(labels))
+        sparse, dense = net.prompt_encoder(points=pts, boxes=box_t, masks=None)
+        with torch.no_grad():
+            low, quality = net.mask_decoder(image, net.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        theirs = logits_to_slice(low[:, 0], g)
+        scale = max(1.0, float(theirs.abs().max()))  # the shipped weights' logits reach tens
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * scale, rtol=1e-4)
+        torch.testing.assert_close(seg.last_quality, quality[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_glibc_keeps_freed_decoder_memory_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medprompt.sam import segmenter
+
+    segmenter.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert segmenter.keep_freed_memory() is False  # the user's own malloc settings are left alone
+    segmenter.keep_freed_memory.cache_clear()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    import platform
+
+    assert segmenter.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
 # -- 3D assembly with a segmenter whose answers the test controls ----------------------------------
 
 class ScriptedSegmenter:

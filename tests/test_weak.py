@@ -214,3 +214,43 @@ def test_monai_label_task_trains_on_datastore_2d_images(tmp_path: Path, monkeypa
     assert stats["images"] == 4 and task.model.is_file() and task.stats()["steps"] == 6
     result = draft_weak(load_image2d(pairs[0][0]), task.model, refine="none")
     assert result.labels.shape == (72, 96) and result.names == {"brain_tumor": 1}
+
+
+def test_unsure_drafts_are_left_out_of_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each draft's confidence is cached with it and read back; training leaves out drafts under
+    min_confidence (a near tie between two places) and learns from the rest; when every draft is unsure,
+    all are kept."""
+    import torch
+
+    import medprompt.drafts2d as drafts2d
+    from medprompt.weak.data import build_training_set
+    from medprompt.weak.train import WeakConfig, confident, train_weak
+
+    write_set(tmp_path / "images", 4, seed=8)
+    images = sorted((tmp_path / "images").iterdir())
+    told = {"img00": 0.9, "img01": 0.05, "img02": 0.6, "img03": 0.1}
+    real = drafts2d.draft2d
+
+    def with_confidence(image, prompts, **kwargs):
+        result = real(image, prompts, refine="none")
+        result.confidence = {"brain_tumor": told[Path(image.source).stem]}
+        return result
+
+    monkeypatch.setattr(drafts2d, "draft2d", with_confidence)
+    data = build_training_set(images, ["brain_tumor"], SIZE, tmp_path / "cache", progress=False)
+    monkeypatch.setattr(drafts2d, "draft2d", real)  # from the cache now: confidence read from the sidecars
+    again = build_training_set(images, ["brain_tumor"], SIZE, tmp_path / "cache", progress=False)
+    assert again.confidence == data.confidence == [0.9, 0.05, 0.6, 0.1]
+
+    kept, left_out = confident(again, 0.25)
+    assert left_out == ["img01.png", "img03.png"] and kept.names == ["img00.png", "img02.png"]
+    assert np.array_equal(kept.y, again.y[[0, 2]])
+    everything, none_left = confident(again, 0.95)
+    assert none_left == [] and everything.names == again.names
+
+    out = tmp_path / "m.pt"
+    result = train_weak(WeakConfig(images=images, prompts=["brain tumor"], out=out, steps=4, size=32,
+                                   drafts=tmp_path / "cache"), progress=False)
+    meta = torch.load(out, map_location="cpu", weights_only=False)["meta"]
+    assert result.left_out == meta["left_out_drafts"] == ["img01.png", "img03.png"]
+    assert meta["trained_on"] == ["img00.png", "img02.png"]

@@ -51,27 +51,7 @@ class Predictor:
 
     def class_vectors(self, entries: Sequence[PromptEntry]) -> torch.Tensor:
         """Text vectors for the prompts: stored in the checkpoint for its classes, encoded for others."""
-        stored = self.meta.get("class_vectors", {})
-        same_encoder = _encoder_key(self.text_encoder) == _encoder_key(self.meta.get("text_encoder"))
-        vecs = []
-        encoder = None
-        for e in entries:
-            if same_encoder and e.name in stored:
-                vecs.append(np.asarray(stored[e.name], np.float32))
-                continue
-            if encoder is None:
-                from medprompt.text import get_text_encoder
-
-                encoder = get_text_encoder(self.text_encoder)
-                if encoder.dim != self.net.cfg.text_dim:
-                    raise WeightsError(
-                        f"text encoder '{encoder.key}' gives {encoder.dim}-d vectors but the checkpoint "
-                        f"{self.meta.get('path')} was trained with '{self.meta.get('text_encoder')}' ({self.net.cfg.text_dim}-d)"
-                    )
-            from medprompt.text import class_embedding
-
-            vecs.append(class_embedding(e, encoder))
-        return torch.from_numpy(np.stack(vecs)).to(self.device)
+        return stored_or_encoded(entries, self.meta, self.text_encoder, self.net.cfg.text_dim).to(self.device)
 
     @torch.no_grad()
     def probabilities(self, grid: NetGrid, text: torch.Tensor, progress: bool = False) -> torch.Tensor:
@@ -140,7 +120,34 @@ class Predictor:
         return geometry.paint_input_labels(list(enumerate(masks, start=1)), grid.frame, self.device)
 
 
-def _encoder_key(spec: str | None) -> str | None:
+def stored_or_encoded(entries: Sequence[PromptEntry], meta: dict, text_encoder: str | None,
+                      text_dim: int) -> torch.Tensor:
+    """Text vectors (P, text_dim) for prompts: a checkpoint's stored vector for the classes it was trained
+    on (when the encoder is the same), the text encoder's for the others; WeightsError if it cannot match."""
+    stored = meta.get("class_vectors", {})
+    same_encoder = encoder_key(text_encoder) == encoder_key(meta.get("text_encoder"))
+    vecs = []
+    encoder = None
+    for e in entries:
+        if same_encoder and e.name in stored:
+            vecs.append(np.asarray(stored[e.name], np.float32))
+            continue
+        if encoder is None:
+            from medprompt.text import get_text_encoder
+
+            encoder = get_text_encoder(text_encoder)
+            if encoder.dim != text_dim:
+                raise WeightsError(
+                    f"text encoder '{encoder.key}' gives {encoder.dim}-d vectors but the checkpoint "
+                    f"{meta.get('path')} was trained with '{meta.get('text_encoder')}' ({text_dim}-d)"
+                )
+        from medprompt.text import class_embedding
+
+        vecs.append(class_embedding(e, encoder))
+    return torch.from_numpy(np.stack(vecs))
+
+
+def encoder_key(spec: str | None) -> str | None:
     """The default encoder has several spellings; compare them as one."""
     from medprompt.text.encoders import MINILM_KEY
 

@@ -59,7 +59,10 @@ def intensity_window(
         vals = smooth[cand_region & (smooth >= lo) & (smooth <= hi)]
     else:
         mr = attrs.get("mr", {})
-        vals = smooth[cand_region]
+        like = lm.anchors.get(mr.get("like", ""))
+        # like: an organ of the same relaxation times (the pancreas has the liver's T1 and T2 at 1.5
+        # and 3 T), so of the same intensity on any unenhanced sequence: its window is that organ's.
+        vals = smooth[like] if like is not None and like.any() else smooth[cand_region]
         if "rel" in mr:
             # rel: position of the organ in the body's intensity distribution (quantiles).
             q = np.percentile(smooth[lm.body], [1, 99])

@@ -40,6 +40,8 @@ _METHODS: dict[str, SaliencyFn | str] = {
     # BiomedCLIP (or $MEDPROMPT_CLIP_MODEL) maps; without its weights they raise one message saying how to get them.
     "gscorecam": "medprompt.clip.saliency:gscorecam_saliency",
     "m2ib": "medprompt.clip.saliency:m2ib_saliency",
+    # The MedPrompt network on LiteMedSAM features (the default model; `infer --model medprompt --checkpoint`).
+    "medprompt": "medprompt.model.sam_predictor:medprompt_saliency",
 }
 
 

@@ -72,6 +72,16 @@ def to_uint8(volume: np.ndarray, modality: str, window: Sequence[float] | None =
     return apply_range(volume, intensity_range(volume, modality, window))
 
 
+HU_LIKE_MIN = -500.0  # a CT slice whose minimum is below this holds Hounsfield units (else it is a windowed picture)
+
+
+def sam_pixels(grey: np.ndarray, modality: str) -> np.ndarray:
+    """A 2D image's uint8 pixels as LiteMedSAM was trained on them: a CT window for HU data, else
+    percentile clipping (a CT slice saved as a picture is already windowed)."""
+    as_ct = modality == "CT" and float(grey.min()) < HU_LIKE_MIN
+    return apply_range(grey, intensity_range(grey, "CT" if as_ct else "OTHER"))
+
+
 def modality_of(data: np.ndarray, declared: str | None) -> str:
     """The modality LiteMedSAM's preprocessing follows: declared, else guessed (HU-like values are CT)
     from a strided sample, so it costs milliseconds on a full CT."""

@@ -8,6 +8,7 @@ comes from memory or disk for every later prompt, model and request.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections import OrderedDict
@@ -52,6 +53,29 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+# glibc serves allocations above its mmap threshold with a fresh mmap each time and returns them on
+# free, and trims the heap's free top above its trim threshold: every few-MB tensor the decoder
+# makes (about 20 per prompt) was page-faulted in anew. With these limits the heap keeps them:
+# 52 -> 26 ms per prompt on one core (BENCHMARKS.md, issue 8). Explicit MALLOC_* variables win.
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive threshold
+TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+@lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once); False where not glibc or the
+    environment already sets them."""
+    if any(os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 # One LiteMedSAM run (encoder or decoder) at a time per device: on a CPU each already uses every
 # core, and concurrent requests running them side by side only thrash (20 concurrent drafts: see
 # BENCHMARKS.md).
@@ -72,6 +96,8 @@ class SliceSegmenter:
 
     def __init__(self, sam: LoadedSam, cache: EmbeddingCache | None = None, batch: int | None = None) -> None:
         self.sam = sam
+        if sam.device.type == "cpu":
+            keep_freed_memory()
         self.cache = cache if cache is not None else EmbeddingCache()
         # One slice at a time on the CPU: measured fastest per slice (0.57 s bf16) vs 1.0 s in batches of 8.
         self.batch = batch or (1 if sam.device.type == "cpu" else 16)
@@ -137,6 +163,11 @@ class SliceSegmenter:
                     self.encoded += len(fresh)
             bar.update(len(chunk))
         bar.close()
+
+    def embedding(self, k: int) -> torch.Tensor:
+        """Slice ``k``'s image embedding (256, 64, 64), float16 on the CPU: the learned localiser's features."""
+        self.prepare([k])
+        return self._embeddings[k]
 
     def _context(self, k: int) -> SliceContext:
         """Slice ``k``'s prompt-independent decoder work, kept for the last few slices: every class drawn

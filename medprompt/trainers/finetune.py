@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 
 import json
+import math
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
+from medprompt.distributed import init_distributed
 from medprompt.errors import InputError
 from medprompt.model.checkpoint import load_model
 from medprompt.model.grid import NET_SPACING_MM, to_net_grid
@@ -160,20 +162,34 @@ def mean_dice(checkpoint: Path, studies: Sequence[LabelledStudy], catalog: Promp
 
 
 def train_finetune(studies: Path, served: Path, init: Path | None = None, *, baseline: Path | None = None,
-                   steps: int = 500, batch_size: int = 8,
-                   lr: float = 1e-4, device: str = "auto", text_encoder: str | None = None, model_config: str = "small",
-                   label_names: dict[str, int] | None = None, labelled_share: float = 0.5, seed: int = 0,
-                   catalog: PromptCatalog | None = None, progress: bool = True,
-                   on_step: Callable[[int, dict], None] | None = None) -> FinetuneResult:
+                   steps: int | None = None, batch_size: int | None = None,
+                   lr: float | None = None, device: str = "auto", text_encoder: str | None = None,
+                   model_config: str = "small", label_names: dict[str, int] | None = None,
+                   labelled_share: float = 0.5, seed: int = 0, catalog: PromptCatalog | None = None,
+                   progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+                   arch: str | None = None) -> FinetuneResult:
     """One finetuning round on a datastore folder; ``served`` is replaced only by a no-worse model.
 
     ``init`` (default: ``served`` when it exists) is where training starts; ``baseline`` (default:
     ``served`` when it exists, else ``init``) is the model a candidate must not be worse than. With two or more
     labelled volumes one in four (at least one) is held out for validation; with a single one it
     is used both to train and to validate, which can only catch a round that made it worse.
+    ``arch``: default that of ``init`` (or ``served``); a model on LiteMedSAM features (``sam``) goes to
+    :func:`medprompt.trainers.sam_rounds.finetune_sam`, which also reads 2D datastores.
     """
-    catalog = catalog or default_catalog()
+    from medprompt.drafts import checkpoint_arch
+
     studies, served = Path(studies), Path(served)
+    start = Path(init) if init else (served if served.is_file() else None)
+    if (arch or (checkpoint_arch(start) if start is not None else "sam")) == "sam":
+        from medprompt.trainers.sam_rounds import finetune_sam
+
+        return finetune_sam(studies, served, start, baseline, steps=steps or 300, lr=lr or 3e-4,
+                            batch_size=batch_size or 16, device=device, text_encoder=text_encoder,
+                            model_config=model_config, label_names=label_names, labelled_share=labelled_share,
+                            seed=seed, catalog=catalog, progress=progress, on_step=on_step)
+    steps, batch_size, lr = steps or 500, batch_size or 8, lr or 1e-4
+    catalog = catalog or default_catalog()
     labelled, unlabelled = find_labelled(studies, label_names)
     if not labelled:
         raise InputError(f"{studies}: no saved labels in labels/final to finetune on")
@@ -203,6 +219,10 @@ def train_finetune(studies: Path, served: Path, init: Path | None = None, *, bas
     run_training(cfg, volumes, vectors, encoder_key,
                  {"teacher": "prior", "labelled": [s.image.name for s in train]}, progress, on_step, p / p.sum(),
                  desc="finetuning")
+    ctx = init_distributed(device)  # the group run_training joined: under torchrun, rank 0 alone validates
+    if not ctx.is_main:
+        return FinetuneResult(accepted=False, served=served, candidate_score=math.nan, previous_score=None,
+                              validation=[], classes=classes, details={"rank": ctx.rank})
 
     new = mean_dice(candidate, val, catalog)
     baseline = Path(baseline) if baseline else (served if served.is_file() else init)

@@ -8,6 +8,7 @@ accepted model is kept under ``versions/``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medprompt.errors import InputError
-from medprompt.trainers.round_task import RoundTask, progress_lines, request_int
+from medprompt.trainers.round_task import RoundTask, progress_lines, request_gpus, request_int, run_on_gpus
 
 if TYPE_CHECKING:
     from monailabel.interfaces.datastore import Datastore
@@ -32,12 +33,13 @@ class FinetuneTrainTask(RoundTask):
     stats_file = "finetune_stats.json"
 
     def config(self) -> dict[str, Any]:
-        return {"steps": DEFAULT_STEPS}
+        return {"steps": DEFAULT_STEPS, "multi_gpu": False, "gpus": "all"}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        from medprompt.trainers.finetune import train_finetune
+        from medprompt.trainers.finetune import FinetuneResult, train_finetune
 
         steps = request_int(request, "steps", DEFAULT_STEPS)
+        gpus = request_gpus(request)
         datastore.datalist()  # a DICOMweb datastore fetches its labelled series and reads their SEGs into its cache
         folder = getattr(datastore, "_datastore_path", None)
         if not folder or not Path(folder).is_dir():
@@ -45,9 +47,19 @@ class FinetuneTrainTask(RoundTask):
         begin, start_ts = time.time(), datetime.now().isoformat(timespec="seconds")
         served_now = self.checkpoints.served()
         losses: dict[str, float] = {}
-        result = train_finetune(Path(folder), self.checkpoints.trained, init=served_now, baseline=served_now,
-                                steps=steps, text_encoder=self.text_encoder, progress=False,
-                                on_step=progress_lines(steps, losses))
+        if gpus:  # the same round as the CLI runs it (baseline = init = the served model), one process per GPU
+            report = self.checkpoints.rounds / "finetune_work" / "result.json"
+            report.unlink(missing_ok=True)
+            run_on_gpus(["train-finetune", "--studies", str(folder), "--model", str(self.checkpoints.trained),
+                         "--init", str(served_now), "--steps", str(steps), "--device", "cuda", "--json", str(report),
+                         *(["--text-encoder", self.text_encoder] if self.text_encoder else [])], gpus)
+            done = json.loads(report.read_text())
+            result = FinetuneResult(**{**done, "served": Path(done["served"]),
+                                       "version": Path(done["version"]) if done["version"] else None})
+        else:
+            result = train_finetune(Path(folder), self.checkpoints.trained, init=served_now, baseline=served_now,
+                                    steps=steps, text_encoder=self.text_encoder, progress=False,
+                                    on_step=progress_lines(steps, losses))
         stats = {
             "accepted": result.accepted,
             "validation_dice_before": result.previous_score,
@@ -57,6 +69,7 @@ class FinetuneTrainTask(RoundTask):
             "checkpoint": str(self.checkpoints.served()),
             "version": str(result.version) if result.version else None,
             "steps": steps,
+            "processes": max(1, len(gpus)),
             "last_losses": losses,
             "start_ts": start_ts,
             "total_time": round(time.time() - begin, 1),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medprompt.catalog import SYNAPSE8, PromptCatalog, default_catalog
+from medprompt.distributed import all_mean, barrier, init_distributed, wrap_model
 from medprompt.errors import InputError
-from medprompt.model.checkpoint import atomic_torch_save, load_model, resolve_device, save_model
+from medprompt.model.checkpoint import atomic_torch_save, load_model, save_model
 from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, region_text_loss
 from medprompt.model.network import MedPromptNet, NetConfig
@@ -150,7 +152,7 @@ def prepare_volumes(paths: Sequence[Path], teacher: Teacher, classes: Sequence[s
             image = grid.image.astype(np.float16)
             target = (t.target > 0.5).astype(np.uint8)
             weight = (t.weight > 0.5).astype(np.uint8)
-            tmp = cached.with_suffix(".tmp.npz")
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")  # torchrun's processes fill the cache at once
             np.savez_compressed(tmp, image=image, target=target, weight=weight)
             tmp.replace(cached)
         out.append(TrainingVolume.from_grid(path.name, image, target, weight))
@@ -231,7 +233,7 @@ def class_vectors(classes: Sequence[str], catalog: PromptCatalog, text_encoder: 
     encoder = get_text_encoder(text_encoder)
     vectors = np.stack([class_embedding(catalog[c], encoder) for c in classes]).astype(np.float32)
     if cached is not None:
-        tmp = cached.with_suffix(".tmp.npz")
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, vectors=vectors, key=encoder.key)
         tmp.replace(cached)
     return vectors, encoder.key
@@ -258,11 +260,16 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
     """The training loop shared by zero-shot and finetuning: targets are already in ``volumes``.
 
     ``volume_p`` weights how often each volume is drawn (finetuning draws labelled ones more).
+    Started by torchrun, every process runs this loop on its own device with its own tiles (seed +
+    rank) and ``cfg.batch_size`` of them per step, so a step learns from world * batch_size tiles;
+    DDP averages the gradients, rank 0 alone logs and writes the files, and every process returns
+    once they are written (see medprompt/distributed.py).
     """
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    ctx = init_distributed(cfg.device)
+    device = ctx.device
+    torch.manual_seed(cfg.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    rng = np.random.default_rng(cfg.seed + ctx.rank)
+    gen = torch.Generator().manual_seed(cfg.seed + ctx.rank)
     out = Path(cfg.out)
     state_path = out.with_suffix(out.suffix + ".state")
     if cfg.init is not None and Path(cfg.init).is_file():
@@ -286,7 +293,8 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
-            rng = np.random.default_rng(cfg.seed + start)
+            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+    model = wrap_model(net, ctx)  # ``net`` stays the bare network: saved, and its region_logits called
     text = torch.from_numpy(vectors).to(device)
     sampler = TileSampler(volumes, net_cfg.tile, net_cfg.in_slices, rng, volume_p=volume_p)
     meta = {
@@ -299,7 +307,7 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
     }
     use_amp = device.type == "cuda"
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc,
-               unit="step", disable=not progress)
+               unit="step", disable=not (progress and ctx.is_main))
     t0 = time.perf_counter()
     stats: dict = {}
     net.train()
@@ -308,7 +316,7 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
         img, tgt, wt = augment_geometry(img, tgt, wt, gen)
         view_a, view_b = augment_intensity(img, gen), augment_intensity(img, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits, patches = net(torch.cat([view_a, view_b]), text)
+            logits, patches = model(torch.cat([view_a, view_b]), text)
             region = net.region_logits(patches, text)
         logits, region = logits.float(), region.float()
         la, lb = logits.chunk(2)
@@ -323,25 +331,33 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
         opt.step()
         sched.step()
         stats = {"loss": loss.item(), "mask": l_mask.item(), "region": l_region.item(), "consistency": l_cons.item()}
+        if ctx.world > 1:
+            stats = {k: all_mean(v, ctx) for k, v in stats.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        if on_step is not None:
+        if on_step is not None and ctx.is_main:
             on_step(step + 1, stats)
         done = step + 1
         out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-        if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
+        if ctx.world > 1 and cfg.time_limit_s is not None:
+            out_of_time = all_mean(float(out_of_time), ctx) > 0  # all stop together, or DDP would wait forever
+        if ctx.is_main and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
             save_model(out, net, {**meta, "step": done, "last_losses": stats})
             atomic_torch_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                "step": done, "config": net_cfg.to_dict(), "steps": cfg.steps}, state_path)
         if out_of_time:
             bar.close()
-            print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
+            if ctx.is_main:
+                print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
             break
-    if start >= cfg.steps and not out.exists():
+    if ctx.is_main and start >= cfg.steps and not out.exists():
         save_model(out, net, {**meta, "step": start})
+    barrier(ctx)  # every process returns once rank 0's files are there
     elapsed = time.perf_counter() - t0
-    if progress and cfg.steps > start:
+    if progress and ctx.is_main and cfg.steps > start:
+        where = f"{device} x {ctx.world} processes" if ctx.world > 1 else f"{device}"
         print(f"trained {cfg.steps - start} steps in {elapsed:.0f} s "
-              f"({(cfg.steps - start) * cfg.batch_size / max(elapsed, 1e-9):.1f} tiles/s on {device}); model: {out}")
+              f"({(cfg.steps - start) * cfg.batch_size * ctx.world / max(elapsed, 1e-9):.1f} tiles/s on {where}); "
+              f"model: {out}")
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medprompt.errors import InputError, WeightsError
-from medprompt.trainers.round_task import RoundTask, progress_lines, request_int
+from medprompt.trainers.round_task import RoundTask, progress_lines, request_gpus, request_int, run_on_gpus
 
 if TYPE_CHECKING:
     from monailabel.interfaces.datastore import Datastore
@@ -36,14 +36,19 @@ class ZeroShotTrainTask(RoundTask):
 
     def config(self) -> dict[str, Any]:
         # Shown (and editable) in the client's training options.
-        return {"steps": DEFAULT_STEPS, "text_encoder": self.text_encoder or "minilm", "model_config": "small"}
+        return {"steps": DEFAULT_STEPS, "text_encoder": self.text_encoder or "minilm", "model_config": "small",
+                "multi_gpu": False, "gpus": "all"}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        import torch
+
+        from medprompt.drafts import checkpoint_arch
         from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
 
         steps = request_int(request, "steps", DEFAULT_STEPS)
         text_encoder = request.get("text_encoder") or self.text_encoder
         model_config = str(request.get("model_config") or "small")
+        gpus = request_gpus(request)
         # Image ids resolve to image files (or DICOM series folders): the labels beside them are never listed.
         images = [Path(datastore.get_image_uri(image_id)) for image_id in sorted(datastore.list_images())]
         if not images:
@@ -59,10 +64,25 @@ class ZeroShotTrainTask(RoundTask):
             init: Path | None = self.checkpoints.served()
         except WeightsError:
             init = None  # nothing in service yet: train from scratch
-        cfg = ZeroShotConfig(studies=images, out=work, steps=steps, model_config=model_config,
-                             text_encoder=text_encoder, resume=True, init=init)
         losses: dict[str, float] = {}
-        train_zero_shot(cfg, progress=False, on_step=progress_lines(steps, losses))
+        if gpus:  # the same round as the CLI runs it, in one process per GPU
+            run_on_gpus(["train-zero-shot", "--studies", *map(str, images), "--out", str(work), "--steps", str(steps),
+                         "--model-config", model_config, "--device", "cuda",
+                         *(["--text-encoder", text_encoder] if text_encoder else []),
+                         *(["--init", str(init)] if init else [])], gpus)
+            blob = torch.load(work, map_location="cpu", weights_only=False)
+            losses.update({k: round(float(v), 4) for k, v in (blob.get("last_losses") or {}).items()})
+        elif (checkpoint_arch(init) if init else "sam") == "sam":  # a model on LiteMedSAM features
+            from medprompt.trainers.sam_rounds import zero_shot_sam
+            from medprompt.trainers.zero_shot import DEFAULT_CLASSES
+
+            zero_shot_sam(images, work, DEFAULT_CLASSES, steps=steps, text_encoder=text_encoder,
+                          model_config=model_config, init=init, progress=False,
+                          on_step=progress_lines(steps, losses))
+        else:
+            cfg = ZeroShotConfig(studies=images, out=work, steps=steps, model_config=model_config,
+                                 text_encoder=text_encoder, resume=True, init=init)
+            train_zero_shot(cfg, progress=False, on_step=progress_lines(steps, losses))
 
         served = self.checkpoints.trained
         os.replace(work, served)  # same folder tree: an atomic rename, the infer task sees old or new
@@ -73,6 +93,7 @@ class ZeroShotTrainTask(RoundTask):
             "model_config": model_config,
             "text_encoder": text_encoder or "minilm",
             "images": len(images),
+            "processes": max(1, len(gpus)),
             "last_losses": losses,
             "start_ts": start_ts,
             "total_time": round(time.time() - begin, 1),

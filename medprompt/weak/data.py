@@ -3,14 +3,16 @@
 Without ``--masks``, every image is drafted once by :func:`medprompt.drafts2d.draft2d` and the draft
 cached as ``<stem>-<key>.png`` (+ sidecar) in a folder beside the model file; the key hashes the
 image's bytes, the classes, their 2D attributes and the saliency method, so a changed image or prompt
-file is drafted again and a rerun (or a resumed training) drafts nothing.
+file is drafted again and a rerun (or a resumed training) drafts nothing. Each draft's confidence
+(``Draft2D.confidence``: how clearly its mask beat every other candidate place; 1 where the path does not
+tell) is kept in the sidecar, so training can leave the coin flips out (:mod:`medprompt.weak.train`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +24,7 @@ from medprompt.errors import InputError
 from medprompt.io.image2d import LABEL_SUFFIXES, find_images2d, image_stem, load_image2d, load_label2d
 from medprompt.weak.model import net_input
 
-CACHE_VERSION = 1  # bump when draft2d's output for the same inputs changes meaning
+CACHE_VERSION = 2  # bump when draft2d's output for the same inputs changes meaning
 
 
 @dataclass
@@ -34,6 +36,7 @@ class TrainingSet:
     classes: list[str]
     names: list[str]
     source: str  # "masks DIR" or "zero-shot drafts (saliency method)"
+    confidence: list[float] = field(default_factory=list)  # per image, 0..1 (1: given masks, or not told)
 
 
 def list_images(images: Path | Sequence[Path]) -> list[Path]:
@@ -70,20 +73,22 @@ def build_training_set(images: Sequence[Path], classes: list[str], size: int, ca
     if masks is not None:  # every mask is found before any work starts
         for path in images:
             mask_path(Path(masks), path)
-    xs, ys = [], []
+    xs, ys, confidence = [], [], []
     bar = tqdm(images, desc="masks" if masks is not None else "zero-shot drafts", unit="image",
                disable=not progress)
     for path in bar:
         image = load_image2d(path)
         if masks is not None:
-            labels = _given_mask(Path(masks), path, image.shape, classes)
+            labels, sure = _given_mask(Path(masks), path, image.shape, classes), 1.0
         else:
-            labels = cached_draft(path, image, classes, cache_dir, catalog, saliency, sam_checkpoint)
+            labels, sure = draft_with_confidence(path, image, classes, cache_dir, catalog, saliency, sam_checkpoint)
+        confidence.append(sure)
         x, grid = net_input(image, size)
         xs.append(x)
         ys.append(grid.to_net(labels[None].astype(np.float32), nearest=True)[0].round().astype(np.uint8))
     source = f"masks {masks}" if masks is not None else f"zero-shot drafts ({saliency or 'attribute'} saliency)"
-    return TrainingSet(x=np.stack(xs), y=np.stack(ys), classes=classes, names=[p.name for p in images], source=source)
+    return TrainingSet(x=np.stack(xs), y=np.stack(ys), classes=classes, names=[p.name for p in images], source=source,
+                       confidence=confidence)
 
 
 def _given_mask(folder: Path, image_path: Path, shape: tuple[int, int], classes: list[str]) -> np.ndarray:
@@ -120,8 +125,15 @@ def mask_path(folder: Path, image_path: Path) -> Path:
 def cached_draft(path: Path, image, classes: list[str], cache_dir: Path, catalog: PromptCatalog,
                  saliency: str | None = None, sam_checkpoint: str | Path | None = None) -> np.ndarray:
     """The zero-shot label map of ``image`` (class i of ``classes`` is i + 1), drafted once and cached."""
+    return draft_with_confidence(path, image, classes, cache_dir, catalog, saliency, sam_checkpoint)[0]
+
+
+def draft_with_confidence(path: Path, image, classes: list[str], cache_dir: Path, catalog: PromptCatalog,
+                          saliency: str | None = None, sam_checkpoint: str | Path | None = None
+                          ) -> tuple[np.ndarray, float]:
+    """:func:`cached_draft` and the draft's confidence (the least over its classes; 1 where not told)."""
     from medprompt.drafts2d import draft2d
-    from medprompt.io.image2d import save_label2d
+    from medprompt.io.image2d import label2d_sidecar, save_label2d
 
     h = hashlib.sha1(path.read_bytes())
     attrs = [catalog[c].image2d for c in classes]
@@ -130,11 +142,15 @@ def cached_draft(path: Path, image, classes: list[str], cache_dir: Path, catalog
     target = cache_dir / f"{image_stem(path)}-{h.hexdigest()[:12]}.png"
     if target.is_file():
         labels, _ = load_label2d(target)
-        return labels.astype(np.uint8)
+        try:
+            told = json.loads(label2d_sidecar(target).read_text()).get("confidence") or {}
+        except (OSError, ValueError):
+            told = {}
+        return labels.astype(np.uint8), min([float(v) for v in told.values()], default=1.0)
     result = draft2d(image, classes, saliency=saliency, sam_checkpoint=sam_checkpoint)
     labels = np.zeros(image.shape, np.uint8)
     for i, name in enumerate(classes, start=1):
         labels[result.labels == result.names[name]] = i
     save_label2d(target, labels, image, {c: i for i, c in enumerate(classes, start=1)},
-                 extra={"stages": result.stages, "source": str(path)})
-    return labels
+                 extra={"stages": result.stages, "source": str(path), "confidence": result.confidence})
+    return labels, min(result.confidence.values(), default=1.0)

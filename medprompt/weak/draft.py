@@ -3,7 +3,11 @@
 ``medprompt infer IMAGE.png OUT.png --model weak:MODEL.pt`` comes here. With ``--refine none`` the
 network's own argmax is the label map; with ``--refine sam`` (the default) each class's probability
 map goes through the zero-shot path's box extraction and LiteMedSAM draws the mask
-(:func:`medprompt.drafts2d.draft2d`), the model registered as saliency method ``weak:<path>``.
+(:func:`medprompt.drafts2d.draft2d`), the model registered as saliency method ``weak:<path>``. For a
+focal lesion on ultrasound the physics ranking of LiteMedSAM proposals still chooses, and the model's
+map only proposes its own places and decides where that choice was a near tie
+(:func:`medprompt.saliency.lesion.select_lesion`): a model learnt from a few confident drafts breaks the
+zero-shot path's coin flips without overruling its clear answers.
 """
 
 from __future__ import annotations

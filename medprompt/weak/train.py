@@ -9,6 +9,11 @@ edge is. Pass 2 continues with those pixels out of the loss and keeps K new snap
 served model. Checkpoint ensembling rather than MC dropout because it costs nothing at training
 time and its members are better models than dropout samples of one.
 
+Before both: zero-shot drafts whose confidence (how clearly the drafted mask beat every other candidate
+place, :class:`medprompt.drafts2d.Draft2D`) is under ``min_confidence`` are left out of training: a
+draft that was a coin flip between two cysts, or between a lesion and a shadow, teaches the wrong place
+as often as the right one. Given masks are all kept.
+
 Resumable: the whole state (network, optimiser, step, snapshots so far, pass-2 pixel weights) is
 written atomically every ``save_every`` steps; a rerun with the same settings continues from it.
 The model file is written (atomically) when training ends.
@@ -31,7 +36,8 @@ from tqdm import tqdm
 
 from medprompt.errors import InputError
 from medprompt.io.volume import atomic_write
-from medprompt.weak.data import build_training_set, list_images, resolve_classes
+from medprompt.saliency.lesion import UNSURE
+from medprompt.weak.data import TrainingSet, build_training_set, list_images, resolve_classes
 from medprompt.weak.model import FORMAT, build_net, ensemble_probabilities, normalised_entropy
 
 
@@ -50,6 +56,7 @@ class WeakConfig:
     snapshots: int = 3
     second_pass: bool = True
     uncertain: float = 0.8  # normalised entropy above which a pixel leaves the loss in pass 2 (p in ~0.24-0.76)
+    min_confidence: float = UNSURE  # zero-shot drafts less sure than this (a near tie between places) are left out
     saliency: str | None = None
     sam_checkpoint: Path | None = None
     drafts: Path | None = None  # where zero-shot drafts are cached (default: <out>.drafts beside the model)
@@ -70,6 +77,7 @@ class WeakResult:
     excluded: float | None  # fraction of training pixels left out of pass 2
     complete: bool
     history: list[float] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # images whose unsure drafts were not learnt from
 
 
 def pass_plan(cfg: WeakConfig) -> tuple[int, int]:
@@ -112,6 +120,9 @@ def train_weak(cfg: WeakConfig, progress: bool = True,
     data = build_training_set(images, classes, cfg.size, cfg.drafts or out.parent / f"{out.name}.drafts", masks=cfg.masks,
                               saliency=cfg.saliency, sam_checkpoint=cfg.sam_checkpoint, progress=progress)
     draft_seconds = time.perf_counter() - t_draft
+    data, left_out = confident(data, cfg.min_confidence)
+    if progress and left_out:
+        print(f"left out {len(left_out)} unsure draft(s): {', '.join(left_out)}")
     device = resolve_device(cfg.device)
     key = _resume_key(cfg, data)
     state_path = out.with_name(out.name + ".state")
@@ -178,23 +189,38 @@ def train_weak(cfg: WeakConfig, progress: bool = True,
             save_state()
         if out_of_time and step < cfg.steps:
             bar.close()
-            return WeakResult(out, step, cfg.steps, time.perf_counter() - t0, draft_seconds, excluded, False, history)
+            return WeakResult(out, step, cfg.steps, time.perf_counter() - t0, draft_seconds, excluded, False, history,
+                              left_out)
     bar.close()
     seconds = time.perf_counter() - t0
     if not complete or not out.is_file():
-        meta = {"trained_on": data.names, "source": data.source, "steps": cfg.steps, "passes": list(pass_plan(cfg)),
+        meta = {"trained_on": data.names, "left_out_drafts": left_out, "source": data.source, "steps": cfg.steps,
+                "passes": list(pass_plan(cfg)),
                 "excluded_pixels": excluded, "uncertain": cfg.uncertain, "seconds": round(seconds, 1),
                 "last_loss": history[-1] if history else None}
         blob = {"format": FORMAT, "snapshots": snaps, "classes": classes, "size": cfg.size, "meta": meta}
         atomic_write(out, lambda tmp: torch.save(blob, tmp))
-    return WeakResult(out, step, cfg.steps, seconds, draft_seconds, excluded, True, history)
+    return WeakResult(out, step, cfg.steps, seconds, draft_seconds, excluded, True, history, left_out)
+
+
+def confident(data: TrainingSet, threshold: float) -> tuple[TrainingSet, list[str]]:
+    """``data`` without the drafts whose confidence is under ``threshold``, and their names. A draft that
+    was a near tie between two places is as likely the wrong place; learning it teaches the wrong
+    region (MedCLIP-SAMv2's weak step is uncertainty-aware for this reason). All kept when every draft
+    is unsure: a weak model of something beats none, and pass 2 still drops its unsure pixels."""
+    keep = [i for i, c in enumerate(data.confidence or [1.0] * len(data.names)) if c >= threshold]
+    if not keep or len(keep) == len(data.names):
+        return data, []
+    left_out = [n for i, n in enumerate(data.names) if i not in keep]
+    return TrainingSet(x=data.x[keep], y=data.y[keep], classes=data.classes, names=[data.names[i] for i in keep],
+                       source=data.source, confidence=[data.confidence[i] for i in keep]), left_out
 
 
 def _resume_key(cfg: WeakConfig, data) -> str:
     h = hashlib.sha1(np.ascontiguousarray(data.y).tobytes())
     h.update(np.ascontiguousarray(data.x[:, :, ::8, ::8]).tobytes())
     h.update(json.dumps([data.classes, cfg.steps, cfg.batch_size, cfg.lr, cfg.size, cfg.snapshots,
-                         cfg.second_pass, cfg.uncertain, cfg.seed, FORMAT]).encode())
+                         cfg.second_pass, cfg.uncertain, cfg.seed, cfg.min_confidence, FORMAT]).encode())
     return h.hexdigest()
 
 

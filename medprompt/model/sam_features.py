@@ -1,0 +1,155 @@
+"""The learned localiser's view of a study: LiteMedSAM's cached embeddings of its sampled axial slices.
+
+MedPromptNet reads no pixels of its own. Every draft already has LiteMedSAM embed the axial
+slices of a study on the sampling grid that :mod:`medprompt.sam.refine` draws on (one slice about
+every 5 mm, the same uint8 pixels, the same cache), so the network's image features cost nothing
+extra and carry what LiteMedSAM learned from over a million medical image-mask pairs.
+
+Targets and outputs live on the embedding's own 64 x 64 cell grid (each cell is 4 x 4 pixels of
+LiteMedSAM's 256 x 256 input): ``to_cells`` turns a label slice into per-class area fractions of
+each cell, and ``cells_to_slices`` brings per-cell probabilities back onto slice pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medprompt.prior import geometry
+from medprompt.sam.preprocess import SAM_SIZE, SliceGeometry, axial_view, from_axial_view, modality_of, sam_pixels
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+CELLS = 64  # LiteMedSAM's embedding is 256 x 64 x 64 for its 256 x 256 input
+CELL = SAM_SIZE // CELLS
+
+
+@dataclass
+class SliceStack:
+    """Embeddings of a study's sampled axial slices (radiological view, see medprompt.sam.preprocess)."""
+
+    embeddings: torch.Tensor  # (K, 256, 64, 64) float16 on the CPU
+    slices: list[int]  # view slice index of each embedding
+    geometry: SliceGeometry  # slice pixels <-> LiteMedSAM's 256 frame
+    view_shape: tuple[int, int, int]  # (slices, rows, cols) of the axial view
+    step: int  # view slices between two sampled ones
+    modality: str
+    frame: geometry.WorkFrame | None = None  # canonical grid of the study (None for a 2D image)
+    tissue: torch.Tensor | None = None  # (K, 64, 64) bool: cells mostly inside the body (not air or padding)
+
+    def neighbours(self, reach: int = 1) -> torch.Tensor:
+        """(K, 2 * reach + 1) indices into ``embeddings``: each slice's sampled neighbours ``step`` apart,
+        below and above; a slice without one (the ends, a gap of empty slices) stands in for it."""
+        pos = {k: i for i, k in enumerate(self.slices)}
+        out = []
+        for i, k in enumerate(self.slices):
+            row = []
+            for d in range(-reach, reach + 1):
+                j = pos.get(k + d * self.step)
+                row.append(i if j is None else j)
+            out.append(row)
+        return torch.tensor(out, dtype=torch.long)
+
+    def coords(self) -> torch.Tensor:
+        """(3, 64, 64): row and column of each cell within the slice (-1..1) and whether it is on the
+        slice at all (the 256 frame is zero-padded below and right): where the network looks, in the
+        patient's frame (left and right are different classes)."""
+        return cell_coords(self.geometry)
+
+
+def cell_coords(g: SliceGeometry) -> torch.Tensor:
+    """See :meth:`SliceStack.coords`."""
+    centres = (torch.arange(CELLS, dtype=torch.float32) + 0.5) * CELL
+    rows = centres / g.resized[0] * 2 - 1
+    cols = centres / g.resized[1] * 2 - 1
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    inside = ((r <= 1) & (c <= 1)).float()
+    return torch.stack([r.clamp(max=1.5) * inside, c.clamp(max=1.5) * inside, inside])
+
+
+def sampled_view_slices(view: np.ndarray, step: int) -> list[int]:
+    """The slices :func:`medprompt.sam.refine.precompute` embeds: every ``step``-th one that is not empty."""
+    return [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
+
+
+def study_stack(volume: "Volume", segmenter_for: Callable, progress: bool = False) -> SliceStack:
+    """Embeddings of ``volume``'s sampled slices in the default window (from the cache where a draft or
+    the prefetch already made them)."""
+    from medprompt.sam.refine import RefineSettings, sampling_step, uint8_view
+
+    canon, ornt, (sx, sy, sz) = geometry.to_canonical(np.asarray(volume.data), volume.affine)
+    modality = modality_of(canon, volume.modality)
+    view = uint8_view(volume, canon, ornt, modality, None)
+    step = sampling_step(float(sz), RefineSettings())
+    ks = sampled_view_slices(view, step)
+    if not ks:  # an all-zero study: still one slice, so shapes hold (the network will find nothing)
+        ks = [view.shape[0] // 2]
+    seg = segmenter_for(view, (sy, sx))
+    seg.prepare(ks, progress=progress)
+    emb = torch.stack([seg.embedding(k) for k in ks])
+    frame = geometry.WorkFrame(ornt, tuple(canon.shape), tuple(canon.shape), (sx, sy, sz), (sx, sy, sz))
+    tissue = to_cells((view[ks] > 0).astype(np.int32), seg.geometry, [1])[:, 1] > 0.5
+    return SliceStack(emb, ks, seg.geometry, tuple(view.shape), step, modality, frame, tissue)
+
+
+def image_stack(pixels: np.ndarray, pixel_mm: Sequence[float], modality: str, segmenter_for: Callable) -> SliceStack:
+    """A 2D image (uint8 as LiteMedSAM sees it) as a one-slice stack."""
+    seg = segmenter_for(pixels[None], pixel_mm)
+    seg.prepare([0])
+    return SliceStack(seg.embedding(0)[None], [0], seg.geometry, (1, *pixels.shape), 1, modality, None)
+
+
+def image_pixels(img) -> tuple[np.ndarray, tuple[float, float], str]:
+    """A 2D image (medprompt.io.image2d.Image2D) as LiteMedSAM sees it: uint8 pixels, pixel size, modality."""
+    modality = img.modality or "OTHER"
+    return sam_pixels(img.grey().astype(np.float32), modality), tuple(img.pixel_mm), modality
+
+
+def to_cells(labels: np.ndarray, g: SliceGeometry, values: Sequence[int]) -> torch.Tensor:
+    """Label slices (K, rows, cols) -> (K, 1 + len(values), 64, 64) area fractions per cell: channel 0
+    is everything else (background), channel i the share of ``values[i-1]``; padding is background."""
+    lab = torch.from_numpy(np.ascontiguousarray(labels)).long()
+    chans = [torch.zeros_like(lab, dtype=torch.float32)]
+    for v in values:
+        chans.append((lab == int(v)).float())
+    x = torch.stack(chans, 1)
+    x[:, 0] = 1 - x[:, 1:].sum(1).clamp(max=1)
+    x = F.interpolate(x, size=g.resized, mode="area") if tuple(x.shape[-2:]) != g.resized else x
+    x = F.pad(x, (0, SAM_SIZE - g.resized[1], 0, SAM_SIZE - g.resized[0]))
+    x[:, 0, g.resized[0]:, :] = 1
+    x[:, 0, :, g.resized[1]:] = 1
+    return F.avg_pool2d(x, CELL)
+
+
+def cells_to_slices(cells: torch.Tensor, g: SliceGeometry, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """(K, C, 64, 64) per-cell values -> (K, C, rows, cols) on slice pixels (or on ``shape``, the slice
+    resized), bilinear as LiteMedSAM's own logits are brought back."""
+    x = F.interpolate(cells.float(), size=(SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False)
+    x = x[..., : g.resized[0], : g.resized[1]]
+    return F.interpolate(x, size=shape or g.shape, mode="bilinear", align_corners=False)
+
+
+def label_view(labels_input: np.ndarray, frame: geometry.WorkFrame) -> np.ndarray:
+    """A label map on the study's input grid -> the axial view the stack's slices index."""
+    import nibabel as nib
+
+    return axial_view(nib.orientations.apply_orientation(np.asarray(labels_input), frame.ornt))
+
+
+def localisation_frame(stack: SliceStack, rows: int, cols: int) -> geometry.WorkFrame:
+    """A working frame whose grid is the axial view at (rows, cols) per slice and every view slice."""
+    assert stack.frame is not None
+    nx, ny, nz = stack.frame.canonical_shape
+    sx, sy, sz = stack.frame.canonical_spacing
+    return geometry.WorkFrame(stack.frame.ornt, (nx, ny, nz), (cols, rows, nz), (sx, sy, sz),
+                              (sx * nx / cols, sy * ny / rows, sz))
+
+
+def view_masks_to_work(masks_view: np.ndarray) -> np.ndarray:
+    """(Z, rows, cols) view masks -> (cols, rows, Z) canonical-order masks of :func:`localisation_frame`."""
+    return from_axial_view(masks_view)

@@ -1,0 +1,188 @@
+"""MedPromptNet on LiteMedSAM features at inference: per-cell class maps -> a localisation for SAM.
+
+For a 3D study the network runs on the sampled slices' cached embeddings (the ones the segmenter
+draws on next, so the learned localiser adds only its own small cost), its per-cell probabilities
+are brought onto the axial view and interpolated between sampled slices, and each class's region is
+where it is the most probable class above 0.5. For a 2D image the same map is a saliency map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medprompt.catalog import PromptEntry
+from medprompt.localization import Localization
+from medprompt.model.sam_features import (
+    SliceStack, cells_to_slices, localisation_frame, study_stack, view_masks_to_work,
+)
+from medprompt.model.predictor import encoder_key, stored_or_encoded
+from medprompt.model.sam_net import SamPromptNet
+from medprompt.model.sam_checkpoint import load_net
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+WORK_SIDE = 128  # pixels on the longest in-plane side of the localisation grid (cells are 64 across)
+
+
+class SamNetPredictor:
+    """A loaded network and its class vectors; ``localize`` is what drafts call."""
+
+    def __init__(self, net: SamPromptNet, meta: dict, device: torch.device, text_encoder: str | None = None,
+                 sam_checkpoint: str | Path | None = None):
+        self.net = net
+        self.meta = meta
+        self.device = device
+        self.text_encoder = text_encoder or meta.get("text_encoder")
+        self.sam_checkpoint = sam_checkpoint
+        self.batch = 16 if device.type == "cpu" else 64
+
+    def class_vectors(self, entries: Sequence[PromptEntry]) -> torch.Tensor:
+        """Stored vectors for the checkpoint's classes; others encoded with its text encoder."""
+        return stored_or_encoded(entries, self.meta, self.text_encoder, self.net.cfg.text_dim).to(self.device)
+
+    def asked_probabilities(self, stack: SliceStack, entries: Sequence[PromptEntry]) -> torch.Tensor:
+        """(K, 1 + P, 64, 64) per cell: "anything else", then each asked prompt. The classes the network was
+        trained on that were not asked compete too and count as "anything else": trained with them in the
+        softmax, a cell of a class left out would otherwise fall to whichever prompt is least unlikely."""
+        asked = {e.name for e in entries}
+        others = [np.asarray(v, np.float32) for c, v in self.meta.get("class_vectors", {}).items() if c not in asked]
+        text = self.class_vectors(entries)
+        if others and encoder_key(self.text_encoder) == encoder_key(self.meta.get("text_encoder")):
+            text = torch.cat([text, torch.from_numpy(np.stack(others)).to(text.device)])
+        p = self.cell_probabilities(stack, text)
+        n = len(entries)
+        return torch.cat([p[:, :1] + p[:, 1 + n :].sum(1, keepdim=True), p[:, 1 : 1 + n]], 1)
+
+    def cell_uncertainty_inputs(self, volume: "Volume", entries: Sequence[PromptEntry]) -> tuple[np.ndarray, np.ndarray]:
+        """Each prompt's probability per cell of the sampled slices (P, K, 64, 64) and the cells inside the
+        body (K, 64, 64): what active learning's uncertainty reads."""
+        stack = study_stack(volume, self.segmenter_for(None))
+        prob = self.asked_probabilities(stack, entries)[:, 1:].permute(1, 0, 2, 3).numpy()
+        return prob, stack.tissue.numpy()
+
+    def segmenter_for(self, segmenter_for: Callable | None = None) -> Callable:
+        if segmenter_for is not None:
+            return segmenter_for
+        from medprompt.sam import segmenter_factory
+
+        return segmenter_factory(self.sam_checkpoint)
+
+    @torch.no_grad()
+    def cell_probabilities(self, stack: SliceStack, text: torch.Tensor) -> torch.Tensor:
+        """Softmax over background + prompts per cell (K, 1 + P, 64, 64) for every sampled slice."""
+        return cell_softmax(self.net, stack.embeddings, stack.neighbours(self.net.cfg.reach), stack.coords(), text,
+                            self.device, self.batch)
+
+    def view_probabilities(self, stack: SliceStack, entries: Sequence[PromptEntry]) -> tuple[np.ndarray, tuple[int, int]]:
+        """(1 + P, Z, rows_w, cols_w) float16 on every view slice of a localisation grid."""
+        rows, cols = stack.geometry.shape
+        s = min(1.0, WORK_SIDE / max(rows, cols))
+        shape = (max(1, round(rows * s)), max(1, round(cols * s)))
+        cells = self.asked_probabilities(stack, entries)
+        sampled = cells_to_slices(cells, stack.geometry, shape).numpy()  # (K, 1 + P, r, c)
+        nz = stack.view_shape[0]
+        prob = np.zeros((sampled.shape[1], nz, *shape), np.float16)
+        prob[0] = 1.0
+        ks = stack.slices
+        for j, k in enumerate(ks):
+            prob[:, k] = sampled[j]
+        for (a, ja), (b, jb) in zip(zip(ks[:-1], range(len(ks))), zip(ks[1:], range(1, len(ks)))):
+            for k in range(a + 1, b):
+                w = (k - a) / (b - a)
+                prob[:, k] = (1 - w) * sampled[ja] + w * sampled[jb]
+        for k in range(max(0, ks[0] - stack.step + 1), ks[0]):  # the ends: the nearest sampled slice
+            prob[:, k] = sampled[0]
+        for k in range(ks[-1] + 1, min(nz, ks[-1] + stack.step)):
+            prob[:, k] = sampled[-1]
+        return prob, shape
+
+    def localize(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,
+                 segmenter_for: Callable | None = None) -> Localization:
+        """Where each class is (most probable above 0.5), for a segmenter to draw (medprompt.sam.refine)."""
+        from medprompt.model.predictor import largest_component
+
+        stack = study_stack(volume, self.segmenter_for(segmenter_for), progress)
+        prob, (rows, cols) = self.view_probabilities(stack, entries)
+        best = prob.argmax(axis=0)
+        fg = prob.max(axis=0) > 0.5
+        masks = {}
+        for i, entry in enumerate(entries):
+            mask = fg & (best == i + 1)
+            if int(entry.prior.get("components", 0)) == 1 and mask.any():
+                mask = largest_component(mask)
+            masks[entry.name] = view_masks_to_work(mask)
+        return Localization(masks=masks, frame=localisation_frame(stack, rows, cols), modality=stack.modality,
+                            source="medprompt")
+
+    def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,
+                segmenter_for: Callable | None = None) -> np.ndarray:
+        """Label map on the input grid from the network's own regions (no SAM boundary)."""
+        from medprompt.prior import geometry
+
+        loc = self.localize(volume, entries, progress, segmenter_for)
+        return geometry.paint_input_labels([(i + 1, loc.masks[e.name]) for i, e in enumerate(entries)], loc.frame)
+
+    def saliency_2d(self, pixels: np.ndarray, pixel_mm: Sequence[float], entries: Sequence[PromptEntry],
+                    modality: str, segmenter_for: Callable | None = None) -> np.ndarray:
+        """(P, rows, cols) probabilities of each prompt on a 2D image (uint8 as LiteMedSAM sees it)."""
+        from medprompt.model.sam_features import image_stack
+
+        stack = image_stack(pixels, pixel_mm, modality, self.segmenter_for(segmenter_for))
+        cells = self.asked_probabilities(stack, entries)
+        return cells_to_slices(cells, stack.geometry)[0, 1:].numpy()
+
+
+@torch.no_grad()
+def cell_softmax(net: SamPromptNet, embeddings: torch.Tensor, neighbours: torch.Tensor, coords: torch.Tensor,
+                 text: torch.Tensor, device: torch.device, batch: int = 16,
+                 among: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, 1 + P, 64, 64) softmax of every slice of a stack (embeddings with their neighbour indices);
+    ``among`` (1 + P bool): only those channels compete, the others are 0."""
+    from medprompt.model.sam_net import cell_inputs
+
+    out = []
+    h, w = embeddings.shape[-2:]
+    for i in range(0, len(neighbours), batch):
+        idx = neighbours[i : i + batch]
+        emb = embeddings[idx].to(device).float()
+        x = cell_inputs(emb, coords.to(device)[None].expand(len(idx), -1, -1, -1))
+        logits = net(x, text.to(device)).float()
+        if among is not None:
+            logits = logits.masked_fill(~among.to(device)[None, :, None], float("-inf"))
+        out.append(F.softmax(logits, 1).reshape(len(idx), -1, h, w).cpu())
+    return torch.cat(out)
+
+
+def load_sam_predictor(path: Path | str, device: str = "auto", text_encoder: str | None = None,
+                       sam_checkpoint: str | Path | None = None) -> SamNetPredictor:
+    from medprompt.model.checkpoint import resolve_device
+
+    dev = resolve_device(device)
+    net, meta = load_net(Path(path), dev)
+    return SamNetPredictor(net, meta, dev, text_encoder, sam_checkpoint)
+
+
+def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | Path | None = None) -> Callable:
+    """The network's class map as a 2D saliency method (medprompt.saliency): ``--model medprompt`` on an image."""
+    def medprompt_saliency(image, entry: PromptEntry) -> np.ndarray:
+        from medprompt.drafts import predictor
+        from medprompt.errors import PromptError
+        from medprompt.model.sam_features import image_pixels
+
+        pred = predictor(checkpoint, None, sam_checkpoint)
+        if not isinstance(pred, SamNetPredictor):
+            raise PromptError(f"{pred.meta.get('path')} is a model on pixels (vit); 2D images need a model on "
+                              "LiteMedSAM features: train one with `medprompt train-finetune` on a 2D datastore")
+        pixels, pixel_mm, modality = image_pixels(image)
+        return pred.saliency_2d(pixels, pixel_mm, [entry], modality)[0]
+
+    return medprompt_saliency
+
+
+medprompt_saliency = saliency_method()  # the default model; registered in medprompt.saliency as "medprompt"

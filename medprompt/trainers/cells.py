@@ -1,0 +1,124 @@
+"""Training studies for MedPromptNet on LiteMedSAM features: embeddings plus targets per 64 x 64 cell.
+
+A study becomes its sampled slices' embeddings (medprompt.model.sam_features) and, per cell, the
+area fraction of background and of each class, with a confidence weight:
+- a corrected study (labels/final): its label map, weight 1 on every cell, for the classes it names;
+- an unlabelled study: the teacher's draft (anatomy prior + LiteMedSAM) where the prior's own mask
+  agrees with it; cells where they disagree get no weight, cells on a boundary a reduced one.
+Teacher targets are computed once per study and cached (content-keyed) beside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medprompt.catalog import PromptCatalog
+from medprompt.model.sam_features import SliceStack, label_view, study_stack, to_cells
+
+CACHE_VERSION = 1  # bump when targets change meaning
+PURE = 0.9  # a cell this much one class (or background) is a confident target
+MIXED_WEIGHT = 0.3  # boundary cells: their soft fractions still teach, less strongly
+
+
+@dataclass
+class CellStudy:
+    """One study as the network trains on it (CPU tensors)."""
+
+    name: str
+    embeddings: torch.Tensor  # (K, 256, 64, 64) float16
+    neighbours: torch.Tensor  # (K, 2 * reach + 1) indices into embeddings
+    coords: torch.Tensor  # (3, 64, 64)
+    target: torch.Tensor  # (K, 1 + C, 64, 64) float16: background, then each class's share
+    weight: torch.Tensor  # (K, 64, 64) float16: how much each cell's target is trusted
+    known: torch.Tensor  # (C,) bool: the classes this study says anything about
+    labelled: bool = False
+    slices: list[int] | None = None  # the view slice of each embedding
+
+    def subset(self, keep: Sequence[int]) -> "CellStudy":
+        """The same study with only slices ``keep`` (e.g. the ones not held out for validation)."""
+        idx = torch.tensor(list(keep), dtype=torch.long)
+        remap = {int(o): n for n, o in enumerate(idx)}
+        nb = torch.tensor([[remap.get(int(j), n) for j in self.neighbours[int(o)]] for n, o in enumerate(idx)],
+                          dtype=torch.long)
+        return CellStudy(self.name, self.embeddings[idx], nb, self.coords, self.target[idx], self.weight[idx],
+                         self.known, self.labelled, [self.slices[i] for i in keep] if self.slices else None)
+
+
+def from_labels(name: str, stack: SliceStack, labels_view: np.ndarray, names: dict[str, int],
+                classes: Sequence[str], reach: int, labelled: bool = True) -> CellStudy:
+    """A study whose label slices (view order, all of ``stack.view_shape``) are trusted everywhere."""
+    values = [names.get(c, -1) for c in classes]
+    target = to_cells(labels_view[stack.slices], stack.geometry, values)
+    known = torch.tensor([c in names for c in classes])
+    weight = torch.ones(target.shape[0], *target.shape[-2:])
+    return CellStudy(name, stack.embeddings, stack.neighbours(reach), stack.coords(), target.half(), weight.half(),
+                     known, labelled, list(stack.slices))
+
+
+def teacher_weights(teacher: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Confidence of the teacher's cells (K, 1 + C, 64, 64): 1 where the cell is pure and the prior alone
+    says the same class, MIXED_WEIGHT on boundaries where they agree, 0 where they disagree."""
+    t_best, p_best = teacher.argmax(1), prior.argmax(1)
+    pure = teacher.amax(1) >= PURE
+    agree = t_best == p_best
+    return torch.where(agree, torch.where(pure, 1.0, MIXED_WEIGHT), 0.0)
+
+
+def _key(path: Path, classes: Sequence[str], catalog: PromptCatalog) -> str:
+    from medprompt.trainers.zero_shot import content_hash
+
+    prompts = [json.dumps([catalog[c].prior, catalog[c].sam], sort_keys=True, default=str) for c in classes]
+    raw = json.dumps([content_hash(path), list(classes), prompts, CACHE_VERSION])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, segmenter_for: Callable,
+                  reach: int, cache_dir: Path) -> CellStudy:
+    """An unlabelled study with the anatomy prior + LiteMedSAM as teacher (cached on disk)."""
+    from medprompt.io.volume import load_volume
+
+    volume = load_volume(path)
+    stack = study_stack(volume, segmenter_for)
+    cached = cache_dir / f"cells_{_key(path, classes, catalog)}.pt"
+    if cached.exists():
+        blob = torch.load(cached, map_location="cpu", weights_only=True)
+        target, weight = blob["target"], blob["weight"]
+    else:
+        target, weight = _teach(volume, stack, classes, catalog, segmenter_for)
+        from medprompt.model.checkpoint import atomic_torch_save
+
+        atomic_torch_save({"target": target, "weight": weight}, cached)
+    return CellStudy(path.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target, weight,
+                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices))
+
+
+def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,
+           segmenter_for: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    from medprompt.prior import geometry
+    from medprompt.prior.engine import AnatomyPrior
+    from medprompt.sam.refine import refine
+
+    entries = [catalog[c] for c in classes]
+    loc = AnatomyPrior(catalog).localize(volume, entries)
+    drawn = refine(volume, loc, entries, segmenter_for).labels
+    prior = geometry.paint_input_labels([(i + 1, loc.masks[e.name]) for i, e in enumerate(entries)
+                                         if e.name in loc.masks], loc.frame)
+    values = list(range(1, len(classes) + 1))
+    t = to_cells(label_view(drawn, stack.frame)[stack.slices], stack.geometry, values)
+    p = to_cells(label_view(prior, stack.frame)[stack.slices], stack.geometry, values)
+    return t.half(), teacher_weights(t, p).half()
+
+
+def teacher_studies(paths: Sequence[Path], classes: Sequence[str], catalog: PromptCatalog, segmenter_for: Callable,
+                    reach: int, cache_dir: Path, progress: bool = True) -> list[CellStudy]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return [teacher_study(p, classes, catalog, segmenter_for, reach, cache_dir)
+            for p in tqdm(paths, desc="teacher (prior + LiteMedSAM)", unit="study", disable=not progress)]

@@ -1,0 +1,168 @@
+"""The training loop of MedPromptNet on LiteMedSAM features (zero-shot and finetune rounds share it).
+
+Batches are random cells of sampled slices of CellStudy's (medprompt.trainers.cells), with their
+neighbours' embeddings; the loss is the confidence-weighted soft cross-entropy of background +
+classes per cell, each study's softmax over the classes it says something about. Augmentation
+jitters the position channels and the embedding.
+The model file is written atomically every ``save_every`` steps and at the end; the optimiser state
+beside it makes an interrupted run resumable. Cheap: the image encoder never runs here, only a
+per-cell MLP on cached embeddings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from medprompt.model.checkpoint import atomic_torch_save
+from medprompt.model.sam_checkpoint import load_net, save_net
+from medprompt.model.sam_net import SamNetConfig, SamPromptNet
+from medprompt.trainers.cells import CellStudy
+
+@dataclass
+class SamNetTrainConfig:
+    """Everything a run depends on; saved in the checkpoint so a run can be reproduced."""
+
+    out: Path
+    classes: Sequence[str]
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    model_config: str = "small"
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 200
+    resume: bool = True
+    time_limit_s: float | None = None
+    cells: int = 256  # cells drawn per slice and step (of 4096)
+    jitter: float = 0.1  # position jitter (the slice spans -1..1)
+    noise: float = 0.1  # embedding jitter, in units of the embedding's own spread
+    meta: dict = field(default_factory=dict)
+
+
+def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cells: int | None = None,
+             rng: np.random.Generator | None = None, jitter: float = 0.0, noise: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(study, slice) picks -> per-cell inputs (B, N, F), targets (B, 1 + C, N), weights (B, N), known (B, C).
+
+    ``cells``: a random subset of N cells per slice (all 4096 when None); ``jitter`` moves each slice's
+    position channels by up to that much (the same anatomy a little elsewhere); ``noise`` jitters the
+    embeddings in units of their own spread."""
+    xs, tgts, wts, known = [], [], [], []
+    for s, k in picks:
+        st = studies[s]
+        emb = st.embeddings[st.neighbours[k]]  # (S, 256, h, w)
+        n_cells = emb.shape[-2] * emb.shape[-1]
+        idx = (torch.from_numpy(rng.choice(n_cells, size=cells, replace=False)) if cells is not None and rng is not None
+               else torch.arange(n_cells))
+        coords = st.coords.reshape(3, -1)[:, idx].clone()
+        if rng is not None and jitter:
+            coords[:2] += torch.from_numpy(rng.uniform(-jitter, jitter, (2, 1))).float() * coords[2:3]
+        x = torch.cat([emb.reshape(-1, n_cells)[:, idx].float(), coords], 0).T  # as cell_inputs lays them out
+        xs.append(x)
+        tgts.append(st.target[k].float().flatten(1)[:, idx])
+        wts.append(st.weight[k].float().flatten()[idx])
+        known.append(st.known)
+    x = torch.stack(xs)
+    if noise:
+        n_emb = x.shape[-1] - 3
+        x[..., :n_emb] += noise * x[..., :n_emb].std() * torch.randn_like(x[..., :n_emb])
+    return x, torch.stack(tgts), torch.stack(wts), torch.stack(known)
+
+
+def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Weighted soft cross-entropy over background + the classes each sample knows: logits and target
+    (B, 1 + C, ...), weight (B, ...), known (B, C)."""
+    mask = torch.cat([torch.ones_like(known[:, :1]), known], 1)
+    mask = mask.reshape(*mask.shape, *([1] * (logits.dim() - 2)))
+    logits = logits.masked_fill(~mask, -1e4)
+    t = target * mask
+    t = t / t.sum(1, keepdim=True).clamp(min=1e-6)
+    ce = -(t * F.log_softmax(logits, 1)).sum(1)
+    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device) -> SamPromptNet:
+    """A network to train: from ``init`` (its architecture wins) or new from the preset."""
+    if init is not None and Path(init).is_file():
+        net, _ = load_net(Path(init), device)
+        return net.train()
+    return SamPromptNet(SamNetConfig.preset(model_config, text_dim)).to(device)
+
+
+def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.ndarray, encoder_key: str,
+                init: Path | None = None, study_p: np.ndarray | None = None, progress: bool = True,
+                on_step: Callable[[int, dict], None] | None = None, desc: str = "training") -> Path:
+    """Run (or resume) training on ``studies``; returns the model file (``cfg.out``)."""
+    from medprompt.distributed import all_mean, barrier, init_distributed, unwrap, wrap_model
+    from medprompt.trainers.zero_shot import warmup_cosine
+
+    ctx = init_distributed(cfg.device)
+    device = ctx.device
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    state_path = out.with_suffix(out.suffix + ".state")
+    net = warm_net(init, vectors.shape[1], cfg.model_config, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
+    start = 0
+    if cfg.resume and state_path.exists() and out.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("config") == net.cfg.to_dict() and state.get("steps") == cfg.steps:
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+    model = wrap_model(net, ctx)
+    rng = np.random.default_rng([cfg.seed, start, ctx.rank])
+    text = torch.from_numpy(vectors).float().to(device)
+    p = np.asarray(study_p, np.float64) if study_p is not None else np.array([len(s.embeddings) for s in studies], np.float64)
+    p = p / p.sum()
+    meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
+            "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
+            "trained_on": [s.name for s in studies], "steps": cfg.steps, **cfg.meta}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",
+               disable=not progress or not ctx.is_main)
+    t0 = time.perf_counter()
+    stats: dict = {}
+    model.train()
+    for step in bar:
+        picks = []
+        for s in rng.choice(len(studies), size=cfg.batch_size, p=p):
+            picks.append((int(s), int(rng.integers(len(studies[int(s)].embeddings)))))
+        x, t, w, k = (a.to(device) for a in batch_of(studies, picks, cfg.cells, rng, cfg.jitter, cfg.noise))
+        loss = cell_loss(model(x, text), t, w, k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        stats = {"loss": float(loss.item())}
+        bar.set_postfix({"loss": f"{stats['loss']:.3f}"})
+        if on_step is not None and ctx.is_main:
+            on_step(step + 1, stats)
+        done = step + 1
+        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
+        out_of_time = all_mean(float(out_of_time), ctx) > 0  # every rank stops together (DDP would hang)
+        if ctx.is_main and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
+            save_net(out, unwrap(model), {**meta, "step": done, "last_losses": stats})
+            atomic_torch_save({"net": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": done, "config": net.cfg.to_dict(),
+                               "steps": cfg.steps}, state_path)
+        if out_of_time:
+            bar.close()
+            if ctx.is_main:
+                print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
+            break
+    if ctx.is_main and start >= cfg.steps and not out.exists():
+        save_net(out, unwrap(model), {**meta, "step": start})
+    barrier(ctx)  # other ranks return once rank 0's files exist
+    return out

@@ -1,0 +1,328 @@
+"""Zero-shot and finetune rounds of MedPromptNet on LiteMedSAM features.
+
+Zero-shot: the teacher is the anatomy prior + LiteMedSAM on unlabelled studies, trusted where the
+two agree (medprompt.trainers.cells); then, for ``rounds`` > 1, the student's own confident cells
+join (self-training): where teacher and student agree the target stays, where the teacher had no
+say and the student is sure, the student's class is learnt at half weight. No label file is read.
+
+Finetune: corrected studies are full-weight targets; a quarter of their sampled slices (every
+fourth, at least one) is held out and scores the candidate against the model in service, so even
+one corrected study validates a round on slices it did not train on. Unlabelled studies join where
+the model in service and the teacher agree (pseudo-labels by agreement). The served model is
+replaced only by a candidate that is no worse there; every accepted model is kept as a version.
+2D datastores (PNG/JPEG/DICOM images, ``labels/final`` PNGs) train the same way, one slice per image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.errors import InputError
+from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
+from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
+
+HOLD_OUT_EVERY = 4  # one in four sampled slices of each corrected study validates the round
+
+
+@dataclass
+class RoundResult:
+    """What a finetune round did: whether the candidate replaced the served model, and why."""
+
+    accepted: bool
+    served: Path
+    candidate_score: float
+    previous_score: float | None
+    validation: list[str]
+    classes: list[str]
+    version: Path | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _segmenter_for(sam_checkpoint: str | Path | None, device: str) -> Callable:
+    from medprompt.sam import segmenter_factory
+
+    return segmenter_factory(sam_checkpoint, "cpu" if device == "cpu" else "auto")
+
+
+def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *, steps: int = 600,
+                  rounds: int = 1, batch_size: int = 16, lr: float = 1e-3, init: Path | None = None, text_encoder: str | None = None, model_config: str = "small",
+                  device: str = "auto", seed: int = 0, resume: bool = True, time_limit_s: float | None = None,
+                  sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
+                  progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train from unlabelled studies only; returns the model file."""
+    from medprompt.model.sam_checkpoint import load_net
+    from medprompt.trainers.zero_shot import class_vectors, list_studies
+
+    catalog = catalog or default_catalog()
+    unknown = [c for c in classes if c not in catalog]
+    if unknown:
+        raise InputError(f"unknown training classes: {', '.join(unknown)}")
+    out = Path(out)
+    cache = out.parent / "teacher_cache"
+    seg = _segmenter_for(sam_checkpoint, device)
+    reach = load_net(Path(init))[0].cfg.reach if init is not None else _reach(model_config)
+    cells = teacher_studies(list_studies(studies), classes, catalog, seg, reach, cache, progress)
+    vectors, key = class_vectors(classes, catalog, text_encoder, cache)
+    meta = {"teacher": "prior+LiteMedSAM", "rounds": rounds}
+    start = init
+    for r in range(rounds):
+        target = out if r == rounds - 1 else out.with_name(f"{out.stem}.round{r + 1}{out.suffix}")
+        cfg = SamNetTrainConfig(out=target, classes=list(classes), steps=steps, batch_size=batch_size, lr=lr,
+                                model_config=model_config,
+                                device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
+                                meta={**meta, "round": r + 1})
+        train_cells(cfg, cells, vectors, key, init=start, progress=progress, on_step=on_step,
+                    desc=f"zero-shot round {r + 1}/{rounds}")
+        if r < rounds - 1:
+            cells = self_trained(cells, target, vectors, device)
+            start = target  # the next round continues from this one
+    return out
+
+
+def _reach(model_config: str) -> int:
+    from medprompt.model.sam_net import SamNetConfig
+
+    return SamNetConfig.preset(model_config, 1).reach
+
+
+@torch.no_grad()
+def student_cells(model: Path, study: CellStudy, vectors: np.ndarray, device: str = "auto",
+                  among: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's softmax (K, 1 + C, 64, 64) on a training study's slices; ``among`` (1 + C) bool: only
+    those channels compete (the others get 0), as in training on a study that states only some classes."""
+    from medprompt.model.checkpoint import resolve_device
+    from medprompt.model.sam_checkpoint import load_net
+    from medprompt.model.sam_predictor import cell_softmax
+
+    dev = resolve_device(device)
+    net, _ = load_net(model, dev)
+    return cell_softmax(net, study.embeddings, study.neighbours, study.coords, torch.from_numpy(vectors).float(), dev,
+                        among=among)
+
+
+def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, device: str) -> list[CellStudy]:
+    """Teacher targets plus the student's confident cells (see the module docstring)."""
+    out = []
+    for st in cells:
+        if st.labelled:
+            out.append(st)
+            continue
+        p = student_cells(model, st, vectors, device)
+        sure = p.amax(1) >= 0.9
+        agree = p.argmax(1) == st.target.float().argmax(1)
+        weight = st.weight.float()
+        new_w = torch.where(agree & sure, torch.maximum(weight, torch.ones_like(weight)), weight)
+        take = sure & (weight == 0)
+        new_w = torch.where(take, torch.full_like(weight, 0.5), new_w)
+        onehot = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
+        target = torch.where(take[:, None], onehot, st.target.float())
+        out.append(CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), new_w.half(),
+                             st.known, False, st.slices))
+    return out
+
+
+def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Sequence[str], segmenter_for: Callable,
+                   reach: int) -> CellStudy:
+    """A corrected study (3D volume or 2D image) and its saved label as full-weight training cells."""
+    from medprompt.io.image2d import is_image2d
+
+    if is_image2d(image):
+        from medprompt.io.image2d import load_image2d, load_label2d
+        from medprompt.model.sam_features import image_pixels, image_stack
+
+        img = load_image2d(image)
+        labels, _ = load_label2d(label)
+        if labels.shape != img.shape:
+            raise InputError(f"{label}: label is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
+                             f"is {img.shape[1]}x{img.shape[0]}")
+        stack = image_stack(*image_pixels(img), segmenter_for)
+        return from_labels(image.name, stack, labels[None], names, classes, reach)
+    from medprompt.evaluation import align_to_reference
+    from medprompt.io.volume import load_labelmap, load_volume
+    from medprompt.model.sam_features import label_view, study_stack
+
+    volume = load_volume(image)
+    labels, label_affine, _ = load_labelmap(label)
+    labels, _ = align_to_reference(labels, label_affine, volume.data.shape, volume.affine)
+    stack = study_stack(volume, segmenter_for)
+    return from_labels(image.name, stack, label_view(labels, stack.frame), names, classes, reach)
+
+
+def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, reach: int) -> CellStudy:
+    """An unlabelled 2D image with no teacher: nothing is known until self-training marks confident cells."""
+    from medprompt.io.image2d import load_image2d
+    from medprompt.model.sam_features import image_pixels, image_stack
+
+    stack = image_stack(*image_pixels(load_image2d(image)), segmenter_for)
+    k = len(stack.slices)
+    target = torch.zeros(k, 1 + len(classes), *stack.embeddings.shape[-2:])
+    target[:, 0] = 1
+    return CellStudy(image.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target.half(),
+                     torch.zeros(k, *stack.embeddings.shape[-2:]).half(), torch.ones(len(classes), dtype=torch.bool),
+                     False, list(stack.slices))
+
+
+def split_validation(study: CellStudy) -> tuple[list[int], list[int]]:
+    """(train, held-out) slice indices of a corrected study: every fourth sampled slice validates."""
+    k = len(study.embeddings)
+    if k < 2:
+        return [0], []
+    held = [j for j in range(k) if j % HOLD_OUT_EVERY == HOLD_OUT_EVERY // 2] or [k // 2]
+    return [j for j in range(k) if j not in held], held
+
+
+@torch.no_grad()
+def cell_dice(model: Path, studies: Sequence[CellStudy], vectors: np.ndarray, device: str = "auto") -> float:
+    """Mean soft Dice over the known classes present on ``studies``' cells (validation of a round)."""
+    scores = []
+    for st in studies:
+        logits_mask = torch.cat([torch.tensor([True]), st.known])  # softmax over what the study states
+        p = student_cells(model, st, vectors, device, logits_mask)
+        t = st.target.float()
+        for c in np.flatnonzero(st.known.numpy()):
+            pc, tc = p[:, c + 1], t[:, c + 1]
+            denom = float(pc.sum() + tc.sum())
+            if float(tc.sum()) > 0.5:
+                scores.append(2 * float((pc * tc).sum()) / max(denom, 1e-6))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def agreeing(st: CellStudy, model: Path, vectors: np.ndarray, device: str) -> CellStudy:
+    """An unlabelled study's teacher cells kept only where the model in service agrees."""
+    p = student_cells(model, st, vectors, device)
+    agree = p.argmax(1) == st.target.float().argmax(1)
+    weight = torch.where(agree, st.weight.float(), torch.zeros_like(st.weight.float()))
+    return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, st.target, weight.half(), st.known,
+                     False, st.slices)
+
+
+def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path | None, *, steps: int = 300,
+                 lr: float = 3e-4, batch_size: int = 16, device: str = "auto", text_encoder: str | None = None,
+                 model_config: str = "small", label_names: dict[str, int] | None = None,
+                 labelled_share: float = 0.5, seed: int = 0, catalog: PromptCatalog | None = None,
+                 sam_checkpoint: str | Path | None = None, semi: bool = True, progress: bool = True,
+                 on_step: Callable[[int, dict], None] | None = None):
+    """One finetune round on a datastore folder (3D volumes or 2D images); see the module docstring."""
+    from medprompt.model.sam_checkpoint import load_net
+    from medprompt.trainers.finetune import FinetuneResult, catalog_with
+    from medprompt.trainers.zero_shot import DEFAULT_CLASSES, class_vectors
+
+    catalog = catalog or default_catalog()
+    studies, served = Path(studies), Path(served)
+    labelled, unlabelled = find_corrections(studies, label_names)
+    if not labelled:
+        raise InputError(f"{studies}: no saved labels in labels/final to finetune on")
+    # A new network learns the corrected classes only: classes no study states would never be pushed down.
+    base_classes = list(load_net(init)[1].get("classes", DEFAULT_CLASSES)) if init else []
+    label_classes = sorted({n for s in labelled for n in s.names})
+    classes = base_classes + [c for c in label_classes if c not in base_classes]
+    catalog = catalog_with(classes, catalog)
+    work = served.parent / "finetune_work"
+    (work / "teacher_cache").mkdir(parents=True, exist_ok=True)
+    candidate = work / "candidate.pt"
+    for stale in (candidate, candidate.with_suffix(".pt.state")):
+        stale.unlink(missing_ok=True)  # a round always starts from the model in service
+    seg = _segmenter_for(sam_checkpoint, device)
+    reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
+    corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach) for s in labelled]
+    vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
+    train, val = [], []
+    if all(len(c.embeddings) == 1 for c in corrected) and len(corrected) >= 2:  # 2D: hold out whole images
+        val = corrected[HOLD_OUT_EVERY // 2 :: HOLD_OUT_EVERY] or corrected[-1:]
+        train = [c for c in corrected if c not in val]
+        where = [v.name for v in val]
+    else:
+        for c in corrected:
+            keep, held = split_validation(c)
+            train.append(c.subset(keep))
+            if held:
+                val.append(c.subset(held))
+        where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
+    if not val:  # one corrected image: it can only catch a round that made it worse
+        val, where = train, [f"{t.name} (also trained on)" for t in train]
+    teach = _teachable(unlabelled)
+    unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress) if teach else []
+    if unl and init is not None and Path(init).is_file():
+        unl = [agreeing(u, Path(init), vectors, device) for u in unl]
+    blank = [blank_cells(p, classes, seg, reach) for p in unlabelled if p not in teach] if semi else []
+    meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}
+    for r in range(2 if semi and (unl or blank) else 1):
+        if r == 1:  # self-training: the first pass's confident cells on the unlabelled studies join
+            unl = self_trained(unl + blank, candidate, vectors, device)
+        cells = train + unl
+        share = labelled_share if unl else 1.0
+        p = np.array([share / len(train)] * len(train) + [(1 - share) / max(1, len(unl))] * len(unl))
+        cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
+                                model_config=model_config, device=device, seed=seed + r,
+                                save_every=max(steps, 1), resume=False, meta=meta)
+        train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
+                    on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
+    from medprompt.distributed import init_distributed
+
+    if not init_distributed(device).is_main:
+        return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
+                              validation=[], classes=classes)
+    new = cell_dice(candidate, val, vectors, device)
+    base = Path(baseline) if baseline else (served if served.is_file() else init)
+    old = None
+    if base is not None and Path(base).is_file():
+        old = cell_dice(Path(base), val, vectors, device)  # the same prompts as the candidate
+    result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
+                            previous_score=old, validation=where, classes=classes)
+    if result.accepted:
+        versions = served.parent / "versions"
+        versions.mkdir(exist_ok=True)
+        result.version = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-dice{new:.3f}.pt"
+        shutil.copy2(candidate, result.version)
+        os.replace(candidate, served)
+    else:
+        candidate.unlink(missing_ok=True)
+    return result
+
+
+def _teachable(paths: Sequence[Path]) -> list[Path]:
+    """Unlabelled studies the teacher can read: 3D volumes (the anatomy prior is 3D; 2D images train
+    from their corrections only)."""
+    from medprompt.io.image2d import is_image2d
+
+    return [p for p in paths if not is_image2d(p)]
+
+
+def find_corrections(studies: Path, label_names: dict[str, int] | None = None):
+    """Labelled and unlabelled studies of a datastore folder: 3D volumes and 2D images alike."""
+    import glob
+
+    from medprompt.io.image2d import find_images2d, image_stem, load_label2d
+    from medprompt.trainers.finetune import LabelledStudy, find_labelled, label_names_for
+
+    images2d = find_images2d(studies)
+    labelled: list = []
+    unlabelled: list[Path] = []
+    try:
+        labelled, unlabelled = find_labelled(studies, label_names)
+    except InputError:
+        if not images2d:
+            raise
+    final = studies / "labels" / "final"
+    for image in images2d:
+        stem = image_stem(image)
+        found = [p for p in final.glob(f"{glob.escape(stem)}.*") if p.suffix != ".json" and image_stem(p) == stem] \
+            if final.is_dir() else []
+        if not found:
+            unlabelled.append(image)
+            continue
+        names = load_label2d(found[0])[1] or label_names_for(found[0], studies, stem) or label_names
+        if not names:
+            raise InputError(f"{found[0]}: no label names (no sidecar JSON, no datastore record); give them "
+                             f"with --label-names")
+        labelled.append(LabelledStudy(image, found[0], names))
+    return labelled, unlabelled

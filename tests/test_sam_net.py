@@ -1,0 +1,240 @@
+"""MedPromptNet on LiteMedSAM features: cell targets, geometry back to the input grid, learning, rounds.
+
+LiteMedSAM itself is replaced by a stand-in segmenter whose "embedding" of a slice is its pixels
+on the 64 x 64 cell grid, so these tests run in seconds and check the network's own logic; real
+quality on real images is measured in benchmarks/ (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medprompt.model import sam_features as sf
+from medprompt.model.sam_net import SamNetConfig, SamPromptNet, cell_inputs
+from medprompt.sam.preprocess import SliceGeometry
+from medprompt.trainers.cells import CellStudy
+from medprompt.trainers.sam_net_train import SamNetTrainConfig, cell_loss, train_cells
+
+
+class PixelSegmenter:
+    """Stands in for SliceSegmenter: the embedding of a slice is its normalised pixels per cell (channel 0),
+    their complement (channel 1) and zeros, so a network can learn "bright = organ" from it."""
+
+    def __init__(self, slices: np.ndarray, pixel_mm) -> None:
+        self.slices = slices
+        self.geometry = SliceGeometry.for_slice(slices.shape[1:], tuple(pixel_mm)[:2])
+        self.prepared: set[int] = set()
+
+    def prepare(self, ks, progress: bool = False) -> None:
+        self.prepared.update(int(k) for k in ks)
+
+    def embedding(self, k: int) -> torch.Tensor:
+        t = torch.from_numpy(self.slices[[k]]).float()[:, None] / 255  # no per-slice min-max: grey levels hold
+        t = F.interpolate(t, size=self.geometry.resized, mode="area")
+        t = F.pad(t, (0, 256 - self.geometry.resized[1], 0, 256 - self.geometry.resized[0]))
+        x = F.avg_pool2d(t, 4)[0, 0]
+        e = torch.zeros(256, 64, 64)
+        e[0], e[1] = x, 1 - x
+        return e.half()
+
+
+def pixel_segmenters(slices: np.ndarray, pixel_mm) -> PixelSegmenter:
+    return PixelSegmenter(slices, pixel_mm)
+
+
+def test_cell_fractions_follow_the_slice_geometry_and_padding() -> None:
+    g = SliceGeometry.for_slice((40, 80), (1.0, 1.0))  # longest side 80 -> 256: factor 3.2, rows 128
+    labels = np.zeros((1, 40, 80), np.int32)
+    labels[0, :20, :40] = 7  # -> model rows 0..63, cols 0..127 -> cells 0..15 x 0..31
+    cells = sf.to_cells(labels, g, [3, 7])
+    assert cells.shape == (1, 3, 64, 64)
+    assert torch.allclose(cells.sum(1), torch.ones(1, 64, 64), atol=1e-5)
+    assert torch.all(cells[0, 2, :16, :32] > 0.99) and torch.all(cells[0, 2, 17:, :] < 0.01)
+    assert torch.all(cells[0, 1] == 0)  # value 3 is absent
+    assert torch.all(cells[0, 0, 32:, :] == 1)  # rows 128..255 of the 256 frame are padding
+    back = sf.cells_to_slices(cells[:, 2:3], g)[0, 0]
+    assert back.shape == (40, 80)
+    assert (back[:18, :38] > 0.5).all() and (back[22:, :] < 0.5).all() and (back[:, 42:] < 0.5).all()
+
+
+def test_view_masks_go_back_to_the_input_voxels_they_came_from() -> None:
+    """A label in an LPS-stored volume -> the axial view the network works on -> the localisation grid ->
+    the input grid again: the same voxels (no flip, no transpose, no shift)."""
+    affine = np.diag([-1.5, -1.5, 3.0, 1.0])  # LPS storage, like DICOM
+    labels = np.zeros((30, 24, 12), np.uint8)
+    labels[3:9, 15:22, 2:5] = 1
+    labels[20:27, 2:6, 8:11] = 1
+    canon, ornt, spacing = sf.geometry.to_canonical(labels, affine)
+    frame = sf.geometry.WorkFrame(ornt, canon.shape, canon.shape, spacing, spacing)
+    stack = sf.SliceStack(torch.zeros(1, 256, 64, 64), [0], SliceGeometry.for_slice((24, 30)), (12, 24, 30), 1, "CT",
+                          frame)
+    view = sf.label_view(labels, frame)
+    assert view.shape == (12, 24, 30)
+    work_frame = sf.localisation_frame(stack, 24, 30)
+    back = sf.geometry.paint_input_labels([(1, sf.view_masks_to_work(view == 1))], work_frame)
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_each_prompt_s_logits_do_not_depend_on_the_other_prompts_of_the_call() -> None:
+    torch.manual_seed(0)
+    net = SamPromptNet(SamNetConfig.preset("tiny", text_dim=12)).eval()
+    x = cell_inputs(torch.randn(2, 3, 256, 64, 64), torch.randn(2, 3, 64, 64))
+    a, b = torch.randn(1, 12), torch.randn(1, 12)
+    with torch.no_grad():
+        alone = net(x, a)
+        both = net(x, torch.cat([b, a]))
+    assert alone.shape == (2, 2, 64 * 64) and both.shape == (2, 3, 64 * 64)
+    torch.testing.assert_close(alone[:, 1], both[:, 2])
+    torch.testing.assert_close(alone[:, 0], both[:, 0])  # background
+
+
+def test_cell_loss_ignores_classes_a_study_does_not_state_and_untrusted_cells() -> None:
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    target = torch.zeros(1, 3, 2, 2)
+    target[:, 2] = 1  # the cells are all class 2 ...
+    known = torch.tensor([[True, False]])  # ... which this study says nothing about
+    weight = torch.ones(1, 2, 2)
+    loss = cell_loss(logits, target, weight, known)
+    loss.backward()
+    assert logits.grad[:, 2].abs().sum() == 0  # its channel is out of the softmax
+    weight_zero = cell_loss(logits, target, torch.zeros(1, 2, 2), torch.tensor([[True, True]]))
+    assert float(weight_zero.detach()) == 0.0
+
+
+def _planted_study(seed: int, n: int = 6) -> CellStudy:
+    """Random embeddings where class 1 is a blob marked on channel 5 and class 2 one on channel 9."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, 256, 64, 64, generator=g) * 0.5
+    target = torch.zeros(n, 3, 64, 64)
+    target[:, 0] = 1
+    for k in range(n):
+        for c, ch in ((1, 5), (2, 9)):
+            r, q = (int(v) for v in torch.randint(8, 48, (2,), generator=g))
+            emb[k, ch, r : r + 12, q : q + 12] += 3.0
+            target[k, :, r : r + 12, q : q + 12] = 0
+            target[k, c, r : r + 12, q : q + 12] = 1
+    nb = torch.tensor([[max(0, k - 1), k, min(n - 1, k + 1)] for k in range(n)])
+    return CellStudy(f"planted{seed}", emb.half(), nb, sf.cell_coords(SliceGeometry.for_slice((64, 64))),
+                     target.half(), torch.ones(n, 64, 64).half(), torch.tensor([True, True]), True, list(range(n)))
+
+
+def test_the_network_learns_planted_classes_and_training_resumes(tmp_path: Path, one_torch_thread) -> None:
+    from medprompt.trainers.sam_rounds import cell_dice
+
+    vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
+    out = tmp_path / "net.pt"
+    cfg = SamNetTrainConfig(out=out, classes=["a", "b"], steps=120, batch_size=4, lr=1e-2, model_config="tiny",
+                            device="cpu", save_every=1000, time_limit_s=0.0, jitter=0.0, noise=0.0)
+    train_cells(cfg, [_planted_study(0)], vectors, "test", progress=False)  # stops after one step, saved
+    blob = torch.load(out, weights_only=False)
+    assert blob["step"] == 1 and out.with_suffix(".pt.state").is_file()
+    cfg.time_limit_s = None
+    train_cells(cfg, [_planted_study(0)], vectors, "test", progress=False)  # resumes to the end
+    assert torch.load(out, weights_only=False)["step"] == 120
+    held_out = _planted_study(7)
+    assert cell_dice(out, [held_out], vectors, "cpu") > 0.8
+    shuffled = vectors[::-1].copy()  # the classes' text vectors swapped: the maps follow the text
+    assert cell_dice(out, [held_out], shuffled, "cpu") < 0.2
+
+
+def test_localize_and_draft_with_a_model_on_sam_features(tmp_path: Path, one_torch_thread,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bright box in a CT-like volume is learnt from one labelled study and found in another one of other
+    size, orientation and spacing; the draft (no SAM boundary) lands on the input grid where the box is."""
+    from medprompt.catalog import default_catalog
+    from medprompt.drafts import draft
+    from medprompt.io.volume import load_volume
+    from medprompt.trainers.cells import from_labels
+    from medprompt.trainers.zero_shot import class_vectors
+
+    def study(shape, affine, box, path):
+        data = np.full(shape, -1000.0, np.float32)
+        data[2:-2, 2:-2, :] = 40.0  # body
+        data[box] = 250.0  # "liver": bright
+        label = np.zeros(shape, np.uint8)
+        label[box] = 1
+        nib.save(nib.Nifti1Image(data, affine), path)
+        return load_volume(path), label
+
+    vol_a, lab_a = study((48, 40, 16), np.diag([2.0, 2.0, 5.0, 1.0]), np.s_[8:24, 10:30, 3:12], tmp_path / "a.nii.gz")
+    vol_b, lab_b = study((36, 44, 20), np.diag([-2.5, -2.5, 4.0, 1.0]), np.s_[20:32, 6:20, 5:15], tmp_path / "b.nii.gz")
+    catalog = default_catalog()
+    classes = ["liver"]
+    stack = sf.study_stack(vol_a, pixel_segmenters)
+    train = from_labels("a", stack, sf.label_view(lab_a, stack.frame), {"liver": 1}, classes, reach=1)
+    vectors, key = class_vectors(classes, catalog, None)
+    out = tmp_path / "samnet.pt"
+    train_cells(SamNetTrainConfig(out=out, classes=classes, steps=150, batch_size=4, lr=1e-2, model_config="tiny",
+                                  device="cpu"), [train], vectors, key, progress=False)
+    import medprompt.sam
+
+    monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
+    seg = draft(vol_b, ["liver"], model="medprompt", checkpoint=out, refine="none")
+    assert seg.labels.shape == lab_b.shape
+    hit = seg.labels == 1
+    dice = 2 * (hit & (lab_b == 1)).sum() / (hit.sum() + (lab_b == 1).sum())
+    assert dice > 0.7, dice
+
+
+def _disc_image(path: Path, centre: tuple[int, int], radius: int, label_path: Path | None = None) -> None:
+    from PIL import Image
+
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+    img = np.full((96, 128), 60, np.uint8)
+    img[disc] = 200
+    Image.fromarray(img).save(path)
+    if label_path is not None:
+        Image.fromarray(disc.astype(np.uint8)).save(label_path)
+        label_path.with_suffix(".json").write_text('{"labels": {"liver": 1}}')
+
+
+def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_path: Path, one_torch_thread,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNG images with corrections in labels/final: the round trains, validates on held-out images and
+    serves the model; the served network finds the class on a new image; a worse candidate is dropped."""
+    import medprompt.sam
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.image2d import load_image2d
+    from medprompt.trainers import sam_rounds
+
+    monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
+    store = tmp_path / "store"
+    final = store / "labels" / "final"
+    final.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        centre = (int(rng.integers(25, 70)), int(rng.integers(25, 100)))
+        _disc_image(store / f"img{i}.png", centre, int(rng.integers(10, 20)), final / f"img{i}.png" if i < 4 else None)
+    served = tmp_path / "model" / "medprompt.pt"
+    result = sam_rounds.finetune_sam(store, served, None, None, steps=40, lr=1e-2, device="cpu",
+                                     model_config="tiny", progress=False)
+    assert result.accepted and served.is_file() and result.version is not None
+    assert result.validation == ["img2.png"]  # one of the four corrected images is held out
+    assert result.candidate_score > 0.6
+
+    new = tmp_path / "new.png"
+    _disc_image(new, (60, 40), 16)
+    from medprompt.model.sam_predictor import saliency_method
+    from medprompt.saliency import register
+
+    register("medprompt", saliency_method(served), replace=True)
+    out = draft2d(load_image2d(new), ["liver"], saliency="medprompt", refine="none")
+    yy, xx = np.mgrid[:96, :128]
+    truth = (yy - 60) ** 2 + (xx - 40) ** 2 <= 16 ** 2
+    hit = out.labels == 1
+    assert 2 * (hit & truth).sum() / (hit.sum() + truth.sum()) > 0.7
+
+    before = served.read_bytes()
+    scores = iter([0.1, 0.9])  # the candidate scores worse than the model in service
+    monkeypatch.setattr(sam_rounds, "cell_dice", lambda *a, **k: next(scores))
+    worse = sam_rounds.finetune_sam(store, served, served, served, steps=5, device="cpu", progress=False)
+    assert not worse.accepted and served.read_bytes() == before
+    assert not (served.parent / "finetune_work" / "candidate.pt").exists()
