@@ -393,4 +393,5 @@ def test_the_volume_model_on_a_2d_image_is_refused(tmp_path: Path, capsys: pytes
     Image.fromarray(GREY).save(tmp_path / "img.png")
     assert main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--prompts", "lungs",
                  "--model", "medprompt"]) == 2
-    assert "--saliency" in one_error_line(capsys)
+    line = one_error_line(capsys)  # the shipped default is the ViT on pixels: volumes only
+    assert "--saliency" in line and "LiteMedSAM features" in line

@@ -231,6 +231,13 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     truth = (yy - 60) ** 2 + (xx - 40) ** 2 <= 16 ** 2
     hit = out.labels == 1
     assert 2 * (hit & truth).sum() / (hit.sum() + truth.sum()) > 0.7
+    from medprompt.cli import main
+    from medprompt.io.image2d import load_label2d
+
+    assert main(["infer", str(new), str(tmp_path / "out.png"), "--prompts", "liver", "--model", "medprompt",
+                 "--checkpoint", str(served), "--refine", "none"]) == 0  # the same through the command line
+    labels, names = load_label2d(tmp_path / "out.png")
+    assert names == {"liver": 1} and np.array_equal(labels == 1, hit)
 
     before = served.read_bytes()
     scores = iter([0.1, 0.9])  # the candidate scores worse than the model in service

@@ -67,6 +67,7 @@ class SamNetPredictor:
         return prob, stack.tissue.numpy()
 
     def segmenter_for(self, segmenter_for: Callable | None = None) -> Callable:
+        """The caller's segmenter factory (a draft shares its own), else LiteMedSAM's with the shared cache."""
         if segmenter_for is not None:
             return segmenter_for
         from medprompt.sam import segmenter_factory
@@ -92,10 +93,11 @@ class SamNetPredictor:
         ks = stack.slices
         for j, k in enumerate(ks):
             prob[:, k] = sampled[j]
-        for (a, ja), (b, jb) in zip(zip(ks[:-1], range(len(ks))), zip(ks[1:], range(1, len(ks)))):
+        for j in range(len(ks) - 1):  # slices between two sampled ones: linear between them
+            a, b = ks[j], ks[j + 1]
             for k in range(a + 1, b):
                 w = (k - a) / (b - a)
-                prob[:, k] = (1 - w) * sampled[ja] + w * sampled[jb]
+                prob[:, k] = (1 - w) * sampled[j] + w * sampled[j + 1]
         for k in range(max(0, ks[0] - stack.step + 1), ks[0]):  # the ends: the nearest sampled slice
             prob[:, k] = sampled[0]
         for k in range(ks[-1] + 1, min(nz, ks[-1] + stack.step)):
@@ -177,8 +179,10 @@ def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | 
 
         pred = predictor(checkpoint, None, sam_checkpoint)
         if not isinstance(pred, SamNetPredictor):
-            raise PromptError(f"{pred.meta.get('path')} is a model on pixels (vit); 2D images need a model on "
-                              "LiteMedSAM features: train one with `medprompt train-finetune` on a 2D datastore")
+            raise PromptError(f"{pred.meta.get('path')} is a model on pixels (vit), for volumes; a 2D image is "
+                              "localised by a saliency method (--saliency), --model weak:MODEL.pt, or --model "
+                              "medprompt with a model on LiteMedSAM features (`medprompt train-finetune` on a 2D "
+                              "datastore makes one)")
         pixels, pixel_mm, modality = image_pixels(image)
         return pred.saliency_2d(pixels, pixel_mm, [entry], modality)[0]
 
