@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,20 +30,6 @@ from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
 HOLD_OUT_EVERY = 4  # one in four sampled slices of each corrected study validates the round
-
-
-@dataclass
-class RoundResult:
-    """What a finetune round did: whether the candidate replaced the served model, and why."""
-
-    accepted: bool
-    served: Path
-    candidate_score: float
-    previous_score: float | None
-    validation: list[str]
-    classes: list[str]
-    version: Path | None = None
-    details: dict = field(default_factory=dict)
 
 
 def _segmenter_for(sam_checkpoint: str | Path | None, device: str) -> Callable:
