@@ -11,7 +11,7 @@
     with LiteMedSAM drawing the network's regions, against the zero-shot model on the same case.
 
     .venv/bin/python benchmarks/label_efficiency_real.py --part curvas --ks 0 1 2 4
-    .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_default.pt
+    .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_sam.pt
 
 Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/.
 """
@@ -84,10 +84,12 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None) -> list
                     register("medprompt", saliency_method(served), replace=True)
                 for p in test:
                     ref, _ = load_label2d(REAL2D / "labels" / p.name)
+                    # k = 0 drafts as `medprompt infer IMAGE` does with no model: the default catalog, where
+                    # "kidney" is an alias of "kidneys" (two parts); a finetuned model's catalog adds its classes.
                     out = draft2d(load_image2d(p), list(ORGANS), saliency="medprompt" if k else None,
-                                  catalog=catalog)
+                                  catalog=catalog if k else default_catalog())
                     for o in ORGANS:
-                        per[o].append(dice(out.labels == out.names[o], ref == names[o]))
+                        per[o].append(dice(out.labels == out.names[out.resolved[o]], ref == names[o]))
                 if k:
                     shutil.rmtree(work, ignore_errors=True)
             row = {"k": k, "mode": mode, **{o: float(np.mean(v)) for o, v in per.items()},
@@ -187,8 +189,8 @@ def main() -> None:
     p.add_argument("--rotations", type=int, default=5, help="CURVAS: patient rotations per k (default: all 5)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--init", type=Path, default=None, help="CURVAS: start from this model (default: a new one)")
-    p.add_argument("--zero-shot", type=Path, default=REPO / "models" / "medprompt_default.pt",
-                   help="3D: the zero-shot model a round starts from")
+    p.add_argument("--zero-shot", type=Path, default=REPO / "models" / "medprompt_sam.pt",
+                   help="3D: the zero-shot model on LiteMedSAM features a round starts from")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":

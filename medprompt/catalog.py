@@ -475,3 +475,16 @@ def default_catalog() -> PromptCatalog:
     Free text resolves by MiniLM sentence similarity when its wheel is installed, else by keywords.
     """
     return _cached(tuple(prompt_dirs()))
+
+
+def catalog_with(names: Sequence[str], catalog: PromptCatalog) -> PromptCatalog:
+    """The catalog plus a prompt for every label class it does not know: the class name is its text."""
+    extra = [n for n in names if n not in catalog]
+    if not extra:
+        return catalog
+    out = PromptCatalog(dict(catalog.entries))
+    for name in extra:
+        out.entries[name] = PromptEntry(name=name, aliases=(), descriptions=(name.replace("_", " "),), keywords=(),
+                                        prior={"supported": False, "note": "added from annotators' labels"},
+                                        source="labels")
+    return out

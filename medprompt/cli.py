@@ -171,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="normalised entropy of the ensemble above which a pixel leaves the second pass "
                            "(default: 0.8, i.e. a two-class probability between about 0.24 and 0.76)")
     weak.add_argument("--no-second-pass", action="store_true", help="one pass on every pixel of the masks")
+    weak.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                      help="zero-shot drafts less confident than C (a near tie between two places in the image) "
+                           "are left out of training (default: 0.25; 0 keeps every draft)")
     _add_run_options(weak)
     weak.set_defaults(run=_train_weak)
 
@@ -235,16 +238,13 @@ def _infer(args: argparse.Namespace) -> int:
                 saliency, catalog = args.saliency, None
                 if str(args.model).lower() == "medprompt":  # the network's class map localises, SAM draws
                     from medprompt.catalog import default_catalog
-                    from medprompt.drafts import predictor
+                    from medprompt.drafts import model_catalog, predictor
                     from medprompt.model.sam_predictor import saliency_method
                     from medprompt.saliency import register
-                    from medprompt.trainers.finetune import catalog_with
 
                     register("medprompt", saliency_method(args.checkpoint, args.sam_checkpoint), replace=True)
                     saliency = "medprompt"
-                    # Classes the model learnt from corrections (e.g. "kidney" for both sides) are prompts too.
-                    classes = predictor(args.checkpoint, None, args.sam_checkpoint).meta.get("classes", [])
-                    catalog = catalog_with(list(classes), default_catalog())
+                    catalog = model_catalog(predictor(args.checkpoint, None, args.sam_checkpoint), default_catalog())
                 elif str(args.model).lower() != "prior":
                     raise InputError(f"{source}: --model {args.model} drafts volumes; a 2D image is localised by "
                                      "a saliency method (--saliency), --model medprompt or --model weak:MODEL.pt")
@@ -497,15 +497,20 @@ def _train_weak(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.uncertain <= 1.0:
         raise InputError(f"--uncertain must be in (0, 1], got {args.uncertain}")
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise InputError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    chosen = {"min_confidence": args.min_confidence} if args.min_confidence is not None else {}
     cfg = WeakConfig(images=args.images, prompts=args.prompts, out=args.out, masks=args.masks, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, size=args.size, snapshots=args.snapshots,
                      second_pass=not args.no_second_pass, uncertain=args.uncertain, saliency=args.saliency,
                      sam_checkpoint=args.sam_checkpoint, device=args.device, seed=args.seed,
-                     resume=not args.no_resume, time_limit_s=_time_limit_s(args))
+                     resume=not args.no_resume, time_limit_s=_time_limit_s(args), **chosen)
     result = train_weak(cfg, progress=True)
     if not result.complete:
         print(f"stopped at step {result.step}/{result.steps}; saved, run again to resume")
         return 0
     excluded = "" if result.excluded is None else f", {result.excluded:.1%} of pixels uncertain in pass 2"
     print(f"wrote {result.out} ({result.steps} steps in {result.seconds:.0f} s{excluded})")
+    if result.left_out:
+        print(f"left out {len(result.left_out)} unsure zero-shot drafts (--min-confidence): {', '.join(result.left_out)}")
     return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from medprompt.catalog import PromptCatalog, default_catalog, quoted
+from medprompt.catalog import PromptCatalog, catalog_with, default_catalog, quoted
 from medprompt.errors import PromptError
 
 if TYPE_CHECKING:
@@ -80,6 +80,13 @@ def draft(
         raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
     refine = refine_choice(refine)
     catalog = catalog or default_catalog()
+    if model == "prior":
+        from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
+
+        localiser = AnatomyPrior(catalog)
+    else:
+        localiser = predictor(checkpoint, text_encoder, sam_checkpoint)
+        catalog = model_catalog(localiser, catalog)
     pairs = catalog.resolve_all(prompts)
     entries = [entry for _, entry in pairs]
     make_segmenter = None
@@ -87,12 +94,6 @@ def draft(
         from medprompt.sam import segmenter_factory
 
         make_segmenter = segmenter_factory(sam_checkpoint)  # a missing weight fails before the slow part
-    if model == "prior":
-        from medprompt.prior.engine import AnatomyPrior  # heavy imports only when segmenting
-
-        localiser = AnatomyPrior(catalog)
-    else:
-        localiser = predictor(checkpoint, text_encoder, sam_checkpoint)
     names = {e.name: i + 1 for i, e in enumerate(entries)}
     resolved = {text: e.name for text, e in pairs}
     if make_segmenter is None:
@@ -105,6 +106,12 @@ def draft(
     out = refine_with_sam(volume, loc, entries, make_segmenter, progress=progress)
     return Segmentation(labels=out.labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
                         stages=out.stages)
+
+
+def model_catalog(localiser, catalog: PromptCatalog) -> PromptCatalog:
+    """``catalog`` plus the classes a finetuned model learnt from annotators' labels that the catalog
+    does not know (e.g. "kidney" for both sides, a lesion name): they are prompts for that model."""
+    return catalog_with(list(localiser.meta.get("classes", [])), catalog)
 
 
 def _segmenter_arg(localiser, make_segmenter) -> dict:

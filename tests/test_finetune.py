@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from medprompt.catalog import default_catalog
+from medprompt.catalog import catalog_with, default_catalog
 from medprompt.errors import InputError
 from medprompt.model.checkpoint import load_model
 from medprompt.phantoms import write_sample_data
-from medprompt.trainers.finetune import catalog_with, find_labelled, train_finetune
+from medprompt.trainers.finetune import find_labelled, train_finetune
 from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
 
 

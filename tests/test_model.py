@@ -115,6 +115,26 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path: Path):
         load_model(tmp_path / "junk.pt")
 
 
+def test_every_kind_of_model_file_refuses_the_others_naming_the_file_and_the_command(tmp_path: Path):
+    """The ViT model, the network on LiteMedSAM features and the weak 2D model read files the same way:
+    a missing file names the command that makes it, a foreign one the kind expected."""
+    from medprompt.model.sam_checkpoint import load_net
+    from medprompt.weak.model import WeakModel
+
+    vit = _tiny_checkpoint(tmp_path / "vit.pt")
+    with pytest.raises(WeightsError, match="vit.pt: not a MedPrompt checkpoint on LiteMedSAM features"):
+        load_net(vit)
+    with pytest.raises(WeightsError, match="vit.pt: not a weak-supervision model"):
+        WeakModel.load(vit)
+    with pytest.raises(WeightsError, match="not found: .*none.pt; make one with `medprompt train-weak"):
+        WeakModel.load(tmp_path / "none.pt")
+    with pytest.raises(WeightsError, match="not found: .*none.pt; make one with `medprompt train-zero-shot"):
+        load_net(tmp_path / "none.pt")
+    (tmp_path / "cut.pt").write_bytes(vit.read_bytes()[:200])  # a truncated copy
+    with pytest.raises(WeightsError, match="cut.pt: not a readable"):
+        WeakModel.load(tmp_path / "cut.pt")
+
+
 def test_predictor_is_invariant_to_storage_orientation(tmp_path: Path):
     """Same anatomy stored RAS and LPS with permuted axes: the same voxels, every class."""
     path = _tiny_checkpoint(tmp_path / "m.pt")

@@ -278,6 +278,35 @@ def test_decoder_equals_sams_own_for_boxes_points_and_both(weights: str, random_
         torch.testing.assert_close(seg.last_quality, quality[:, 0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weights", ["random", "shipped"])
+def test_classes_decoded_together_and_two_slices_at_a_time_equal_one_call_each(
+        weights: str, random_sam_file: Path, tmp_path: Path) -> None:
+    """A 3D draft sends every class on a slice through one decoder call (split in batches of
+    decoder.BATCH prompts) and decodes two slices at once (refine.py): the same logits as one
+    ``predict`` per class, each on its own region, one slice after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medprompt.sam.decoder import BATCH
+    from medprompt.sam.segmenter import DECODERS_PER_DEVICE
+
+    make = segmenter_factory(random_sam_file if weights == "random" else None, "cpu", EmbeddingCache(tmp_path / "c"))
+    seg = make((np.random.default_rng(4).random((6, 130, 170)) * 255).astype(np.uint8), (0.8, 0.8))
+    asks = [(np.array([[20, 30, 90, 100], [100, 20, 160, 60]], np.float32), (25, 105, 15, 95)),
+            (np.array([[40, 40, 120, 110], [10, 10, 50, 50], [60, 70, 160, 125]], np.float32), (0, 130, 0, 170)),
+            (np.array([[90, 60, 150, 120]], np.float32), (55, 125, 85, 155))]
+    assert sum(len(b) for b, _ in asks) > BATCH  # the split into several transformer calls is exercised
+    serial = {k: [seg.predict(k, boxes=b, region=r) for b, r in asks] for k in range(6)}
+    seg._contexts.clear()
+    with ThreadPoolExecutor(DECODERS_PER_DEVICE) as pool:
+        together = dict(zip(range(6), pool.map(lambda k: seg.predict_regions(k, asks), range(6))))
+    for k in range(6):
+        for one, both, (boxes, (r0, r1, c0, c1)) in zip(serial[k], together[k], asks):
+            assert both.shape == (len(boxes), r1 - r0, c1 - c0)
+            scale = max(1.0, float(one.abs().max()))
+            torch.testing.assert_close(both, one, atol=1e-4 * scale, rtol=1e-4)
+    assert len(seg.last_quality) == 6
+
+
 def test_glibc_keeps_freed_decoder_memory_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     from medprompt.sam import segmenter
 
@@ -317,6 +346,9 @@ class ScriptedSegmenter:
                 logits[mask[k, r0:r1, c0:c1]] = logit
             out.append(logits)
         return torch.from_numpy(np.stack(out))
+
+    def predict_regions(self, k, asks):
+        return [self.predict(k, boxes=boxes, region=region) for boxes, region in asks]
 
 
 def _scene(nz: int = 12, n: int = 40, sz: float = 3.0) -> tuple[Volume, geometry.WorkFrame]:
@@ -363,7 +395,7 @@ def test_masks_follow_sam_inside_the_dilated_localiser_region_and_its_extent() -
     # Boxes are the localiser's part on the slice plus the margin, in view pixels (x = column, y = row).
     view_seed = axial_view(seed)
     rows, cols = np.nonzero(view_seed[3])
-    k, boxes = seg.calls[0]
+    boxes = next(b for k, b in seg.calls if k == 3)  # slices are decoded two at a time: any order
     np.testing.assert_allclose(boxes[0], [cols.min() - 2, rows.min() - 2, cols.max() + 2, rows.max() + 2])
     assert out.stages == {"liver": "prior + LiteMedSAM"}
 

@@ -107,6 +107,44 @@ def test_cell_loss_ignores_classes_a_study_does_not_state_and_untrusted_cells() 
     assert float(weight_zero.detach()) == 0.0
 
 
+def test_teacher_trusts_sam_near_the_priors_mask_of_the_same_class_only() -> None:
+    from medprompt.trainers.cells import teacher_weights
+
+    prior = torch.zeros(1, 3, 8, 8)
+    prior[:, 0] = 1
+    prior[:, 0, 2:4, 2:4], prior[:, 1, 2:4, 2:4] = 0, 1  # the prior's class 1: a 2 x 2 block
+    teacher = torch.zeros(1, 3, 8, 8)
+    teacher[:, 0] = 1
+    teacher[:, 0, 2:5, 2:5], teacher[:, 1, 2:5, 2:5] = 0, 1  # SAM drew class 1 one cell wider
+    teacher[:, 0, 6, 6], teacher[:, 2, 6, 6] = 0, 1  # and class 2 where the prior has background
+    teacher[:, 0, 4, 0], teacher[:, 1, 4, 0] = 0, 1  # and class 1 far (two cells) from the prior's
+    w = teacher_weights(teacher, prior)[0]
+    assert torch.all(w[2:5, 2:5] == 1)  # agreeing and within one cell of the prior's class 1
+    assert w[6, 6] == 0 and w[4, 0] == 0  # disagreeing, not near the prior's mask of that class
+    assert w[0, 7] == 1  # background on both
+
+
+def test_class_balance_lifts_rare_classes_within_the_cap() -> None:
+    from medprompt.trainers.cells import BALANCE_CAP, class_balance
+
+    target = torch.zeros(1, 4, 64, 64)
+    target[:, 0] = 1
+    for c, (rows, cols) in {1: (40, 40), 2: (20, 20), 3: (1, 1)}.items():  # 1600, 400 and 1 cells
+        r0 = 64 - rows if c == 1 else 0
+        c0 = 64 - cols if c == 1 else (0 if c == 2 else 40)
+        target[:, :, r0 : r0 + rows, c0 : c0 + cols] = 0
+        target[:, c, r0 : r0 + rows, c0 : c0 + cols] = 1
+    study = CellStudy("s", torch.zeros(1, 256, 64, 64).half(), torch.zeros(1, 3, dtype=torch.long),
+                      sf.cell_coords(SliceGeometry.for_slice((64, 64))), target.half(), torch.ones(1, 64, 64).half(),
+                      torch.tensor([True, True, True]))
+    w = class_balance([study])
+    assert w[0] == 1 and w[2] == 1  # background and the median class stay
+    assert w[1] == 1  # a larger class is not pushed down
+    assert w[3] == BALANCE_CAP  # sqrt(400 / 1) = 20, capped
+    study.weight[:, 0:20, 0:20] = 0  # untrusted cells do not count: class 2 now has no trusted area
+    assert class_balance([study])[2] == 1  # a class never taught is not up-weighted (nothing to lift)
+
+
 def _planted_study(seed: int, n: int = 6) -> CellStudy:
     """Random embeddings where class 1 is a blob marked on channel 5 and class 2 one on channel 9."""
     g = torch.Generator().manual_seed(seed)
@@ -174,12 +212,31 @@ def test_localize_and_draft_with_a_model_on_sam_features(tmp_path: Path, one_tor
                                   device="cpu"), [train], vectors, key, progress=False)
     import medprompt.sam
 
+    import medprompt.model.prior_fusion as fusion
+
     monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
+    # the anatomy prior has nothing to say about a box phantom: the network's own regions here
+    monkeypatch.setattr(fusion, "prior_view_masks", lambda *a, **k: {})
     seg = draft(vol_b, ["liver"], model="medprompt", checkpoint=out, refine="none")
     assert seg.labels.shape == lab_b.shape
     hit = seg.labels == 1
     dice = 2 * (hit & (lab_b == 1)).sum() / (hit.sum() + (lab_b == 1).sum())
     assert dice > 0.7, dice
+    # a prior region more than twice the network's: the draft takes the prior's (here: the whole grid)
+    def everywhere(volume, entries, stack, shape, catalog=None):
+        return {"liver": np.ones((stack.view_shape[0], *shape), bool)}
+
+    monkeypatch.setattr(fusion, "prior_view_masks", everywhere)
+    assert (draft(vol_b, ["liver"], model="medprompt", checkpoint=out, refine="none").labels == 1).all()
+    # A class the model learnt from labels that the prompt catalog does not know is a prompt for it (the
+    # prior has no region for it: the network's own).
+    from medprompt.model.sam_checkpoint import load_net, save_net
+
+    net, meta = load_net(out)
+    renamed = {**meta, "classes": ["bright_box"], "class_vectors": {"bright_box": meta["class_vectors"]["liver"]}}
+    own = draft(vol_b, ["bright box"], model="medprompt", checkpoint=save_net(tmp_path / "own.pt", net, renamed),
+                refine="none")
+    assert own.names == {"bright_box": 1} and np.array_equal(own.labels == 1, seg.labels == 1)
 
 
 def _disc_image(path: Path, centre: tuple[int, int], radius: int, label_path: Path | None = None) -> None:
@@ -245,3 +302,53 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     worse = sam_rounds.finetune_sam(store, served, served, served, steps=5, device="cpu", progress=False)
     assert not worse.accepted and served.read_bytes() == before
     assert not (served.parent / "finetune_work" / "candidate.pt").exists()
+
+
+def test_a_class_the_network_finds_too_little_of_takes_the_priors_region() -> None:
+    from medprompt.model.prior_fusion import fuse
+
+    prior = {"liver": np.zeros((4, 8, 8), bool), "pancreas": np.zeros((4, 8, 8), bool)}
+    prior["liver"][:, 2:6, 2:6] = True  # 64 voxels
+    prior["pancreas"][1:3, 4:6, 1:7] = True  # 24 voxels
+    net = {name: np.zeros((4, 8, 8), bool) for name in ("liver", "pancreas", "lesion")}
+    net["liver"][:, 1:5, 2:7] = True  # 80 voxels: the network's own region wins, even where it differs
+    net["pancreas"][1, 4, 1:4] = True  # 3 voxels: under half the prior's -> the prior's region
+    net["lesion"][0, 0, 0] = True  # a class the prior does not localise keeps the network's region
+    out, taken = fuse(net, prior)
+    assert taken == ["pancreas"]
+    assert np.array_equal(out["liver"], net["liver"]) and np.array_equal(out["pancreas"], prior["pancreas"])
+    assert np.array_equal(out["lesion"], net["lesion"])
+    assert fuse({"pancreas": np.zeros((4, 8, 8), bool)}, {"pancreas": np.zeros((4, 8, 8), bool)})[1] == []
+
+
+def test_the_priors_regions_land_on_the_networks_grid_where_they_are_in_the_input(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An oblique-free but flipped, anisotropic study: the prior's mask, brought onto the network's
+    localisation grid and painted back, covers the same input voxels (no flip or transpose lost)."""
+    from medprompt.catalog import default_catalog
+    from medprompt.io.volume import load_volume
+    from medprompt.localization import Localization
+    from medprompt.model.prior_fusion import prior_view_masks
+    from medprompt.prior import geometry
+    from medprompt.prior.engine import AnatomyPrior
+
+    shape = (60, 44, 14)
+    data = np.full(shape, 40.0, np.float32)
+    label = np.zeros(shape, bool)
+    label[6:30, 20:40, 3:9] = True  # off-centre in every axis
+    nib.save(nib.Nifti1Image(data, np.diag([-2.5, 2.0, -4.0, 1.0])), tmp_path / "v.nii.gz")
+    vol = load_volume(tmp_path / "v.nii.gz")
+    canon, ornt, spacing = geometry.to_canonical(label.astype(np.uint8), vol.affine)
+    frame = geometry.WorkFrame(ornt, canon.shape, canon.shape, spacing, spacing)
+    def localize(self, v, entries, progress=False):
+        return Localization({"liver": canon > 0}, frame, "CT", "prior")
+
+    monkeypatch.setattr(AnatomyPrior, "localize", localize)
+    stack = sf.study_stack(vol, pixel_segmenters)
+    rows, cols = stack.geometry.shape
+    got = prior_view_masks(vol, [default_catalog()["liver"]], stack, (rows // 2, cols // 2))["liver"]
+    assert got.shape == (stack.view_shape[0], rows // 2, cols // 2)
+    back = geometry.paint_input_labels([(1, sf.view_masks_to_work(got))], sf.localisation_frame(stack, rows // 2,
+                                                                                                cols // 2)) == 1
+    dice = 2 * (back & label).sum() / (back.sum() + label.sum())
+    assert dice > 0.9, dice

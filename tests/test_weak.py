@@ -158,7 +158,7 @@ def test_zero_shot_drafts_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(list((tmp_path / "cache").glob("*.png"))) == 3
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "file", "no_mask", "bad_prompt"])
+@pytest.mark.parametrize("case", ["missing", "empty", "file", "no_mask", "bad_prompt", "confidence"])
 def test_train_weak_bad_input_exits_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_set(tmp_path / "images", 2, seed=4, masks=tmp_path / "masks")
     (tmp_path / "empty").mkdir()
@@ -174,11 +174,14 @@ def test_train_weak_bad_input_exits_2(case: str, tmp_path: Path, capsys: pytest.
         prompt = "qwertyuiop"
     argv = ["train-weak", "--images", str(images), "--masks", str(masks), "--prompts", prompt,
             "--out", str(tmp_path / "m.pt"), "--steps", "4", "--size", "32"]
+    if case == "confidence":
+        argv += ["--min-confidence", "1.5"]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     expected = {"missing": "no such folder", "empty": "no 2D images", "file": "not a folder",
-                "no_mask": "no mask for img01.png", "bad_prompt": "qwertyuiop"}[case]
+                "no_mask": "no mask for img01.png", "bad_prompt": "qwertyuiop",
+                "confidence": "--min-confidence must be in [0, 1], got 1.5"}[case]
     assert expected in err[0]
     assert not (tmp_path / "m.pt").exists()
 
@@ -254,3 +257,10 @@ def test_unsure_drafts_are_left_out_of_training(tmp_path: Path, monkeypatch: pyt
     meta = torch.load(out, map_location="cpu", weights_only=False)["meta"]
     assert result.left_out == meta["left_out_drafts"] == ["img01.png", "img03.png"]
     assert meta["trained_on"] == ["img00.png", "img02.png"]
+    # The command line sets the threshold: 0 keeps every draft.
+    monkeypatch.setattr(drafts2d, "draft2d", with_confidence)
+    every = tmp_path / "every.pt"
+    assert cli(["train-weak", "--images", str(tmp_path / "images"), "--prompts", "brain tumor", "--out", str(every),
+                "--steps", "4", "--size", "32", "--min-confidence", "0"]) == 0
+    meta = torch.load(every, map_location="cpu", weights_only=False)["meta"]
+    assert meta["left_out_drafts"] == [] and len(meta["trained_on"]) == 4

@@ -7,8 +7,8 @@ manual mask. The floors are well under the means measured on the whole developme
 not noise. Skipped when the data or LiteMedSAM's weights are absent.
 
 The breast path's proposal ranking (medprompt/saliency/lesion.py) is also checked on synthetic B-mode
-images built here (a planted hypoechoic lesion, a darker no-contact band, alike twin cysts), so its
-behaviour is tested without the real data.
+images built here (a planted hypoechoic lesion, a darker no-contact band, alike twin cysts, "+" caliper
+cursors around a faint mass), so its behaviour is tested without the real data.
 """
 
 from __future__ import annotations
@@ -195,3 +195,101 @@ def test_learnt_map_breaks_near_ties_only(sam_available: None) -> None:
                 assert overlap[k] > 0.8, (k, overlap)
             else:  # one clear cyst: drawn wherever the map points
                 assert overlap[0] > 0.8, (k, overlap)
+
+
+# -- caliper cursors: where the sonographer measured (medprompt/saliency/calipers.py) ---------------------
+
+def draw_cursor(picture: np.ndarray, row: int, col: int, arm: int = 6, value: int = 230) -> None:
+    """A scanner's "+" caliper cursor, 1 px strokes, burnt into ``picture`` in place."""
+    picture[row, col - arm: col + arm + 1] = value
+    picture[row - arm: row + arm + 1, col] = value
+
+
+def lesion_ends(lesion: Lesion, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Row, col of the ends of a lesion's horizontal and vertical diameters (where a sonographer puts cursors)."""
+    h, w = shape
+    cy, cx, ry, rx = lesion
+    return [(round(cy * h), round((cx - rx) * w)), (round(cy * h), round((cx + rx) * w)),
+            (round((cy - ry) * h), round(cx * w)), (round((cy + ry) * h), round(cx * w))]
+
+
+def test_caliper_cursors_found_where_drawn_and_nowhere_else() -> None:
+    """Speckle, the skin line and tissue layers make no cursor; drawn "+" cursors are found where they are,
+    a lone dash or a ruler tick (a stroke with arms on one side only) is not; boxes follow the cursors."""
+    from medprompt.saliency.calipers import ASPECTS, caliper_boxes, find_calipers
+
+    lesion = (0.45, 0.45, 0.12, 0.18)
+    for seed in range(3):
+        picture, _ = synthetic_us(np.random.default_rng(seed), lesions=(lesion,))
+        assert len(find_calipers(picture.astype(np.float32))) == 0
+    ends = lesion_ends(lesion, picture.shape)
+    for r, c in ends:
+        draw_cursor(picture, r, c)
+    picture[200, 60:74] = 230  # a dash
+    picture[150:170, 290] = 230  # a ruler: a vertical line with ticks to its left only
+    picture[160, 284:290] = 230
+    found = find_calipers(picture.astype(np.float32))
+    assert len(found) == 4, found
+    for r, c in ends:
+        assert np.abs(found - [r, c]).sum(axis=1).min() <= 2, (r, c, found)
+    (box,) = caliper_boxes(found, picture.shape)  # two diameters: their bounding box (and a little room)
+    rows, cols = [r for r, _ in ends], [c for _, c in ends]
+    assert box[0] <= min(cols) and box[2] >= max(cols) and box[1] <= min(rows) and box[3] >= max(rows)
+    assert box[2] - box[0] < 1.2 * (max(cols) - min(cols))
+    one_diameter = caliper_boxes(found[np.argsort(found[:, 1])][[0, -1]], picture.shape)
+    assert len(one_diameter) == len(ASPECTS)  # its depth is unknown: several boxes, flatter to rounder
+    heights = [b[3] - b[1] for b in one_diameter]
+    assert heights == sorted(heights) and heights[0] < heights[-1]
+
+
+def test_caliper_support_is_high_on_the_measured_outline_only() -> None:
+    from medprompt.saliency.calipers import caliper_support
+
+    yy, xx = np.mgrid[:100, :100]
+    disc = (yy - 50) ** 2 + (xx - 50) ** 2 <= 20 ** 2
+    marks = np.array([[50, 30], [50, 70], [30, 50], [70, 50]], np.float32)
+    assert caliper_support(disc, marks, 3.0) > 0.6
+    assert caliper_support(np.roll(disc, 30, axis=1), marks, 3.0) < 0.3  # the same disc elsewhere
+    assert caliper_support(disc, marks[:0], 3.0) == 0.0
+
+
+def test_cursors_outweigh_echogenicity_only_where_they_lie() -> None:
+    """A mask the cursors outline scores as a mass even when isoechoic (no contrast), and beats a darker mask
+    no cursor lies on; without cursors on the image the isoechoic mask scores nothing, as before."""
+    from medprompt.saliency.lesion import lesion_score
+
+    oval = {"contrast": 0.0, "margin": 1.5, "area": 0.03, "solidity": 1.0, "fill": 1.0, "elongation": 0.7,
+            "outside": 0.0, "top": 0.3, "bottom": 0.3}
+    dark = {**oval, "contrast": 1.5}
+    assert lesion_score(oval, 0.9, 0.9) == 0.0 < lesion_score(dark, 0.9, 0.9)
+    measured = lesion_score({**oval, "calipers": 1.0}, 0.9, 0.9)
+    assert measured > lesion_score({**dark, "calipers": 0.0}, 0.9, 0.9) > 0.0
+    assert lesion_score({**dark, "calipers": 1.0}, 0.9, 0.9) > measured  # a measured dark mass: higher still
+
+
+def test_measured_lesion_drawn_not_a_darker_one(sam_available: None) -> None:
+    """A faint (nearly isoechoic) mass the sonographer measured, beside a darker cyst nobody measured: with
+    the cursors the measured mass is drawn; the same picture without them draws the cyst (the cursors,
+    not the picture, decide)."""
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.image2d import Image2D
+
+    faint, dark = (0.42, 0.3, 0.12, 0.17), (0.42, 0.7, 0.09, 0.12)
+    picture, _ = synthetic_us(np.random.default_rng(5), lesions=(dark,), no_contact=False)
+    h, w = picture.shape
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w], float)[:, None, None]
+    inside = ((yy - faint[0]) / faint[2]) ** 2 + ((xx - faint[1]) / faint[3]) ** 2 <= 1
+    picture[inside] = (picture[inside] * 0.6).astype(np.uint8)  # a little darker than the tissue around it
+    cyst = ((yy - dark[0]) / dark[2]) ** 2 + ((xx - dark[1]) / dark[3]) ** 2 <= 1
+
+    def drawn(pixels: np.ndarray) -> np.ndarray:
+        return draft2d(Image2D(pixels=pixels.astype(np.float32), source="us"), ["breast lesion"]).labels > 0
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+    assert dice(drawn(picture), cyst) > 0.7  # unmeasured: the darker cyst wins on echogenicity
+    measured = picture.copy()
+    for r, c in lesion_ends(faint, picture.shape):
+        draw_cursor(measured, r, c)
+    assert dice(drawn(measured), inside) > 0.7

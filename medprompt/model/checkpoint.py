@@ -34,32 +34,47 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return path
 
 
-def save_model(path: Path, net: MedPromptNet, meta: dict[str, Any]) -> Path:
-    """Model file: config + half-precision weights (half the size, no measurable change) + metadata."""
+def write_model_file(path: Path, fmt: str, net: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Model file of format ``fmt``: config + half-precision weights (half the size, no measurable
+    change) + metadata (classes, their text vectors, encoder), written atomically."""
     state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()) for k, v in net.state_dict().items()}
-    return atomic_torch_save({"format": FORMAT, "config": net.cfg.to_dict(), "state_dict": state, **meta}, path)
+    return atomic_torch_save({"format": fmt, "config": net.cfg.to_dict(), "state_dict": state, **meta}, path)
+
+
+def read_model_file(path: Path, fmt: str, what: str, make: str | None = None) -> dict[str, Any]:
+    """A model file's contents; a missing, unreadable or other-format file is a WeightsError naming the
+    file and what to do (``what``: the kind of model expected; ``make``: the command that makes one)."""
+    if not path.is_file():
+        how = f"`{make}`" if make else f"`{MAKE_COMMAND.format(path=path)}` (unlabelled studies are enough)"
+        raise WeightsError(f"{what} not found: {path}; make one with {how}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: pickle/zip errors of any kind
+        raise WeightsError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise WeightsError(f"{path}: not a {what} (expected format {fmt})")
+    return blob
+
+
+def restore(net: torch.nn.Module, blob: dict[str, Any], path: Path, device: str | torch.device) -> tuple[Any, dict[str, Any]]:
+    """``net`` (built from ``blob``'s config) with the file's weights, in eval mode on ``device``, and
+    the file's metadata (plus its path)."""
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    net.to(device).eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    meta["path"] = str(path)
+    return net, meta
+
+
+def save_model(path: Path, net: MedPromptNet, meta: dict[str, Any]) -> Path:
+    return write_model_file(path, FORMAT, net, meta)
 
 
 def load_model(path: Path | None = None, device: str | torch.device = "cpu") -> tuple[MedPromptNet, dict[str, Any]]:
     """Rebuild the network from a model file; a missing or foreign file is a WeightsError saying what to do."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    if not path.is_file():
-        raise WeightsError(
-            f"MedPrompt checkpoint not found: {path}; make one with `{MAKE_COMMAND.format(path=path)}` "
-            f"(unlabelled volumes are enough)"
-        )
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt or not a torch file
-        raise WeightsError(f"{path}: not a readable MedPrompt checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a MedPrompt checkpoint (expected format {FORMAT})")
-    net = MedPromptNet(NetConfig(**blob["config"]))
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
-    net.to(device).eval()
-    meta = {k: v for k, v in blob.items() if k not in ("state_dict",)}
-    meta["path"] = str(path)
-    return net, meta
+    blob = read_model_file(path, FORMAT, "MedPrompt checkpoint")
+    return restore(MedPromptNet(NetConfig(**blob["config"])), blob, path, device)
 
 
 def resolve_device(device: str | None) -> torch.device:

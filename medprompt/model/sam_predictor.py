@@ -3,7 +3,8 @@
 For a 3D study the network runs on the sampled slices' cached embeddings (the ones the segmenter
 draws on next, so the learned localiser adds only its own small cost), its per-cell probabilities
 are brought onto the axial view and interpolated between sampled slices, and each class's region is
-where it is the most probable class above 0.5. For a 2D image the same map is a saliency map.
+where it is the most probable class above 0.5 (the anatomy prior's where that region is under half
+the prior's: medprompt.model.prior_fusion). For a 2D image the same map is a saliency map.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medprompt.catalog import PromptEntry
+from medprompt.catalog import PromptCatalog, PromptEntry
 from medprompt.localization import Localization
 from medprompt.model.sam_features import (
     SliceStack, cells_to_slices, localisation_frame, study_stack, view_masks_to_work,
@@ -34,8 +35,11 @@ class SamNetPredictor:
     """A loaded network and its class vectors; ``localize`` is what drafts call."""
 
     def __init__(self, net: SamPromptNet, meta: dict, device: torch.device, text_encoder: str | None = None,
-                 sam_checkpoint: str | Path | None = None):
+                 sam_checkpoint: str | Path | None = None, fuse_prior: bool = True,
+                 catalog: PromptCatalog | None = None):
         self.net = net
+        self.fuse_prior = fuse_prior  # 3D drafts: the prior's region where the network finds too little
+        self.catalog = catalog
         self.meta = meta
         self.device = device
         self.text_encoder = text_encoder or meta.get("text_encoder")
@@ -106,21 +110,23 @@ class SamNetPredictor:
 
     def localize(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,
                  segmenter_for: Callable | None = None) -> Localization:
-        """Where each class is (most probable above 0.5), for a segmenter to draw (medprompt.sam.refine)."""
-        from medprompt.model.predictor import largest_component
-
+        """Where each class is (most probable above 0.5), for a segmenter to draw (medprompt.sam.refine);
+        with ``fuse_prior``, the anatomy prior's region for a class the network found too little of
+        (medprompt.model.prior_fusion)."""
         stack = study_stack(volume, self.segmenter_for(segmenter_for), progress)
         prob, (rows, cols) = self.view_probabilities(stack, entries)
-        best = prob.argmax(axis=0)
-        fg = prob.max(axis=0) > 0.5
-        masks = {}
-        for i, entry in enumerate(entries):
-            mask = fg & (best == i + 1)
-            if int(entry.prior.get("components", 0)) == 1 and mask.any():
-                mask = largest_component(mask)
-            masks[entry.name] = view_masks_to_work(mask)
-        return Localization(masks=masks, frame=localisation_frame(stack, rows, cols), modality=stack.modality,
-                            source="medprompt")
+        masks = network_regions(prob, entries)
+        source = "medprompt"
+        # Also for classes annotators corrected: one corrected CT taught the network too little for
+        # another study (ct_abdomen_b_dicom's corrections -> ct_abdomen_a: 0.703 without the fallback
+        # for its classes, 0.764 with it; BENCHMARKS.md).
+        if self.fuse_prior:
+            from medprompt.model.prior_fusion import fuse, prior_view_masks
+
+            masks, taken = fuse(masks, prior_view_masks(volume, entries, stack, (rows, cols), self.catalog))
+            source = "medprompt+prior" if taken else source
+        return Localization(masks={n: view_masks_to_work(m) for n, m in masks.items()},
+                            frame=localisation_frame(stack, rows, cols), modality=stack.modality, source=source)
 
     def predict(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,
                 segmenter_for: Callable | None = None) -> np.ndarray:
@@ -138,6 +144,22 @@ class SamNetPredictor:
         stack = image_stack(pixels, pixel_mm, modality, self.segmenter_for(segmenter_for))
         cells = self.asked_probabilities(stack, entries)
         return cells_to_slices(cells, stack.geometry)[0, 1:].numpy()
+
+
+def network_regions(prob: np.ndarray, entries: Sequence[PromptEntry]) -> dict[str, np.ndarray]:
+    """(1 + P, Z, rows, cols) probabilities -> each class's region: where it is the most probable class
+    above 0.5; a single-part organ keeps its largest component."""
+    from medprompt.model.predictor import largest_component
+
+    best = prob.argmax(axis=0)
+    fg = prob.max(axis=0) > 0.5
+    masks = {}
+    for i, entry in enumerate(entries):
+        mask = fg & (best == i + 1)
+        if int(entry.prior.get("components", 0)) == 1 and mask.any():
+            mask = largest_component(mask)
+        masks[entry.name] = mask
+    return masks
 
 
 @torch.no_grad()
@@ -162,12 +184,13 @@ def cell_softmax(net: SamPromptNet, embeddings: torch.Tensor, neighbours: torch.
 
 
 def load_sam_predictor(path: Path | str, device: str = "auto", text_encoder: str | None = None,
-                       sam_checkpoint: str | Path | None = None) -> SamNetPredictor:
+                       sam_checkpoint: str | Path | None = None, fuse_prior: bool = True) -> SamNetPredictor:
+    """``fuse_prior``: False gives the network's regions alone (benchmarks of the network itself)."""
     from medprompt.model.checkpoint import resolve_device
 
     dev = resolve_device(device)
     net, meta = load_net(Path(path), dev)
-    return SamNetPredictor(net, meta, dev, text_encoder, sam_checkpoint)
+    return SamNetPredictor(net, meta, dev, text_encoder, sam_checkpoint, fuse_prior)
 
 
 def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | Path | None = None) -> Callable:

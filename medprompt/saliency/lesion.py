@@ -2,9 +2,10 @@
 
 The attribute prior (:mod:`medprompt.saliency.attribute`) sees a lesion only where it is clearly
 darker than its row; an isoechoic mass, one cyst among several, or a dark region outside the probe's
-field fool it. Here the image's few most lesion-like places become box prompts (the prior's own
-components and dark blobs of several sizes), LiteMedSAM draws a mask for each on the one image
-embedding, and each mask is scored by what a sonographer reads:
+field fool it. Here the image's few most lesion-like places become box prompts (where the sonographer
+measured, if caliper cursors are burnt into the image; the prior's own components; dark blobs of
+several sizes), LiteMedSAM draws a mask for each on the one image embedding, and each mask is scored
+by what a sonographer reads:
 
 - **echogenicity**: how much darker it is than the tissue around it (hypoechoic), compared with a
   ring around the mask at its sides and above it (the tissue below is changed by the lesion itself);
@@ -17,14 +18,17 @@ embedding, and each mask is scored by what a sonographer reads:
   beside the probe, anechoic from the skin down, are outside it), not touching its edge, below the
   skin line;
 - **LiteMedSAM's own IoU estimate** and **stability** (SAM's stability score: the mask barely changes
-  when its logits are cut at -1 or +1 instead of 0, where its edge is a sharp step in the image).
+  when its logits are cut at -1 or +1 instead of 0, where its edge is a sharp step in the image);
+- **the sonographer's measurement**: where "+" caliper cursors are on the image
+  (:mod:`medprompt.saliency.calipers`), they sit on the measured mass's outline; a mask none lies on
+  keeps a tenth of its score, and a mask they outline counts as a mass even if it is isoechoic.
 
 Scores multiply (a mask must be plausible on every count); the best mask wins, and how far it beats
 the best mask elsewhere is the draft's confidence (weak supervision learns from confident drafts only).
 Posterior acoustic features (enhancement or shadowing beneath) were measured too and left out: on the
 development images tissue beside a lesion showed them as often as the lesions did. An isoechoic mass
-scores low on contrast and is usually missed. Settings were chosen on the 10 development images of
-BUSI (../shared/data/real2d/busi_us2d); see BENCHMARKS.md.
+nobody measured scores low on contrast and is usually missed. Settings were chosen on the 10
+development images of BUSI (../shared/data/real2d/busi_us2d); see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from medprompt.saliency.attribute import _downsample, _normalised
+from medprompt.saliency.calipers import caliper_boxes, caliper_support, find_calipers
 
 if TYPE_CHECKING:
     from medprompt.sam.segmenter import SliceSegmenter
@@ -130,10 +135,11 @@ def mask_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray | None:
 
 
 def candidate_boxes(saliency_small: np.ndarray, s: np.ndarray, fov: np.ndarray, attrs: Mapping[str, Any],
-                    limit: int = MAX_CANDIDATES) -> list[Candidate]:
-    """Boxes on the working grid: the attribute map's components first (most salient first), then dark
-    blobs by response, near-duplicates dropped, at most ``limit``."""
-    out: list[Candidate] = []
+                    limit: int = MAX_CANDIDATES, measured: list[np.ndarray] | None = None) -> list[Candidate]:
+    """Boxes on the working grid: ``measured`` (boxes from caliper cursors: where the sonographer measured)
+    first, then the attribute map's components (most salient first), then dark blobs by response;
+    near-duplicates dropped, at most ``limit`` in all (each costs one decoder run)."""
+    out: list[Candidate] = [Candidate(box=box, source="caliper") for box in (measured or [])[:limit]]
 
     def add(box: np.ndarray | None, source: str) -> None:
         if box is not None and len(out) < limit and all(box_iou(box, c.box) < NMS_IOU for c in out):
@@ -172,6 +178,10 @@ AGREEMENT_FLOOR = 0.5  # a learnt map weighs a mask by floor + its mean inside: 
 SAME_PLACE = 0.5  # masks sharing more than this of the smaller one are one place (a part is no rival)
 STABILITY_OFFSET = 1.0  # logits, as SAM's automatic mask generator
 BAND = (0.1, 0.35)  # minor/major axis ratio: below the first a band along a tissue plane, above the second any oval
+CALIPER_TOLERANCE = (3.0, 0.3)  # a cursor counts as on a mask's outline within max(3 px, 0.3 equivalent radii)
+CALIPER_FLOOR = 0.1  # with cursors on the image, a mask none of them lies on keeps this much of its score
+MEASURED_CONTRAST = 0.5  # a mask the cursors outline counts as at least this hypoechoic (x its support): a
+#                          measured isoechoic mass is still a mass
 
 
 def ramp(x: float, lo: float, hi: float) -> float:
@@ -218,12 +228,15 @@ def _hull_area(rows: np.ndarray, cols: np.ndarray) -> float:
 
 def lesion_score(f: Mapping[str, float], quality: float, stability: float, intensity: str = "dark") -> float:
     """How lesion-like a mask is: hypoechoic contrast x SAM's IoU estimate x stability x shape x place x
-    margin x size."""
+    margin x size, and x how well caliper cursors lie on its outline where the image has any."""
     contrast = f["contrast"] if intensity == "dark" else -f["contrast"]
+    if "calipers" in f:  # the sonographer's cursors say where the mass is, whatever its echo
+        contrast = max(contrast, MEASURED_CONTRAST * f["calipers"])
     shape = f["solidity"] * f["fill"] * ramp(f["elongation"], *BAND)
     place = (1.0 - f["outside"]) ** 2 * ramp(f["top"], 0.0, SKIN_GAP) * ramp(f["bottom"], 0.0, SKIN_GAP)
     margin = f["margin"] ** MARGIN_POWER if MARGIN_POWER else 1.0
-    return max(contrast, 0.0) * quality * stability * shape * place * margin * f["area"] ** AREA_POWER
+    measured = CALIPER_FLOOR + (1.0 - CALIPER_FLOOR) * f["calipers"] if "calipers" in f else 1.0
+    return max(contrast, 0.0) * quality * stability * shape * place * margin * f["area"] ** AREA_POWER * measured
 
 
 # -- selection ------------------------------------------------------------------------------------
@@ -273,9 +286,13 @@ def select_lesion(seg: "SliceSegmenter", grey: np.ndarray, saliency: np.ndarray,
     blob_image = ndimage.gaussian_filter(ndimage.median_filter(g, size=5), 1.5)
     feature_image = ndimage.median_filter(g, size=3)
     sal_small = _resize(saliency.astype(np.float32), small.shape)
-    cands = candidate_boxes(sal_small, blob_image, fov, attrs, limit)
+    to_small = np.array([small.shape[1] / grey.shape[1], small.shape[0] / grey.shape[0]] * 2, np.float32)
+    marks = find_calipers(grey, inside=_resize(fov.astype(np.float32), grey.shape) > 0.5)
+    measured = [box * to_small for box in caliper_boxes(marks, grey.shape)]
+    marks_small = marks * to_small[[1, 0]]
+    cands = candidate_boxes(sal_small, blob_image, fov, attrs, limit, measured)
     intensity = str(attrs.get("intensity", "dark"))
-    _draw_and_score(seg, cands, small.shape, feature_image, fov, intensity)
+    _draw_and_score(seg, cands, small.shape, feature_image, fov, intensity, marks_small)
     choice = LesionChoice(cands, _best(cands))
     if agreement is None or (choice.best >= 0 and choice.confidence >= UNSURE):
         return choice
@@ -286,7 +303,7 @@ def select_lesion(seg: "SliceSegmenter", grey: np.ndarray, saliency: np.ndarray,
     for box in _component_boxes(agree_small, agree_small > 0.5, LEARNT_PROPOSALS):
         if all(box_iou(box * to_image, c.box) < NMS_IOU for c in cands):  # drawn ones hold image pixels
             cands.append(Candidate(box=box, source="learnt"))
-    _draw_and_score(seg, cands[known:], small.shape, feature_image, fov, intensity)
+    _draw_and_score(seg, cands[known:], small.shape, feature_image, fov, intensity, marks_small)
     for c in cands:
         if c.features:
             c.features["agreement"] = float(agree_small[_resize(c.logits > 0, small.shape) > 0.5].mean())
@@ -296,9 +313,10 @@ def select_lesion(seg: "SliceSegmenter", grey: np.ndarray, saliency: np.ndarray,
 
 
 def _draw_and_score(seg: "SliceSegmenter", cands: list[Candidate], small_shape: tuple[int, int],
-                    feature_image: np.ndarray, fov: np.ndarray, intensity: str) -> None:
+                    feature_image: np.ndarray, fov: np.ndarray, intensity: str,
+                    marks: np.ndarray | None = None) -> None:
     """LiteMedSAM's mask for each candidate's box (given on the working grid, kept in image pixels), its
-    features and score."""
+    features and score; ``marks``: caliper cursors (row, col on the working grid), if any."""
     if not cands:
         return
     h, w = seg.geometry.shape
@@ -309,8 +327,12 @@ def _draw_and_score(seg: "SliceSegmenter", cands: list[Candidate], small_shape: 
     for i, c in enumerate(cands):
         c.box, c.logits, c.quality = boxes[i], logits[i], float(quality[i])
         c.stability = stability_score(logits[i])
-        f = mask_features(_resize((logits[i] > 0).astype(np.float32), small_shape) > 0.5, feature_image, fov)
+        small_mask = _resize((logits[i] > 0).astype(np.float32), small_shape) > 0.5
+        f = mask_features(small_mask, feature_image, fov)
         if f is not None:
+            if marks is not None and len(marks):
+                tolerance = max(CALIPER_TOLERANCE[0], CALIPER_TOLERANCE[1] * np.sqrt(small_mask.sum() / np.pi))
+                f["calipers"] = caliper_support(small_mask, marks, tolerance)
             c.features = f
             c.score = lesion_score(f, c.quality, c.stability, intensity)
 

@@ -19,8 +19,9 @@ measuring on real CT and MR (BENCHMARKS.md, ``benchmarks/sam_refine.py``); see R
 
 from __future__ import annotations
 
-import threading
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -33,6 +34,7 @@ from medprompt.localization import Localization
 from medprompt.memo import Memo
 from medprompt.prior import geometry
 from medprompt.sam.preprocess import axial_view, from_axial_view, modality_of, to_uint8
+from medprompt.sam.segmenter import DECODERS_PER_DEVICE
 
 if TYPE_CHECKING:
     from medprompt.catalog import PromptEntry
@@ -293,26 +295,35 @@ def refine(
             for k in plans[name]:
                 drawn_on.setdefault(regions[name].origin[0] + k, []).append((name, k))
         all_logits = {name: np.full(regions[name].seed.shape, OUTSIDE, np.float32) for name in names}
-        # Slice by slice, so every class drawn on a slice shares its decoder context (segmenter.py). One
-        # decoder call per class, for the class's crop only: batching every class of a slice into one
-        # call was slower on the CPU (measured 22 s vs 19 s on ct_abdomen_a), since the crops grow.
-        for z in tqdm(sorted(drawn_on), desc="LiteMedSAM masks", unit="slice", disable=not progress, leave=False):
+        # Slice by slice: the classes drawn on a slice share its decoder context and go through the
+        # decoder's transformer together (segmenter.predict_regions), each class's logits computed for
+        # its own crop only; two slices are decoded at a time (segmenter.DECODERS_PER_DEVICE) while
+        # this thread places the finished ones.
+        asks: dict[int, list] = {}
+        for z in sorted(drawn_on):
             for name, k in drawn_on[z]:
                 r = regions[name]
                 _, r0, c0 = r.origin
                 nr, nc = r.seed.shape[1:]
                 boxes = np.clip(_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
                                 0, edge)
-                out = seg.predict(z, boxes=boxes, region=(r0, r0 + nr, c0, c0 + nc)).amax(dim=0).numpy()
-                if weight:
-                    out = out + np.where(r.seed[k], weight, -weight)
-                drawn = int(((out > 0) & r.allowed[k]).sum())
-                if drawn < settings.min_area_ratio * int(r.seed[k].sum()):
-                    # SAM outlined a small part of what the localiser marks (e.g. the bright renal
-                    # sinus inside a dark kidney on T1 MR): keep the localiser's slice instead.
-                    out = np.where(r.seed[k], FALLBACK, -FALLBACK).astype(np.float32)
-                    kept[name] = kept.get(name, 0) + 1
-                all_logits[name][k] = out
+                asks.setdefault(z, []).append((boxes, (r0, r0 + nr, c0, c0 + nc)))
+        with ThreadPoolExecutor(DECODERS_PER_DEVICE, thread_name_prefix="sam-decoder") as pool:
+            decoded = pool.map(lambda z: seg.predict_regions(z, asks[z]), sorted(asks))
+            for z, outs in tqdm(zip(sorted(asks), decoded), total=len(asks), desc="LiteMedSAM masks", unit="slice",
+                                disable=not progress, leave=False):
+                for (name, k), drawn_logits in zip(drawn_on[z], outs):
+                    r = regions[name]
+                    out = drawn_logits.amax(dim=0).numpy()
+                    if weight:
+                        out = out + np.where(r.seed[k], weight, -weight)
+                    drawn = int(((out > 0) & r.allowed[k]).sum())
+                    if drawn < settings.min_area_ratio * int(r.seed[k].sum()):
+                        # SAM outlined a small part of what the localiser marks (e.g. the bright renal
+                        # sinus inside a dark kidney on T1 MR): keep the localiser's slice instead.
+                        out = np.where(r.seed[k], FALLBACK, -FALLBACK).astype(np.float32)
+                        kept[name] = kept.get(name, 0) + 1
+                    all_logits[name][k] = out
         for name in names:
             r = regions[name]
             logits = all_logits.pop(name)
@@ -335,7 +346,7 @@ def refine(
             r = regions[entry.name]
             _merge(best, labels, np.where(r.seed, 0.5, OUTSIDE).astype(np.float32), r)
             stages[entry.name] = f"{loc.source} (SAM refinement off for this class)"
-    labels_canon = from_axial_view(labels)
+    labels_canon = from_axial_view(labels, contiguous=False)
     return Refined(labels=np.ascontiguousarray(geometry.canonical_to_input(labels_canon, frame)),
                    stages={e.name: stages[e.name] for e in entries}, encoded_slices=encoded, cached_slices=cached)
 

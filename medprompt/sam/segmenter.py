@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from medprompt.sam.cache import EmbeddingCache, slice_key
-from medprompt.sam.decoder import SliceContext, decode, slice_context, token_pe
+from medprompt.sam.decoder import SliceContext, decode, decode_groups, slice_context, token_pe
 from medprompt.sam.preprocess import SliceGeometry, model_input
 from medprompt.sam.weights import LoadedSam
 
@@ -76,17 +76,21 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-# One LiteMedSAM run (encoder or decoder) at a time per device: on a CPU each already uses every
-# core, and concurrent requests running them side by side only thrash (20 concurrent drafts: see
-# BENCHMARKS.md).
-_DEVICE_SLOTS: dict[str, threading.Semaphore] = {}
+# One LiteMedSAM encoder run at a time per device: on a CPU it already uses every core, and
+# concurrent requests running it side by side only thrash (20 concurrent drafts: see BENCHMARKS.md).
+# The decoder's calls are small (a few ms per operation) and leave cores idle between operations,
+# so two may run at once: a 3D draft decodes two slices at a time (refine.py), 3.4 -> 3.0 s for
+# the 149 calls of a 512x512x200 CT on the 2-core CPU (BENCHMARKS.md, issue 8).
+DECODERS_PER_DEVICE = 2
+_SLOTS: dict[tuple[str, str], threading.Semaphore] = {}
 _SLOTS_LOCK = threading.Lock()
 
 
 @contextmanager
-def _device_slot(device: torch.device) -> Iterator[None]:
+def _device_slot(device: torch.device, stage: str = "encoder") -> Iterator[None]:
     with _SLOTS_LOCK:
-        slot = _DEVICE_SLOTS.setdefault(str(device), threading.Semaphore(1))
+        slot = _SLOTS.setdefault((str(device), stage),
+                                 threading.Semaphore(DECODERS_PER_DEVICE if stage == "decoder" else 1))
     with slot:
         yield
 
@@ -107,6 +111,7 @@ class SliceSegmenter:
         self._keys: dict[int, str] = {}
         self._embeddings: dict[int, torch.Tensor] = {}
         self._contexts: OrderedDict[int, SliceContext] = OrderedDict()
+        self._contexts_lock = threading.Lock()
         self._pe: torch.Tensor | None = None
         self.encoded = 0  # slices this segmenter ran the encoder on (the rest came from the cache)
         self.last_quality: torch.Tensor | None = None
@@ -172,15 +177,18 @@ class SliceSegmenter:
     def _context(self, k: int) -> SliceContext:
         """Slice ``k``'s prompt-independent decoder work, kept for the last few slices: every class drawn
         on a slice (and every candidate box of a click) shares it."""
-        if k in self._contexts:
-            self._contexts.move_to_end(k)
-            return self._contexts[k]
-        if self._pe is None:
-            self._pe = token_pe(self.sam.net)
+        with self._contexts_lock:  # two decoder threads may ask at once (refine.py)
+            if k in self._contexts:
+                self._contexts.move_to_end(k)
+                return self._contexts[k]
+            if self._pe is None:
+                self._pe = token_pe(self.sam.net)
         image = self._embeddings[k].to(self.sam.device, torch.float32)[None]
-        self._contexts[k] = ctx = slice_context(self.sam.net, image, self._pe)
-        while len(self._contexts) > CONTEXT_SLICES:
-            self._contexts.popitem(last=False)
+        ctx = slice_context(self.sam.net, image, self._pe)
+        with self._contexts_lock:
+            self._contexts[k] = ctx
+            while len(self._contexts) > CONTEXT_SLICES:
+                self._contexts.popitem(last=False)
         return ctx
 
     @torch.no_grad()
@@ -208,7 +216,22 @@ class SliceSegmenter:
         net = self.sam.net
         sparse, _ = net.prompt_encoder(points=pts, boxes=box_t, masks=None)
         region = region or (0, g.shape[0], 0, g.shape[1])
-        with _device_slot(dev):
+        with _device_slot(dev, "decoder"):
             logits, quality = decode(net, self._context(k), sparse, g, region)
         self.last_quality = quality.float().cpu()  # SAM's own IoU estimate per prompt, for choosing among candidates
         return logits.float().cpu()
+
+    @torch.no_grad()
+    def predict_regions(self, k: int, asks: Sequence[tuple[np.ndarray, tuple[int, int, int, int]]]) -> list[torch.Tensor]:
+        """Several classes on slice ``k`` at once: ``asks`` lists (boxes (n, 4), region) as
+        :meth:`predict` takes them, and each gets its logits (n, region rows, region cols). The same
+        values as one :meth:`predict` per class (to float rounding), with the classes' prompts
+        sharing decoder calls (``decode_groups``): a 3D draft's slices hold two or three classes each."""
+        self.prepare([k])
+        g, dev, net = self.geometry, self.sam.device, self.sam.net
+        boxes = np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b, _ in asks])
+        sparse, _ = net.prompt_encoder(points=None, boxes=torch.from_numpy(g.box_to_model(boxes)).to(dev), masks=None)
+        with _device_slot(dev, "decoder"):
+            out = decode_groups(net, self._context(k), sparse, g, [(region, len(b)) for b, region in asks])
+        self.last_quality = torch.cat([q for _, q in out]).float().cpu()
+        return [logits.float().cpu() for logits, _ in out]

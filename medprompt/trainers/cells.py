@@ -4,8 +4,12 @@ A study becomes its sampled slices' embeddings (medprompt.model.sam_features) an
 area fraction of background and of each class, with a confidence weight:
 - a corrected study (labels/final): its label map, weight 1 on every cell, for the classes it names;
 - an unlabelled study: the teacher's draft (anatomy prior + LiteMedSAM) where the prior's own mask
-  agrees with it; cells where they disagree get no weight, cells on a boundary a reduced one.
-Teacher targets are computed once per study and cached (content-keyed) beside the model.
+  agrees with it, or where LiteMedSAM drew a class within one cell of the prior's mask of that class
+  (SAM found the organ's boundary near where the prior put it: small organs such as the pancreas or
+  gallbladder rarely agree cell by cell with a coarse prior mask, and a class without trusted cells is
+  never learnt); cells where they disagree get no weight, cells on a boundary a reduced one.
+Teacher and prior cells are computed once per study and cached (content-keyed) beside the model; the
+weights are derived from them at load, so a change of the trust rule needs no new teacher.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from medprompt.catalog import PromptCatalog
 from medprompt.model.sam_features import SliceStack, label_view, study_stack, to_cells
 
-CACHE_VERSION = 1  # bump when targets change meaning
+CACHE_VERSION = 2  # bump when the cached cells change meaning
 PURE = 0.9  # a cell this much one class (or background) is a confident target
 MIXED_WEIGHT = 0.3  # boundary cells: their soft fractions still teach, less strongly
+BALANCE_CAP = 4.0  # the most a rare class's cells are up-weighted (see class_balance)
 
 
 @dataclass
@@ -65,11 +71,32 @@ def from_labels(name: str, stack: SliceStack, labels_view: np.ndarray, names: di
 
 def teacher_weights(teacher: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """Confidence of the teacher's cells (K, 1 + C, 64, 64): 1 where the cell is pure and the prior alone
-    says the same class, MIXED_WEIGHT on boundaries where they agree, 0 where they disagree."""
+    says the same class or the teacher's class lies within one cell of the prior's mask of it,
+    MIXED_WEIGHT on such boundary cells, 0 elsewhere."""
+    teacher, prior = teacher.float(), prior.float()
     t_best, p_best = teacher.argmax(1), prior.argmax(1)
     pure = teacher.amax(1) >= PURE
-    agree = t_best == p_best
+    near = F.max_pool2d(prior[:, 1:], 3, stride=1, padding=1) > 0  # (K, C, h, w): the prior's mask, one cell wider
+    near = torch.cat([torch.zeros_like(near[:, :1]), near], 1).gather(1, t_best[:, None])[:, 0]
+    agree = (t_best == p_best) | near
     return torch.where(agree, torch.where(pure, 1.0, MIXED_WEIGHT), 0.0)
+
+
+def class_balance(studies: Sequence[CellStudy], cap: float = BALANCE_CAP) -> torch.Tensor:
+    """(1 + C,) loss weight per channel: a class with less trusted area than the median class gets
+    sqrt(median / its area), at most ``cap``; background and larger classes 1. In a softmax a class
+    taught on a few hundred cells among a million background ones never becomes the most probable
+    (the pancreas); the square root and the cap keep it from being drawn everywhere instead."""
+    area = torch.zeros(studies[0].target.shape[1], dtype=torch.float64)
+    for st in studies:
+        area += (st.target.double() * st.weight.double()[:, None]).sum((0, 2, 3))
+    fg = area[1:]
+    present = fg > 0
+    out = torch.ones_like(area)
+    if present.any():
+        median = fg[present].median()
+        out[1:] = torch.where(present, (median / fg.clamp(min=1e-6)).sqrt().clamp(1.0, cap), torch.ones_like(fg))
+    return out.float()
 
 
 def _key(path: Path, classes: Sequence[str], catalog: PromptCatalog) -> str:
@@ -90,18 +117,20 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
     cached = cache_dir / f"cells_{_key(path, classes, catalog)}.pt"
     if cached.exists():
         blob = torch.load(cached, map_location="cpu", weights_only=True)
-        target, weight = blob["target"], blob["weight"]
+        target, prior = blob["target"], blob["prior"]
     else:
-        target, weight = _teach(volume, stack, classes, catalog, segmenter_for)
+        target, prior = _teach(volume, stack, classes, catalog, segmenter_for)
         from medprompt.model.checkpoint import atomic_torch_save
 
-        atomic_torch_save({"target": target, "weight": weight}, cached)
+        atomic_torch_save({"target": target, "prior": prior}, cached)
+    weight = teacher_weights(target, prior).half()
     return CellStudy(path.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target, weight,
                      torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices))
 
 
 def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,
            segmenter_for: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's (prior + LiteMedSAM) and the prior's own per-cell class fractions (K, 1 + C, 64, 64)."""
     from medprompt.prior import geometry
     from medprompt.prior.engine import AnatomyPrior
     from medprompt.sam.refine import refine
@@ -114,7 +143,7 @@ def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCat
     values = list(range(1, len(classes) + 1))
     t = to_cells(label_view(drawn, stack.frame)[stack.slices], stack.geometry, values)
     p = to_cells(label_view(prior, stack.frame)[stack.slices], stack.geometry, values)
-    return t.half(), teacher_weights(t, p).half()
+    return t.half(), p.half()
 
 
 def teacher_studies(paths: Sequence[Path], classes: Sequence[str], catalog: PromptCatalog, segmenter_for: Callable,

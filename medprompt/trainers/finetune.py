@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
+from medprompt.catalog import PromptCatalog, catalog_with, default_catalog
 from medprompt.distributed import init_distributed
 from medprompt.errors import InputError
 from medprompt.model.checkpoint import load_model
@@ -102,19 +102,6 @@ def find_labelled(studies: Path, default_names: dict[str, int] | None = None) ->
                              f"give them with --label-names")
         labelled.append(LabelledStudy(image, candidates[0], names))
     return labelled, unlabelled
-
-
-def catalog_with(names: Sequence[str], catalog: PromptCatalog) -> PromptCatalog:
-    """The catalog plus a prompt for every label class it does not know: the class name is its text."""
-    extra = [n for n in names if n not in catalog]
-    if not extra:
-        return catalog
-    out = PromptCatalog(dict(catalog.entries))
-    for name in extra:
-        out.entries[name] = PromptEntry(name=name, aliases=(), descriptions=(name.replace("_", " "),), keywords=(),
-                                        prior={"supported": False, "note": "added from annotators' labels"},
-                                        source="labels")
-    return out
 
 
 def labelled_volume(study: LabelledStudy, classes: Sequence[str]) -> TrainingVolume:

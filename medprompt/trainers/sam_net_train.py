@@ -2,7 +2,8 @@
 
 Batches are random cells of sampled slices of CellStudy's (medprompt.trainers.cells), with their
 neighbours' embeddings; the loss is the confidence-weighted soft cross-entropy of background +
-classes per cell, each study's softmax over the classes it says something about. Augmentation
+classes per cell, each study's softmax over the classes it says something about (optionally each
+cell's weight scaled by its classes' balance weights, so a rare class is not drowned). Augmentation
 jitters the position channels and the embedding.
 The model file is written atomically every ``save_every`` steps and at the end; the optimiser state
 beside it makes an interrupted run resumable. Cheap: the image encoder never runs here, only a
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from medprompt.model.checkpoint import atomic_torch_save
 from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet
-from medprompt.trainers.cells import CellStudy
+from medprompt.trainers.cells import CellStudy, class_balance
 
 @dataclass
 class SamNetTrainConfig:
@@ -45,17 +46,19 @@ class SamNetTrainConfig:
     cells: int = 256  # cells drawn per slice and step (of 4096)
     jitter: float = 0.1  # position jitter (the slice spans -1..1)
     noise: float = 0.1  # embedding jitter, in units of the embedding's own spread
+    balance: bool = False  # up-weight classes with little trusted area (trainers.cells.class_balance)
     meta: dict = field(default_factory=dict)
 
 
 def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cells: int | None = None,
-             rng: np.random.Generator | None = None, jitter: float = 0.0, noise: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             rng: np.random.Generator | None = None, jitter: float = 0.0, noise: float = 0.0,
+             class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(study, slice) picks -> per-cell inputs (B, N, F), targets (B, 1 + C, N), weights (B, N), known (B, C).
 
     ``cells``: a random subset of N cells per slice (all 4096 when None); ``jitter`` moves each slice's
     position channels by up to that much (the same anatomy a little elsewhere); ``noise`` jitters the
-    embeddings in units of their own spread."""
+    embeddings in units of their own spread; ``class_weight`` (1 + C,) scales each cell's weight by its
+    target's mix of classes."""
     xs, tgts, wts, known = [], [], [], []
     for s, k in picks:
         st = studies[s]
@@ -71,11 +74,13 @@ def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cel
         tgts.append(st.target[k].float().flatten(1)[:, idx])
         wts.append(st.weight[k].float().flatten()[idx])
         known.append(st.known)
-    x = torch.stack(xs)
+    x, target, weight = torch.stack(xs), torch.stack(tgts), torch.stack(wts)
     if noise:
         n_emb = x.shape[-1] - 3
         x[..., :n_emb] += noise * x[..., :n_emb].std() * torch.randn_like(x[..., :n_emb])
-    return x, torch.stack(tgts), torch.stack(wts), torch.stack(known)
+    if class_weight is not None:
+        weight = weight * torch.einsum("bkn,k->bn", target, class_weight.to(target))
+    return x, target, weight, torch.stack(known)
 
 
 def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -126,9 +131,12 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     text = torch.from_numpy(vectors).float().to(device)
     p = np.asarray(study_p, np.float64) if study_p is not None else np.array([len(s.embeddings) for s in studies], np.float64)
     p = p / p.sum()
+    balance = class_balance(studies) if cfg.balance else None
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
             "trained_on": [s.name for s in studies], "steps": cfg.steps, **cfg.meta}
+    if balance is not None:
+        meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",
                disable=not progress or not ctx.is_main)
     t0 = time.perf_counter()
@@ -138,7 +146,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
         picks = []
         for s in rng.choice(len(studies), size=cfg.batch_size, p=p):
             picks.append((int(s), int(rng.integers(len(studies[int(s)].embeddings)))))
-        x, t, w, k = (a.to(device) for a in batch_of(studies, picks, cfg.cells, rng, cfg.jitter, cfg.noise))
+        x, t, w, k = (a.to(device) for a in batch_of(studies, picks, cfg.cells, rng, cfg.jitter, cfg.noise, balance))
         loss = cell_loss(model(x, text), t, w, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,9 +1,12 @@
 """Zero-shot and finetune rounds of MedPromptNet on LiteMedSAM features.
 
 Zero-shot: the teacher is the anatomy prior + LiteMedSAM on unlabelled studies, trusted where the
-two agree (medprompt.trainers.cells); then, for ``rounds`` > 1, the student's own confident cells
-join (self-training): where teacher and student agree the target stays, where the teacher had no
-say and the student is sure, the student's class is learnt at half weight. No label file is read.
+two agree (medprompt.trainers.cells); every study is drawn equally often whatever its slice count (a
+patient, or a modality, with few slices is not outvoted by one long CT: what must generalise is
+across patients), and rare classes are up-weighted (trainers.cells.class_balance); then, for
+``rounds`` > 1, the student's own confident cells join (self-training): where teacher and student
+agree the target stays, where the teacher had no say and the student is sure, the student's class is
+learnt at half weight. No label file is read.
 
 Finetune: corrected studies are full-weight targets; a quarter of their sampled slices (every
 fourth, at least one) is held out and scores the candidate against the model in service, so even
@@ -64,9 +67,9 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
         cfg = SamNetTrainConfig(out=target, classes=list(classes), steps=steps, batch_size=batch_size, lr=lr,
                                 model_config=model_config,
                                 device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
-                                meta={**meta, "round": r + 1})
-        train_cells(cfg, cells, vectors, key, init=start, progress=progress, on_step=on_step,
-                    desc=f"zero-shot round {r + 1}/{rounds}")
+                                balance=True, meta={**meta, "round": r + 1})
+        train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
+                    on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}")
         if r < rounds - 1:
             cells = self_trained(cells, target, vectors, device)
             start = target  # the next round continues from this one

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medprompt.errors import WeightsError
 from medprompt.io.image2d import Image2D
+from medprompt.model.checkpoint import read_model_file
 
 FORMAT = "medprompt-weak2d/1"
 CHANNELS = (16, 32, 64, 128)  # MONAI UNet widths: about 0.2 M weights, a few hundred steps on a CPU
@@ -106,15 +106,8 @@ class WeakModel:
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "WeakModel":
         """Read a model file written by :func:`medprompt.weak.train.train_weak`; WeightsError naming it otherwise."""
         path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"{path}: no such weak-supervision model; make one with "
-                               f"`medprompt train-weak --images DIR --prompts CLASS --out {path}`")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # a truncated or foreign file: pickle/zip errors of any kind
-            raise WeightsError(f"{path}: not a readable model file ({type(error).__name__})") from None
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise WeightsError(f"{path}: not a weak-supervision model (made by `medprompt train-weak`)")
+        blob = read_model_file(path, FORMAT, "weak-supervision model",
+                               make=f"medprompt train-weak --images DIR --prompts CLASS --out {path}")
         return cls(blob["snapshots"], blob["classes"], blob["size"], blob.get("meta"), device)
 
     @torch.no_grad()

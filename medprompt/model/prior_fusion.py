@@ -1,0 +1,61 @@
+"""The learned localiser with the anatomy prior as its fallback: per class, the network's region unless
+it found too little of the organ.
+
+The network learns where organs are from the prior + LiteMedSAM teacher, trusted only where the two
+agree (medprompt.trainers.cells). A class whose teacher was trusted on few cells (the pancreas), or a
+study unlike its training studies (another modality or scanner), can leave it with a region far smaller
+than the organ, or none; the prior, which needs no training and reads the study's own geometry, still
+finds something. So a draft takes, per class, the network's region where it holds at least
+``FALLBACK_RATIO`` of the prior's volume, and the prior's region otherwise: the two localisers'
+strengths together (the network draws where it has learnt the organ, the prior keeps a class from
+vanishing). Chosen from first principles (half the expected organ), not tuned: BENCHMARKS.md shows
+the ratio's sensitivity on the development cases.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from medprompt.catalog import PromptCatalog, PromptEntry
+from medprompt.model.sam_features import SliceStack, label_view
+from medprompt.prior import geometry
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+FALLBACK_RATIO = 0.5  # the network's region must hold at least this share of the prior's volume
+
+
+def prior_view_masks(volume: "Volume", entries: Sequence[PromptEntry], stack: SliceStack, shape: tuple[int, int],
+                     catalog: PromptCatalog | None = None) -> dict[str, np.ndarray]:
+    """The anatomy prior's region of each class it supports, on the network's localisation grid:
+    every axial view slice of ``stack`` at ``shape`` (rows, cols) pixels; (Z, rows, cols) bool."""
+    from medprompt.prior.engine import AnatomyPrior
+
+    supported = [e for e in entries if e.prior_supported]
+    if not supported:
+        return {}
+    loc = AnatomyPrior(catalog).localize(volume, supported)
+    labels = geometry.paint_input_labels([(i + 1, loc.masks[e.name]) for i, e in enumerate(supported)], loc.frame)
+    view = label_view(labels, stack.frame)
+    rows = ((np.arange(shape[0]) + 0.5) * view.shape[1] / shape[0]).astype(int)  # nearest, pixel centres
+    cols = ((np.arange(shape[1]) + 0.5) * view.shape[2] / shape[1]).astype(int)
+    grid = view[:, rows][:, :, cols]
+    return {e.name: grid == i + 1 for i, e in enumerate(supported)}
+
+
+def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], ratio: float = FALLBACK_RATIO
+         ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per class the network's mask, or the prior's where the network's holds less than ``ratio`` of the
+    prior's volume; also the classes that took the prior's."""
+    out, taken = {}, []
+    for name, mask in net.items():
+        p = prior.get(name)
+        if p is not None and p.any() and int(mask.sum()) < ratio * int(p.sum()):
+            out[name] = p
+            taken.append(name)
+        else:
+            out[name] = mask
+    return out, taken
