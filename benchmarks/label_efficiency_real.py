@@ -11,7 +11,7 @@
     with LiteMedSAM drawing the network's regions, against the zero-shot model on the same case.
 
     .venv/bin/python benchmarks/label_efficiency_real.py --part curvas --ks 0 1 2 4
-    .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_sam.pt
+    .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_sam.pt [--with-unlabelled]
 
 Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/.
 """
@@ -100,7 +100,9 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None) -> list
     return rows
 
 
-def three_d(zero_shot: Path, steps: int) -> list[dict]:
+def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False) -> list[dict]:
+    """``with_unlabelled``: the scored studies sit in the datastore unlabelled too, as in a real one
+    (the round's semi-supervised term reads them; transductive)."""
     import nibabel as nib
 
     from medprompt.catalog import SYNAPSE8
@@ -144,6 +146,12 @@ def three_d(zero_shot: Path, steps: int) -> list[dict]:
         shutil.copy2(src / "label.nii.gz", final / f"{source}.nii.gz")
         keep = {n: v for n, v in ref_names.items() if n in catalog}
         (final / f"{source}.json").write_text(json.dumps({"labels": keep}))
+        for other in targets if with_unlabelled else []:
+            img = REAL / other / cases[other]
+            if img.is_dir():
+                shutil.copytree(img, work / other)
+            else:
+                shutil.copy2(img, work / f"{other}.nii.gz")
         served = work / "model" / "medprompt.pt"
         served.parent.mkdir()
         shutil.copy2(zero_shot, served)
@@ -191,6 +199,8 @@ def main() -> None:
     p.add_argument("--init", type=Path, default=None, help="CURVAS: start from this model (default: a new one)")
     p.add_argument("--zero-shot", type=Path, default=REPO / "models" / "medprompt_sam.pt",
                    help="3D: the zero-shot model on LiteMedSAM features a round starts from")
+    p.add_argument("--with-unlabelled", action="store_true",
+                   help="3D: the scored studies are in the datastore unlabelled too (as in a real datastore)")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":
@@ -202,7 +212,7 @@ def main() -> None:
         (RESULTS / "label_efficiency_curvas.md").write_text("\n".join(lines) + "\n")
         plot(rows, RESULTS / "label_efficiency_curvas.png")
     else:
-        rows = three_d(args.zero_shot, args.steps)
+        rows = three_d(args.zero_shot, args.steps, args.with_unlabelled)
         lines = ["| corrected | scored | zero-shot + SAM | finetuned + SAM |", "|---|---|---|---|"]
         lines += [f"| {r['corrected']} | {r['scored']} | {r['zero_shot']:.3f} | {r['finetuned']:.3f} |" for r in rows]
         (RESULTS / "label_efficiency_3d.md").write_text("\n".join(lines) + "\n")

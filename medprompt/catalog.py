@@ -7,6 +7,7 @@ and field, since a silent typo there would quietly change every draft.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -478,13 +479,18 @@ def default_catalog() -> PromptCatalog:
 
 
 def catalog_with(names: Sequence[str], catalog: PromptCatalog) -> PromptCatalog:
-    """The catalog plus a prompt for every label class it does not know: the class name is its text."""
+    """The catalog plus a prompt for every label class that is not one of its class names. A label named
+    by one of a class's aliases ("kidney" for the two-part "kidneys") takes that class's attributes (2D
+    parts, prior, SAM window) under the label's name; any other name is a class of its own whose text
+    is its name."""
     extra = [n for n in names if n not in catalog]
     if not extra:
         return catalog
     out = PromptCatalog(dict(catalog.entries))
     for name in extra:
-        out.entries[name] = PromptEntry(name=name, aliases=(), descriptions=(name.replace("_", " "),), keywords=(),
-                                        prior={"supported": False, "note": "added from annotators' labels"},
-                                        source="labels")
+        known = catalog.lookup(name)
+        out.entries[name] = (dataclasses.replace(known, name=name, aliases=(), source="labels") if known else
+                             PromptEntry(name=name, aliases=(), descriptions=(name.replace("_", " "),), keywords=(),
+                                         prior={"supported": False, "note": "added from annotators' labels"},
+                                         source="labels"))
     return out

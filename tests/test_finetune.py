@@ -53,6 +53,11 @@ def test_unknown_label_class_becomes_a_prompt():
     entry = cat["psoas_major"]
     assert entry.descriptions == ("psoas major",) and not entry.prior_supported
     assert "psoas_major" not in default_catalog()  # the shared catalog is untouched
+    # A label named by an alias ("kidney", both kidneys) keeps its class's attributes under the label's name.
+    kidney = catalog_with(["kidney"], default_catalog())["kidney"]
+    both = default_catalog()["kidneys"]
+    assert kidney.image2d == both.image2d and int(kidney.image2d.get("parts", 1)) == 2
+    assert kidney.prior == both.prior and kidney.source == "labels"
 
 
 def test_round_adds_classes_and_replaces_only_when_no_worse(datastore: Path, start_model: Path, tmp_path: Path):

@@ -226,7 +226,7 @@ class SliceSegmenter:
         """Several classes on slice ``k`` at once: ``asks`` lists (boxes (n, 4), region) as
         :meth:`predict` takes them, and each gets its logits (n, region rows, region cols). The same
         values as one :meth:`predict` per class (to float rounding), with the classes' prompts
-        sharing decoder calls (``decode_groups``): a 3D draft's slices hold two or three classes each."""
+        sharing decoder calls (``decode_groups``): a 3D draft draws about five prompts per sampled slice."""
         self.prepare([k])
         g, dev, net = self.geometry, self.sam.device, self.sam.net
         boxes = np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b, _ in asks])
