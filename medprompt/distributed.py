@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from medprompt.errors import InputError
-from medprompt.model.checkpoint import resolve_device
+from medprompt.model.checkpoint import atomic_torch_save, resolve_device
 
 
 @dataclass
@@ -128,6 +129,28 @@ def all_mean(value: float, ctx: DistContext) -> float:
                      device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / ctx.world
+
+
+def end_of_step(ctx: DistContext, done: int, steps: int, save_every: int, time_limit_s: float | None,
+                started: float, save: Callable[[], None], state: Callable[[], dict], state_path,
+                bar=None) -> bool:
+    """The bookkeeping after training step ``done`` that every training loop shares: whether the time
+    limit is reached (every rank agrees, or DDP would wait forever); on rank 0, every ``save_every``
+    steps, at the last step and when stopping, the model file (``save()``) and beside it the resumable
+    state (``state()`` plus the step counts, written atomically). True: stop now (``bar`` closed, a line
+    printed)."""
+    out_of_time = time_limit_s is not None and time.perf_counter() - started > time_limit_s
+    if ctx.world > 1 and time_limit_s is not None:
+        out_of_time = all_mean(float(out_of_time), ctx) > 0
+    if ctx.is_main and (done % save_every == 0 or done == steps or out_of_time):
+        save()
+        atomic_torch_save({**state(), "step": done, "steps": steps}, state_path)
+    if out_of_time:
+        if bar is not None:
+            bar.close()
+        if ctx.is_main:
+            print(f"time limit reached at step {done}/{steps}; saved, run again to resume")
+    return out_of_time
 
 
 def shutdown(ctx: DistContext) -> None:

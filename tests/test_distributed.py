@@ -85,7 +85,7 @@ def _worker(rank: int, port: int, volumes: list[TrainingVolume], tmp: str) -> No
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     record: dict = {"writes": [], "tiles": [], "steps": [], "nets": []}
-    real_save, real_atomic, real_wrap, real_sample = zs.save_model, zs.atomic_torch_save, zs.wrap_model, \
+    real_save, real_atomic, real_wrap, real_sample = zs.save_model, distributed.atomic_torch_save, zs.wrap_model, \
         zs.TileSampler.sample
 
     def save_model(path, *a, **k):
@@ -105,8 +105,8 @@ def _worker(rank: int, port: int, volumes: list[TrainingVolume], tmp: str) -> No
         record["tiles"].append(out[0].copy())
         return out
 
-    zs.save_model, zs.atomic_torch_save, zs.wrap_model, zs.TileSampler.sample = \
-        save_model, atomic_torch_save, wrap_model, sample
+    zs.save_model, distributed.atomic_torch_save, zs.wrap_model, zs.TileSampler.sample = \
+        save_model, atomic_torch_save, wrap_model, sample  # the resumable state is written by end_of_step
     ctx = distributed.init_distributed("cpu")
     out = Path(tmp) / "run" / "m.pt"
     cfg = ZeroShotConfig(studies=[], out=out, steps=4, batch_size=2, model_config="tiny", classes=CLASSES,

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medprompt.model.checkpoint import atomic_torch_save
 from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet
 from medprompt.trainers.cells import CellStudy, class_balance
@@ -107,7 +106,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
                 init: Path | None = None, study_p: np.ndarray | None = None, progress: bool = True,
                 on_step: Callable[[int, dict], None] | None = None, desc: str = "training") -> Path:
     """Run (or resume) training on ``studies``; returns the model file (``cfg.out``)."""
-    from medprompt.distributed import all_mean, barrier, init_distributed, unwrap, wrap_model
+    from medprompt.distributed import barrier, end_of_step, init_distributed, unwrap, wrap_model
     from medprompt.trainers.zero_shot import warmup_cosine
 
     ctx = init_distributed(cfg.device)
@@ -158,17 +157,10 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
         if on_step is not None and ctx.is_main:
             on_step(step + 1, stats)
         done = step + 1
-        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-        out_of_time = all_mean(float(out_of_time), ctx) > 0  # every rank stops together (DDP would hang)
-        if ctx.is_main and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
-            save_net(out, unwrap(model), {**meta, "step": done, "last_losses": stats})
-            atomic_torch_save({"net": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "step": done, "config": net.cfg.to_dict(),
-                               "steps": cfg.steps}, state_path)
-        if out_of_time:
-            bar.close()
-            if ctx.is_main:
-                print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
+        if end_of_step(ctx, done, cfg.steps, cfg.save_every, cfg.time_limit_s, t0,
+                       lambda: save_net(out, unwrap(model), {**meta, "step": done, "last_losses": stats}),
+                       lambda: {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "config": net.cfg.to_dict()}, state_path, bar):
             break
     if ctx.is_main and start >= cfg.steps and not out.exists():
         save_net(out, unwrap(model), {**meta, "step": start})

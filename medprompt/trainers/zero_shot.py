@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medprompt.catalog import SYNAPSE8, PromptCatalog, default_catalog
-from medprompt.distributed import all_mean, barrier, init_distributed, wrap_model
+from medprompt.distributed import all_mean, barrier, end_of_step, init_distributed, wrap_model
 from medprompt.errors import InputError
-from medprompt.model.checkpoint import atomic_torch_save, load_model, save_model
+from medprompt.model.checkpoint import load_model, save_model
 from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, region_text_loss
 from medprompt.model.network import MedPromptNet, NetConfig
@@ -337,17 +337,10 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
         if on_step is not None and ctx.is_main:
             on_step(step + 1, stats)
         done = step + 1
-        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-        if ctx.world > 1 and cfg.time_limit_s is not None:
-            out_of_time = all_mean(float(out_of_time), ctx) > 0  # all stop together, or DDP would wait forever
-        if ctx.is_main and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
-            save_model(out, net, {**meta, "step": done, "last_losses": stats})
-            atomic_torch_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "step": done, "config": net_cfg.to_dict(), "steps": cfg.steps}, state_path)
-        if out_of_time:
-            bar.close()
-            if ctx.is_main:
-                print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
+        if end_of_step(ctx, done, cfg.steps, cfg.save_every, cfg.time_limit_s, t0,
+                       lambda: save_model(out, net, {**meta, "step": done, "last_losses": stats}),
+                       lambda: {"net": net.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "config": net_cfg.to_dict()}, state_path, bar):
             break
     if ctx.is_main and start >= cfg.steps and not out.exists():
         save_model(out, net, {**meta, "step": start})
