@@ -2,7 +2,8 @@
 
 (a) CURVAS CT slices (../shared/data/real2d/curvas_ct2d, 5 patients): corrections of k patients (all their
     slices) in a 2D datastore, the other images unlabelled there; one ``train-finetune`` round
-    (semi-supervised: self-training on the unlabelled images, or supervised-only), then the other
+    (semi-supervised: a second pass learns the first pass's drafts of the unlabelled images, or
+    supervised-only), then the other
     patients' slices drafted as ``medprompt infer IMAGE --model medprompt`` does (the network's map ->
     boxes -> LiteMedSAM) and scored per organ. k = 0 is the zero-shot 2D path (attribute saliency).
     Every rotation of the patients is run (``--rotations`` fewer for a quick look).
@@ -44,7 +45,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int((a & b).sum()) / s if s else 1.0
 
 
-def curvas(ks: list[int], rotations: int, steps: int, init: Path | None) -> list[dict]:
+def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: int = 0) -> list[dict]:
     from medprompt.drafts2d import draft2d
     from medprompt.io.image2d import load_image2d, load_label2d
     from medprompt.model.sam_predictor import saliency_method
@@ -65,7 +66,7 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None) -> list
         for mode in (["zero-shot"] if k == 0 else ["semi", "supervised"]):
             per = {o: [] for o in ORGANS}
             t0 = time.perf_counter()
-            for j in range(min(rotations, len(patients)) if k else 1):
+            for j in range(first, first + min(rotations, len(patients)) if k else 1):
                 labelled = {patients[(j + i) % len(patients)] for i in range(k)}
                 test = [p for p in images if patient[p] not in labelled]
                 if k:
@@ -195,6 +196,8 @@ def main() -> None:
     p.add_argument("--part", choices=["curvas", "3d"], default="curvas")
     p.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4])
     p.add_argument("--rotations", type=int, default=5, help="CURVAS: patient rotations per k (default: all 5)")
+    p.add_argument("--first-rotation", type=int, default=0,
+                   help="CURVAS: start at this rotation (more rotations of a k in a second run)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--init", type=Path, default=None, help="CURVAS: start from this model (default: a new one)")
     p.add_argument("--zero-shot", type=Path, default=REPO / "models" / "medprompt_sam.pt",
@@ -204,7 +207,7 @@ def main() -> None:
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":
-        rows = curvas(args.ks, args.rotations, args.steps, args.init)
+        rows = curvas(args.ks, args.rotations, args.steps, args.init, args.first_rotation)
         lines = ["| corrected patients | training | pancreas | kidney | liver | mean | images scored |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['mode']} | {r['pancreas']:.3f} | {r['kidney']:.3f} | {r['liver']:.3f} | "

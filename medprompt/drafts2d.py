@@ -10,6 +10,14 @@ SAM logit. ``refine="none"`` keeps the saliency regions themselves.
 A focal lesion on ultrasound (a one-part class on a US image) is not one box: LiteMedSAM draws several
 proposals (the map's components and dark blobs) on the same embedding and the most lesion-like mask by
 ultrasound physics wins (:mod:`medprompt.saliency.lesion`); ``Draft2D.confidence`` says by how much.
+
+A method whose map is a probability (a trained classifier's softmax, marked ``probability = True``:
+the MedPrompt network's) says first *whether* the class is on the slice: only where it is somewhere
+more probable than everything else together (> 0.5, as the 3D path reads the same network,
+model.sam_predictor) does its map become boxes, by the same k-means as any map. K-means alone always
+finds a "foreground", so a class absent from the slice (the pancreas on a slice below it, the kidneys
+above them) got a box and a mask; and the > 0.5 core alone is narrower than the organ (a network
+trained on a few images is sure of an organ's middle, not its rim), so its box cut SAM's mask short.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ from medprompt.catalog import PromptCatalog, PromptEntry, default_catalog
 from medprompt.drafts import refine_choice
 from medprompt.errors import PromptError
 from medprompt.io.image2d import Image2D
-from medprompt.saliency import checked_map
+from medprompt.saliency import SaliencyFn, checked_map
 from medprompt.saliency import get as get_saliency
 from medprompt.saliency.attribute import attribute_saliency, modality_for, working_image
 from medprompt.saliency.lesion import select_lesion
 from medprompt.saliency.prompts import SamPrompts, saliency_to_prompts
 from medprompt.sam.preprocess import sam_pixels
+
+
+PROBABLE = 0.5  # a probability map says a class is on the slice where it is more likely than not
 
 
 @dataclass
@@ -47,10 +58,11 @@ class Draft2D:
     seconds: float = 0.0
 
 
-def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None, refine: str = "sam",
+def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn | None = None, refine: str = "sam",
             sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
             points: bool = False) -> Draft2D:
-    """Segment ``prompts`` on ``image``; see the module docstring. PromptError for a class with no 2D
+    """Segment ``prompts`` on ``image``; see the module docstring. ``saliency``: a registered method's name
+    or the method itself (a round drafting with its candidate model). PromptError for a class with no 2D
     attributes (unless another saliency method is chosen) or an image of another modality."""
     start = time.perf_counter()
     refine = refine_choice(refine)
@@ -60,8 +72,9 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None,
                           "(e.g. lungs, breast_tumor, brain_tumor, liver)")
     pairs = catalog.resolve_all(prompts)
     entries = [entry for _, entry in pairs]
-    method = get_saliency(saliency)
-    method_name = (saliency or "attribute").strip().lower()
+    method = saliency if callable(saliency) else get_saliency(saliency)
+    method_name = (getattr(saliency, "__name__", "learnt") if callable(saliency)
+                   else (saliency or "attribute").strip().lower())
     modalities = {e.name: _modality(image, e, strict=method_name == "attribute") for e in entries}
     make_segmenter = None
     if refine == "sam":
@@ -76,7 +89,9 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | None = None,
     for entry in entries:
         sal = checked_map(method(image, entry), image.shape, method_name)
         parts = int(entry.image2d.get("parts", 1)) if entry.image2d else 1
-        sam_prompts = saliency_to_prompts(sal, parts=parts, per_part=True, points=points)
+        absent = getattr(method, "probability", False) and float(sal.max()) <= PROBABLE
+        sam_prompts = (SamPrompts(boxes=np.zeros((0, 4), np.float32)) if absent
+                       else saliency_to_prompts(sal, parts=parts, per_part=True, points=points))
         out.saliency[entry.name], out.prompts[entry.name] = sal, sam_prompts
         modality = modalities[entry.name]
         focal_lesion = modality == "US" and parts == 1 and bool(entry.image2d)

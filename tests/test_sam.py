@@ -54,6 +54,19 @@ def test_random_weights_load_through_the_real_loader(random_sam_file: Path) -> N
     assert sam_weights.load_sam(random_sam_file).net is loaded.net  # loaded once per file
 
 
+def test_the_encoder_runs_channels_last_and_embeds_as_the_plain_layout_does(random_sam_file: Path) -> None:
+    loaded = sam_weights.load_sam(random_sam_file)
+    convs = [m for m in loaded.net.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    plain = sam_weights.build_architecture().eval()
+    plain.load_state_dict(torch.load(random_sam_file, weights_only=True))
+    x = torch.rand(2, 3, SAM_SIZE, SAM_SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = loaded.net.image_encoder(x.to(memory_format=torch.channels_last))
+        theirs = plain.image_encoder(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def test_the_bundled_weights_are_found_offline_and_hash_checked() -> None:
     path = sam_weights.bundled_checkpoint()
     assert path.name == "lite_medsam.pth" and path.stat().st_size == 39_370_479
@@ -240,6 +253,7 @@ def test_concurrent_requests_for_one_study_encode_each_slice_once(random_sam_fil
 def test_cropped_decoding_equals_the_full_decoder_cropped(random_sam_file: Path, tmp_path: Path) -> None:
     make = segmenter_factory(random_sam_file, "cpu", EmbeddingCache(tmp_path / "c"))
     seg = make((np.random.default_rng(2).random((1, 150, 210)) * 255).astype(np.uint8), (0.8, 0.7))
+    seg.decoder_dtype = torch.float32  # exactness; bf16 is compared with fp32 on a real CT below
     boxes = np.array([[20, 30, 120, 90], [5, 5, 200, 140]], np.float32)
     full = seg.predict(0, boxes=boxes)
     part = seg.predict(0, boxes=boxes, region=(17, 101, 51, 189))
@@ -257,6 +271,7 @@ def test_decoder_equals_sams_own_for_boxes_points_and_both(weights: str, random_
     tokens instead of projecting them) is SAM's decoder: checked for every prompt length it meets."""
     make = segmenter_factory(random_sam_file if weights == "random" else None, "cpu", EmbeddingCache(tmp_path / "c"))
     seg = make((np.random.default_rng(3).random((1, 120, 160)) * 255).astype(np.uint8), (0.9, 0.7))
+    seg.decoder_dtype = torch.float32  # exactness; bf16 is compared with fp32 on a real CT below
     net, g = seg.sam.net, seg.geometry
     boxes = np.array([[20, 30, 90, 100], [60, 10, 150, 70]], np.float32)
     points = np.array([[[50, 60], [70, 40], [30, 90]], [[100, 40], [120, 60], [80, 20]]], np.float32)
@@ -291,6 +306,7 @@ def test_classes_decoded_together_and_two_slices_at_a_time_equal_one_call_each(
 
     make = segmenter_factory(random_sam_file if weights == "random" else None, "cpu", EmbeddingCache(tmp_path / "c"))
     seg = make((np.random.default_rng(4).random((6, 130, 170)) * 255).astype(np.uint8), (0.8, 0.8))
+    seg.decoder_dtype = torch.float32  # bf16 products may round differently in another batch size
     asks = [(np.array([[20, 30, 90, 100], [100, 20, 160, 60]], np.float32), (25, 105, 15, 95)),
             (np.array([[40, 40, 120, 110], [10, 10, 50, 50], [60, 70, 160, 125]], np.float32), (0, 130, 0, 170)),
             (np.array([[90, 60, 150, 120]], np.float32), (55, 125, 85, 155))]
@@ -305,6 +321,22 @@ def test_classes_decoded_together_and_two_slices_at_a_time_equal_one_call_each(
             scale = max(1.0, float(one.abs().max()))
             torch.testing.assert_close(both, one, atol=1e-4 * scale, rtol=1e-4)
     assert len(seg.last_quality) == 6
+
+
+def test_decoder_precision_follows_the_cpu_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medprompt.sam import segmenter
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(segmenter.ENV_PRECISION, raising=False)
+    monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: True)
+    assert segmenter.decoder_dtype(cpu) == torch.bfloat16 and segmenter.decoder_dtype(gpu) == torch.float32
+    monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: False)
+    assert segmenter.decoder_dtype(cpu) == torch.float32
+    monkeypatch.setenv(segmenter.ENV_PRECISION, "bf16")
+    assert segmenter.decoder_dtype(cpu) == torch.bfloat16 and segmenter.decoder_dtype(gpu) == torch.bfloat16
+    monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setenv(segmenter.ENV_PRECISION, "fp32")
+    assert segmenter.decoder_dtype(cpu) == torch.float32
 
 
 def test_glibc_keeps_freed_decoder_memory_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,7 +379,7 @@ class ScriptedSegmenter:
             out.append(logits)
         return torch.from_numpy(np.stack(out))
 
-    def predict_regions(self, k, asks):
+    def predict_regions(self, k, asks, classes=None):
         return [self.predict(k, boxes=boxes, region=region) for boxes, region in asks]
 
 
@@ -480,11 +512,16 @@ def test_a_box_from_the_reference_on_a_real_ct_slice_gives_dice_above_0_9(real_d
         truth = axial_view(ref == names[organ])
         k = int(np.argmax(truth.sum(axis=(1, 2))))  # the organ's largest slice
         rows, cols = np.nonzero(truth[k])
-        seg = make(view, (spacing[1], spacing[0]))
-        logits = seg.predict(k, boxes=np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], np.float32))
-        mask = (logits[0] > 0).numpy()
-        dice = 2 * (mask & truth[k]).sum() / (mask.sum() + truth[k].sum())
-        assert dice >= 0.9, (organ, dice)
+        box = np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], np.float32)
+        masks = {}
+        for dtype in (torch.float32, torch.bfloat16):  # the decoder's transformer in either precision
+            seg = make(view, (spacing[1], spacing[0]))
+            seg.decoder_dtype = dtype
+            masks[dtype] = (seg.predict(k, boxes=box)[0] > 0).numpy()
+            dice = 2 * (masks[dtype] & truth[k]).sum() / (masks[dtype].sum() + truth[k].sum())
+            assert dice >= 0.9, (organ, dtype, dice)
+        a, b = masks.values()
+        assert (a != b).sum() <= 0.01 * a.sum(), organ  # bf16 moves the boundary by a pixel here and there
 
 
 def test_default_draft_on_a_real_ct_beats_the_prior_alone(real_data: Path) -> None:

@@ -43,6 +43,15 @@ class PixelSegmenter:
         e[0], e[1] = x, 1 - x
         return e.half()
 
+    def predict(self, k: int, boxes: np.ndarray | None = None, **_) -> torch.Tensor:
+        """LiteMedSAM's stand-in mask for a box: the bright pixels inside it (logits +1 there, -1 elsewhere)."""
+        out = []
+        for x0, y0, x1, y1 in np.asarray(boxes if boxes is not None else np.zeros((0, 4))):
+            m = np.zeros(self.slices.shape[1:], bool)
+            m[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] = True
+            out.append(np.where(m & (self.slices[k] > 127), 1.0, -1.0))
+        return torch.from_numpy(np.asarray(out, np.float32).reshape(-1, *self.slices.shape[1:]))
+
 
 def pixel_segmenters(slices: np.ndarray, pixel_mm) -> PixelSegmenter:
     return PixelSegmenter(slices, pixel_mm)
@@ -254,8 +263,9 @@ def _disc_image(path: Path, centre: tuple[int, int], radius: int, label_path: Pa
 
 def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_path: Path, one_torch_thread,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """PNG images with corrections in labels/final: the round trains, validates on held-out images and
-    serves the model; the served network finds the class on a new image; a worse candidate is dropped."""
+    """PNG images with corrections in labels/final: a first round (nothing to compare with) trains on every
+    corrected image and serves the model; the served network finds the class on a new image; a later round
+    validates on held-out images and a worse candidate is dropped."""
     import medprompt.sam
     from medprompt.drafts2d import draft2d
     from medprompt.io.image2d import load_image2d
@@ -274,7 +284,8 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     result = sam_rounds.finetune_sam(store, served, None, None, steps=40, lr=1e-2, device="cpu",
                                      model_config="tiny", progress=False)
     assert result.accepted and served.is_file() and result.version is not None
-    assert result.validation == ["img2.png"]  # one of the four corrected images is held out
+    # no model to compare with: validation decides nothing, so no corrected image is held out of training
+    assert sorted(result.validation) == [f"img{i}.png (also trained on)" for i in range(4)]
     assert result.candidate_score > 0.6
 
     new = tmp_path / "new.png"
@@ -301,6 +312,7 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     monkeypatch.setattr(sam_rounds, "cell_dice", lambda *a, **k: next(scores))
     worse = sam_rounds.finetune_sam(store, served, served, served, steps=5, device="cpu", progress=False)
     assert not worse.accepted and served.read_bytes() == before
+    assert worse.validation == ["img2.png"]  # a model to beat: one of the four corrected images is held out
     assert not (served.parent / "finetune_work" / "candidate.pt").exists()
 
 

@@ -136,6 +136,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
 
     from medprompt.clip.dhn_nce import dhn_nce_loss
     from medprompt.clip.model import load_clip, write_model_folder
+    from medprompt.distributed import DistContext, end_of_step
     from medprompt.io.volume import write_json
     from medprompt.model.checkpoint import atomic_torch_save, resolve_device
     from medprompt.trainers.zero_shot import warmup_cosine
@@ -166,12 +167,15 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
                                                              for k, v in asdict(cfg).items()},
             "pairs_count": len(pairs), "identity": identity}
 
-    def save(done: int, losses: list[float]) -> None:
+    def save() -> None:
         write_model_folder(out, model, clip.files.model_cfg, clip.mean, clip.std, clip.files.tokenizer_folder)
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "step": done, "identity": identity}, state_path)
         write_json(out / META_FILE, {**meta, "step": done, "last_losses": losses[-10:]})
 
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "identity": identity}
+
+    single = DistContext(0, 1, 0, device)  # one process: end_of_step's bookkeeping without the agreement
     use_amp = device.type == "cuda"
     batch_n = min(cfg.batch_size, len(pairs))
     losses: list[float] = []
@@ -201,15 +205,11 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         sched.step()
         done = step + 1
-        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-        if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
-            save(done, losses)
-        if out_of_time:
-            bar.close()
-            print(f"time limit reached at step {done}/{cfg.steps}; saved, run again to resume")
+        if end_of_step(single, done, cfg.steps, cfg.save_every, cfg.time_limit_s, t0, save, state, state_path, bar):
             break
     if not (out / "open_clip_config.json").is_file():
-        save(done, losses)
+        save()
+        atomic_torch_save({**state(), "step": done, "steps": cfg.steps}, state_path)
     return ClipTrainResult(out, done, losses)
 
 

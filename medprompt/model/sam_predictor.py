@@ -209,6 +209,7 @@ def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | 
         pixels, pixel_mm, modality = image_pixels(image)
         return pred.saliency_2d(pixels, pixel_mm, [entry], modality)[0]
 
+    medprompt_saliency.probability = True  # a softmax: drafts2d reads it at 0.5, not by k-means
     return medprompt_saliency
 
 

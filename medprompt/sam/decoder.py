@@ -15,13 +15,19 @@ against them in tests/test_sam.py), arranged for a CPU drawing 8 classes on ever
   is written out (torch.softmax over a last dimension of 7 was 4.6 ms of a 26 ms prompt on one core);
 - the first layer's token-to-image attention, whose image side is in the context, is PyTorch's fused
   ``scaled_dot_product_attention``;
-- only the 64x64 embedding cells under the asked region are upscaled (see ``decode``).
+- only the 64x64 embedding cells under the asked region are upscaled (see ``decode``);
+- the two-way transformer may run in bfloat16 (a context made with ``dtype=torch.bfloat16``): on a
+  CPU with AMX it takes half the time (see ``decode_groups``); the mask is still made in fp32 from
+  its output.
 Each step is exact up to float rounding: tests/test_sam.py compares with segment-anything's decoder.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,20 +49,43 @@ class SliceContext:
     q1: torch.Tensor  # first layer, image-to-token attention: queries projected
     shape: tuple[int, int, int]  # (C, h, w) of the embedding
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the two-way transformer runs in for this slice."""
+        return self.keys.dtype
+
 
 @torch.no_grad()
-def slice_context(net: torch.nn.Module, image: torch.Tensor, pe: torch.Tensor | None = None) -> SliceContext:
-    """``image``: one slice's embedding (1, C, h, w); ``pe``: token-major positional encoding, if already made."""
+def slice_context(net: torch.nn.Module, image: torch.Tensor, pe: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> SliceContext:
+    """``image``: one slice's embedding (1, C, h, w); ``pe``: token-major positional encoding, if already
+    made (fp32). ``dtype``: the precision the transformer will run in, and these projections with it."""
     c, h, w = image.shape[1:]
     no_mask = net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the dense prompt without a mask
-    keys = (image + no_mask).flatten(2).transpose(1, 2).contiguous()
-    if pe is None:
-        pe = token_pe(net)
-    first = net.mask_decoder.transformer.layers[0]
+    keys = (image + no_mask).flatten(2).transpose(1, 2).contiguous().to(dtype)
+    pe = (token_pe(net) if pe is None else pe).to(dtype)
+    first = transformer_in(net, dtype).layers[0]
     with_pe = keys + pe
     return SliceContext(keys=keys, pe=pe, k1=first.cross_attn_token_to_image.k_proj(with_pe),
                         v1=first.cross_attn_token_to_image.v_proj(keys),
                         q1=first.cross_attn_image_to_token.q_proj(with_pe), shape=(c, h, w))
+
+
+_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+def transformer_in(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``net``'s two-way transformer with its weights in ``dtype``: the module itself when it already
+    is, else a copy made once per network (the served weights are frozen, so the copy stays valid)."""
+    transformer = net.mask_decoder.transformer
+    if next(transformer.parameters()).dtype == dtype:
+        return transformer
+    with _COPIES_LOCK:
+        copies = _COPIES.setdefault(transformer, {})
+        if dtype not in copies:
+            copies[dtype] = copy.deepcopy(transformer).to(dtype)
+        return copies[dtype]
 
 
 @torch.no_grad()
@@ -109,7 +138,9 @@ def _image_to_token(attn: torch.nn.Module, scores: torch.Tensor, values: torch.T
     then one product with the T values pushed through out_proj, never the 4096 image tokens'."""
     h = attn.num_heads
     t = values.shape[1]
-    probs = _softmax_groups(scores, t)
+    # In fp32 whatever the transformer's precision: these element-wise passes took twice as long on
+    # bf16 as converting, computing in fp32 and converting back (8.3 vs 4.5 ms per 4 prompts).
+    probs = _softmax_groups(scores.float(), t).to(values.dtype)
     v = _per_head(attn.v_proj(values), h)  # (N, H*T, Ci)
     # Each image token's probabilities sum to 1 per head, H per row: out_proj's bias enters as bias/H.
     mixed = F.linear(v, attn.out_proj.weight, attn.out_proj.bias / h)  # (N, H*T, C)
@@ -186,7 +217,8 @@ def decode_groups(net: torch.nn.Module, ctx: SliceContext, sparse: torch.Tensor,
 
     The prompts go through the two-way transformer together (one class's boxes and the other
     classes' on the same slice: 15.6 -> 10.8 ms per prompt in batches of 4 on the 2-core CPU;
-    batches of 8 were slower again, 14.6 ms, so larger calls are split). Everything after it is
+    batches of 8 were slower again, 14.6 ms, so larger calls are split), in the context's precision
+    (bfloat16 halves its time again on a CPU with AMX: BENCHMARKS.md, issue 8). Everything after it is
     local: the upscaling is two stride-2, kernel-2 transposed convolutions with a per-pixel
     LayerNorm, the mask is a per-pixel product with the mask token's hypernetwork output, and the
     resize back to the slice is bilinear. So only the 64x64 embedding cells under a group's region
@@ -200,9 +232,11 @@ def decode_groups(net: torch.nn.Module, ctx: SliceContext, sparse: torch.Tensor,
         raise ValueError(f"groups hold {sum(c for _, c in groups)} prompts, sparse has {n}")
     tokens = torch.cat([torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)[None].expand(n, -1, -1),
                         sparse], dim=1)
-    parts = [two_way(dec.transformer, ctx, tokens[i : i + BATCH]) for i in range(0, n, BATCH)]
-    hs = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    src = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    transformer = transformer_in(net, ctx.dtype)
+    tokens = tokens.to(ctx.dtype)
+    parts = [two_way(transformer, ctx, tokens[i : i + BATCH]) for i in range(0, n, BATCH)]
+    hs = (torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]).float()
+    src = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]  # back to fp32 per region below
     hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C/8)
     quality = dec.iou_prediction_head(hs[:, 0, :])[:, 0]
     c, h, w = ctx.shape
@@ -227,7 +261,7 @@ def _region_logits(dec: torch.nn.Module, src: torch.Tensor, hyper: torch.Tensor,
     ci0, ci1, cw = _taps(g.resized[1], g.shape[1], c0, c1)
     e_r0, e_r1 = int(ri0.min()) // scale, int(ri1.max()) // scale + 1
     e_c0, e_c1 = int(ci0.min()) // scale, int(ci1.max()) // scale + 1
-    up = _upscale(dec.output_upscaling, src[:, e_r0:e_r1, e_c0:e_c1])  # (n, 4h', 4w', C/8)
+    up = _upscale(dec.output_upscaling, src[:, e_r0:e_r1, e_c0:e_c1].float())  # (n, 4h', 4w', C/8)
     logits = torch.einsum("nc,nhwc->nhw", hyper, up)
     base_r, base_c = e_r0 * scale, e_c0 * scale
     dev = logits.device

@@ -127,7 +127,7 @@ def _region(value: int, seed_work: np.ndarray, frame: geometry.WorkFrame, keep_m
     return _ClassRegion(value, (az, ar, ac), placed, allowed_crop | placed)
 
 
-def _boxes(seed: np.ndarray, pixel_mm: tuple[float, float], settings: RefineSettings) -> np.ndarray:
+def slice_boxes(seed: np.ndarray, pixel_mm: tuple[float, float], settings: RefineSettings) -> np.ndarray:
     """One box (x0, y0, x1, y1 in crop pixels, with margin) per connected part of a slice's mask."""
     lab, n = ndi.label(seed, structure=np.ones((3, 3), bool))
     if n == 0:
@@ -217,7 +217,7 @@ def _extend_ends(logits: np.ndarray, done: list[int], seed: np.ndarray, pixel_mm
     for k in [*range(int(present[0]), done[0]), *range(done[-1] + 1, int(present[-1]) + 1)]:
         near = done[0] if k < done[0] else done[-1]
         inside = np.zeros(seed.shape[1:], bool)
-        for x0, y0, x1, y1 in _boxes(seed[k], pixel_mm, settings):
+        for x0, y0, x1, y1 in slice_boxes(seed[k], pixel_mm, settings):
             inside[max(0, int(y0)) : int(np.ceil(y1)) + 1, max(0, int(x0)) : int(np.ceil(x1)) + 1] = True
         logits[k] = np.where(inside, logits[near], OUTSIDE)
 
@@ -226,7 +226,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if n <= 1:
         return mask
-    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]  # ndi.sum_labels: 7x longer on a liver-sized crop
     return lab == int(np.argmax(sizes)) + 1
 
 
@@ -305,11 +305,11 @@ def refine(
                 r = regions[name]
                 _, r0, c0 = r.origin
                 nr, nc = r.seed.shape[1:]
-                boxes = np.clip(_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
+                boxes = np.clip(slice_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
                                 0, edge)
                 asks.setdefault(z, []).append((boxes, (r0, r0 + nr, c0, c0 + nc)))
         with ThreadPoolExecutor(DECODERS_PER_DEVICE, thread_name_prefix="sam-decoder") as pool:
-            decoded = pool.map(lambda z: seg.predict_regions(z, asks[z]), sorted(asks))
+            decoded = pool.map(lambda z: seg.predict_regions(z, asks[z], [n for n, _ in drawn_on[z]]), sorted(asks))
             for z, outs in tqdm(zip(sorted(asks), decoded), total=len(asks), desc="LiteMedSAM masks", unit="slice",
                                 disable=not progress, leave=False):
                 for (name, k), drawn_logits in zip(drawn_on[z], outs):

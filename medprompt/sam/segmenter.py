@@ -26,14 +26,13 @@ from medprompt.sam.preprocess import SliceGeometry, model_input
 from medprompt.sam.weights import LoadedSam
 
 ENV_PRECISION = "MEDPROMPT_SAM_PRECISION"
-CONTEXT_SLICES = 4  # slices whose decoder context is kept (about 10 MB each)
+CONTEXT_SLICES = 4  # slices whose decoder context is kept (about 10 MB each in fp32, half in bf16)
 
 
 def encoder_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 autocast for the image encoder where it pays (CUDA; CPUs with AMX/AVX512-BF16), else fp32.
 
-    ``MEDPROMPT_SAM_PRECISION=fp32`` forces full precision. The decoder always runs in fp32: it is
-    cheap and its logits decide the mask boundary.
+    ``MEDPROMPT_SAM_PRECISION=fp32`` forces full precision (encoder and decoder).
     """
     choice = os.environ.get(ENV_PRECISION, "auto").strip().lower()
     if choice == "fp32":
@@ -41,6 +40,21 @@ def encoder_dtype(device: torch.device) -> torch.dtype | None:
     if choice == "bf16" or device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if _cpu_has_bf16() else None
+
+
+def decoder_dtype(device: torch.device) -> torch.dtype:
+    """The mask decoder's two-way transformer in bf16 on CPUs with bf16 instructions (AMX or
+    AVX512-BF16, as for the encoder), else fp32.
+
+    There a 3D draft's 150-200 prompts are most of a re-prompt, and bf16 halves the transformer's
+    time per prompt (measured with AMX); Dice on the real CT and MR cases unchanged to 0.001
+    (BENCHMARKS.md, issue 8). The upscaling and the logits stay fp32. On a GPU the decoder is cheap:
+    fp32. ``MEDPROMPT_SAM_PRECISION`` (fp32 / bf16) sets it as it sets the encoder's.
+    """
+    choice = os.environ.get(ENV_PRECISION, "auto").strip().lower()
+    if choice == "fp32" or device.type != "cpu" and choice != "bf16":
+        return torch.float32
+    return torch.bfloat16 if choice == "bf16" or _cpu_has_bf16() else torch.float32
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +120,7 @@ class SliceSegmenter:
         # One slice at a time on the CPU: measured fastest per slice (0.57 s bf16) vs 1.0 s in batches of 8.
         self.batch = batch or (1 if sam.device.type == "cpu" else 16)
         self.dtype = encoder_dtype(sam.device)
+        self.decoder_dtype = decoder_dtype(sam.device)
         self.slices: np.ndarray | None = None
         self.geometry: SliceGeometry | None = None
         self._keys: dict[int, str] = {}
@@ -157,11 +172,12 @@ class SliceSegmenter:
                     else:
                         fresh.append(k)
                 if fresh:
-                    x = model_input(self.slices[fresh], self.geometry).to(self.sam.device)
+                    x = model_input(self.slices[fresh], self.geometry).to(self.sam.device,
+                                                                          memory_format=torch.channels_last)
                     with torch.autocast(self.sam.device.type, dtype=self.dtype or torch.float32,
                                         enabled=self.dtype is not None):
                         emb = self.sam.net.image_encoder(x)
-                    emb = emb.to(torch.float16).cpu()
+                    emb = emb.to(torch.float16).cpu().contiguous()
                     for k, e in zip(fresh, emb):
                         self._embeddings[k] = e
                         self.cache.put(self._key(k), e.numpy())
@@ -184,7 +200,7 @@ class SliceSegmenter:
             if self._pe is None:
                 self._pe = token_pe(self.sam.net)
         image = self._embeddings[k].to(self.sam.device, torch.float32)[None]
-        ctx = slice_context(self.sam.net, image, self._pe)
+        ctx = slice_context(self.sam.net, image, self._pe, self.decoder_dtype)
         with self._contexts_lock:
             self._contexts[k] = ctx
             while len(self._contexts) > CONTEXT_SLICES:
@@ -222,11 +238,14 @@ class SliceSegmenter:
         return logits.float().cpu()
 
     @torch.no_grad()
-    def predict_regions(self, k: int, asks: Sequence[tuple[np.ndarray, tuple[int, int, int, int]]]) -> list[torch.Tensor]:
+    def predict_regions(self, k: int, asks: Sequence[tuple[np.ndarray, tuple[int, int, int, int]]],
+                        classes: Sequence[str | None] | None = None) -> list[torch.Tensor]:
         """Several classes on slice ``k`` at once: ``asks`` lists (boxes (n, 4), region) as
         :meth:`predict` takes them, and each gets its logits (n, region rows, region cols). The same
         values as one :meth:`predict` per class (to float rounding), with the classes' prompts
-        sharing decoder calls (``decode_groups``): a 3D draft draws about five prompts per sampled slice."""
+        sharing decoder calls (``decode_groups``): a 3D draft draws about five prompts per sampled slice.
+        ``classes`` names each ask's class; boxes alone do not need it (a segmenter that also prompts
+        with the class's text does: medprompt.model.text_segmenter)."""
         self.prepare([k])
         g, dev, net = self.geometry, self.sam.device, self.sam.net
         boxes = np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b, _ in asks])

@@ -102,4 +102,8 @@ def _load(path: Path, bundled: bool, device: torch.device) -> LoadedSam:
     except (RuntimeError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path} is not a LiteMedSAM checkpoint ({str(e).splitlines()[0][:200]}); {HOW_TO_GET}") from None
     net.eval().requires_grad_(False).to(device)
+    # TinyViT's convolutions in channels-last, as oneDNN runs them natively: without it 40 % of the
+    # encoder's CPU time went to layout copies around every convolution (1.9 -> 1.25 s per slice on one
+    # core, bf16; the embeddings' error against fp32 unchanged). Weights and values are the same.
+    net.image_encoder.to(memory_format=torch.channels_last)
     return LoadedSam(net=net, path=path, sha256=sha, device=device)

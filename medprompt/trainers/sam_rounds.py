@@ -8,12 +8,19 @@ across patients), and rare classes are up-weighted (trainers.cells.class_balance
 agree the target stays, where the teacher had no say and the student is sure, the student's class is
 learnt at half weight. No label file is read.
 
-Finetune: corrected studies are full-weight targets; a quarter of their sampled slices (every
-fourth, at least one) is held out and scores the candidate against the model in service, so even
-one corrected study validates a round on slices it did not train on. Unlabelled studies join where
-the model in service and the teacher agree (pseudo-labels by agreement). The served model is
-replaced only by a candidate that is no worse there; every accepted model is kept as a version.
-2D datastores (PNG/JPEG/DICOM images, ``labels/final`` PNGs) train the same way, one slice per image.
+Finetune: corrected studies are full-weight targets, rare classes up-weighted as in the zero-shot
+round (a CT slice holds an order of magnitude more liver than pancreas). Where there is a model to
+beat, a quarter of the corrected slices (every fourth, at least one; whole images on a 2D datastore)
+is held out and scores the candidate against it, so even one corrected study validates a round on
+slices it did not train on; the first round of a new network has nothing to compare with, so it
+trains on every correction (with one corrected patient, a quarter of its slices is a quarter of all
+it can learn from). Unlabelled studies join where the model in service and the teacher agree
+(pseudo-labels by agreement), then, in a second pass, with the first pass's confident cells
+(self-training); unlabelled 2D images, which have no teacher (the anatomy prior is 3D), join in that
+second pass through the first pass's own drafts of them (map -> boxes -> LiteMedSAM, see
+drafted_cells) where draft and map agree. The served model is replaced only by a candidate that is
+no worse there; every accepted model is kept as a version. 2D datastores (PNG/JPEG/DICOM images,
+``labels/final`` PNGs) train the same way, one slice per image.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
 HOLD_OUT_EVERY = 4  # one in four sampled slices of each corrected study validates the round
+SURE = 0.9  # self-training: a student's cell this probable becomes a pseudo-label
+SELF_WEIGHT = 0.5  # ... at this weight where no teacher had a say
 
 
 def _segmenter_for(sam_checkpoint: str | Path | None, device: str) -> Callable:
@@ -105,12 +114,15 @@ def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, devic
             out.append(st)
             continue
         p = student_cells(model, st, vectors, device)
-        sure = p.amax(1) >= 0.9
-        agree = p.argmax(1) == st.target.float().argmax(1)
+        sure = p.amax(1) >= SURE
         weight = st.weight.float()
+        # Agreement counts only where the teacher had a say: an image with no teacher (blank_cells) holds
+        # a placeholder background target at weight 0, and "agreeing" with it made every confident
+        # background cell a full-weight target while the student's confident organ cells got half.
+        agree = (p.argmax(1) == st.target.float().argmax(1)) & (weight > 0)
         new_w = torch.where(agree & sure, torch.maximum(weight, torch.ones_like(weight)), weight)
         take = sure & (weight == 0)
-        new_w = torch.where(take, torch.full_like(weight, 0.5), new_w)
+        new_w = torch.where(take, torch.full_like(weight, SELF_WEIGHT), new_w)
         onehot = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
         target = torch.where(take[:, None], onehot, st.target.float())
         out.append(CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), new_w.half(),
@@ -146,7 +158,7 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
 
 
 def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, reach: int) -> CellStudy:
-    """An unlabelled 2D image with no teacher: nothing is known until self-training marks confident cells."""
+    """An unlabelled 2D image with no teacher: nothing is known until a first pass drafts it (drafted_cells)."""
     from medprompt.io.image2d import load_image2d
     from medprompt.model.sam_features import image_pixels, image_stack
 
@@ -157,6 +169,33 @@ def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, re
     return CellStudy(image.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target.half(),
                      torch.zeros(k, *stack.embeddings.shape[-2:]).half(), torch.ones(len(classes), dtype=torch.bool),
                      False, list(stack.slices))
+
+
+def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str], catalog: PromptCatalog,
+                  vectors: np.ndarray, segmenter_for: Callable, sam_checkpoint: str | Path | None,
+                  device: str) -> CellStudy:
+    """An unlabelled 2D image taught by ``model``'s own draft of it, as ``medprompt infer`` makes it (the
+    network's map -> boxes -> LiteMedSAM), trusted where the draft and the network's map agree as the
+    3D teacher is trusted where LiteMedSAM and the prior agree (cells.teacher_weights: the same class,
+    or within one cell of the map's region of it), at SELF_WEIGHT. LiteMedSAM draws the boundary the
+    64 x 64 map cannot, so on images nobody corrected the student learns the organ's rim next to what
+    it found, not only the cells it was already sure of."""
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.image2d import load_image2d
+    from medprompt.model.sam_features import image_pixels, image_stack, to_cells
+    from medprompt.model.sam_predictor import saliency_method
+    from medprompt.trainers.cells import teacher_weights
+
+    img = load_image2d(image)
+    out = draft2d(img, list(classes), saliency=saliency_method(model, sam_checkpoint), sam_checkpoint=sam_checkpoint,
+                  catalog=catalog)
+    stack = image_stack(*image_pixels(img), segmenter_for)
+    target = to_cells(out.labels[None], stack.geometry, [out.names[out.resolved[c]] for c in classes])
+    p = student_cells(model, st, vectors, device)
+    student = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
+    weight = teacher_weights(target, student) * SELF_WEIGHT
+    return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), weight.half(), st.known,
+                     False, st.slices)
 
 
 def split_validation(study: CellStudy) -> tuple[list[int], list[int]]:
@@ -223,8 +262,13 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
     reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
     corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach) for s in labelled]
     vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
+    base = Path(baseline) if baseline else (served if served.is_file() else init)
+    if base is not None and not Path(base).is_file():
+        base = None
     train, val = [], []
-    if all(len(c.embeddings) == 1 for c in corrected) and len(corrected) >= 2:  # 2D: hold out whole images
+    if base is None:  # nothing to compare a candidate with: validation decides nothing, so train on it all
+        train = corrected
+    elif all(len(c.embeddings) == 1 for c in corrected) and len(corrected) >= 2:  # 2D: hold out whole images
         val = corrected[HOLD_OUT_EVERY // 2 :: HOLD_OUT_EVERY] or corrected[-1:]
         train = [c for c in corrected if c not in val]
         where = [v.name for v in val]
@@ -241,17 +285,20 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
     unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress) if teach else []
     if unl and init is not None and Path(init).is_file():
         unl = [agreeing(u, Path(init), vectors, device) for u in unl]
-    blank = [blank_cells(p, classes, seg, reach) for p in unlabelled if p not in teach] if semi else []
+    blank_paths = [p for p in unlabelled if p not in teach] if semi else []
+    blank = [blank_cells(p, classes, seg, reach) for p in blank_paths]
     meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}
     for r in range(2 if semi and (unl or blank) else 1):
         if r == 1:  # self-training: the first pass's confident cells on the unlabelled studies join
-            unl = self_trained(unl + blank, candidate, vectors, device)
+            unl = self_trained(unl, candidate, vectors, device) + [
+                drafted_cells(b, path, candidate, classes, catalog, vectors, seg, sam_checkpoint, device)
+                for b, path in zip(blank, blank_paths)]
         cells = train + unl
         share = labelled_share if unl else 1.0
         p = np.array([share / len(train)] * len(train) + [(1 - share) / max(1, len(unl))] * len(unl))
         cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
                                 model_config=model_config, device=device, seed=seed + r,
-                                save_every=max(steps, 1), resume=False, meta=meta)
+                                save_every=max(steps, 1), resume=False, balance=True, meta=meta)
         train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
                     on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
     from medprompt.distributed import init_distributed
@@ -260,9 +307,8 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
                               validation=[], classes=classes)
     new = cell_dice(candidate, val, vectors, device)
-    base = Path(baseline) if baseline else (served if served.is_file() else init)
     old = None
-    if base is not None and Path(base).is_file():
+    if base is not None:
         old = cell_dice(Path(base), val, vectors, device)  # the same prompts as the candidate
     result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
                             previous_score=old, validation=where, classes=classes)
