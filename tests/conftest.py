@@ -46,6 +46,20 @@ def sam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 
 @pytest.fixture(scope="module")
+def random_sam_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random weights of LiteMedSAM's architecture, saved as a checkpoint file: they go through
+    the real loading code where the shipped weights are not needed."""
+    import torch
+
+    from medprompt.sam.weights import build_architecture
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "random_lite_medsam.pth"
+    torch.save(build_architecture().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def phantom_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, dict[str, int]]:
     """Phantom 1 saved as NIfTI: (path, its labels, class name -> value)."""
     from medprompt.io import save_volume

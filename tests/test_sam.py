@@ -32,15 +32,6 @@ from medprompt.sam.refine import FALLBACK, RefineSettings, refine, sampled_slice
 pytestmark = pytest.mark.usefixtures("sam_cache")  # conftest: a private embedding cache per test
 
 
-@pytest.fixture(scope="module")
-def random_sam_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded random weights of LiteMedSAM's architecture, saved as a checkpoint file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam") / "random_lite_medsam.pth"
-    torch.save(sam_weights.build_architecture().state_dict(), path)
-    return path
-
-
 # -- weights ---------------------------------------------------------------------------------------
 
 def test_random_weights_load_through_the_real_loader(random_sam_file: Path) -> None:

@@ -29,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("sam_cache")
 TEXT_DIM = 16
 
 
-@pytest.fixture(scope="module")
-def random_sam_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam") / "random_lite_medsam.pth"
-    torch.save(sam_weights.build_architecture().state_dict(), path)
-    return path
-
-
 def _meta(names: list[str], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {"class_vectors": {n: rng.standard_normal(TEXT_DIM).astype(np.float32).tolist() for n in names},

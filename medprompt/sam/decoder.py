@@ -59,7 +59,7 @@ class SliceContext:
 def slice_context(net: torch.nn.Module, image: torch.Tensor, pe: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float32) -> SliceContext:
     """``image``: one slice's embedding (1, C, h, w); ``pe``: token-major positional encoding, if already
-    made (fp32). ``dtype``: the precision the transformer will run in, and these projections with it."""
+    made (any precision). ``dtype``: the precision the transformer will run in, and these projections with it."""
     c, h, w = image.shape[1:]
     no_mask = net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the dense prompt without a mask
     keys = (image + no_mask).flatten(2).transpose(1, 2).contiguous().to(dtype)

@@ -198,7 +198,7 @@ class SliceSegmenter:
                 self._contexts.move_to_end(k)
                 return self._contexts[k]
             if self._pe is None:
-                self._pe = token_pe(self.sam.net)
+                self._pe = token_pe(self.sam.net).to(self.decoder_dtype)  # once, in the precision contexts use
         image = self._embeddings[k].to(self.sam.device, torch.float32)[None]
         ctx = slice_context(self.sam.net, image, self._pe, self.decoder_dtype)
         with self._contexts_lock:
