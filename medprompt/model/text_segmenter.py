@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 
 from medprompt.model.text_tokens import TextTokens, class_text, low_res_logits, prompt_tokens
 from medprompt.sam.decoder import SliceContext, decode_groups, slice_context, token_pe
@@ -113,6 +112,7 @@ def text_only_labels(volume: "Volume", entries: Sequence["PromptEntry"], segment
     from medprompt.model.sam_features import label_view, study_stack
     from medprompt.prior import geometry
     from medprompt.sam.preprocess import from_axial_view
+    from medprompt.sam.refine import largest_component
 
     stack = study_stack(volume, segmenter_for)
     seg = TextPromptSegmenter(segmenter_for(_view_of(volume), _pixel_mm(stack)), model, meta)
@@ -147,10 +147,7 @@ def text_only_labels(volume: "Volume", entries: Sequence["PromptEntry"], segment
     for i, e in enumerate(entries):
         if int(e.prior.get("components", 0)) == 1:
             mask = labels == i + 1
-            lab, n = ndi.label(mask)
-            if n > 1:
-                sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
-                labels[mask & (lab != int(np.argmax(sizes)) + 1)] = 0
+            labels[mask & ~largest_component(mask)] = 0
     return np.ascontiguousarray(geometry.canonical_to_input(from_axial_view(labels), stack.frame))
 
 

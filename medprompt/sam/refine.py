@@ -222,7 +222,8 @@ def _extend_ends(logits: np.ndarray, done: list[int], seed: np.ndarray, pixel_mm
         logits[k] = np.where(inside, logits[near], OUTSIDE)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """``mask``'s largest 3D connected part (the mask itself when it has one part)."""
     lab, n = ndi.label(mask)
     if n <= 1:
         return mask
@@ -336,7 +337,7 @@ def refine(
                 logits = np.where(r.seed, 0.5, OUTSIDE).astype(np.float32)
             else:
                 if int(by_name[name].prior.get("components", 0)) == 1:
-                    logits[fg & ~_largest_component(fg)] = OUTSIDE
+                    logits[fg & ~largest_component(fg)] = OUTSIDE
                 stages[name] = f"{loc.source} + LiteMedSAM"
                 if kept.get(name):
                     stages[name] += f" ({loc.source}'s own mask kept on {kept[name]} of {len(plans[name])} slices)"
