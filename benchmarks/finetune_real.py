@@ -25,7 +25,7 @@ from medprompt.catalog import SYNAPSE8  # noqa: E402
 from medprompt.drafts import draft  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
 from medprompt.io.volume import load_volume, read_label_names, write_json  # noqa: E402
-from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
+from medprompt.model.checkpoint import VIT_CHECKPOINT  # noqa: E402
 from medprompt.trainers.finetune import train_finetune  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -59,7 +59,7 @@ def main() -> None:
         write_json(ds / "labels" / "final" / "ct_b.json", {"labels": {c: b_names[c] for c in organs}})
         served = Path(tmp) / "model" / "medprompt.pt"
         served.parent.mkdir()
-        shutil.copy(DEFAULT_CHECKPOINT, served)
+        shutil.copy(VIT_CHECKPOINT, served)
         before, per_before = score(served, organs)
         t = time.perf_counter()
         result = train_finetune(ds, served, steps=args.steps, batch_size=args.batch_size, device=args.device)

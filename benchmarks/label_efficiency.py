@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from medprompt.catalog import SYNAPSE8, default_catalog  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
 from medprompt.io.volume import load_labelmap, load_volume, sidecar_path  # noqa: E402
-from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
+from medprompt.model.checkpoint import VIT_CHECKPOINT  # noqa: E402
 from medprompt.model.predictor import load_checkpoint  # noqa: E402
 from medprompt.phantoms import write_sample_data  # noqa: E402
 from medprompt.trainers.finetune import train_finetune  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
                                                   model_config=args.config, device=args.device), progress=False)
             print(f"zero-shot model: {time.perf_counter() - t:.0f} s")
         else:
-            base = DEFAULT_CHECKPOINT
+            base = VIT_CHECKPOINT
         zero = score(base, test, args.device)
         print(f"base model {base.name}: held-out mDice {zero:.3f}")
         for budget in args.budgets:

@@ -1,8 +1,8 @@
 """Benchmark: label efficiency of MedPromptNet on LiteMedSAM features, on REAL data.
 
 (a) CURVAS CT slices (../shared/data/real2d/curvas_ct2d, 5 patients): corrections of k patients (all their
-    slices) in a 2D datastore, the other images unlabelled there; one ``train-finetune`` round
-    (semi-supervised: a second pass learns the first pass's drafts of the unlabelled images, or
+    slices) in a 2D datastore, the other images unlabelled there; one ``train-finetune`` round from the
+    shipped model, as a datastore's first round starts (``--new-network``: from a new one) (semi-supervised: a second pass learns the first pass's drafts of the unlabelled images, or
     supervised-only), then the other
     patients' slices drafted as ``medprompt infer IMAGE --model medprompt`` does (the network's map ->
     boxes -> LiteMedSAM) and scored per organ. k = 0 is the zero-shot 2D path (attribute saliency).
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medprompt.catalog import default_catalog  # noqa: E402
+from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 
 REAL2D = REPO.parent / "shared" / "data" / "real2d" / "curvas_ct2d"
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -199,15 +200,18 @@ def main() -> None:
     p.add_argument("--first-rotation", type=int, default=0,
                    help="CURVAS: start at this rotation (more rotations of a k in a second run)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--init", type=Path, default=None, help="CURVAS: start from this model (default: a new one)")
-    p.add_argument("--zero-shot", type=Path, default=REPO / "models" / "medprompt_sam.pt",
+    p.add_argument("--init", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="CURVAS: start from this model (default: the shipped one, as a datastore's first round does)")
+    p.add_argument("--new-network", action="store_true", help="CURVAS: start from a new network instead")
+    p.add_argument("--zero-shot", type=Path, default=DEFAULT_CHECKPOINT,
                    help="3D: the zero-shot model on LiteMedSAM features a round starts from")
     p.add_argument("--with-unlabelled", action="store_true",
                    help="3D: the scored studies are in the datastore unlabelled too (as in a real datastore)")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":
-        rows = curvas(args.ks, args.rotations, args.steps, args.init, args.first_rotation)
+        rows = curvas(args.ks, args.rotations, args.steps, None if args.new_network else args.init,
+                      args.first_rotation)
         lines = ["| corrected patients | training | pancreas | kidney | liver | mean | images scored |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['mode']} | {r['pancreas']:.3f} | {r['kidney']:.3f} | {r['liver']:.3f} | "

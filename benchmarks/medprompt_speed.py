@@ -4,7 +4,7 @@ Same volume as prior_speed.py (the real ct_abdomen_a resampled to 512x512x200). 
 of ``Predictor.predict`` (grid preparation, slice-batched network, upsampling to the input grid),
 the process's peak RSS and, on a GPU, the peak GPU memory allocated by torch.
 
-    .venv/bin/python benchmarks/medprompt_speed.py --checkpoint models/medprompt_default.pt [--device cuda]
+    .venv/bin/python benchmarks/medprompt_speed.py --checkpoint models/medprompt_vit.pt [--device cuda]
 """
 
 from __future__ import annotations

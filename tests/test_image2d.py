@@ -391,7 +391,9 @@ def test_grey_jpeg_with_chroma_noise_reads_as_grey(tmp_path: Path) -> None:
 
 def test_the_volume_model_on_a_2d_image_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     Image.fromarray(GREY).save(tmp_path / "img.png")
+    from medprompt.model.checkpoint import VIT_CHECKPOINT
+
     assert main(["infer", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--prompts", "lungs",
-                 "--model", "medprompt"]) == 2
-    line = one_error_line(capsys)  # the shipped default is the ViT on pixels: volumes only
+                 "--model", "medprompt", "--checkpoint", str(VIT_CHECKPOINT)]) == 2
+    line = one_error_line(capsys)  # the older ViT on pixels: volumes only
     assert "--saliency" in line and "LiteMedSAM features" in line

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from medprompt.model import sam_features as sf
-from medprompt.model.sam_net import SamNetConfig, SamPromptNet, cell_inputs
+from medprompt.model.sam_net import SamNetConfig, SamPromptNet, cell_inputs, part_matrix
 from medprompt.sam.preprocess import SliceGeometry
 from medprompt.trainers.cells import CellStudy
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, cell_loss, train_cells
@@ -103,17 +103,52 @@ def test_each_prompt_s_logits_do_not_depend_on_the_other_prompts_of_the_call() -
     torch.testing.assert_close(alone[:, 0], both[:, 0])  # background
 
 
-def test_cell_loss_ignores_classes_a_study_does_not_state_and_untrusted_cells() -> None:
-    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
-    target = torch.zeros(1, 3, 2, 2)
-    target[:, 2] = 1  # the cells are all class 2 ...
-    known = torch.tensor([[True, False]])  # ... which this study says nothing about
-    weight = torch.ones(1, 2, 2)
-    loss = cell_loss(logits, target, weight, known)
-    loss.backward()
-    assert logits.grad[:, 2].abs().sum() == 0  # its channel is out of the softmax
-    weight_zero = cell_loss(logits, target, torch.zeros(1, 2, 2), torch.tensor([[True, True]]))
-    assert float(weight_zero.detach()) == 0.0
+def test_cell_loss_counts_an_unstated_class_as_background_or_as_the_stated_whole_it_is_part_of() -> None:
+    # classes: kidneys, kidney_left (a part of kidneys), liver; the study states only "kidneys"
+    part_of = part_matrix(["kidneys", "kidney_left", "liver"], {"kidneys": ["kidney_left"]})
+    known = torch.tensor([[True, False, False]])
+    sure = 12.0
+
+    def loss(target_channel: int, confident_channel: int) -> float:
+        logits = torch.zeros(1, 4, 1)
+        logits[0, confident_channel] = sure
+        target = torch.zeros(1, 4, 1)
+        target[0, target_channel] = 1
+        return float(cell_loss(logits, target, torch.ones(1, 1), known, part_of))
+
+    assert loss(1, 2) < 1e-3  # a "kidneys" cell the network calls kidney_left: right
+    assert loss(0, 3) < 1e-3  # a background cell the network calls liver: the study says nothing of the liver
+    assert loss(0, 2) > 5  # a background cell called kidney_left: the study says there is no kidney there
+    assert loss(1, 3) > 5  # a "kidneys" cell called liver
+    assert loss(0, 1) > 5
+    # a study that states every class: plain cross-entropy
+    logits, target = torch.randn(2, 4, 5), torch.randint(0, 4, (2, 5))
+    full = cell_loss(logits, F.one_hot(target, 4).permute(0, 2, 1).float(), torch.ones(2, 5),
+                     torch.ones(2, 3, dtype=torch.bool), part_of)
+    torch.testing.assert_close(full, F.cross_entropy(logits, target))
+    assert float(cell_loss(logits, F.one_hot(target, 4).permute(0, 2, 1).float(), torch.zeros(2, 5),
+                           torch.ones(2, 3, dtype=torch.bool))) == 0.0  # untrusted cells teach nothing
+
+
+def test_a_trained_part_counts_for_the_asked_whole_and_other_unasked_classes_as_anything_else(monkeypatch) -> None:
+    from medprompt.catalog import default_catalog
+    from medprompt.model.sam_predictor import SamNetPredictor
+
+    vec = {c: np.random.default_rng(i).normal(size=12).tolist() for i, c in enumerate(["kidney_left", "kidney_right", "liver"])}
+    pred = SamNetPredictor(SamPromptNet(SamNetConfig.preset("tiny", text_dim=12)), {"class_vectors": vec,
+                           "text_encoder": "hash"}, torch.device("cpu"), text_encoder="hash")
+    seen = {}
+    probs = torch.tensor([0.1, 0.05, 0.3, 0.25, 0.3])  # background, kidneys (asked), kidney_left, kidney_right, liver
+
+    def fake_probabilities(stack, text):
+        seen["prompts"] = len(text)
+        return probs.reshape(1, 5, 1, 1).expand(2, 5, 3, 3).clone()
+
+    monkeypatch.setattr(pred, "class_vectors", lambda entries: torch.zeros(len(entries), 12))
+    monkeypatch.setattr(pred, "cell_probabilities", fake_probabilities)
+    out = pred.asked_probabilities(None, [default_catalog()["kidneys"]])
+    assert seen["prompts"] == 4 and out.shape == (2, 2, 3, 3)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.4, 0.6]))  # liver is anything else; the kidneys join
 
 
 def test_teacher_trusts_sam_near_the_priors_mask_of_the_same_class_only() -> None:
@@ -314,6 +349,20 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     assert not worse.accepted and served.read_bytes() == before
     assert worse.validation == ["img2.png"]  # a model to beat: one of the four corrected images is held out
     assert not (served.parent / "finetune_work" / "candidate.pt").exists()
+
+    # The command line, on a datastore with no model of its own yet: the round starts from the shipped model,
+    # as the server's first round does (its classes carry over; a new network would know only the label's).
+    from medprompt.catalog import SYNAPSE8
+    from medprompt.model.sam_checkpoint import load_net
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(sam_rounds, "cell_dice", lambda *a, **k: 0.5)  # a tie is served: what starts it is tested
+    fresh = tmp_path / "fresh" / "medprompt.pt"
+    assert main(["train-finetune", "--studies", str(store), "--model", str(fresh), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    classes = load_net(fresh)[1]["classes"]
+    assert set(SYNAPSE8) <= set(classes) and "liver" in classes
 
 
 def test_a_class_the_network_finds_too_little_of_takes_the_priors_region() -> None:

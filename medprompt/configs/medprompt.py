@@ -2,7 +2,7 @@
 
 App options (``--conf KEY VALUE``) read here:
   checkpoint    the model file served until this app's training writes one (default: the shipped
-                models/medprompt_default.pt)
+                models/medprompt_sam.pt)
   text_encoder  the frozen text encoder for prompts the checkpoint holds no vector for, and for
                 training rounds (default: minilm, the offline MiniLM; see medprompt.text)
 """

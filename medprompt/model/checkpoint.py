@@ -14,7 +14,10 @@ from medprompt.model.network import MedPromptNet, NetConfig
 
 FORMAT = "medprompt-net/1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "medprompt_default.pt"
+# The shipped model: MedPromptNet on LiteMedSAM's features (issue 9; ct_abdomen_a with LiteMedSAM 0.786
+# where the ViT below reaches 0.556). The ViT trained from pixels stays for `--arch vit`.
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "medprompt_sam.pt"
+VIT_CHECKPOINT = REPO_ROOT / "models" / "medprompt_vit.pt"
 MAKE_COMMAND = "medprompt train-zero-shot --studies DIR --out {path}"
 
 
@@ -71,8 +74,9 @@ def save_model(path: Path, net: MedPromptNet, meta: dict[str, Any]) -> Path:
 
 
 def load_model(path: Path | None = None, device: str | torch.device = "cpu") -> tuple[MedPromptNet, dict[str, Any]]:
-    """Rebuild the network from a model file; a missing or foreign file is a WeightsError saying what to do."""
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    """Rebuild the ViT from a model file (default the shipped one); a missing or foreign file is a
+    WeightsError saying what to do."""
+    path = Path(path) if path is not None else VIT_CHECKPOINT
     blob = read_model_file(path, FORMAT, "MedPrompt checkpoint")
     return restore(MedPromptNet(NetConfig(**blob["config"])), blob, path, device)
 

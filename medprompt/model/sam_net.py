@@ -20,6 +20,7 @@ it (medprompt.sam.refine), as for the anatomy prior.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -93,3 +94,42 @@ def cell_inputs(emb: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     (B, 3, h, w) -> (B, h * w, S * 256 + 3)."""
     b, s, c, h, w = emb.shape
     return torch.cat([emb.reshape(b, s * c, h * w), coords.reshape(b, 3, h * w)], 1).transpose(1, 2)
+
+
+def part_matrix(classes: Sequence[str], parts: Mapping[str, Sequence[str]]) -> torch.Tensor:
+    """(C, C) bool: [i, j] where class j is one of class i's parts (the catalog's prior.parts:
+    kidney_left and kidney_right of "kidneys")."""
+    return torch.tensor([[c in parts.get(whole, ()) for c in classes] for whole in classes], dtype=torch.bool)
+
+
+def channel_owner(stated: torch.Tensor, part_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Which channel each channel's probability counts for when a sample (or a call) states only some
+    classes: stated (B, C) bool -> (B, 1 + C) channel indices. A stated class is itself; an unstated part
+    of a stated class counts for that class (a study labelled "kidneys" has its kidney_left); any other
+    unstated class counts as background ("none of the stated classes": a correction that labels the liver
+    says a kidney cell is not liver, not that it is no kidney). Partial labels as a marginal, not a
+    mask: with the unstated classes left out of the softmax, a study labelling five organs taught
+    background on the other three and the network unlearnt them."""
+    b, c = stated.shape
+    own = torch.arange(1, c + 1, device=stated.device).expand(b, c)
+    owner = torch.where(stated, own, torch.zeros_like(own))
+    if part_of is not None:
+        whole = part_of.to(stated.device).T[None] & stated[:, None, :]  # (B, part j, whole i): i stated
+        owner = torch.where(~stated & whole.any(-1), whole.float().argmax(-1) + 1, owner)
+    return torch.cat([torch.zeros_like(owner[:, :1]), owner], 1)
+
+
+def merged_log_softmax(logits: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """log of each channel's probability with the channels it owns added (B, 1 + C, ...); -1e4 in channels
+    that count for another."""
+    k = logits.shape[1]
+    owns = F.one_hot(owner, k).transpose(1, 2).bool()  # (B, owner, channel)
+    owns = owns.reshape(*owns.shape, *([1] * (logits.dim() - 2)))
+    lp = F.log_softmax(logits, 1)[:, None]
+    return torch.logsumexp(lp.masked_fill(~owns, float("-inf")), 2).clamp(min=-1e4)
+
+
+def merge_probabilities(p: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Probabilities (B, 1 + C, ...) with each channel added to its owner; 0 in channels that count for another."""
+    idx = owner.reshape(*owner.shape, *([1] * (p.dim() - 2))).expand_as(p)
+    return torch.zeros_like(p).scatter_add_(1, idx, p)

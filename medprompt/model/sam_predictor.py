@@ -52,16 +52,26 @@ class SamNetPredictor:
 
     def asked_probabilities(self, stack: SliceStack, entries: Sequence[PromptEntry]) -> torch.Tensor:
         """(K, 1 + P, 64, 64) per cell: "anything else", then each asked prompt. The classes the network was
-        trained on that were not asked compete too and count as "anything else": trained with them in the
-        softmax, a cell of a class left out would otherwise fall to whichever prompt is least unlikely."""
+        trained on that were not asked compete too: trained with them in the softmax, a cell of a class left
+        out would otherwise fall to whichever prompt is least unlikely. Each counts for the asked class it is
+        a part of (kidney_left for "kidneys"), else as "anything else" (sam_net.channel_owner, as in training)."""
+        from medprompt.model.sam_net import channel_owner, merge_probabilities, part_matrix
+
         asked = {e.name for e in entries}
-        others = [np.asarray(v, np.float32) for c, v in self.meta.get("class_vectors", {}).items() if c not in asked]
+        others = [(c, np.asarray(v, np.float32)) for c, v in self.meta.get("class_vectors", {}).items()
+                  if c not in asked]
         text = self.class_vectors(entries)
-        if others and encoder_key(self.text_encoder) == encoder_key(self.meta.get("text_encoder")):
-            text = torch.cat([text, torch.from_numpy(np.stack(others)).to(text.device)])
+        if not others or encoder_key(self.text_encoder) != encoder_key(self.meta.get("text_encoder")):
+            others = []
+        if others:
+            text = torch.cat([text, torch.from_numpy(np.stack([v for _, v in others])).to(text.device)])
         p = self.cell_probabilities(stack, text)
         n = len(entries)
-        return torch.cat([p[:, :1] + p[:, 1 + n :].sum(1, keepdim=True), p[:, 1 : 1 + n]], 1)
+        names = [e.name for e in entries] + [c for c, _ in others]
+        part_of = part_matrix(names, {e.name: e.prior.get("parts", ()) for e in entries})
+        stated = torch.tensor([[True] * n + [False] * len(others)])
+        owner = channel_owner(stated, part_of).expand(len(p), -1)
+        return merge_probabilities(p, owner)[:, : 1 + n]
 
     def cell_uncertainty_inputs(self, volume: "Volume", entries: Sequence[PromptEntry]) -> tuple[np.ndarray, np.ndarray]:
         """Each prompt's probability per cell of the sampled slices (P, K, 64, 64) and the cells inside the

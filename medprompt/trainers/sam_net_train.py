@@ -2,7 +2,8 @@
 
 Batches are random cells of sampled slices of CellStudy's (medprompt.trainers.cells), with their
 neighbours' embeddings; the loss is the confidence-weighted soft cross-entropy of background +
-classes per cell, each study's softmax over the classes it says something about (optionally each
+classes per cell; a class a study does not state counts as its background (or as the stated class it is
+a part of), a marginal rather than a mask, so partial labels do not unlearn other organs (optionally each
 cell's weight scaled by its classes' balance weights, so a rare class is not drowned). Augmentation
 jitters the position channels and the embedding.
 The model file is written atomically every ``save_every`` steps and at the end; the optimiser state
@@ -19,11 +20,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from medprompt.model.sam_checkpoint import load_net, save_net
-from medprompt.model.sam_net import SamNetConfig, SamPromptNet
+from medprompt.model.sam_net import SamNetConfig, SamPromptNet, channel_owner, merged_log_softmax, part_matrix
 from medprompt.trainers.cells import CellStudy, class_balance
 
 @dataclass
@@ -46,6 +46,7 @@ class SamNetTrainConfig:
     jitter: float = 0.1  # position jitter (the slice spans -1..1)
     noise: float = 0.1  # embedding jitter, in units of the embedding's own spread
     balance: bool = False  # up-weight classes with little trusted area (trainers.cells.class_balance)
+    parts: dict = field(default_factory=dict)  # class -> its part classes (catalog prior.parts), see cell_loss
     meta: dict = field(default_factory=dict)
 
 
@@ -82,15 +83,17 @@ def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cel
     return x, target, weight, torch.stack(known)
 
 
-def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Weighted soft cross-entropy over background + the classes each sample knows: logits and target
-    (B, 1 + C, ...), weight (B, ...), known (B, C)."""
-    mask = torch.cat([torch.ones_like(known[:, :1]), known], 1)
-    mask = mask.reshape(*mask.shape, *([1] * (logits.dim() - 2)))
-    logits = logits.masked_fill(~mask, -1e4)
-    t = target * mask
+def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, known: torch.Tensor,
+              part_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted soft cross-entropy over background + the classes each sample states: logits and target
+    (B, 1 + C, ...), weight (B, ...), known (B, C); a class a sample does not state counts as its
+    background, or as the stated class it is a part of (``part_of``, see sam_net.channel_owner)."""
+    owner = channel_owner(known, part_of)
+    stated = owner == torch.arange(owner.shape[1], device=owner.device)
+    stated = stated.reshape(*stated.shape, *([1] * (logits.dim() - 2)))
+    t = target * stated
     t = t / t.sum(1, keepdim=True).clamp(min=1e-6)
-    ce = -(t * F.log_softmax(logits, 1)).sum(1)
+    ce = -(t * merged_log_softmax(logits, owner)).sum(1)
     return (ce * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -131,6 +134,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     p = np.asarray(study_p, np.float64) if study_p is not None else np.array([len(s.embeddings) for s in studies], np.float64)
     p = p / p.sum()
     balance = class_balance(studies) if cfg.balance else None
+    part_of = part_matrix(list(cfg.classes), cfg.parts).to(device)
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
             "trained_on": [s.name for s in studies], "steps": cfg.steps, **cfg.meta}
@@ -146,7 +150,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
         for s in rng.choice(len(studies), size=cfg.batch_size, p=p):
             picks.append((int(s), int(rng.integers(len(studies[int(s)].embeddings)))))
         x, t, w, k = (a.to(device) for a in batch_of(studies, picks, cfg.cells, rng, cfg.jitter, cfg.noise, balance))
-        loss = cell_loss(model(x, text), t, w, k)
+        loss = cell_loss(model(x, text), t, w, k, part_of)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

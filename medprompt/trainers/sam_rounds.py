@@ -9,7 +9,10 @@ agree the target stays, where the teacher had no say and the student is sure, th
 learnt at half weight. No label file is read.
 
 Finetune: corrected studies are full-weight targets, rare classes up-weighted as in the zero-shot
-round (a CT slice holds an order of magnitude more liver than pancreas). Where there is a model to
+round (a CT slice holds an order of magnitude more liver than pancreas). A correction speaks only for
+the classes it names: the network's other classes count as its background there, or as the named
+class they are part of (kidney_left in a "kidney" label), so correcting five organs does not unlearn
+the other three (sam_net_train.cell_loss). Where there is a model to
 beat, a quarter of the corrected slices (every fourth, at least one; whole images on a 2D datastore)
 is held out and scores the candidate against it, so even one corrected study validates a round on
 slices it did not train on; the first round of a new network has nothing to compare with, so it
@@ -92,18 +95,21 @@ def _reach(model_config: str) -> int:
 
 
 @torch.no_grad()
-def student_cells(model: Path, study: CellStudy, vectors: np.ndarray, device: str = "auto",
-                  among: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's softmax (K, 1 + C, 64, 64) on a training study's slices; ``among`` (1 + C) bool: only
-    those channels compete (the others get 0), as in training on a study that states only some classes."""
+def student_cells(model: Path, study: CellStudy, vectors: np.ndarray, device: str = "auto") -> torch.Tensor:
+    """The model's softmax (K, 1 + C, 64, 64) on a training study's slices."""
     from medprompt.model.checkpoint import resolve_device
     from medprompt.model.sam_checkpoint import load_net
     from medprompt.model.sam_predictor import cell_softmax
 
     dev = resolve_device(device)
     net, _ = load_net(model, dev)
-    return cell_softmax(net, study.embeddings, study.neighbours, study.coords, torch.from_numpy(vectors).float(), dev,
-                        among=among)
+    return cell_softmax(net, study.embeddings, study.neighbours, study.coords, torch.from_numpy(vectors).float(), dev)
+
+
+def class_parts(classes: Sequence[str], catalog: PromptCatalog) -> dict[str, list[str]]:
+    """Each class's parts among ``classes`` (the catalog's prior.parts): what a study stating the whole
+    also says of its parts (trainers.sam_net_train.cell_loss)."""
+    return {c: [p for p in catalog[c].prior.get("parts", ()) if p in classes] for c in classes if c in catalog}
 
 
 def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, device: str) -> list[CellStudy]:
@@ -208,12 +214,16 @@ def split_validation(study: CellStudy) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def cell_dice(model: Path, studies: Sequence[CellStudy], vectors: np.ndarray, device: str = "auto") -> float:
-    """Mean soft Dice over the known classes present on ``studies``' cells (validation of a round)."""
+def cell_dice(model: Path, studies: Sequence[CellStudy], vectors: np.ndarray, device: str = "auto",
+              part_of: torch.Tensor | None = None) -> float:
+    """Mean soft Dice over the known classes present on ``studies``' cells (validation of a round), each
+    class's probability with its unstated parts' added as the loss counts them (sam_net.channel_owner)."""
+    from medprompt.model.sam_net import channel_owner, merge_probabilities
+
     scores = []
     for st in studies:
-        logits_mask = torch.cat([torch.tensor([True]), st.known])  # softmax over what the study states
-        p = student_cells(model, st, vectors, device, logits_mask)
+        owner = channel_owner(st.known[None], part_of)
+        p = merge_probabilities(student_cells(model, st, vectors, device), owner.expand(len(st.embeddings), -1))
         t = st.target.float()
         for c in np.flatnonzero(st.known.numpy()):
             pc, tc = p[:, c + 1], t[:, c + 1]
@@ -253,6 +263,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
     label_classes = sorted({n for s in labelled for n in s.names})
     classes = base_classes + [c for c in label_classes if c not in base_classes]
     catalog = catalog_with(classes, catalog)
+    parts = class_parts(classes, catalog)
     work = served.parent / "finetune_work"
     (work / "teacher_cache").mkdir(parents=True, exist_ok=True)
     candidate = work / "candidate.pt"
@@ -298,7 +309,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         p = np.array([share / len(train)] * len(train) + [(1 - share) / max(1, len(unl))] * len(unl))
         cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
                                 model_config=model_config, device=device, seed=seed + r,
-                                save_every=max(steps, 1), resume=False, balance=True, meta=meta)
+                                save_every=max(steps, 1), resume=False, balance=True, parts=parts, meta=meta)
         train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
                     on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
     from medprompt.distributed import init_distributed
@@ -306,10 +317,13 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
     if not init_distributed(device).is_main:
         return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
                               validation=[], classes=classes)
-    new = cell_dice(candidate, val, vectors, device)
+    from medprompt.model.sam_net import part_matrix
+
+    part_of = part_matrix(classes, parts)
+    new = cell_dice(candidate, val, vectors, device, part_of)
     old = None
     if base is not None:
-        old = cell_dice(Path(base), val, vectors, device)  # the same prompts as the candidate
+        old = cell_dice(Path(base), val, vectors, device, part_of)  # the same prompts as the candidate
     result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
                             previous_score=old, validation=where, classes=classes)
     if result.accepted:
