@@ -18,6 +18,16 @@ model.sam_predictor) does its map become boxes, by the same k-means as any map. 
 finds a "foreground", so a class absent from the slice (the pancreas on a slice below it, the kidneys
 above them) got a box and a mask; and the > 0.5 core alone is narrower than the organ (a network
 trained on a few images is sure of an organ's middle, not its rim), so its box cut SAM's mask short.
+The mask LiteMedSAM draws from those boxes is then read against the same map as a whole: it is kept
+only if the class is more probable than not on average inside it (sum of p over the mask > sum of
+1 - p: more of its pixels are expected to be the class than not), the 0.5 rule applied to the object
+rather than to its surest pixel. A map sure of a few cells on a slice without the organ still gets a
+box, and LiteMedSAM a plausible organ around them: that mask is mostly improbable. Choosing among
+several boxes from one map (k-means, > 0.5, wider margins) the mask that agrees best with the map, and
+feeding a box from SAM's own mask back, were measured too and gained nothing (BENCHMARKS.md, "CURVAS
+k = 1: the mask read against the map"). A round's teacher draft of an unlabelled image keeps every mask
+(``probable_masks_only=False``): its cells are weighed by agreement with the map already, and a dropped
+mask taught the organ's rim as background.
 """
 
 from __future__ import annotations
@@ -60,9 +70,12 @@ class Draft2D:
 
 def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn | None = None, refine: str = "sam",
             sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
-            points: bool = False) -> Draft2D:
+            points: bool = False, probable_masks_only: bool = True) -> Draft2D:
     """Segment ``prompts`` on ``image``; see the module docstring. ``saliency``: a registered method's name
-    or the method itself (a round drafting with its candidate model). PromptError for a class with no 2D
+    or the method itself (a round drafting with its candidate model). ``probable_masks_only``: a
+    probability map's mask is kept only if the class is more probable than not inside it (a draft for a
+    person); a round's teacher passes False, as its cells are weighed by agreement with the map already
+    and a dropped mask would teach the organ's rim as background. PromptError for a class with no 2D
     attributes (unless another saliency method is chosen) or an image of another modality."""
     start = time.perf_counter()
     refine = refine_choice(refine)
@@ -131,11 +144,24 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn |
                                       point_labels=point_labels).numpy()
                 logits = per_box.max(axis=0)
                 out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
+        if probable_masks_only and getattr(method, "probability", False) and not focal_lesion:
+            inside = _mean_inside(logits > 0, sal)
+            if inside <= PROBABLE:
+                out.stages[entry.name] = (f"{method_name} saliency: its mask is less probable than not "
+                                          f"(mean {inside:.2f})")
+                out.prompts[entry.name] = SamPrompts(boxes=np.zeros((0, 4), np.float32))  # drew nothing
+                continue
         take = (logits > 0) & (logits > best)
         out.labels[take] = names[entry.name]
         best = np.where(take, logits, best)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _mean_inside(mask: np.ndarray, probability: np.ndarray) -> float:
+    """The map's mean probability inside ``mask`` (0 for an empty mask): above 0.5, the mask's expected
+    pixels of the class outnumber its expected others."""
+    return float(probability[mask].mean()) if mask.any() else 0.0
 
 
 def _modality(image: Image2D, entry: PromptEntry, strict: bool) -> str:

@@ -97,6 +97,54 @@ def test_a_probability_map_draws_a_class_only_where_it_is_more_likely_than_not(t
         assert np.array_equal(out_faint.labels == 1, halo)  # k-means always finds a foreground
 
 
+class _Drawer:
+    """Stands in for LiteMedSAM: every box gets the same mask (logits +1 on ``mask``, -1 elsewhere)."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+    def predict(self, k: int, boxes: np.ndarray, points=None, point_labels=None) -> torch.Tensor:
+        one = torch.from_numpy(np.where(self.mask, 1.0, -1.0).astype(np.float32))
+        return one[None].repeat(len(boxes), 1, 1)
+
+
+@pytest.mark.parametrize("probability", [True, False])
+def test_a_probability_maps_mask_is_kept_only_if_more_probable_than_not_inside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probability: bool) -> None:
+    """A softmax map sure of a small core (0.9) draws its box; SAM's mask is kept when the class is more
+    probable than not on average inside it (the core and a rim), dropped when it is mostly the faint
+    surroundings (a plausible organ around a few sure cells). Another kind of map keeps SAM's mask."""
+    import medprompt.sam as sam
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.image2d import load_image2d
+    from medprompt.saliency import register
+
+    yy, xx = np.mgrid[:64, :96]
+    r2 = (yy - 30) ** 2 + (xx - 40) ** 2
+    prob = np.select([r2 <= 6 ** 2, r2 <= 20 ** 2], [0.9, 0.2], 0.0).astype(np.float32)
+
+    def learnt(image, entry):
+        return prob
+
+    if probability:
+        learnt.probability = True
+    register("test_learnt", learnt, replace=True)
+    _image(tmp_path / "a.png")
+    image = load_image2d(tmp_path / "a.png")
+    for radius, kept in ((8, True), (18, False)):  # mean inside: 0.60 (core + rim) / 0.28 (mostly faint)
+        drawn = r2 <= radius ** 2
+        monkeypatch.setattr(sam, "segmenter_factory", lambda *a, drawn=drawn, **k: lambda px, mm: _Drawer(drawn))
+        out = draft2d(image, ["liver"], saliency="test_learnt")
+        if kept or not probability:
+            assert np.array_equal(out.labels == 1, drawn), radius
+        else:
+            assert not out.labels.any() and "less probable than not" in out.stages["liver"]
+            assert out.prompts["liver"].empty
+            # a round's teacher keeps every mask (its cells are weighed against the map instead)
+            teacher = draft2d(image, ["liver"], saliency="test_learnt", probable_masks_only=False)
+            assert np.array_equal(teacher.labels == 1, drawn)
+
+
 class _Stand:
     """Stands in for LiteMedSAM's segmenter where only the slice geometry matters (no embedding, no mask)."""
 
@@ -125,7 +173,8 @@ def test_an_unlabelled_image_learns_its_draft_where_draft_and_map_agree(
     drawn = np.zeros((64, 64), np.uint8)
     drawn[16:48, 24:56] = 1  # the draft's organ
     drawn[0:2, 60:64] = 1  # and a speck far from anything the map said
-    monkeypatch.setattr(drafts2d, "draft2d", lambda image, prompts, **k: drafts2d.Draft2D(
+    asked = {}
+    monkeypatch.setattr(drafts2d, "draft2d", lambda image, prompts, **k: asked.update(k) or drafts2d.Draft2D(
         labels=drawn, names={"liver": 1}, resolved={"liver": "liver"}))
     student = torch.zeros(1, 2, 64, 64)
     student[:, 0], student[:, 1] = 0.9, 0.1
@@ -135,6 +184,7 @@ def test_an_unlabelled_image_learns_its_draft_where_draft_and_map_agree(
     out = sam_rounds.drafted_cells(blank, tmp_path / "u.png", Path("unused.pt"), ["liver"], default_catalog(),
                                    np.zeros((1, 8)), _Stand, None, "cpu")
     t, w = out.target.float()[0, 1], out.weight.float()[0]
+    assert asked["probable_masks_only"] is False  # the teacher is every mask LiteMedSAM drew
     assert torch.all(t[16:48, 24:56] == 1) and float(t.sum()) == 32 * 32 + 8  # the draft, not the map
     assert torch.all(w[24:40, 32:48] == sam_rounds.SELF_WEIGHT)  # draft and map agree
     assert torch.all(w[23, 32:48] == sam_rounds.SELF_WEIGHT)  # the draft's rim next to the map's region

@@ -194,7 +194,7 @@ def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str
 
     img = load_image2d(image)
     out = draft2d(img, list(classes), saliency=saliency_method(model, sam_checkpoint), sam_checkpoint=sam_checkpoint,
-                  catalog=catalog)
+                  catalog=catalog, probable_masks_only=False)  # every mask: teacher_weights says where to trust it
     stack = image_stack(*image_pixels(img), segmenter_for)
     target = to_cells(out.labels[None], stack.geometry, [out.names[out.resolved[c]] for c in classes])
     p = student_cells(model, st, vectors, device)
