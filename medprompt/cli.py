@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--studies", type=Path, required=True,
                       help="MONAI Label datastore folder: images, and corrected labels in labels/final")
     tune.add_argument("--model", type=Path, default=None,
-                      help="the served model file to improve (default: models/medprompt_sam.pt)")
+                      help="the datastore's model file to improve (default: STUDIES/model/medprompt.pt; the shipped "
+                           "model in models/ is never overwritten by default)")
     tune.add_argument("--init", type=Path, default=None,
                       help="start from this model file (default: --model, or the shipped model while --model does "
                            "not exist yet)")
@@ -456,7 +457,7 @@ def _train_finetune(args: argparse.Namespace) -> int:
     if (args.steps is not None and args.steps < 1) or (args.batch_size is not None and args.batch_size < 1):
         raise InputError("--steps and --batch-size must be positive")
     names = read_label_names(args.label_names) if args.label_names else None
-    served = args.model or DEFAULT_CHECKPOINT
+    served = args.model or args.studies / "model" / "medprompt.pt"  # the datastore's own, as the server keeps one
     init = args.init
     if init is None and not served.is_file() and DEFAULT_CHECKPOINT.is_file():
         # A new datastore's first round starts from the shipped model, as the server's does: one corrected

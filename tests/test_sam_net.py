@@ -358,9 +358,12 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     monkeypatch.undo()
     monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
     monkeypatch.setattr(sam_rounds, "cell_dice", lambda *a, **k: 0.5)  # a tie is served: what starts it is tested
-    fresh = tmp_path / "fresh" / "medprompt.pt"
-    assert main(["train-finetune", "--studies", str(store), "--model", str(fresh), "--steps", "2",
-                 "--device", "cpu"]) == 0
+    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+
+    shipped = DEFAULT_CHECKPOINT.read_bytes()
+    fresh = store / "model" / "medprompt.pt"  # without --model: the datastore's own model file
+    assert main(["train-finetune", "--studies", str(store), "--steps", "2", "--device", "cpu"]) == 0
+    assert DEFAULT_CHECKPOINT.read_bytes() == shipped  # the shipped model is only the start
     classes = load_net(fresh)[1]["classes"]
     assert set(SYNAPSE8) <= set(classes) and "liver" in classes
 
