@@ -99,11 +99,12 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn |
                   resolved={text: e.name for text, e in pairs})
     best = np.full(image.shape, -np.inf, np.float32)
     segmenters: dict[tuple[str, str], object] = {}  # one embedding per channel LiteMedSAM sees
+    probability = getattr(method, "probability", False)  # a softmax: read at PROBABLE (module docstring)
     for entry in entries:
         sal = checked_map(method(image, entry), image.shape, method_name)
         parts = int(entry.image2d.get("parts", 1)) if entry.image2d else 1
-        absent = getattr(method, "probability", False) and float(sal.max()) <= PROBABLE
-        sam_prompts = (SamPrompts(boxes=np.zeros((0, 4), np.float32)) if absent
+        absent = probability and float(sal.max()) <= PROBABLE
+        sam_prompts = (SamPrompts.none() if absent
                        else saliency_to_prompts(sal, parts=parts, per_part=True, points=points))
         out.saliency[entry.name], out.prompts[entry.name] = sal, sam_prompts
         modality = modalities[entry.name]
@@ -144,12 +145,12 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn |
                                       point_labels=point_labels).numpy()
                 logits = per_box.max(axis=0)
                 out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
-        if probable_masks_only and getattr(method, "probability", False) and not focal_lesion:
+        if probable_masks_only and probability and not focal_lesion:
             inside = _mean_inside(logits > 0, sal)
             if inside <= PROBABLE:
                 out.stages[entry.name] = (f"{method_name} saliency: its mask is less probable than not "
                                           f"(mean {inside:.2f})")
-                out.prompts[entry.name] = SamPrompts(boxes=np.zeros((0, 4), np.float32))  # drew nothing
+                out.prompts[entry.name] = SamPrompts.none()  # drew nothing
                 continue
         take = (logits > 0) & (logits > best)
         out.labels[take] = names[entry.name]

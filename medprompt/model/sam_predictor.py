@@ -60,9 +60,9 @@ class SamNetPredictor:
         asked = {e.name for e in entries}
         others = [(c, np.asarray(v, np.float32)) for c, v in self.meta.get("class_vectors", {}).items()
                   if c not in asked]
+        if encoder_key(self.text_encoder) != encoder_key(self.meta.get("text_encoder")):
+            others = []  # stored vectors of another encoder cannot share a softmax with these prompts
         text = self.class_vectors(entries)
-        if not others or encoder_key(self.text_encoder) != encoder_key(self.meta.get("text_encoder")):
-            others = []
         if others:
             text = torch.cat([text, torch.from_numpy(np.stack([v for _, v in others])).to(text.device)])
         p = self.cell_probabilities(stack, text)

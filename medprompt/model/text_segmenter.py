@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from medprompt.model.text_tokens import TextTokens, class_text, low_res_logits, prompt_tokens
 from medprompt.sam.decoder import SliceContext, decode_groups, slice_context, token_pe
+from medprompt.sam.refine import OUTSIDE
 
 if TYPE_CHECKING:
     from medprompt.catalog import PromptEntry
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from medprompt.localization import Localization
     from medprompt.sam.refine import RefineSettings
     from medprompt.sam.segmenter import SliceSegmenter
-
-OUTSIDE = -1e4
 
 
 class TextPromptSegmenter:

@@ -36,6 +36,11 @@ class SamPrompts:
     def empty(self) -> bool:
         return len(self.boxes) == 0
 
+    @classmethod
+    def none(cls) -> "SamPrompts":
+        """No prompt: the class is not drawn."""
+        return cls(boxes=np.zeros((0, 4), np.float32))
+
 
 def kmeans_foreground(saliency: np.ndarray, iterations: int = 20) -> np.ndarray:
     """Pixels in the higher of two 1D k-means clusters of the map's values (centres start at min and max)."""
@@ -67,7 +72,7 @@ def saliency_to_prompts(saliency: np.ndarray, parts: int = 1, per_part: bool = T
     split = kmeans_split(saliency) if threshold is None else threshold
     labels, n = ndimage.label(saliency > split)
     if n == 0:
-        return SamPrompts(boxes=np.zeros((0, 4), np.float32))
+        return SamPrompts.none()
     mass = ndimage.sum(saliency, labels, index=np.arange(1, n + 1))
     order = np.argsort(-mass)[: max(1, parts)]
     order = [i for i in order if mass[i] >= MIN_PART_SHARE * mass[order[0]]]

@@ -106,6 +106,11 @@ def student_cells(model: Path, study: CellStudy, vectors: np.ndarray, device: st
     return cell_softmax(net, study.embeddings, study.neighbours, study.coords, torch.from_numpy(vectors).float(), dev)
 
 
+def most_probable(p: torch.Tensor) -> torch.Tensor:
+    """Softmax (K, 1 + C, h, w) -> one-hot of each cell's most probable channel (a hard pseudo-label)."""
+    return torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
+
+
 def class_parts(classes: Sequence[str], catalog: PromptCatalog) -> dict[str, list[str]]:
     """Each class's parts among ``classes`` (the catalog's prior.parts): what a study stating the whole
     also says of its parts (trainers.sam_net_train.cell_loss)."""
@@ -129,8 +134,7 @@ def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, devic
         new_w = torch.where(agree & sure, torch.maximum(weight, torch.ones_like(weight)), weight)
         take = sure & (weight == 0)
         new_w = torch.where(take, torch.full_like(weight, SELF_WEIGHT), new_w)
-        onehot = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
-        target = torch.where(take[:, None], onehot, st.target.float())
+        target = torch.where(take[:, None], most_probable(p), st.target.float())
         out.append(CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), new_w.half(),
                              st.known, False, st.slices))
     return out
@@ -198,8 +202,7 @@ def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str
     stack = image_stack(*image_pixels(img), segmenter_for)
     target = to_cells(out.labels[None], stack.geometry, [out.names[out.resolved[c]] for c in classes])
     p = student_cells(model, st, vectors, device)
-    student = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).float()
-    weight = teacher_weights(target, student) * SELF_WEIGHT
+    weight = teacher_weights(target, most_probable(p)) * SELF_WEIGHT
     return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), weight.half(), st.known,
                      False, st.slices)
 
