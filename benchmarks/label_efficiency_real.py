@@ -2,8 +2,9 @@
 
 (a) CURVAS CT slices (../shared/data/real2d/curvas_ct2d, 5 patients): corrections of k patients (all their
     slices) in a 2D datastore, the other images unlabelled there; one ``train-finetune`` round from the
-    shipped model, as a datastore's first round starts (``--new-network``: from a new one) (semi-supervised: a second pass learns the first pass's drafts of the unlabelled images, or
-    supervised-only), then the other
+    shipped model, as a datastore's first round starts (``--new-network``: from a new one), each corrected
+    image with its image-space variants (trainers.augment2d; ``--no-augment``: without) (semi-supervised:
+    a second pass learns the first pass's drafts of the unlabelled images, or supervised-only), then the other
     patients' slices drafted as ``medprompt infer IMAGE --model medprompt`` does (the network's map ->
     boxes -> LiteMedSAM) and scored per organ. k = 0 is the zero-shot 2D path (attribute saliency).
     Every rotation of the patients is run (``--rotations`` fewer for a quick look).
@@ -14,7 +15,8 @@
     .venv/bin/python benchmarks/label_efficiency_real.py --part curvas --ks 0 1 2 4
     .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_sam.pt [--with-unlabelled]
 
-Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/.
+Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/ (``--no-augment``: beside
+the default run's, with ``_no_augment`` in the name). Each CURVAS rotation prints its own line too.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int((a & b).sum()) / s if s else 1.0
 
 
-def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: int = 0) -> list[dict]:
+def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: int = 0,
+           augment: bool = True, modes: tuple[str, ...] = ("semi", "supervised")) -> list[dict]:
     from medprompt.drafts2d import draft2d
     from medprompt.io.image2d import load_image2d, load_label2d
     from medprompt.model.sam_predictor import saliency_method
@@ -64,7 +67,7 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
     patients = sorted(set(patient.values()))
     rows = []
     for k in ks:
-        for mode in (["zero-shot"] if k == 0 else ["semi", "supervised"]):
+        for mode in (["zero-shot"] if k == 0 else modes):
             per = {o: [] for o in ORGANS}
             t0 = time.perf_counter()
             for j in range(first, first + min(rotations, len(patients)) if k else 1):
@@ -81,9 +84,10 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
                             (final / f"{p.stem}.json").write_text(json.dumps({"labels": names}))
                     served = work / "model" / "medprompt.pt"
                     served.parent.mkdir()
-                    finetune_sam(work, served, init, None, steps=steps, semi=mode == "semi", device="cpu",
-                                 progress=False)
+                    finetune_sam(work, served, init, None, steps=steps, semi=mode == "semi", augment=augment,
+                                 device="cpu", progress=False)
                     register("medprompt", saliency_method(served), replace=True)
+                rot = {o: [] for o in ORGANS}
                 for p in test:
                     ref, _ = load_label2d(REAL2D / "labels" / p.name)
                     # k = 0 drafts as `medprompt infer IMAGE` does with no model: the default catalog, where
@@ -91,7 +95,12 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
                     out = draft2d(load_image2d(p), list(ORGANS), saliency="medprompt" if k else None,
                                   catalog=catalog if k else default_catalog())
                     for o in ORGANS:
-                        per[o].append(dice(out.labels == out.names[out.resolved[o]], ref == names[o]))
+                        rot[o].append(dice(out.labels == out.names[out.resolved[o]], ref == names[o]))
+                        per[o].append(rot[o][-1])
+                if k:
+                    print(json.dumps({"k": k, "mode": mode, "rotation": j, "labelled": sorted(labelled),
+                                      **{o: round(float(np.mean(v)), 3) for o, v in rot.items()},
+                                      "mean": round(float(np.mean([np.mean(v) for v in rot.values()])), 3)}), flush=True)
                 if k:
                     shutil.rmtree(work, ignore_errors=True)
             row = {"k": k, "mode": mode, **{o: float(np.mean(v)) for o, v in per.items()},
@@ -203,6 +212,10 @@ def main() -> None:
     p.add_argument("--init", type=Path, default=DEFAULT_CHECKPOINT,
                    help="CURVAS: start from this model (default: the shipped one, as a datastore's first round does)")
     p.add_argument("--new-network", action="store_true", help="CURVAS: start from a new network instead")
+    p.add_argument("--modes", nargs="+", choices=["semi", "supervised"], default=["semi", "supervised"],
+                   help="CURVAS: which rounds to run for k >= 1 (default: both)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="CURVAS: corrected images without their image-space variants (trainers.augment2d)")
     p.add_argument("--zero-shot", type=Path, default=DEFAULT_CHECKPOINT,
                    help="3D: the zero-shot model on LiteMedSAM features a round starts from")
     p.add_argument("--with-unlabelled", action="store_true",
@@ -211,13 +224,14 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":
         rows = curvas(args.ks, args.rotations, args.steps, None if args.new_network else args.init,
-                      args.first_rotation)
+                      args.first_rotation, not args.no_augment, tuple(args.modes))
         lines = ["| corrected patients | training | pancreas | kidney | liver | mean | images scored |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['mode']} | {r['pancreas']:.3f} | {r['kidney']:.3f} | {r['liver']:.3f} | "
                   f"{r['mean']:.3f} | {r['images']} |" for r in rows]
-        (RESULTS / "label_efficiency_curvas.md").write_text("\n".join(lines) + "\n")
-        plot(rows, RESULTS / "label_efficiency_curvas.png")
+        stem = "label_efficiency_curvas" + ("_no_augment" if args.no_augment else "")
+        (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        plot(rows, RESULTS / f"{stem}.png")
     else:
         rows = three_d(args.zero_shot, args.steps, args.with_unlabelled)
         lines = ["| corrected | scored | zero-shot + SAM | finetuned + SAM |", "|---|---|---|---|"]

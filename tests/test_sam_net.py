@@ -368,6 +368,79 @@ def test_a_finetune_round_on_a_2d_datastore_serves_only_a_no_worse_model(tmp_pat
     assert set(SYNAPSE8) <= set(classes) and "liver" in classes
 
 
+def test_image_variants_move_image_and_label_together_and_repeat_for_the_same_image() -> None:
+    """A corrected 2D image's variants: the label stays on the pixels it names, the organ moved and changed
+    size, and the same image gives the same variants (a later round finds their embeddings cached)."""
+    from medprompt.trainers.augment2d import COPIES, MAX_VARIANTS, copies_per_image, variants
+
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - 40) ** 2 + (xx - 70) ** 2 <= 15 ** 2
+    img = np.full((96, 128), 60, np.uint8)
+    img[disc] = 200
+    out = variants(img, disc.astype(np.uint8) * 3, 6)
+    again = variants(img, disc.astype(np.uint8) * 3, 6)
+    assert len(out) == 6
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(out, again))
+    areas = []
+    for px, lab in out:
+        assert px.dtype == np.uint8 and set(np.unique(lab)) <= {0, 3}
+        organ = lab == 3
+        body = (px > 0) & ~organ
+        bright = px > (float(px[organ].mean()) + float(px[body].mean())) / 2
+        assert 2 * (bright & organ).sum() / (bright.sum() + organ.sum()) > 0.9  # image and label moved together
+        assert not np.array_equal(organ, disc)
+        areas.append(organ.sum() / disc.sum())
+    assert max(areas) / min(areas) > 1.1  # scaled, not only shifted
+    assert copies_per_image(1) == COPIES and copies_per_image(10 * MAX_VARIANTS) == 0
+    assert copies_per_image(100) * 100 <= MAX_VARIANTS
+
+
+def test_a_2d_round_trains_on_variants_of_corrected_images_and_validates_on_the_images_alone(
+        tmp_path: Path, one_torch_thread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variants are training data only: a held-out image is scored without them, and its variants do not
+    train either (they would be the held-out image under another contrast)."""
+    from medprompt.trainers import sam_rounds
+    from medprompt.trainers.augment2d import COPIES
+
+    monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
+    store = tmp_path / "store"
+    final = store / "labels" / "final"
+    final.mkdir(parents=True)
+    for i in range(4):
+        _disc_image(store / f"img{i}.png", (30 + 8 * i, 40 + 10 * i), 12 + i, final / f"img{i}.png")
+    seen: dict[str, list] = {"train": [], "val": []}
+    train_cells = sam_rounds.train_cells
+
+    def spy_train(cfg, studies, *a, **k):
+        seen["train"].append(sorted((s.name, len(s.embeddings)) for s in studies))
+        return train_cells(cfg, studies, *a, **k)
+
+    def spy_dice(model, studies, *a, **k):
+        seen["val"].append(sorted((s.name, len(s.embeddings)) for s in studies))
+        return 0.5
+
+    monkeypatch.setattr(sam_rounds, "train_cells", spy_train)
+    monkeypatch.setattr(sam_rounds, "cell_dice", spy_dice)
+    served = tmp_path / "model" / "medprompt.pt"
+    kw = dict(steps=2, device="cpu", model_config="tiny", progress=False)
+    assert sam_rounds.finetune_sam(store, served, None, None, **kw).accepted  # nothing to beat: all train
+    assert seen["train"][-1] == [(f"img{i}.png", 1 + COPIES) for i in range(4)]
+    assert seen["val"][-1] == [(f"img{i}.png", 1) for i in range(4)]
+    sam_rounds.finetune_sam(store, served, served, served, **kw)  # a model to beat: img2 is held out
+    assert seen["train"][-1] == [(f"img{i}.png", 1 + COPIES) for i in (0, 1, 3)]
+    assert seen["val"][-2:] == [[("img2.png", 1)]] * 2  # candidate and model in service, on the same image
+    sam_rounds.finetune_sam(store, served, served, served, augment=False, **kw)
+    assert seen["train"][-1] == [(f"img{i}.png", 1) for i in (0, 1, 3)]
+
+
+def test_an_unlabelled_study_is_never_drawn_more_often_than_a_corrected_one() -> None:
+    from medprompt.trainers.sam_rounds import study_draws
+
+    assert np.allclose(study_draws(1, 4, 0.5), [0.5, 0.125, 0.125, 0.125, 0.125])  # few corrections: half
+    assert np.allclose(study_draws(4, 1, 0.5), [0.2] * 5)  # more corrections than unlabelled: all alike
+    assert np.allclose(study_draws(3, 0, 0.5), [1 / 3] * 3)
+
+
 def test_a_class_the_network_finds_too_little_of_takes_the_priors_region() -> None:
     from medprompt.model.prior_fusion import fuse
 

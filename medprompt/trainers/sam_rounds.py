@@ -23,7 +23,9 @@ it can learn from). Unlabelled studies join where the model in service and the t
 second pass through the first pass's own drafts of them (map -> boxes -> LiteMedSAM, see
 drafted_cells) where draft and map agree. The served model is replaced only by a candidate that is
 no worse there; every accepted model is kept as a version. 2D datastores (PNG/JPEG/DICOM images,
-``labels/final`` PNGs) train the same way, one slice per image.
+``labels/final`` PNGs) train the same way, one slice per image, and each corrected image brings a few
+image-space variants of itself (trainers.augment2d: another size, lie and contrast, encoded once), which
+train but never validate.
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, devic
 
 
 def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Sequence[str], segmenter_for: Callable,
-                   reach: int) -> CellStudy:
-    """A corrected study (3D volume or 2D image) and its saved label as full-weight training cells."""
+                   reach: int, copies: int = 0) -> CellStudy:
+    """A corrected study (3D volume or 2D image) and its saved label as full-weight training cells; a 2D
+    image with ``copies`` image-space variants of it as further slices after the first (trainers.augment2d)."""
     from medprompt.io.image2d import is_image2d
 
     if is_image2d(image):
@@ -154,8 +157,10 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
         if labels.shape != img.shape:
             raise InputError(f"{label}: label is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                              f"is {img.shape[1]}x{img.shape[0]}")
-        stack = image_stack(*image_pixels(img), segmenter_for)
-        return from_labels(image.name, stack, labels[None], names, classes, reach)
+        pixels, pixel_mm, modality = image_pixels(img)
+        study = from_labels(image.name, image_stack(pixels, pixel_mm, modality, segmenter_for), labels[None], names,
+                            classes, reach)
+        return with_variants(study, pixels, labels, pixel_mm, modality, names, classes, segmenter_for, reach, copies)
     from medprompt.evaluation import align_to_reference
     from medprompt.io.volume import load_labelmap, load_volume
     from medprompt.model.sam_features import label_view, study_stack
@@ -165,6 +170,27 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
     labels, _ = align_to_reference(labels, label_affine, volume.data.shape, volume.affine)
     stack = study_stack(volume, segmenter_for)
     return from_labels(image.name, stack, label_view(labels, stack.frame), names, classes, reach)
+
+
+def with_variants(study: CellStudy, pixels: np.ndarray, labels: np.ndarray, pixel_mm: Sequence[float], modality: str,
+                  names: dict[str, int], classes: Sequence[str], segmenter_for: Callable, reach: int,
+                  copies: int) -> CellStudy:
+    """A one-image study with ``copies`` variants of it (trainers.augment2d) as further slices, each its own
+    through-plane neighbour as a 2D image's one slice is."""
+    if copies <= 0:
+        return study
+    from medprompt.model.sam_features import image_stack
+    from medprompt.trainers.augment2d import variants
+
+    parts = [study]
+    for px, lab in variants(pixels, labels, copies):
+        parts.append(from_labels(study.name, image_stack(px, pixel_mm, modality, segmenter_for), lab[None], names,
+                                 classes, reach))
+    k = len(parts)
+    return CellStudy(study.name, torch.cat([p.embeddings for p in parts]),
+                     torch.arange(k)[:, None].repeat(1, study.neighbours.shape[1]), study.coords,
+                     torch.cat([p.target for p in parts]), torch.cat([p.weight for p in parts]), study.known,
+                     study.labelled, [0] * k)
 
 
 def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, reach: int) -> CellStudy:
@@ -245,14 +271,27 @@ def agreeing(st: CellStudy, model: Path, vectors: np.ndarray, device: str) -> Ce
                      False, st.slices)
 
 
+def study_draws(n_corrected: int, n_unlabelled: int, labelled_share: float) -> np.ndarray:
+    """How often a finetune batch draws each study, corrected ones first: the unlabelled take 1 -
+    ``labelled_share`` of it, but never more per study than a correction (with more corrected studies than
+    unlabelled ones every study is drawn alike; CURVAS with 4 of 5 patients corrected, BENCHMARKS.md)."""
+    share = max(labelled_share, n_corrected / (n_corrected + n_unlabelled)) if n_unlabelled else 1.0
+    return np.array([share / n_corrected] * n_corrected + [(1 - share) / max(1, n_unlabelled)] * n_unlabelled)
+
+
 def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path | None, *, steps: int = 300,
                  lr: float = 3e-4, batch_size: int = 16, device: str = "auto", text_encoder: str | None = None,
                  model_config: str = "small", label_names: dict[str, int] | None = None,
                  labelled_share: float = 0.5, seed: int = 0, catalog: PromptCatalog | None = None,
-                 sam_checkpoint: str | Path | None = None, semi: bool = True, progress: bool = True,
-                 on_step: Callable[[int, dict], None] | None = None):
-    """One finetune round on a datastore folder (3D volumes or 2D images); see the module docstring."""
+                 sam_checkpoint: str | Path | None = None, semi: bool = True, augment: bool = True,
+                 progress: bool = True, on_step: Callable[[int, dict], None] | None = None):
+    """One finetune round on a datastore folder (3D volumes or 2D images); see the module docstring.
+    ``augment``: corrected 2D images train with image-space variants of them (trainers.augment2d)."""
+    from tqdm import tqdm
+
+    from medprompt.io.image2d import is_image2d
     from medprompt.model.sam_checkpoint import load_net
+    from medprompt.trainers.augment2d import copies_per_image
     from medprompt.trainers.finetune import FinetuneResult, catalog_with
     from medprompt.trainers.zero_shot import DEFAULT_CLASSES, class_vectors
 
@@ -274,27 +313,37 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         stale.unlink(missing_ok=True)  # a round always starts from the model in service
     seg = _segmenter_for(sam_checkpoint, device)
     reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
-    corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach) for s in labelled]
+    flat = [is_image2d(s.image) for s in labelled]
+    copies = copies_per_image(sum(flat)) if augment else 0
+    corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach, copies if two_d else 0)
+                 for s, two_d in tqdm(list(zip(labelled, flat)), desc="corrections" + (" and variants" if copies else ""),
+                                      unit="study", disable=not progress)]
+    originals = [c.subset([0]) if two_d else c for c, two_d in zip(corrected, flat)]  # a 2D image without its variants
     vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
     base = Path(baseline) if baseline else (served if served.is_file() else init)
     if base is not None and not Path(base).is_file():
         base = None
-    train, val = [], []
+    train, val, also = [], [], originals
     if base is None:  # nothing to compare a candidate with: validation decides nothing, so train on it all
         train = corrected
-    elif all(len(c.embeddings) == 1 for c in corrected) and len(corrected) >= 2:  # 2D: hold out whole images
-        val = corrected[HOLD_OUT_EVERY // 2 :: HOLD_OUT_EVERY] or corrected[-1:]
-        train = [c for c in corrected if c not in val]
+    elif all(flat) and len(corrected) >= 2:  # 2D: hold out whole images (their variants too)
+        held = set(range(HOLD_OUT_EVERY // 2, len(corrected), HOLD_OUT_EVERY)) or {len(corrected) - 1}
+        val = [originals[i] for i in sorted(held)]
+        train = [c for i, c in enumerate(corrected) if i not in held]
+        also = [o for i, o in enumerate(originals) if i not in held]
         where = [v.name for v in val]
     else:
-        for c in corrected:
+        for c, two_d in zip(corrected, flat):
+            if two_d:  # one image among 3D studies: trained on whole
+                train.append(c)
+                continue
             keep, held = split_validation(c)
             train.append(c.subset(keep))
             if held:
                 val.append(c.subset(held))
         where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
     if not val:  # one corrected image: it can only catch a round that made it worse
-        val, where = train, [f"{t.name} (also trained on)" for t in train]
+        val, where = also, [f"{t.name} (also trained on)" for t in also]
     teach = _teachable(unlabelled)
     unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress) if teach else []
     if unl and init is not None and Path(init).is_file():
@@ -308,8 +357,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
                 drafted_cells(b, path, candidate, classes, catalog, vectors, seg, sam_checkpoint, device)
                 for b, path in zip(blank, blank_paths)]
         cells = train + unl
-        share = labelled_share if unl else 1.0
-        p = np.array([share / len(train)] * len(train) + [(1 - share) / max(1, len(unl))] * len(unl))
+        p = study_draws(len(train), len(unl), labelled_share)
         cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
                                 model_config=model_config, device=device, seed=seed + r,
                                 save_every=max(steps, 1), resume=False, balance=True, parts=parts, meta=meta)
