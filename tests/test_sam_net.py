@@ -72,6 +72,14 @@ def test_cell_fractions_follow_the_slice_geometry_and_padding() -> None:
     assert (back[:18, :38] > 0.5).all() and (back[22:, :] < 0.5).all() and (back[:, 42:] < 0.5).all()
 
 
+def test_view_slices_between_sampled_ones_interpolate_and_the_ends_take_the_nearest() -> None:
+    got = {z: (j, j2, round(w, 3)) for z, j, j2, w in sf.between_sampled([2, 5, 9], 3, 12)}
+    assert sorted(got) == list(range(12))  # 0-1 before the first, 10-11 after the last (step - 1 each)
+    assert got[0] == got[1] == (0, 0, 0.0) and got[2][::2] == (0, 0.0)  # a sampled slice is itself
+    assert got[4] == (0, 1, 0.667) and got[7] == (1, 2, 0.5) and got[9] == got[11] == (2, 2, 0.0)
+    assert [z for z, *_ in sf.between_sampled([6], 2, 20)] == [5, 6, 7]  # one sampled slice, nothing further
+
+
 def test_view_masks_go_back_to_the_input_voxels_they_came_from() -> None:
     """A label in an LPS-stored volume -> the axial view the network works on -> the localisation grid ->
     the input grid again: the same voxels (no flip, no transpose, no shift)."""

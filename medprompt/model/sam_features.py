@@ -77,6 +77,18 @@ def sampled_view_slices(view: np.ndarray, step: int) -> list[int]:
     return [k for k in range(view.shape[0]) if k % step == 0 and view[k].any()]
 
 
+def between_sampled(slices: Sequence[int], step: int, nz: int) -> list[tuple[int, int, int, float]]:
+    """How every view slice near the sampled ones takes its value from them: (z, j, j2, w), the value at
+    view slice z being (1 - w) * sampled[j] + w * sampled[j2]: linear between two sampled slices, the
+    nearest sampled one for up to ``step`` - 1 slices beyond either end, nothing further out."""
+    ks = list(slices)
+    out = [(z, 0, 0, 0.0) for z in range(max(0, ks[0] - step + 1), ks[0])]
+    for j, (a, b) in enumerate(zip(ks, ks[1:])):
+        out += [(z, j, j + 1, (z - a) / (b - a)) for z in range(a, b)]
+    last = len(ks) - 1
+    return out + [(z, last, last, 0.0) for z in range(ks[-1], min(nz, ks[-1] + step))]
+
+
 def study_stack(volume: "Volume", segmenter_for: Callable, progress: bool = False) -> SliceStack:
     """Embeddings of ``volume``'s sampled slices in the default window (from the cache where a draft or
     the prefetch already made them)."""

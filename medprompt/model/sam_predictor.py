@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from medprompt.catalog import PromptCatalog, PromptEntry
 from medprompt.localization import Localization
 from medprompt.model.sam_features import (
-    SliceStack, cells_to_slices, localisation_frame, study_stack, view_masks_to_work,
+    SliceStack, between_sampled, cells_to_slices, localisation_frame, study_stack, view_masks_to_work,
 )
 from medprompt.model.predictor import encoder_key, stored_or_encoded
 from medprompt.model.sam_net import SamPromptNet
@@ -104,18 +104,8 @@ class SamNetPredictor:
         nz = stack.view_shape[0]
         prob = np.zeros((sampled.shape[1], nz, *shape), np.float16)
         prob[0] = 1.0
-        ks = stack.slices
-        for j, k in enumerate(ks):
-            prob[:, k] = sampled[j]
-        for j in range(len(ks) - 1):  # slices between two sampled ones: linear between them
-            a, b = ks[j], ks[j + 1]
-            for k in range(a + 1, b):
-                w = (k - a) / (b - a)
-                prob[:, k] = (1 - w) * sampled[j] + w * sampled[j + 1]
-        for k in range(max(0, ks[0] - stack.step + 1), ks[0]):  # the ends: the nearest sampled slice
-            prob[:, k] = sampled[0]
-        for k in range(ks[-1] + 1, min(nz, ks[-1] + stack.step)):
-            prob[:, k] = sampled[-1]
+        for z, j, j2, w in between_sampled(stack.slices, stack.step, nz):
+            prob[:, z] = sampled[j] if w == 0 else (1 - w) * sampled[j] + w * sampled[j2]
         return prob, shape
 
     def localize(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,

@@ -108,7 +108,7 @@ def text_only_labels(volume: "Volume", entries: Sequence["PromptEntry"], segment
 
     Slices: the study's sampled slices (medprompt.model.sam_features.study_stack, about every 5 mm);
     with ``extent``, each class only on the slices its localiser region spans (no in-plane hint)."""
-    from medprompt.model.sam_features import label_view, study_stack
+    from medprompt.model.sam_features import between_sampled, label_view, study_stack
     from medprompt.prior import geometry
     from medprompt.sam.preprocess import from_axial_view
     from medprompt.sam.refine import largest_component
@@ -128,16 +128,8 @@ def text_only_labels(volume: "Volume", entries: Sequence["PromptEntry"], segment
             allowed[i] = (present == i + 1).any(axis=(1, 2))
     g = stack.geometry
     labels = np.zeros(stack.view_shape, np.uint16)
-    lo, hi = max(0, ks[0] - stack.step + 1), min(nz, ks[-1] + stack.step)
-    for z in range(lo, hi):
-        j = int(np.searchsorted(ks, z, side="right")) - 1
-        if j < 0:
-            x = low[0].float()
-        elif j >= len(ks) - 1 or ks[j] == z:
-            x = low[min(j, len(ks) - 1)].float()
-        else:
-            w = (z - ks[j]) / (ks[j + 1] - ks[j])
-            x = (1 - w) * low[j].float() + w * low[j + 1].float()
+    for z, j, j2, w in between_sampled(ks, stack.step, nz):
+        x = low[j].float() if w == 0 else (1 - w) * low[j].float() + w * low[j2].float()
         x = F.interpolate(x[None, :, : g.resized[0], : g.resized[1]], size=g.shape, mode="bilinear",
                           align_corners=False)[0]
         x[torch.from_numpy(~allowed[:, z])] = OUTSIDE
