@@ -101,7 +101,6 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
                     print(json.dumps({"k": k, "mode": mode, "rotation": j, "labelled": sorted(labelled),
                                       **{o: round(float(np.mean(v)), 3) for o, v in rot.items()},
                                       "mean": round(float(np.mean([np.mean(v) for v in rot.values()])), 3)}), flush=True)
-                if k:
                     shutil.rmtree(work, ignore_errors=True)
             row = {"k": k, "mode": mode, **{o: float(np.mean(v)) for o, v in per.items()},
                    "images": len(per[ORGANS[0]]), "seconds": time.perf_counter() - t0}

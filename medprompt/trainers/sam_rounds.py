@@ -157,10 +157,12 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
         if labels.shape != img.shape:
             raise InputError(f"{label}: label is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                              f"is {img.shape[1]}x{img.shape[0]}")
+        from medprompt.trainers.augment2d import variants
+
         pixels, pixel_mm, modality = image_pixels(img)
-        study = from_labels(image.name, image_stack(pixels, pixel_mm, modality, segmenter_for), labels[None], names,
-                            classes, reach)
-        return with_variants(study, pixels, labels, pixel_mm, modality, names, classes, segmenter_for, reach, copies)
+        shown = [(pixels, labels), *variants(pixels, labels, copies)]  # the image itself first
+        return one_image([from_labels(image.name, image_stack(px, pixel_mm, modality, segmenter_for), lab[None],
+                                      names, classes, reach) for px, lab in shown])
     from medprompt.evaluation import align_to_reference
     from medprompt.io.volume import load_labelmap, load_volume
     from medprompt.model.sam_features import label_view, study_stack
@@ -172,25 +174,16 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
     return from_labels(image.name, stack, label_view(labels, stack.frame), names, classes, reach)
 
 
-def with_variants(study: CellStudy, pixels: np.ndarray, labels: np.ndarray, pixel_mm: Sequence[float], modality: str,
-                  names: dict[str, int], classes: Sequence[str], segmenter_for: Callable, reach: int,
-                  copies: int) -> CellStudy:
-    """A one-image study with ``copies`` variants of it (trainers.augment2d) as further slices, each its own
-    through-plane neighbour as a 2D image's one slice is."""
-    if copies <= 0:
-        return study
-    from medprompt.model.sam_features import image_stack
-    from medprompt.trainers.augment2d import variants
-
-    parts = [study]
-    for px, lab in variants(pixels, labels, copies):
-        parts.append(from_labels(study.name, image_stack(px, pixel_mm, modality, segmenter_for), lab[None], names,
-                                 classes, reach))
-    k = len(parts)
-    return CellStudy(study.name, torch.cat([p.embeddings for p in parts]),
-                     torch.arange(k)[:, None].repeat(1, study.neighbours.shape[1]), study.coords,
-                     torch.cat([p.target for p in parts]), torch.cat([p.weight for p in parts]), study.known,
-                     study.labelled, [0] * k)
+def one_image(views: list[CellStudy]) -> CellStudy:
+    """One 2D image's study and its variants' (trainers.augment2d) as one study whose slices they are, the
+    image itself first, each slice its own through-plane neighbour as a 2D image's one slice is."""
+    if len(views) == 1:
+        return views[0]
+    first, k = views[0], len(views)
+    return CellStudy(first.name, torch.cat([v.embeddings for v in views]),
+                     torch.arange(k)[:, None].repeat(1, first.neighbours.shape[1]), first.coords,
+                     torch.cat([v.target for v in views]), torch.cat([v.weight for v in views]), first.known,
+                     first.labelled, [0] * k)
 
 
 def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, reach: int) -> CellStudy:
@@ -313,27 +306,26 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         stale.unlink(missing_ok=True)  # a round always starts from the model in service
     seg = _segmenter_for(sam_checkpoint, device)
     reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
-    flat = [is_image2d(s.image) for s in labelled]
-    copies = copies_per_image(sum(flat)) if augment else 0
+    is_2d = [is_image2d(s.image) for s in labelled]
+    copies = copies_per_image(sum(is_2d)) if augment else 0
     corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach, copies if two_d else 0)
-                 for s, two_d in tqdm(list(zip(labelled, flat)), desc="corrections" + (" and variants" if copies else ""),
+                 for s, two_d in tqdm(list(zip(labelled, is_2d)), desc="corrections" + (" and variants" if copies else ""),
                                       unit="study", disable=not progress)]
-    originals = [c.subset([0]) if two_d else c for c, two_d in zip(corrected, flat)]  # a 2D image without its variants
+    originals = [c.subset([0]) if two_d else c for c, two_d in zip(corrected, is_2d)]  # a 2D image without its variants
     vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
     base = Path(baseline) if baseline else (served if served.is_file() else init)
     if base is not None and not Path(base).is_file():
         base = None
-    train, val, also = [], [], originals
+    train, val = [], []
     if base is None:  # nothing to compare a candidate with: validation decides nothing, so train on it all
         train = corrected
-    elif all(flat) and len(corrected) >= 2:  # 2D: hold out whole images (their variants too)
+    elif all(is_2d) and len(corrected) >= 2:  # 2D: hold out whole images (their variants too)
         held = set(range(HOLD_OUT_EVERY // 2, len(corrected), HOLD_OUT_EVERY)) or {len(corrected) - 1}
         val = [originals[i] for i in sorted(held)]
         train = [c for i, c in enumerate(corrected) if i not in held]
-        also = [o for i, o in enumerate(originals) if i not in held]
         where = [v.name for v in val]
     else:
-        for c, two_d in zip(corrected, flat):
+        for c, two_d in zip(corrected, is_2d):
             if two_d:  # one image among 3D studies: trained on whole
                 train.append(c)
                 continue
@@ -342,8 +334,8 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
             if held:
                 val.append(c.subset(held))
         where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
-    if not val:  # one corrected image: it can only catch a round that made it worse
-        val, where = also, [f"{t.name} (also trained on)" for t in also]
+    if not val:  # everything trained (one corrected image, or no model to beat): it can only catch a worse round
+        val, where = originals, [f"{o.name} (also trained on)" for o in originals]
     teach = _teachable(unlabelled)
     unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress) if teach else []
     if unl and init is not None and Path(init).is_file():
