@@ -9,6 +9,7 @@ on the held-out corrected volume plus the safe swap.
 
     .venv/bin/python benchmarks/finetune_round.py [--device cpu|cuda] [--steps 200]
     .venv/bin/python benchmarks/finetune_round.py --model models/medprompt_sam.pt   # the network on LiteMedSAM features
+    ... --model models/medprompt_sam.pt --workdir /tmp/round   # keep the datastore and embeddings for the next run
 
 With a model on LiteMedSAM features the volumes' embeddings are computed before the clock starts,
 as a server's prefetch has them by the time annotators ask for a round (``--cold`` times them too).
@@ -51,29 +52,42 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
                    help="the served model the round starts from (default: the shipped default model)")
     p.add_argument("--cold", action="store_true", help="LiteMedSAM embeddings not computed beforehand")
+    p.add_argument("--workdir", type=Path, help="keep the datastore and the embedding cache here and reuse them "
+                   "on the next run (the warm-up takes about half an hour on a 2-core CPU); every run is still "
+                   "the datastore's first round")
     args = p.parse_args()
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such model file")
     sam = checkpoint_arch(args.model) == "sam"
-    if sam:
-        os.environ.setdefault("MEDPROMPT_CACHE", tempfile.mkdtemp(prefix="medprompt_round_"))
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "datastore"
-        t = time.perf_counter()
-        write_sample_data(root, n=args.labelled + args.unlabelled, seed=300, shape=(args.size,) * 3)
-        images = sorted(p.name for p in root.glob("phantom_*.nii.gz"))
-        save_corrections(root, root / "reference", images[: args.labelled])
-        shutil.rmtree(root / "reference")
-        print(f"{args.labelled} labelled + {args.unlabelled} unlabelled phantoms of {args.size}^3 "
-              f"written in {time.perf_counter() - t:.0f} s")
+        base = args.workdir or Path(tmp)
+        warm_mark = base / "warm.done"  # written once the datastore and its embeddings are complete
+        kept = args.workdir is not None and warm_mark.is_file()
+        if sam:
+            os.environ.setdefault("MEDPROMPT_CACHE", str(base / "cache"))
+        root = base / "datastore"
+        if kept:
+            print(f"datastore and embeddings reused from {args.workdir}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            t = time.perf_counter()
+            write_sample_data(root, n=args.labelled + args.unlabelled, seed=300, shape=(args.size,) * 3)
+            images = sorted(p.name for p in root.glob("phantom_*.nii.gz"))
+            save_corrections(root, root / "reference", images[: args.labelled])
+            shutil.rmtree(root / "reference")
+            print(f"{args.labelled} labelled + {args.unlabelled} unlabelled phantoms of {args.size}^3 "
+                  f"written in {time.perf_counter() - t:.0f} s")
         served = root / "model" / "medprompt.pt"
+        shutil.rmtree(served.parent, ignore_errors=True)  # the round's own work too: every run is a first round
         served.parent.mkdir()
         shutil.copy(args.model, served)
-        if sam and not args.cold:
+        if sam and not args.cold and not kept:
             t = time.perf_counter()
             warm_embeddings(root, served, args.device)
             print(f"LiteMedSAM embeddings of the {args.labelled + args.unlabelled} volumes computed in "
                   f"{time.perf_counter() - t:.0f} s (before the round, as the server's prefetch does)")
+        if not args.cold:
+            warm_mark.write_text("done\n")
 
         marks: dict[str, float] = {}
 

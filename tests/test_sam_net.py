@@ -72,6 +72,29 @@ def test_cell_fractions_follow_the_slice_geometry_and_padding() -> None:
     assert (back[:18, :38] > 0.5).all() and (back[22:, :] < 0.5).all() and (back[:, 42:] < 0.5).all()
 
 
+
+@pytest.mark.parametrize("shape, mm", [((333, 517), (0.7, 0.9)), ((300, 200), (1.0, 2.5)), ((7, 5), (1.0, 1.0)),
+                                       ((256, 256), (1.0, 1.0))])
+def test_cell_fractions_equal_the_resized_padded_slice_averaged_over_cells(shape, mm) -> None:
+    """to_cells never builds LiteMedSAM's 256 frame; it must give what building it gives: each class's
+    mask resized by area, zero-padded, averaged over 4 x 4 cells; background the rest, padding included
+    (also where one label value is listed twice, and for a value no pixel has)."""
+    g = SliceGeometry.for_slice(shape, mm)
+    labels = np.random.default_rng(1).integers(0, 6, (3, *shape)).astype(np.int32)
+    labels[:, : shape[0] // 2] = 2
+    values = [1, 2, 2, 9]
+    masks = torch.stack([torch.from_numpy(labels == v).float() for v in values], 1)
+    masks = torch.cat([1 - masks.sum(1, keepdim=True).clamp(max=1), masks], 1)
+    frame = F.pad(F.interpolate(masks, size=g.resized, mode="area"),
+                  (0, sf.SAM_SIZE - g.resized[1], 0, sf.SAM_SIZE - g.resized[0]))
+    frame[:, 0, g.resized[0]:] = 1
+    frame[:, 0, :, g.resized[1]:] = 1
+    expected = F.avg_pool2d(frame, sf.CELL)
+    got = sf.to_cells(labels, g, values)
+    assert got.shape == expected.shape == (3, 5, 64, 64)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert float(got[:, 4].abs().max()) == 0.0  # no pixel is 9
+
 def test_view_slices_between_sampled_ones_interpolate_and_the_ends_take_the_nearest() -> None:
     got = {z: (j, j2, round(w, 3)) for z, j, j2, w in sf.between_sampled([2, 5, 9], 3, 12)}
     assert sorted(got) == list(range(12))  # 0-1 before the first, 10-11 after the last (step - 1 each)
@@ -231,6 +254,65 @@ def test_the_network_learns_planted_classes_and_training_resumes(tmp_path: Path,
     assert cell_dice(out, [held_out], vectors, "cpu") > 0.8
     shuffled = vectors[::-1].copy()  # the classes' text vectors swapped: the maps follow the text
     assert cell_dice(out, [held_out], shuffled, "cpu") < 0.2
+
+
+def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_path: Path, one_torch_thread) -> None:
+    """A round keeps its studies' embeddings on disk (trainers.disk_embeddings): indexing, held-out subsets,
+    the network's softmax and training must be what the tensors in memory give."""
+    from medprompt.model.sam_predictor import cell_softmax
+    from medprompt.trainers.disk_embeddings import DiskEmbeddings, spilled
+
+    study = _planted_study(0)
+    disk = spilled(study, tmp_path)
+    assert isinstance(disk.embeddings, DiskEmbeddings) and disk.embeddings.shape == tuple(study.embeddings.shape)
+    assert len(disk.embeddings) == 6 and list(tmp_path.glob("*.f16"))
+    idx = torch.tensor([[5, 0, 5], [2, 3, 1]])
+    assert torch.equal(disk.embeddings[idx], study.embeddings[idx])
+    assert torch.equal(disk.embeddings[4], study.embeddings[4])
+    part, part_disk = study.subset([1, 4, 5]), disk.subset([1, 4, 5])
+    assert torch.equal(part_disk.embeddings[part.neighbours], part.embeddings[part.neighbours])
+    assert spilled(disk, tmp_path) is disk and spilled(study, None) is study
+
+    vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
+    nets = []
+    for name, st in (("memory", study), ("disk", disk)):
+        cfg = SamNetTrainConfig(out=tmp_path / f"{name}.pt", classes=["a", "b"], steps=6, batch_size=3,
+                                model_config="tiny", device="cpu", save_every=1000)
+        train_cells(cfg, [st], vectors, "test", progress=False)
+        nets.append(torch.load(cfg.out, weights_only=False)["state_dict"])
+    assert nets[0].keys() == nets[1].keys() and all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    from medprompt.model.sam_checkpoint import load_net
+
+    net, _ = load_net(tmp_path / "disk.pt")
+    text = torch.from_numpy(vectors)
+    assert torch.equal(cell_softmax(net, disk.embeddings, disk.neighbours, disk.coords, text, torch.device("cpu"), 4),
+                       cell_softmax(net, study.embeddings, study.neighbours, study.coords, text, torch.device("cpu"), 4))
+
+
+def test_teacher_studies_go_to_disk_one_by_one_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-shot and finetune rounds pass a folder: each teacher study's embeddings are written there as
+    soon as it is made, so a datastore's studies are never all in memory at once."""
+    from medprompt.catalog import default_catalog
+    from medprompt.trainers import cells
+    from medprompt.trainers.disk_embeddings import DiskEmbeddings
+
+    made = []
+
+    def fake_teacher(path, *a, **k):
+        if made:  # the study made before this one is already on disk
+            assert len(list(tmp_path.glob("spill/*.f16"))) == len(made)
+        made.append(_planted_study(len(made)))
+        return made[-1]
+
+    monkeypatch.setattr(cells, "teacher_study", fake_teacher)
+    (tmp_path / "spill").mkdir()
+    paths = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz"]
+    out = cells.teacher_studies(paths, ["liver"], default_catalog(), None, 1, tmp_path / "cache", progress=False,
+                                spill_to=tmp_path / "spill")
+    assert all(isinstance(st.embeddings, DiskEmbeddings) for st in out)
+    assert all(torch.equal(st.embeddings[st.neighbours], m.embeddings[m.neighbours]) for st, m in zip(out, made))
+    kept = cells.teacher_studies(paths[:1], ["liver"], default_catalog(), None, 1, tmp_path / "cache", progress=False)
+    assert isinstance(kept[0].embeddings, torch.Tensor)  # no folder: in memory, as before
 
 
 def test_localize_and_draft_with_a_model_on_sam_features(tmp_path: Path, one_torch_thread,
@@ -420,6 +502,9 @@ def test_a_2d_round_trains_on_variants_of_corrected_images_and_validates_on_the_
     train_cells = sam_rounds.train_cells
 
     def spy_train(cfg, studies, *a, **k):
+        from medprompt.trainers.disk_embeddings import DiskEmbeddings
+
+        assert all(isinstance(s.embeddings, DiskEmbeddings) for s in studies)  # held on disk, not in memory
         seen["train"].append(sorted((s.name, len(s.embeddings)) for s in studies))
         return train_cells(cfg, studies, *a, **k)
 
@@ -430,8 +515,16 @@ def test_a_2d_round_trains_on_variants_of_corrected_images_and_validates_on_the_
     monkeypatch.setattr(sam_rounds, "train_cells", spy_train)
     monkeypatch.setattr(sam_rounds, "cell_dice", spy_dice)
     served = tmp_path / "model" / "medprompt.pt"
+    work = served.parent / "finetune_work"
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = work / f"embeddings_{int(gone.stdout)}_x"  # a round killed mid-way left its embeddings
+    stale.mkdir(parents=True)
     kw = dict(steps=2, device="cpu", model_config="tiny", progress=False)
     assert sam_rounds.finetune_sam(store, served, None, None, **kw).accepted  # nothing to beat: all train
+    assert not list(work.glob("embeddings_*"))  # the round's own embeddings removed with it, the stale ones too
     assert seen["train"][-1] == [(f"img{i}.png", 1 + COPIES) for i in range(4)]
     assert seen["val"][-1] == [(f"img{i}.png", 1) for i in range(4)]
     sam_rounds.finetune_sam(store, served, served, served, **kw)  # a model to beat: img2 is held out

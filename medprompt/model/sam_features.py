@@ -13,6 +13,7 @@ each cell, and ``cells_to_slices`` brings per-cell probabilities back onto slice
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -124,18 +125,36 @@ def image_pixels(img) -> tuple[np.ndarray, tuple[float, float], str]:
 
 def to_cells(labels: np.ndarray, g: SliceGeometry, values: Sequence[int]) -> torch.Tensor:
     """Label slices (K, rows, cols) -> (K, 1 + len(values), 64, 64) area fractions per cell: channel 0
-    is everything else (background), channel i the share of ``values[i-1]``; padding is background."""
+    is everything else (background), channel i the share of ``values[i-1]``; padding is background.
+
+    The slice is resized to LiteMedSAM's frame by area, padded and averaged over 4 x 4 pixel cells:
+    every step is a box average along rows and along columns, so the whole is ``A @ mask @ B.T`` with
+    (64, rows) and (64, cols) matrices (:func:`_cell_weights`), and the 256 x 256 frame is never built
+    (a 512 x 512 CT's 40 teacher slices: one class mask at a time, not 11 float maps of that frame)."""
     lab = torch.from_numpy(np.ascontiguousarray(labels)).long()
-    chans = [torch.zeros_like(lab, dtype=torch.float32)]
-    for v in values:
-        chans.append((lab == int(v)).float())
-    x = torch.stack(chans, 1)
-    x[:, 0] = 1 - x[:, 1:].sum(1).clamp(max=1)
-    x = F.interpolate(x, size=g.resized, mode="area") if tuple(x.shape[-2:]) != g.resized else x
-    x = F.pad(x, (0, SAM_SIZE - g.resized[1], 0, SAM_SIZE - g.resized[0]))
-    x[:, 0, g.resized[0]:, :] = 1
-    x[:, 0, :, g.resized[1]:] = 1
-    return F.avg_pool2d(x, CELL)
+    rows_w = _cell_weights(lab.shape[-2], g.resized[0])  # (64, rows)
+    cols_w = _cell_weights(lab.shape[-1], g.resized[1])  # (64, cols)
+    k = lab.shape[0]
+    out = torch.zeros(k, 1 + len(values), CELLS, CELLS)
+    claimed = torch.zeros(lab.shape)
+    for i, v in enumerate(values):
+        m = (lab == int(v)).float()
+        claimed += m
+        out[:, i + 1] = rows_w @ m @ cols_w.T
+    background = 1 - claimed.clamp_(max=1)
+    inside = rows_w.sum(1)[:, None] * cols_w.sum(1)[None, :]  # share of each cell on the slice, not padding
+    out[:, 0] = rows_w @ background @ cols_w.T + (1 - inside)
+    return out
+
+
+@lru_cache(maxsize=64)
+def _cell_weights(n: int, resized: int) -> torch.Tensor:
+    """(64, n): how much each of ``n`` pixels along one axis counts in each cell once resized (by area)
+    to ``resized`` pixels, zero-padded to LiteMedSAM's 256 and averaged over 4-pixel cells."""
+    eye = torch.eye(n)[:, None]  # (n, 1, n): each pixel alone
+    x = F.adaptive_avg_pool1d(eye, resized) if resized != n else eye
+    x = F.pad(x, (0, SAM_SIZE - resized))
+    return F.avg_pool1d(x, CELL)[:, 0].T.contiguous()
 
 
 def cells_to_slices(cells: torch.Tensor, g: SliceGeometry, shape: tuple[int, int] | None = None) -> torch.Tensor:

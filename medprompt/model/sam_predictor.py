@@ -163,18 +163,20 @@ def network_regions(prob: np.ndarray, entries: Sequence[PromptEntry]) -> dict[st
 
 
 @torch.no_grad()
-def cell_softmax(net: SamPromptNet, embeddings: torch.Tensor, neighbours: torch.Tensor, coords: torch.Tensor,
+def cell_softmax(net: SamPromptNet, embeddings, neighbours: torch.Tensor, coords: torch.Tensor,
                  text: torch.Tensor, device: torch.device, batch: int = 16,
                  among: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, 1 + P, 64, 64) softmax of every slice of a stack (embeddings with their neighbour indices);
-    ``among`` (1 + P bool): only those channels compete, the others are 0."""
+    """(K, 1 + P, 64, 64) softmax of every slice of a stack (embeddings, a tensor or a round's
+    trainers.disk_embeddings, with their neighbour indices); ``among`` (1 + P bool): only those
+    channels compete, the others are 0."""
     from medprompt.model.sam_net import cell_inputs
 
     out = []
     h, w = embeddings.shape[-2:]
     for i in range(0, len(neighbours), batch):
         idx = neighbours[i : i + batch]
-        emb = embeddings[idx].to(device).float()
+        rows, where = torch.unique(idx, return_inverse=True)  # each slice read once (neighbours repeat)
+        emb = embeddings[rows][where].to(device).float()
         x = cell_inputs(emb, coords.to(device)[None].expand(len(idx), -1, -1, -1))
         logits = net(x, text.to(device)).float()
         if among is not None:

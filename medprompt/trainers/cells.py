@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from medprompt.catalog import PromptCatalog
 from medprompt.model.sam_features import SliceStack, label_view, study_stack, to_cells
+from medprompt.trainers.disk_embeddings import DiskEmbeddings, spilled
 
 CACHE_VERSION = 2  # bump when the cached cells change meaning
 PURE = 0.9  # a cell this much one class (or background) is a confident target
@@ -39,7 +40,7 @@ class CellStudy:
     """One study as the network trains on it (CPU tensors)."""
 
     name: str
-    embeddings: torch.Tensor  # (K, 256, 64, 64) float16
+    embeddings: torch.Tensor | DiskEmbeddings  # (K, 256, 64, 64) float16 (trainers.disk_embeddings in a round)
     neighbours: torch.Tensor  # (K, 2 * reach + 1) indices into embeddings
     coords: torch.Tensor  # (3, 64, 64)
     target: torch.Tensor  # (K, 1 + C, 64, 64) float16: background, then each class's share
@@ -54,7 +55,8 @@ class CellStudy:
         remap = {int(o): n for n, o in enumerate(idx)}
         nb = torch.tensor([[remap.get(int(j), n) for j in self.neighbours[int(o)]] for n, o in enumerate(idx)],
                           dtype=torch.long)
-        return CellStudy(self.name, self.embeddings[idx], nb, self.coords, self.target[idx], self.weight[idx],
+        emb = self.embeddings.select(keep) if isinstance(self.embeddings, DiskEmbeddings) else self.embeddings[idx]
+        return CellStudy(self.name, emb, nb, self.coords, self.target[idx], self.weight[idx],
                          self.known, self.labelled, [self.slices[i] for i in keep] if self.slices else None)
 
 
@@ -147,7 +149,9 @@ def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCat
 
 
 def teacher_studies(paths: Sequence[Path], classes: Sequence[str], catalog: PromptCatalog, segmenter_for: Callable,
-                    reach: int, cache_dir: Path, progress: bool = True) -> list[CellStudy]:
+                    reach: int, cache_dir: Path, progress: bool = True, spill_to: Path | None = None) -> list[CellStudy]:
+    """Teacher studies of ``paths``; with ``spill_to``, each one's embeddings go to disk as it is made
+    (trainers.disk_embeddings), so only one study's are in memory at a time."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return [teacher_study(p, classes, catalog, segmenter_for, reach, cache_dir)
+    return [spilled(teacher_study(p, classes, catalog, segmenter_for, reach, cache_dir), spill_to)
             for p in tqdm(paths, desc="teacher (prior + LiteMedSAM)", unit="study", disable=not progress)]

@@ -42,6 +42,7 @@ import torch
 from medprompt.catalog import PromptCatalog, default_catalog
 from medprompt.errors import InputError
 from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
+from medprompt.trainers.disk_embeddings import spill_folder, spilled
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
 HOLD_OUT_EVERY = 4  # one in four sampled slices of each corrected study validates the round
@@ -72,21 +73,22 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
     cache = out.parent / "teacher_cache"
     seg = _segmenter_for(sam_checkpoint, device)
     reach = load_net(Path(init))[0].cfg.reach if init is not None else _reach(model_config)
-    cells = teacher_studies(list_studies(studies), classes, catalog, seg, reach, cache, progress)
-    vectors, key = class_vectors(classes, catalog, text_encoder, cache)
-    meta = {"teacher": "prior+LiteMedSAM", "rounds": rounds}
-    start = init
-    for r in range(rounds):
-        target = out if r == rounds - 1 else out.with_name(f"{out.stem}.round{r + 1}{out.suffix}")
-        cfg = SamNetTrainConfig(out=target, classes=list(classes), steps=steps, batch_size=batch_size, lr=lr,
-                                model_config=model_config,
-                                device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
-                                balance=True, meta={**meta, "round": r + 1})
-        train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
-                    on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}")
-        if r < rounds - 1:
-            cells = self_trained(cells, target, vectors, device)
-            start = target  # the next round continues from this one
+    with spill_folder(cache) as spill:  # the studies' embeddings on disk (trainers.disk_embeddings)
+        cells = teacher_studies(list_studies(studies), classes, catalog, seg, reach, cache, progress, spill_to=spill)
+        vectors, key = class_vectors(classes, catalog, text_encoder, cache)
+        meta = {"teacher": "prior+LiteMedSAM", "rounds": rounds}
+        start = init
+        for r in range(rounds):
+            target = out if r == rounds - 1 else out.with_name(f"{out.stem}.round{r + 1}{out.suffix}")
+            cfg = SamNetTrainConfig(out=target, classes=list(classes), steps=steps, batch_size=batch_size, lr=lr,
+                                    model_config=model_config,
+                                    device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
+                                    balance=True, meta={**meta, "round": r + 1})
+            train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
+                        on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}")
+            if r < rounds - 1:
+                cells = self_trained(cells, target, vectors, device)
+                start = target  # the next round continues from this one
     return out
 
 
@@ -304,80 +306,84 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
     candidate = work / "candidate.pt"
     for stale in (candidate, candidate.with_suffix(".pt.state")):
         stale.unlink(missing_ok=True)  # a round always starts from the model in service
-    seg = _segmenter_for(sam_checkpoint, device)
-    reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
-    is_2d = [is_image2d(s.image) for s in labelled]
-    copies = copies_per_image(sum(is_2d)) if augment else 0
-    corrected = [labelled_cells(s.image, s.label, s.names, classes, seg, reach, copies if two_d else 0)
-                 for s, two_d in tqdm(list(zip(labelled, is_2d)), desc="corrections" + (" and variants" if copies else ""),
-                                      unit="study", disable=not progress)]
-    originals = [c.subset([0]) if two_d else c for c, two_d in zip(corrected, is_2d)]  # a 2D image without its variants
-    vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
-    base = Path(baseline) if baseline else (served if served.is_file() else init)
-    if base is not None and not Path(base).is_file():
-        base = None
-    train, val = [], []
-    if base is None:  # nothing to compare a candidate with: validation decides nothing, so train on it all
-        train = corrected
-    elif all(is_2d) and len(corrected) >= 2:  # 2D: hold out whole images (their variants too)
-        held = set(range(HOLD_OUT_EVERY // 2, len(corrected), HOLD_OUT_EVERY)) or {len(corrected) - 1}
-        val = [originals[i] for i in sorted(held)]
-        train = [c for i, c in enumerate(corrected) if i not in held]
-        where = [v.name for v in val]
-    else:
-        for c, two_d in zip(corrected, is_2d):
-            if two_d:  # one image among 3D studies: trained on whole
-                train.append(c)
-                continue
-            keep, held = split_validation(c)
-            train.append(c.subset(keep))
-            if held:
-                val.append(c.subset(held))
-        where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
-    if not val:  # everything trained (one corrected image, or no model to beat): it can only catch a worse round
-        val, where = originals, [f"{o.name} (also trained on)" for o in originals]
-    teach = _teachable(unlabelled)
-    unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress) if teach else []
-    if unl and init is not None and Path(init).is_file():
-        unl = [agreeing(u, Path(init), vectors, device) for u in unl]
-    blank_paths = [p for p in unlabelled if p not in teach] if semi else []
-    blank = [blank_cells(p, classes, seg, reach) for p in blank_paths]
-    meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}
-    for r in range(2 if semi and (unl or blank) else 1):
-        if r == 1:  # self-training: the first pass's confident cells on the unlabelled studies join
-            unl = self_trained(unl, candidate, vectors, device) + [
-                drafted_cells(b, path, candidate, classes, catalog, vectors, seg, sam_checkpoint, device)
-                for b, path in zip(blank, blank_paths)]
-        cells = train + unl
-        p = study_draws(len(train), len(unl), labelled_share)
-        cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
-                                model_config=model_config, device=device, seed=seed + r,
-                                save_every=max(steps, 1), resume=False, balance=True, parts=parts, meta=meta)
-        train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
-                    on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
-    from medprompt.distributed import init_distributed
+    with spill_folder(work) as spill:  # the round's embeddings live on disk (trainers.disk_embeddings)
+        seg = _segmenter_for(sam_checkpoint, device)
+        reach = _reach(model_config) if init is None else load_net(init)[0].cfg.reach
+        is_2d = [is_image2d(s.image) for s in labelled]
+        copies = copies_per_image(sum(is_2d)) if augment and any(is_2d) else 0
+        bar = tqdm(list(zip(labelled, is_2d)), desc="corrections" + (" and variants" if copies else ""), unit="study",
+                   disable=not progress)
+        corrected = [spilled(labelled_cells(s.image, s.label, s.names, classes, seg, reach, copies if two_d else 0),
+                             spill) for s, two_d in bar]
+        # a 2D image without its variants:
+        originals = [c.subset([0]) if two_d else c for c, two_d in zip(corrected, is_2d)]
+        vectors, key = class_vectors(classes, catalog, text_encoder, work / "teacher_cache")
+        base = Path(baseline) if baseline else (served if served.is_file() else init)
+        if base is not None and not Path(base).is_file():
+            base = None
+        train, val = [], []
+        if base is None:  # nothing to compare a candidate with: validation decides nothing, so train on it all
+            train = corrected
+        elif all(is_2d) and len(corrected) >= 2:  # 2D: hold out whole images (their variants too)
+            held = set(range(HOLD_OUT_EVERY // 2, len(corrected), HOLD_OUT_EVERY)) or {len(corrected) - 1}
+            val = [originals[i] for i in sorted(held)]
+            train = [c for i, c in enumerate(corrected) if i not in held]
+            where = [v.name for v in val]
+        else:
+            for c, two_d in zip(corrected, is_2d):
+                if two_d:  # one image among 3D studies: trained on whole
+                    train.append(c)
+                    continue
+                keep, held = split_validation(c)
+                train.append(c.subset(keep))
+                if held:
+                    val.append(c.subset(held))
+            where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
+        if not val:  # everything trained (one corrected image, or no model to beat): it can only catch a worse round
+            val, where = originals, [f"{o.name} (also trained on)" for o in originals]
+        teach = _teachable(unlabelled)
+        unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress,
+                              spill_to=spill) if teach else []
+        if unl and init is not None and Path(init).is_file():
+            unl = [agreeing(u, Path(init), vectors, device) for u in unl]
+        blank_paths = [p for p in unlabelled if p not in teach] if semi else []
+        blank = [spilled(blank_cells(p, classes, seg, reach), spill) for p in blank_paths]
+        meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}
+        for r in range(2 if semi and (unl or blank) else 1):
+            if r == 1:  # self-training: the first pass's confident cells on the unlabelled studies join
+                unl = self_trained(unl, candidate, vectors, device) + [
+                    drafted_cells(b, path, candidate, classes, catalog, vectors, seg, sam_checkpoint, device)
+                    for b, path in zip(blank, blank_paths)]
+            cells = train + unl
+            p = study_draws(len(train), len(unl), labelled_share)
+            cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
+                                    model_config=model_config, device=device, seed=seed + r,
+                                    save_every=max(steps, 1), resume=False, balance=True, parts=parts, meta=meta)
+            train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
+                        on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
+        from medprompt.distributed import init_distributed
 
-    if not init_distributed(device).is_main:
-        return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
-                              validation=[], classes=classes)
-    from medprompt.model.sam_net import part_matrix
+        if not init_distributed(device).is_main:
+            return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
+                                  validation=[], classes=classes)
+        from medprompt.model.sam_net import part_matrix
 
-    part_of = part_matrix(classes, parts)
-    new = cell_dice(candidate, val, vectors, device, part_of)
-    old = None
-    if base is not None:
-        old = cell_dice(Path(base), val, vectors, device, part_of)  # the same prompts as the candidate
-    result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
-                            previous_score=old, validation=where, classes=classes)
-    if result.accepted:
-        versions = served.parent / "versions"
-        versions.mkdir(exist_ok=True)
-        result.version = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-dice{new:.3f}.pt"
-        shutil.copy2(candidate, result.version)
-        os.replace(candidate, served)
-    else:
-        candidate.unlink(missing_ok=True)
-    return result
+        part_of = part_matrix(classes, parts)
+        new = cell_dice(candidate, val, vectors, device, part_of)
+        old = None
+        if base is not None:
+            old = cell_dice(Path(base), val, vectors, device, part_of)  # the same prompts as the candidate
+        result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
+                                previous_score=old, validation=where, classes=classes)
+        if result.accepted:
+            versions = served.parent / "versions"
+            versions.mkdir(exist_ok=True)
+            result.version = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-dice{new:.3f}.pt"
+            shutil.copy2(candidate, result.version)
+            os.replace(candidate, served)
+        else:
+            candidate.unlink(missing_ok=True)
+        return result
 
 
 def _teachable(paths: Sequence[Path]) -> list[Path]:
