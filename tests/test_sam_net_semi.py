@@ -182,7 +182,7 @@ def test_an_unlabelled_image_learns_its_draft_where_draft_and_map_agree(
     monkeypatch.setattr(sam_rounds, "student_cells", lambda *a, **k: student)
     blank = sam_rounds.blank_cells(tmp_path / "u.png", ["liver"], _Stand, reach=1)
     out = sam_rounds.drafted_cells(blank, tmp_path / "u.png", Path("unused.pt"), ["liver"], default_catalog(),
-                                   np.zeros((1, 8)), _Stand, None, "cpu")
+                                   np.zeros((1, 8)), None, "cpu")
     t, w = out.target.float()[0, 1], out.weight.float()[0]
     assert asked["probable_masks_only"] is False  # the teacher is every mask LiteMedSAM drew
     assert torch.all(t[16:48, 24:56] == 1) and float(t.sum()) == 32 * 32 + 8  # the draft, not the map

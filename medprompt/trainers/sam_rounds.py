@@ -203,8 +203,7 @@ def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, re
 
 
 def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str], catalog: PromptCatalog,
-                  vectors: np.ndarray, segmenter_for: Callable, sam_checkpoint: str | Path | None,
-                  device: str) -> CellStudy:
+                  vectors: np.ndarray, sam_checkpoint: str | Path | None, device: str) -> CellStudy:
     """An unlabelled 2D image taught by ``model``'s own draft of it, as ``medprompt infer`` makes it (the
     network's map -> boxes -> LiteMedSAM), trusted where the draft and the network's map agree as the
     3D teacher is trusted where LiteMedSAM and the prior agree (cells.teacher_weights: the same class,
@@ -213,15 +212,17 @@ def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str
     it found, not only the cells it was already sure of."""
     from medprompt.drafts2d import draft2d
     from medprompt.io.image2d import load_image2d
-    from medprompt.model.sam_features import image_pixels, image_stack, to_cells
+    from medprompt.model.sam_features import image_pixels, to_cells
     from medprompt.model.sam_predictor import saliency_method
+    from medprompt.sam.preprocess import SliceGeometry
     from medprompt.trainers.cells import teacher_weights
 
     img = load_image2d(image)
     out = draft2d(img, list(classes), saliency=saliency_method(model, sam_checkpoint), sam_checkpoint=sam_checkpoint,
                   catalog=catalog, probable_masks_only=False)  # every mask: teacher_weights says where to trust it
-    stack = image_stack(*image_pixels(img), segmenter_for)
-    target = to_cells(out.labels[None], stack.geometry, [out.names[out.resolved[c]] for c in classes])
+    pixels, pixel_mm, _ = image_pixels(img)
+    geometry = SliceGeometry.for_slice(pixels.shape, pixel_mm)  # where blank_cells' embedding sits in SAM's frame
+    target = to_cells(out.labels[None], geometry, [out.names[out.resolved[c]] for c in classes])
     p = student_cells(model, st, vectors, device)
     weight = teacher_weights(target, most_probable(p)) * SELF_WEIGHT
     return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), weight.half(), st.known,
@@ -352,7 +353,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         for r in range(2 if semi and (unl or blank) else 1):
             if r == 1:  # self-training: the first pass's confident cells on the unlabelled studies join
                 unl = self_trained(unl, candidate, vectors, device) + [
-                    drafted_cells(b, path, candidate, classes, catalog, vectors, seg, sam_checkpoint, device)
+                    drafted_cells(b, path, candidate, classes, catalog, vectors, sam_checkpoint, device)
                     for b, path in zip(blank, blank_paths)]
             cells = train + unl
             p = study_draws(len(train), len(unl), labelled_share)
