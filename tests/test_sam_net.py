@@ -7,6 +7,7 @@ quality on real images is measured in benchmarks/ (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -256,9 +257,11 @@ def test_the_network_learns_planted_classes_and_training_resumes(tmp_path: Path,
     assert cell_dice(out, [held_out], shuffled, "cpu") < 0.2
 
 
-def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_path: Path, one_torch_thread) -> None:
+def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_path: Path, one_torch_thread,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A round keeps its studies' embeddings on disk (trainers.disk_embeddings): indexing, held-out subsets,
-    the network's softmax and training must be what the tensors in memory give."""
+    the network's softmax and training must be what the tensors in memory give; a full disk is one clear
+    error and leaves no partial file."""
     from medprompt.model.sam_predictor import cell_softmax
     from medprompt.trainers.disk_embeddings import DiskEmbeddings, spilled
 
@@ -272,6 +275,22 @@ def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_
     part, part_disk = study.subset([1, 4, 5]), disk.subset([1, 4, 5])
     assert torch.equal(part_disk.embeddings[part.neighbours], part.embeddings[part.neighbours])
     assert spilled(disk, tmp_path) is disk and spilled(study, None) is study
+    import medprompt.trainers.disk_embeddings as de
+    from medprompt.errors import MedPromptError
+
+    if Path("/dev/full").exists():  # writes there fail as on a full disk (ENOSPC)
+        full = tmp_path / "full"
+        full.mkdir()
+
+        def on_full_disk(dir, suffix):
+            (full / "part.f16").touch()
+            return os.open("/dev/full", os.O_WRONLY), str(full / "part.f16")
+
+        monkeypatch.setattr(de.tempfile, "mkstemp", on_full_disk)
+        with pytest.raises(MedPromptError, match="planted0.*12 MB.*full: .*free disk"):
+            de.spilled(study, full)
+        assert not list(full.iterdir())  # no partial file left
+        monkeypatch.undo()
 
     vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
     nets = []

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
+from medprompt.errors import MedPromptError, one_line
+
 if TYPE_CHECKING:
     from medprompt.trainers.cells import CellStudy
 
@@ -95,6 +97,12 @@ def spilled(study: "CellStudy", folder: Path | None) -> "CellStudy":
         return study
     emb = study.embeddings.to(torch.float16).contiguous()
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".f16")
-    with os.fdopen(fd, "wb") as f:
-        emb.numpy().tofile(f)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            emb.numpy().tofile(f)
+    except OSError as e:  # a full disk: say what the round needs, not a traceback
+        Path(tmp).unlink(missing_ok=True)
+        raise MedPromptError(f"cannot keep {study.name}'s LiteMedSAM embeddings ({emb.numel() * 2 >> 20} MB) in "
+                             f"{folder}: {one_line(e)}; a training round needs free disk about the size of its "
+                             f"studies' embeddings (2 MB per sampled slice)") from None
     return replace(study, embeddings=DiskEmbeddings(Path(tmp), tuple(emb.shape)))
