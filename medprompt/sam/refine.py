@@ -6,9 +6,12 @@ slice the region touches, each of its connected parts becomes a box (plus a marg
 LiteMedSAM returns logits on the slice's own pixels. In 3D:
   - only slices inside the localiser's extent are drawn (first to last slice it marks);
   - slices are sampled on a grid about every ``step_mm`` that all classes share (so they share
-    embeddings); the slices between, like slices where the localiser has a gap, get logits
+    embeddings); the slices between, like slices where the localiser has a gap, get SAM's logits
     interpolated from their sampled neighbours, and the extent's ends beyond the grid take the
     nearest sampled slice's logits inside their own boxes;
+  - where the localiser votes (``localiser_weight``: MR), every slice adds its *own* localiser mask's
+    vote to those logits, drawn or interpolated, so a slice between two drawn ones follows its own
+    localiser where SAM is unsure instead of its neighbours';
   - each class's logits are kept inside its localiser region dilated by ``keep_within_mm``, so
     SAM cannot run into a neighbour that looks alike;
   - a one-part organ keeps its largest 3D component;
@@ -316,9 +319,8 @@ def refine(
                 for (name, k), drawn_logits in zip(drawn_on[z], outs):
                     r = regions[name]
                     out = drawn_logits.amax(dim=0).numpy()
-                    if weight:
-                        out = out + np.where(r.seed[k], weight, -weight)
-                    drawn = int(((out > 0) & r.allowed[k]).sum())
+                    vote = np.where(r.seed[k], weight, -weight) if weight else 0.0
+                    drawn = int(((out + vote > 0) & r.allowed[k]).sum())
                     if drawn < settings.min_area_ratio * int(r.seed[k].sum()):
                         # SAM outlined a small part of what the localiser marks (e.g. the bright renal
                         # sinus inside a dark kidney on T1 MR): keep the localiser's slice instead.
@@ -330,6 +332,9 @@ def refine(
             logits = all_logits.pop(name)
             _interpolate_missing(logits, plans[name])
             _extend_ends(logits, plans[name], r.seed, pixel_mm, settings)
+            if weight:  # each slice's own localiser mask votes, drawn or interpolated (in place: crops are big)
+                np.add(logits, weight, out=logits, where=r.seed)
+                np.subtract(logits, weight, out=logits, where=~r.seed)
             logits[~r.allowed] = OUTSIDE
             fg = logits > 0
             if not fg.any():
