@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -129,6 +129,45 @@ def all_mean(value: float, ctx: DistContext) -> float:
                      device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / ctx.world
+
+
+T = TypeVar("T")
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> tuple[list[T], int]:
+    """This process's share of ``items`` (every ``world``-th, from its rank) and on how many processes each
+    item is: data parallel, so a round's studies are taught, encoded and held once across the processes,
+    not once per process. With fewer items than processes every process takes them all (a share is never
+    empty, so every process runs the same passes)."""
+    if ctx.world <= 1 or len(items) < ctx.world:
+        return list(items), max(1, ctx.world)
+    return list(items[ctx.rank :: ctx.world]), 1
+
+
+def which_process(ctx: DistContext) -> str:
+    """", process 2 of 4" for progress bars that every process shows (each its own share); "" alone."""
+    return f", process {ctx.rank + 1} of {ctx.world}" if ctx.world > 1 else ""
+
+
+def all_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """``t`` summed over all processes (a copy; ``t`` itself when there is one process)."""
+    if not _active(ctx):
+        return t
+    out = t.detach().clone().to(ctx.device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def gathered(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """Every process's ``items`` in rank order, each item once (e.g. the names of the studies trained on)."""
+    if not _active(ctx):
+        return list(items)
+    parts: list = [None] * ctx.world
+    dist.all_gather_object(parts, list(items))
+    out: list[T] = []
+    for part in parts:
+        out.extend(x for x in part if x not in out)
+    return out
 
 
 def end_of_step(ctx: DistContext, done: int, steps: int, save_every: int, time_limit_s: float | None,

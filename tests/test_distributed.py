@@ -123,9 +123,30 @@ def _worker(rank: int, port: int, volumes: list[TrainingVolume], tmp: str) -> No
     half = slice(rank * B, (rank + 1) * B)
     _sgd_step(model, x[half], tgt[half], text)
     mean_rank = distributed.all_mean(float(rank), ctx)
+    record["shares"] = _shares(ctx)
     distributed.shutdown(ctx)
     torch.save({**record, "trained": trained, "ddp_step": distributed.unwrap(model).state_dict(),
                 "mean_rank": mean_rank, "ctx": (ctx.rank, ctx.world, ctx.is_main)}, Path(tmp) / f"rank{rank}.pt")
+
+
+STUDIES = ["s0", "s1", "s2"]  # three unlabelled studies over two processes: two and one
+CORRECTED = ["c0"]  # a correction every process keeps
+
+
+def _shares(ctx) -> dict:
+    """What a round spread over processes does with its studies: the shard, the draws, the class areas."""
+    from medprompt import distributed
+    from medprompt.trainers.sam_net_train import process_draws
+    from medprompt.trainers.sam_rounds import study_draws
+
+    mine, held = distributed.shard(STUDIES, ctx)
+    zero_shot = process_draws(np.ones(len(mine)), np.full(len(mine), held), ctx)
+    g = study_draws(len(CORRECTED), len(STUDIES), 0.5)
+    finetune = process_draws(np.concatenate([g[:1], np.full(len(mine), g[-1])]),
+                             np.array([ctx.world] + [held] * len(mine)), ctx)
+    area = torch.tensor([float(STUDIES.index(n) + 1) for n in mine], dtype=torch.float64).sum()[None]
+    return {"mine": mine, "zero_shot": zero_shot, "finetune": finetune, "names": distributed.gathered(mine, ctx),
+            "area": distributed.all_sum(area, ctx).item()}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +154,47 @@ def two_ranks(volumes, tmp_path_factory) -> tuple[Path, list[dict]]:
     tmp = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(find_free_port(), volumes, str(tmp)), nprocs=WORLD, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_a_round_over_two_processes_draws_every_study_as_one_process_would(two_ranks):
+    """Each process teaches and holds its share of the studies; each draws from its own, its loss scaled so
+    that the mean over processes (DDP's averaged gradient) weighs every study as one process does."""
+    from medprompt.trainers.sam_rounds import study_draws
+
+    _, ranks = two_ranks
+    shares = [r["shares"] for r in ranks]
+    assert [s["mine"] for s in shares] == [["s0", "s2"], ["s1"]]
+    assert all(s["names"] == ["s0", "s2", "s1"] for s in shares)  # the model's trained_on: every study once
+    assert all(s["area"] == 6.0 for s in shares)  # the class balance counts every study once: 1 + 2 + 3
+
+    def overall(key: str, names: list[list[str]]) -> dict[str, float]:
+        """Each study's expected weight in the averaged loss: sum over processes of scale x draw / world."""
+        out: dict[str, float] = {}
+        for s, mine in zip(shares, names):
+            p, scale = s[key]
+            for name, q in zip(mine, p):
+                out[name] = out.get(name, 0.0) + scale * q / WORLD
+        return out
+
+    mine = [s["mine"] for s in shares]
+    assert overall("zero_shot", mine) == pytest.approx({n: 1 / 3 for n in STUDIES})
+    assert [s["zero_shot"][1] for s in shares] == pytest.approx([4 / 3, 2 / 3])  # two studies, one
+    g = study_draws(len(CORRECTED), len(STUDIES), 0.5)
+    assert overall("finetune", [CORRECTED + m for m in mine]) == pytest.approx(
+        {"c0": g[0], **{n: g[-1] for n in STUDIES}})
+
+
+def test_a_process_shares_studies_and_takes_them_all_when_there_are_fewer_than_processes():
+    from medprompt.distributed import DistContext, shard
+    from medprompt.trainers.sam_net_train import process_draws
+
+    one = DistContext(0, 1, 0, torch.device("cpu"))
+    assert shard([1, 2, 3], one) == ([1, 2, 3], 1)
+    p, scale = process_draws(np.array([2.0, 1.0, 1.0]), np.ones(3), one)
+    assert scale == 1.0 and p.tolist() == [0.5, 0.25, 0.25]  # one process: the draws as given
+    assert shard(list("abcde"), DistContext(1, 2, 1, torch.device("cpu"))) == (["b", "d"], 1)
+    assert shard(["a"], DistContext(1, 2, 1, torch.device("cpu"))) == (["a"], 2)  # never an empty share
+    assert shard([], DistContext(1, 2, 1, torch.device("cpu"))) == ([], 2)
 
 
 def test_ranks_know_their_place_and_average(two_ranks):
@@ -193,6 +255,27 @@ def test_cli_under_torchrun_writes_one_loadable_model(studies: Path, tmp_path: P
     assert any("2 processes" in line for line in lines)
     with pytest.raises(RuntimeError, match="exit code .*required: --studies"):  # a usage error, quick
         run_torchrun(["train-zero-shot"], WORLD, on_line=lines.append)
+
+
+def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_study(studies: Path, tmp_path: Path):
+    """MedPromptNet on LiteMedSAM features (the default --arch) in two processes: each teaches one of the
+    two studies (prior + LiteMedSAM, real weights), one model comes out, trained on both."""
+    from medprompt.distributed import run_torchrun
+    from medprompt.model.sam_checkpoint import load_net
+
+    out = tmp_path / "m.pt"
+    lines: list[str] = []
+    run_torchrun(["train-zero-shot", "--studies", str(studies), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                  "--model-config", "tiny", "--device", "cpu"], WORLD,
+                 env={"OMP_NUM_THREADS": "1", "MEDPROMPT_CACHE": str(tmp_path / "cache")}, on_line=lines.append)
+    _, meta = load_net(out)
+    assert meta["step"] == 2
+    assert sorted(meta["trained_on"]) == sorted(p.name for p in list_studies([studies]))
+    taught = [line for line in lines if line.startswith("teacher (prior + LiteMedSAM), process") and "100%" in line]
+    for rank in (1, 2):
+        assert any(f"process {rank} of 2" in line and "| 1/1 " in line for line in taught), taught
+    assert sum(line.startswith("wrote ") for line in lines) == 1
+    assert not list((tmp_path / "teacher_cache").glob("embeddings_*"))  # each process's spill folder is gone
 
 
 def test_multi_gpu_request_picks_gpus_and_falls_back_to_one_process(monkeypatch, caplog):

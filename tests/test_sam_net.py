@@ -201,7 +201,7 @@ def test_teacher_trusts_sam_near_the_priors_mask_of_the_same_class_only() -> Non
 
 
 def test_class_balance_lifts_rare_classes_within_the_cap() -> None:
-    from medprompt.trainers.cells import BALANCE_CAP, class_balance
+    from medprompt.trainers.cells import BALANCE_CAP, class_area, class_balance
 
     target = torch.zeros(1, 4, 64, 64)
     target[:, 0] = 1
@@ -213,12 +213,12 @@ def test_class_balance_lifts_rare_classes_within_the_cap() -> None:
     study = CellStudy("s", torch.zeros(1, 256, 64, 64).half(), torch.zeros(1, 3, dtype=torch.long),
                       sf.cell_coords(SliceGeometry.for_slice((64, 64))), target.half(), torch.ones(1, 64, 64).half(),
                       torch.tensor([True, True, True]))
-    w = class_balance([study])
+    w = class_balance(class_area([study]))
     assert w[0] == 1 and w[2] == 1  # background and the median class stay
     assert w[1] == 1  # a larger class is not pushed down
     assert w[3] == BALANCE_CAP  # sqrt(400 / 1) = 20, capped
     study.weight[:, 0:20, 0:20] = 0  # untrusted cells do not count: class 2 now has no trusted area
-    assert class_balance([study])[2] == 1  # a class never taught is not up-weighted (nothing to lift)
+    assert class_balance(class_area([study]))[2] == 1  # a class never taught is not up-weighted (nothing to lift)
 
 
 def _planted_study(seed: int, n: int = 6) -> CellStudy:

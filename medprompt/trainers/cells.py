@@ -84,14 +84,20 @@ def teacher_weights(teacher: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return torch.where(agree, torch.where(pure, 1.0, MIXED_WEIGHT), 0.0)
 
 
-def class_balance(studies: Sequence[CellStudy], cap: float = BALANCE_CAP) -> torch.Tensor:
-    """(1 + C,) loss weight per channel: a class with less trusted area than the median class gets
-    sqrt(median / its area), at most ``cap``; background and larger classes 1. In a softmax a class
-    taught on a few hundred cells among a million background ones never becomes the most probable
-    (the pancreas); the square root and the cap keep it from being drawn everywhere instead."""
+def class_area(studies: Sequence[CellStudy], share: Sequence[float] | None = None) -> torch.Tensor:
+    """(1 + C,) trusted area of each channel over ``studies`` (cells x confidence); ``share``: the part of
+    each study to count (1 / the number of processes that hold it, when a round is spread over several)."""
     area = torch.zeros(studies[0].target.shape[1], dtype=torch.float64)
-    for st in studies:
-        area += (st.target.double() * st.weight.double()[:, None]).sum((0, 2, 3))
+    for i, st in enumerate(studies):
+        area += (st.target.double() * st.weight.double()[:, None]).sum((0, 2, 3)) * (1.0 if share is None else share[i])
+    return area
+
+
+def class_balance(area: torch.Tensor, cap: float = BALANCE_CAP) -> torch.Tensor:
+    """(1 + C,) loss weight per channel from the trusted areas (:func:`class_area`): a class with less trusted
+    area than the median class gets sqrt(median / its area), at most ``cap``; background and larger classes 1.
+    In a softmax a class taught on a few hundred cells among a million background ones never becomes the
+    most probable (the pancreas); the square root and the cap keep it from being drawn everywhere instead."""
     fg = area[1:]
     present = fg > 0
     out = torch.ones_like(area)
@@ -149,9 +155,10 @@ def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCat
 
 
 def teacher_studies(paths: Sequence[Path], classes: Sequence[str], catalog: PromptCatalog, segmenter_for: Callable,
-                    reach: int, cache_dir: Path, progress: bool = True, spill_to: Path | None = None) -> list[CellStudy]:
+                    reach: int, cache_dir: Path, progress: bool = True, spill_to: Path | None = None,
+                    desc: str = "teacher (prior + LiteMedSAM)") -> list[CellStudy]:
     """Teacher studies of ``paths``; with ``spill_to``, each one's embeddings go to disk as it is made
     (trainers.disk_embeddings), so only one study's are in memory at a time."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     return [spilled(teacher_study(p, classes, catalog, segmenter_for, reach, cache_dir), spill_to)
-            for p in tqdm(paths, desc="teacher (prior + LiteMedSAM)", unit="study", disable=not progress)]
+            for p in tqdm(paths, desc=desc, unit="study", disable=not progress)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,11 @@ from tqdm import tqdm
 
 from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet, channel_owner, merged_log_softmax, part_matrix
-from medprompt.trainers.cells import CellStudy, class_balance
+from medprompt.trainers.cells import CellStudy, class_area, class_balance
+
+if TYPE_CHECKING:
+    from medprompt.distributed import DistContext
+
 
 @dataclass
 class SamNetTrainConfig:
@@ -97,6 +101,20 @@ def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, 
     return (ce * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def process_draws(study_p: np.ndarray, held_by: np.ndarray, ctx: "DistContext") -> tuple[np.ndarray, float]:
+    """This process's draw probability of each of its studies and its loss scale, from each study's weight in
+    the round (``study_p``, as one process would draw them) and on how many processes it is (``held_by``).
+
+    A study on every process is drawn by each 1 / world as often; the scale (world x this process's share of
+    all draws) makes the mean of the processes' scaled losses, which DDP's averaged gradient follows, the
+    one-process loss in expectation, however unevenly the studies fell. One process: (study_p / sum, 1)."""
+    from medprompt.distributed import all_sum
+
+    p = np.asarray(study_p, np.float64) / np.asarray(held_by, np.float64)
+    scale = ctx.world * p.sum() / float(all_sum(torch.tensor([p.sum()], dtype=torch.float64), ctx))
+    return p / p.sum(), float(scale)
+
+
 def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device) -> SamPromptNet:
     """A network to train: from ``init`` (its architecture wins) or new from the preset."""
     if init is not None and Path(init).is_file():
@@ -107,9 +125,15 @@ def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.
 
 def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.ndarray, encoder_key: str,
                 init: Path | None = None, study_p: np.ndarray | None = None, progress: bool = True,
-                on_step: Callable[[int, dict], None] | None = None, desc: str = "training") -> Path:
-    """Run (or resume) training on ``studies``; returns the model file (``cfg.out``)."""
-    from medprompt.distributed import barrier, end_of_step, init_distributed, unwrap, wrap_model
+                on_step: Callable[[int, dict], None] | None = None, desc: str = "training",
+                held_by: Sequence[int] | None = None) -> Path:
+    """Run (or resume) training on ``studies``; returns the model file (``cfg.out``).
+
+    ``study_p``: how often a batch draws each study (relative; default its slice count). Across processes
+    each holds its share of a round's studies (distributed.shard) and ``held_by`` says on how many
+    processes each of these is (1 for a shard's, all for the corrections every process keeps): draws and
+    loss follow :func:`process_draws`, and the class balance counts every study once."""
+    from medprompt.distributed import all_sum, barrier, end_of_step, gathered, init_distributed, unwrap, wrap_model
     from medprompt.trainers.zero_shot import warmup_cosine
 
     ctx = init_distributed(cfg.device)
@@ -132,12 +156,13 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     rng = np.random.default_rng([cfg.seed, start, ctx.rank])
     text = torch.from_numpy(vectors).float().to(device)
     p = np.asarray(study_p, np.float64) if study_p is not None else np.array([len(s.embeddings) for s in studies], np.float64)
-    p = p / p.sum()
-    balance = class_balance(studies) if cfg.balance else None
+    held = np.asarray(held_by if held_by is not None else np.ones(len(studies)), np.float64)
+    p, loss_scale = process_draws(p, held, ctx)
+    balance = class_balance(all_sum(class_area(studies, 1.0 / held), ctx)) if cfg.balance else None
     part_of = part_matrix(list(cfg.classes), cfg.parts).to(device)
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
-            "trained_on": [s.name for s in studies], "steps": cfg.steps, **cfg.meta}
+            "trained_on": gathered([s.name for s in studies], ctx), "steps": cfg.steps, **cfg.meta}
     if balance is not None:
         meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",
@@ -151,6 +176,8 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
             picks.append((int(s), int(rng.integers(len(studies[int(s)].embeddings)))))
         x, t, w, k = (a.to(device) for a in batch_of(studies, picks, cfg.cells, rng, cfg.jitter, cfg.noise, balance))
         loss = cell_loss(model(x, text), t, w, k, part_of)
+        if ctx.world > 1:
+            loss = loss * loss_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -25,7 +25,8 @@ drafted_cells) where draft and map agree. The served model is replaced only by a
 no worse there; every accepted model is kept as a version. 2D datastores (PNG/JPEG/DICOM images,
 ``labels/final`` PNGs) train the same way, one slice per image, and each corrected image brings a few
 image-space variants of itself (trainers.augment2d: another size, lie and contrast, encoded once), which
-train but never validate.
+train but never validate. Under torchrun each process teaches and holds its share of the unlabelled studies
+(distributed.shard) and keeps every correction; rank 0 validates.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.distributed import init_distributed, shard, which_process
 from medprompt.errors import InputError
 from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
 from medprompt.trainers.disk_embeddings import spill_folder, spilled
@@ -73,8 +75,12 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
     cache = out.parent / "teacher_cache"
     seg = _segmenter_for(sam_checkpoint, device)
     reach = load_net(Path(init))[0].cfg.reach if init is not None else _reach(model_config)
+    # Across processes (torchrun) each teaches and holds its share of the studies (distributed.shard).
+    ctx = init_distributed(device)
+    mine, held_by = shard(list_studies(studies), ctx)
     with spill_folder(cache) as spill:  # the studies' embeddings on disk (trainers.disk_embeddings)
-        cells = teacher_studies(list_studies(studies), classes, catalog, seg, reach, cache, progress, spill_to=spill)
+        cells = teacher_studies(mine, classes, catalog, seg, reach, cache, progress, spill_to=spill,
+                                desc=f"teacher (prior + LiteMedSAM){which_process(ctx)}")
         vectors, key = class_vectors(classes, catalog, text_encoder, cache)
         meta = {"teacher": "prior+LiteMedSAM", "rounds": rounds}
         start = init
@@ -85,7 +91,7 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
                                     device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
                                     balance=True, meta={**meta, "round": r + 1})
             train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
-                        on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}")
+                        on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}", held_by=[held_by] * len(cells))
             if r < rounds - 1:
                 cells = self_trained(cells, target, vectors, device)
                 start = target  # the next round continues from this one
@@ -342,12 +348,17 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
             where = [f"{v.name} ({len(v.embeddings)} held-out slices)" for v in val]
         if not val:  # everything trained (one corrected image, or no model to beat): it can only catch a worse round
             val, where = originals, [f"{o.name} (also trained on)" for o in originals]
-        teach = _teachable(unlabelled)
-        unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress,
-                              spill_to=spill) if teach else []
+        # Across processes (torchrun) each teaches and holds its share of the unlabelled studies
+        # (distributed.shard); every process keeps all the corrections.
+        ctx = init_distributed(device)
+        teachable = _teachable(unlabelled)
+        teach, teach_held = shard(teachable, ctx)
+        unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress, spill_to=spill,
+                              desc=f"teacher (prior + LiteMedSAM){which_process(ctx)}") if teach else []
         if unl and init is not None and Path(init).is_file():
             unl = [agreeing(u, Path(init), vectors, device) for u in unl]
-        blank_paths = [p for p in unlabelled if p not in teach] if semi else []
+        blank_all = [p for p in unlabelled if p not in teachable] if semi else []
+        blank_paths, blank_held = shard(blank_all, ctx)
         blank = [spilled(blank_cells(p, classes, seg, reach), spill) for p in blank_paths]
         meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}
         for r in range(2 if semi and (unl or blank) else 1):
@@ -356,15 +367,17 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
                     drafted_cells(b, path, candidate, classes, catalog, vectors, sam_checkpoint, device)
                     for b, path in zip(blank, blank_paths)]
             cells = train + unl
-            p = study_draws(len(train), len(unl), labelled_share)
+            n_unl = len(teachable) + (len(blank_all) if r == 1 else 0)  # over all processes
+            held_by = [ctx.world] * len(train) + [teach_held] * len(teach) + [blank_held] * (len(blank) if r == 1 else 0)
+            p = study_draws(len(train), n_unl, labelled_share)
+            p = np.concatenate([p[: len(train)], np.full(len(unl), p[-1] if n_unl else 0.0)])
             cfg = SamNetTrainConfig(out=candidate, classes=classes, steps=steps, batch_size=batch_size, lr=lr,
                                     model_config=model_config, device=device, seed=seed + r,
                                     save_every=max(steps, 1), resume=False, balance=True, parts=parts, meta=meta)
             train_cells(cfg, cells, vectors, key, init=init if r == 0 else candidate, study_p=p, progress=progress,
-                        on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)")
-        from medprompt.distributed import init_distributed
-
-        if not init_distributed(device).is_main:
+                        on_step=on_step, desc="finetuning" if r == 0 else "finetuning (self-training)",
+                        held_by=held_by)
+        if not ctx.is_main:
             return FinetuneResult(accepted=False, served=served, candidate_score=float("nan"), previous_score=None,
                                   validation=[], classes=classes)
         from medprompt.model.sam_net import part_matrix
