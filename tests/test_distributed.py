@@ -278,6 +278,34 @@ def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_s
     assert not list((tmp_path / "teacher_cache").glob("embeddings_*"))  # each process's spill folder is gone
 
 
+def test_a_finetune_round_under_torchrun_shares_the_unlabelled_studies(tmp_path: Path):
+    """A 3D datastore, one corrected and two unlabelled studies, two processes: each teaches one unlabelled
+    study, both train on the correction, rank 0 validates and serves one model trained on all three."""
+    import shutil
+
+    from medprompt.distributed import run_torchrun
+    from medprompt.model.sam_checkpoint import load_net
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    paths = write_sample_data(src, n=3, seed=5, shape=(48, 48, 32))
+    final = store / "labels" / "final"
+    final.mkdir(parents=True)
+    for p in paths:
+        shutil.copy2(p, store / p.name)
+    for suffix in (".nii.gz", ".json"):
+        shutil.copy2(src / "reference" / f"phantom_000{suffix}", final / f"phantom_000{suffix}")
+    lines: list[str] = []
+    run_torchrun(["train-finetune", "--studies", str(store), "--steps", "2", "--batch-size", "2", "--device", "cpu"],
+                 WORLD, env={"OMP_NUM_THREADS": "1", "MEDPROMPT_CACHE": str(tmp_path / "cache")}, on_line=lines.append)
+    taught = [line for line in lines if line.startswith("teacher (prior + LiteMedSAM), process") and "100%" in line]
+    for rank in (1, 2):
+        assert any(f"process {rank} of 2" in line and "| 1/1 " in line for line in taught), taught
+    assert sum(line.startswith("validation Dice on phantom_000.nii.gz") for line in lines) == 1  # rank 0 alone
+    _, meta = load_net(store / "model" / "medprompt.pt")
+    assert sorted(meta["trained_on"]) == [p.name for p in paths]
+    assert not list((store / "model" / "finetune_work").glob("embeddings_*"))
+
+
 def test_multi_gpu_request_picks_gpus_and_falls_back_to_one_process(monkeypatch, caplog):
     from medprompt.trainers import round_task
 
