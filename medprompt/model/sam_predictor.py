@@ -175,8 +175,7 @@ def cell_softmax(net: SamPromptNet, embeddings, neighbours: torch.Tensor, coords
     h, w = embeddings.shape[-2:]
     for i in range(0, len(neighbours), batch):
         idx = neighbours[i : i + batch]
-        rows, where = torch.unique(idx, return_inverse=True)  # each slice read once (neighbours repeat)
-        emb = embeddings[rows][where].to(device).float()
+        emb = embeddings[idx].to(device).float()
         x = cell_inputs(emb, coords.to(device)[None].expand(len(idx), -1, -1, -1))
         logits = net(x, text.to(device)).float()
         if among is not None:

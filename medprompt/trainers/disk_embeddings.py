@@ -47,17 +47,18 @@ class DiskEmbeddings:
         return len(self.rows)
 
     def __getitem__(self, idx) -> torch.Tensor:
+        """Each distinct row is read once (a batch's neighbour indices repeat slices)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        flat = idx.reshape(-1).tolist()
+        distinct, where = np.unique(idx.reshape(-1).numpy(), return_inverse=True)
         row = self.full_shape[1:]
-        out = np.empty((len(flat), *row), np.float16)
+        out = np.empty((len(distinct), *row), np.float16)
         nbytes = prod(row) * 2
         with open(self.path, "rb") as f:
-            for n, j in enumerate(flat):
+            for n, j in enumerate(distinct.tolist()):
                 f.seek(self.rows[j] * nbytes)
                 if f.readinto(memoryview(out[n]).cast("B")) != nbytes:
                     raise OSError(f"{self.path}: embedding file is shorter than its {self.full_shape[0]} slices")
-        return torch.from_numpy(out).reshape(*idx.shape, *row)
+        return torch.from_numpy(out[where.reshape(-1)]).reshape(*idx.shape, *row)
 
     def select(self, keep: Sequence[int]) -> "DiskEmbeddings":
         """The same file, rows ``keep`` only (no copy: a held-out split of a corrected study)."""
