@@ -51,6 +51,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: int = 0,
            augment: bool = True, modes: tuple[str, ...] = ("semi", "supervised")) -> list[dict]:
     from medprompt.drafts2d import draft2d
+    from medprompt.evaluation import ClassScore, DatasetEvaluation, Evaluation
     from medprompt.io.image2d import load_image2d, load_label2d
     from medprompt.model.sam_predictor import saliency_method
     from medprompt.saliency import register
@@ -69,8 +70,7 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
     for k in ks:
         for mode in (["zero-shot"] if k == 0 else modes):
             per = {o: [] for o in ORGANS}
-            held = {o: [] for o in ORGANS}  # Dice on the images whose reference holds the organ
-            false_pos = {o: 0 for o in ORGANS}  # images drawn with the organ where the reference has none
+            cases = {}  # the same images scored as `medprompt evaluate` scores them (only where the organ is)
             t0 = time.perf_counter()
             for j in range(first, first + min(rotations, len(patients)) if k else 1):
                 labelled = {patients[(j + i) % len(patients)] for i in range(k)}
@@ -96,24 +96,25 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
                     # "kidney" is an alias of "kidneys" (two parts); a finetuned model's catalog adds its classes.
                     out = draft2d(load_image2d(p), list(ORGANS), saliency="medprompt" if k else None,
                                   catalog=catalog if k else default_catalog())
+                    scores = []
                     for o in ORGANS:
                         drawn, truth = out.labels == out.names[out.resolved[o]], ref == names[o]
                         rot[o].append(dice(drawn, truth))
                         per[o].append(rot[o][-1])
-                        if truth.any():
-                            held[o].append(rot[o][-1])
-                        else:
-                            false_pos[o] += int(drawn.any())
+                        d = rot[o][-1] if drawn.any() or truth.any() else float("nan")
+                        scores.append(ClassScore(o, d, d / (2 - d), int(truth.sum()), int(drawn.sum())))
+                    cases[f"{j}/{p.name}"] = Evaluation(scores)
                 if k:
                     print(json.dumps({"k": k, "mode": mode, "rotation": j, "labelled": sorted(labelled),
                                       **{o: round(float(np.mean(v)), 3) for o, v in rot.items()},
                                       "mean": round(float(np.mean([np.mean(v) for v in rot.values()])), 3)}), flush=True)
                     shutil.rmtree(work, ignore_errors=True)
+            summary = DatasetEvaluation(cases, list(ORGANS), {}, {}).summary()
             row = {"k": k, "mode": mode, **{o: float(np.mean(v)) for o, v in per.items()},
                    "images": len(per[ORGANS[0]]), "seconds": time.perf_counter() - t0,
-                   **{f"{o}_held": float(np.mean(v)) if v else float("nan") for o, v in held.items()},
-                   **{f"{o}_present": len(v) for o, v in held.items()},
-                   **{f"{o}_false": n for o, n in false_pos.items()}}
+                   **{f"{c.name}_held": c.dice_mean for c in summary},
+                   **{f"{c.name}_present": c.n for c in summary},
+                   **{f"{c.name}_false": len(c.false_positive_cases) for c in summary}}
             row["mean"] = float(np.mean([row[o] for o in ORGANS]))
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -201,7 +202,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for mode, style, colour in (("semi", "o-", "C0"), ("supervised", "s--", "C1")):
             pts = sorted((r["k"], r[organ]) for r in rows if r["mode"] in (mode, "zero-shot"))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour, label=mode)
-            if organ != "mean" and all(f"{organ}_held" in r for r in rows):  # only the images holding the organ
+            if organ != "mean":  # only the images holding the organ
                 held = sorted((r["k"], r[f"{organ}_held"]) for r in rows if r["mode"] in (mode, "zero-shot"))
                 ax.plot([p[0] for p in held], [p[1] for p in held], style, color=colour, alpha=0.35,
                         label=f"{mode}, images holding the organ")
