@@ -35,6 +35,7 @@ from medprompt.model.predictor import load_checkpoint  # noqa: E402
 from medprompt.phantoms import write_sample_data  # noqa: E402
 from medprompt.trainers.finetune import train_finetune  # noqa: E402
 from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot  # noqa: E402
+from provenance import footer  # noqa: E402
 
 
 def score(model: Path, test_dir: Path, device: str) -> float:
@@ -129,7 +130,7 @@ def main() -> None:
     lines += [f"| {r['labelled']} | {cell(r, 'semi')} | {cell(r, 'supervised')} |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n\n" + footer() + "\n")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from medprompt.catalog import default_catalog  # noqa: E402
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
+from provenance import footer  # noqa: E402
 
 REAL2D = REPO.parent / "shared" / "data" / "real2d" / "curvas_ct2d"
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -253,13 +254,13 @@ def main() -> None:
                                for o in ORGANS)
                   + f" | {np.nanmean([r[o + '_held'] for o in ORGANS]):.3f} |" for r in rows]
         stem = "label_efficiency_curvas" + ("_no_augment" if args.no_augment else "")
-        (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
         plot(rows, RESULTS / f"{stem}.png")
     else:
         rows = three_d(args.zero_shot, args.steps, args.with_unlabelled)
         lines = ["| corrected | scored | zero-shot + SAM | finetuned + SAM |", "|---|---|---|---|"]
         lines += [f"| {r['corrected']} | {r['scored']} | {r['zero_shot']:.3f} | {r['finetuned']:.3f} |" for r in rows]
-        (RESULTS / "label_efficiency_3d.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / "label_efficiency_3d.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
     print("\n".join(lines))
 
 

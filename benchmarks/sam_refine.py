@@ -30,6 +30,7 @@ from medprompt.io.volume import load_volume, read_label_names  # noqa: E402
 from medprompt.prior import geometry  # noqa: E402
 from medprompt.sam import segmenter_factory  # noqa: E402
 from medprompt.sam.refine import RefineSettings, refine  # noqa: E402
+from provenance import footer  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
 CASES = {"ct_abdomen_a": "image.nii.gz", "ct_abdomen_b_dicom": "dicom", "mr_abdomen": "image.nii.gz"}
@@ -52,6 +53,7 @@ def main() -> None:
     args = p.parse_args()
     if not REAL.exists():
         sys.exit(f"error: {REAL} not found")
+    print(footer())
     catalog = default_catalog()
     entries = [catalog[n] for n in SYNAPSE8]
     make = segmenter_factory()
