@@ -44,7 +44,7 @@ def packages() -> dict[str, str]:
 
 
 def provenance() -> dict:
-    """The facts, for a JSON result or a footer."""
+    """The facts the footer states."""
     import torch
 
     return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
@@ -53,9 +53,9 @@ def provenance() -> dict:
             "packages": packages()}
 
 
-def footer(info: dict | None = None) -> str:
+def footer() -> str:
     """A Markdown paragraph to put under a results table."""
-    info = info or provenance()
+    info = provenance()
     pkgs = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     omp = f", OMP_NUM_THREADS={info['OMP_NUM_THREADS']}" if info["OMP_NUM_THREADS"] else ""
     return (f"Made by `{info['command']}` at commit {info['commit']}, {info['utc']} UTC, "
