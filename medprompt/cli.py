@@ -223,7 +223,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     jobs = _infer_jobs(args.input, args.output)
     failures = 0
-    bar = tqdm(jobs, desc="drafting", unit="volume", disable=len(jobs) < 2, file=sys.stderr)
+    unit = "image" if all(is_image2d(source) for source, _ in jobs) else "study"
+    bar = tqdm(jobs, desc="drafting", unit=unit, disable=len(jobs) < 2, file=sys.stderr)
     for source, target in bar:
         try:
             if is_image2d(source) and str(args.model).lower().startswith("weak:"):  # a train-weak model
