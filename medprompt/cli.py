@@ -223,11 +223,12 @@ def _infer(args: argparse.Namespace) -> int:
 
     jobs = _infer_jobs(args.input, args.output)
     failures = 0
-    unit = "image" if all(is_image2d(source) for source, _ in jobs) else "study"
-    bar = tqdm(jobs, desc="drafting", unit=unit, disable=len(jobs) < 2, file=sys.stderr)
-    for source, target in bar:
+    image2d = [is_image2d(source) for source, _ in jobs]  # a 2D DICOM's header is read once, here
+    bar = tqdm(list(zip(jobs, image2d)), desc="drafting", unit="image" if all(image2d) else "study",
+               disable=len(jobs) < 2, file=sys.stderr)
+    for (source, target), is_2d in bar:
         try:
-            if is_image2d(source) and str(args.model).lower().startswith("weak:"):  # a train-weak model
+            if is_2d and str(args.model).lower().startswith("weak:"):  # a train-weak model
                 from medprompt.weak.draft import draft_weak_file
 
                 result = draft_weak_file(source, target, args.prompts, args.model, refine=args.refine,
@@ -236,7 +237,7 @@ def _infer(args: argparse.Namespace) -> int:
                 continue
             if str(args.model).lower().startswith("weak:"):
                 raise InputError(f"{source}: --model weak:... drafts 2D images; this is a volume")
-            if is_image2d(source):  # X-ray, ultrasound, one MR/CT slice: saliency -> boxes -> LiteMedSAM
+            if is_2d:  # X-ray, ultrasound, one MR/CT slice: saliency -> boxes -> LiteMedSAM
                 from medprompt.drafts2d import draft2d_file
 
                 saliency, catalog = args.saliency, None
