@@ -51,13 +51,12 @@ def main() -> None:
     from medprompt.drafts import draft
     from medprompt.memo import clear_all
     from medprompt.sam.interactive import ClickRequest, click_segment
-    from medprompt.sam.segmenter import decoder_dtype, encoder_dtype
+    from medprompt.sam.segmenter import precision_summary
 
     vol = clinical_size_ct(tuple(args.shape))
     make = sam.segmenter_factory()  # weights loaded (and hash-checked) once, as a server does; GPU when present
     device = sam.resolve_device("auto")
-    print(f"volume {vol.data.shape} spacing {np.round(vol.spacing, 3)} mm; device {device}, "
-          f"encoder {encoder_dtype(device) or 'fp32'}, decoder's transformer {decoder_dtype(device)}")
+    print(f"volume {vol.data.shape} spacing {np.round(vol.spacing, 3)} mm; {precision_summary(device)}")
 
     t, c = time.perf_counter(), time.process_time()
     alone = draft(vol, refine="none")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -328,6 +329,38 @@ def test_decoder_precision_follows_the_cpu_and_the_environment(monkeypatch: pyte
     monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: True)
     monkeypatch.setenv(segmenter.ENV_PRECISION, "fp32")
     assert segmenter.decoder_dtype(cpu) == torch.float32
+
+
+def test_the_log_says_why_drafts_are_slow_on_a_cpu_without_bf16(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import medprompt.sam as sam
+    from medprompt.sam import segmenter
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(segmenter.ENV_PRECISION, raising=False)
+    monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: True)
+    assert segmenter.precision_summary(cpu) == "LiteMedSAM on cpu: encoder bf16, decoder's transformer bf16"
+    assert segmenter.precision_summary(gpu) == "LiteMedSAM on cuda: encoder bf16, decoder's transformer fp32"
+    monkeypatch.setattr(segmenter, "_cpu_has_bf16", lambda: False)
+    slow = segmenter.precision_summary(cpu)
+    assert slow.startswith("LiteMedSAM on cpu: encoder fp32, decoder's transformer fp32 (")
+    assert "no AMX or AVX512-BF16" in slow and "twice as long" in slow
+    assert segmenter.precision_summary(gpu) == "LiteMedSAM on cuda: encoder bf16, decoder's transformer fp32"
+    monkeypatch.setenv(segmenter.ENV_PRECISION, "bf16")  # forced where it is emulated: the line says to unset it
+    forced = segmenter.precision_summary(cpu)
+    assert "encoder bf16, decoder's transformer bf16" in forced and "emulates bf16" in forced and "unset it" in forced
+    monkeypatch.setenv(segmenter.ENV_PRECISION, "fp32")
+    assert segmenter.precision_summary(cpu) == slow
+    # Once per device and process, in the server's log (the CLI configures no logging, so it stays quiet).
+    sam._say_precision.cache_clear()
+    monkeypatch.setattr(sam, "load_sam", lambda checkpoint, device: SimpleNamespace(device=device))
+    with caplog.at_level(logging.INFO, logger="medprompt.sam"):
+        sam.segmenter_factory(device="cpu")
+        sam.segmenter_factory(device="cpu")
+    assert [r.getMessage() for r in caplog.records if r.name == "medprompt.sam"] == [slow]
+    sam._say_precision.cache_clear()
 
 
 def test_glibc_keeps_freed_decoder_memory_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:

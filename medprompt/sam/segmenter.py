@@ -57,6 +57,21 @@ def decoder_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if choice == "bf16" or _cpu_has_bf16() else torch.float32
 
 
+def precision_summary(device: torch.device) -> str:
+    """What LiteMedSAM runs in on ``device``, said once in the log when the weights load: a CPU without
+    bf16 instructions drafts about twice as slowly (7x when bf16 is forced there and emulated), and the
+    log line then gives the reason before anyone has to ask."""
+    enc = "bf16" if encoder_dtype(device) is not None else "fp32"
+    dec = "bf16" if decoder_dtype(device) == torch.bfloat16 else "fp32"
+    text = f"LiteMedSAM on {device}: encoder {enc}, decoder's transformer {dec}"
+    if device.type != "cpu" or _cpu_has_bf16():
+        return text
+    if os.environ.get(ENV_PRECISION, "auto").strip().lower() == "bf16":
+        return (f"{text}; {ENV_PRECISION}=bf16 on a CPU without AMX or AVX512-BF16 emulates bf16 (a re-prompt "
+                "took 7x as long as in fp32, BENCHMARKS.md): unset it")
+    return f"{text} (no AMX or AVX512-BF16 on this CPU: drafts take about twice as long as on one with them)"
+
+
 @lru_cache(maxsize=1)
 def _cpu_has_bf16() -> bool:
     try:
