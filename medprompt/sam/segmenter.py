@@ -66,7 +66,7 @@ def precision_summary(device: torch.device) -> str:
     text = f"LiteMedSAM on {device}: encoder {enc}, decoder's transformer {dec}"
     if device.type != "cpu" or _cpu_has_bf16():
         return text
-    if os.environ.get(ENV_PRECISION, "auto").strip().lower() == "bf16":
+    if dec == "bf16":  # without bf16 instructions only MEDPROMPT_SAM_PRECISION=bf16 chooses it (decoder_dtype)
         return (f"{text}; {ENV_PRECISION}=bf16 on a CPU without AMX or AVX512-BF16 emulates bf16 (a re-prompt "
                 "took 7x as long as in fp32, BENCHMARKS.md): unset it")
     return f"{text} (no AMX or AVX512-BF16 on this CPU: drafts take about twice as long as on one with them)"
