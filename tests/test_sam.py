@@ -27,7 +27,7 @@ from medprompt.sam import weights as sam_weights
 from medprompt.sam.cache import EmbeddingCache, slice_key
 from medprompt.sam.preprocess import (SAM_SIZE, SliceGeometry, axial_view, from_axial_view, logits_to_slice,
                                       model_input, to_uint8)
-from medprompt.sam.refine import FALLBACK, RefineSettings, refine, sampled_slices
+from medprompt.sam.refine import FALLBACK, RefineSettings, _class_logits, refine, sampled_slices
 
 
 pytestmark = pytest.mark.usefixtures("sam_cache")  # conftest: a private embedding cache per test
@@ -385,6 +385,7 @@ class ScriptedSegmenter:
     def __init__(self, organs: list[tuple[np.ndarray, float]]) -> None:
         self.organs = organs  # (view-grid mask (Z, rows, cols), logit inside)
         self.calls: list[tuple[int, np.ndarray]] = []
+        self.regions: list[tuple[int, int, int, int]] = []  # the slice region each call asked for
         self.encoded = 0
 
     def prepare(self, ks, progress: bool = False) -> None:
@@ -392,6 +393,7 @@ class ScriptedSegmenter:
 
     def predict(self, k, boxes=None, points=None, point_labels=None, region=None):
         self.calls.append((k, np.asarray(boxes).copy()))
+        self.regions.append(tuple(region))
         r0, r1, c0, c1 = region
         out = []
         for x0, y0, x1, y1 in boxes:
@@ -485,6 +487,42 @@ def test_overlapping_classes_are_resolved_by_their_logits_and_a_shrunk_mask_fall
     np.testing.assert_array_equal(out2.labels == 1, a)
     assert out2.stages["spleen"] == "prior + LiteMedSAM (prior's own mask kept on 8 of 8 slices)"
     assert 0 < FALLBACK < 6.0  # a confident SAM logit beats a kept localiser mask where they meet
+
+
+def test_each_box_is_decoded_only_within_reach_of_it() -> None:
+    """A class of many small parts (ribs) asks for each box's logits on the box grown by keep_within_mm,
+    not on the whole class's crop (upscaling it was a quarter of a round's teacher's time); the mask is SAM's."""
+    n, nz = 80, 12
+    volume, frame = _scene(nz=nz, n=n, sz=1.0)
+    seed = np.zeros((n, n, nz), bool)
+    for centre in ((12, 12), (66, 64), (14, 62)):  # three "ribs" far apart on every slice
+        seed[..., 2:10] |= _disk(n, centre, 3)[..., None]
+    sam_view = axial_view(np.repeat(seed[..., 2:3], nz, axis=2))
+    from scipy import ndimage as ndi
+
+    sam_view = ndi.binary_dilation(sam_view, np.ones((1, 3, 3), bool))  # SAM's bone: a pixel wider
+    seg = ScriptedSegmenter([(sam_view, 4.0)])
+    loc = Localization(masks={"bone": seed}, frame=frame, modality="CT", source="prior")
+    keep = 4.0
+    out = refine(volume, loc, [default_catalog()["bone"]], lambda slices, px: seg,
+                 RefineSettings(step_mm=3.0, keep_within_mm=keep, margin_frac=0.0))
+    assert sorted({k for k, _ in seg.calls}) == [3, 6, 9]  # the slices between interpolated
+    assert len(seg.calls) == 9 and all(len(b) == 1 for _, b in seg.calls)  # one ask per box
+    for (_, boxes), (r0, r1, c0, c1) in zip(seg.calls, seg.regions):
+        x0, y0, x1, y1 = boxes[0]
+        assert np.floor(y0 - keep) <= r0 <= y0 and y1 < r1 <= np.ceil(y1 + keep) + 1  # the box, grown by at most
+        assert np.floor(x0 - keep) <= c0 <= x0 and x1 < c1 <= np.ceil(x1 + keep) + 1  # keep_within_mm (1 mm pixels)
+        assert (r1 - r0) * (c1 - c0) < 0.1 * n * n  # the class spans most of the slice
+    expected = np.zeros((n, n, nz), bool)
+    expected[..., 2:10] = from_axial_view(sam_view)[..., 2:10]
+    np.testing.assert_array_equal(out.labels == 1, expected)
+
+
+def test_a_class_s_logits_beyond_its_boxes_are_sams_not_here() -> None:
+    parts = [((0, 2, 0, 2), np.array([[5.0, -3.0], [-3.0, -9.0]], np.float32)),
+             ((1, 3, 1, 3), np.array([[1.0, -2.0], [-2.0, -6.0]], np.float32))]
+    out = _class_logits(parts, (0, 0), (4, 4))
+    np.testing.assert_array_equal(out, [[5, -3, -6, -6], [-3, 1, -2, -6], [-6, -2, -6, -6], [-6, -6, -6, -6]])
 
 
 def test_thin_slices_are_sampled_and_the_rest_interpolated() -> None:

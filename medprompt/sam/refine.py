@@ -3,7 +3,8 @@
 A localiser (the anatomy prior, the learned model, later a saliency map) says *where* each class
 is, as a mask on its working grid; it is good at that and poor at boundaries. For every axial
 slice the region touches, each of its connected parts becomes a box (plus a margin) and
-LiteMedSAM returns logits on the slice's own pixels. In 3D:
+LiteMedSAM returns logits on the slice's own pixels, within ``keep_within_mm`` of the box (the
+class's mask is kept within that of its localiser region anyway). In 3D:
   - only slices inside the localiser's extent are drawn (first to last slice it marks);
   - slices are sampled on a grid about every ``step_mm`` that all classes share (so they share
     embeddings); the slices between, like slices where the localiser has a gap, get SAM's logits
@@ -201,6 +202,27 @@ def precompute(volume: "Volume", segmenter_for: Callable, settings: RefineSettin
     return len(wanted)
 
 
+def _box_region(box: np.ndarray, reach: tuple[float, float], crop: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Slice rows and columns (r0, r1, c0, c1) whose logits a box prompt (x0, y0, x1, y1) is asked for: the
+    box grown by ``reach`` (rows, cols) pixels, within ``crop``, as SAM draws its mask in and around the box."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    r0, r1, c0, c1 = crop
+    return (max(r0, int(math.floor(y0 - reach[0]))), min(r1, int(math.ceil(y1 + reach[0])) + 1),
+            max(c0, int(math.floor(x0 - reach[1]))), min(c1, int(math.ceil(x1 + reach[1])) + 1))
+
+
+def _class_logits(parts: list[tuple[tuple[int, int, int, int], np.ndarray]], origin: tuple[int, int],
+                  shape: tuple[int, int]) -> np.ndarray:
+    """One class's logits on its crop (``origin`` (row, col), ``shape``) from its boxes' logits, each on its
+    own slice region: the highest where regions overlap; beyond every region, the highest of the boxes'
+    lowest logits (SAM's "not here" far from a box, so slices between stay as interpolating SAM's would)."""
+    out = np.full(shape, max(float(logits.min()) for _, logits in parts), np.float32)
+    for (r0, r1, c0, c1), logits in parts:
+        sub = out[r0 - origin[0] : r1 - origin[0], c0 - origin[1] : c1 - origin[1]]
+        np.maximum(sub, logits, out=sub)
+    return out
+
+
 def _interpolate_missing(logits: np.ndarray, done: list[int]) -> None:
     """Slices between the first and last drawn slice that were not drawn get logits linearly
     interpolated from the nearest drawn slices on either side (in place)."""
@@ -300,25 +322,34 @@ def refine(
                 drawn_on.setdefault(regions[name].origin[0] + k, []).append((name, k))
         all_logits = {name: np.full(regions[name].seed.shape, OUTSIDE, np.float32) for name in names}
         # Slice by slice: the classes drawn on a slice share its decoder context and go through the
-        # decoder's transformer together (segmenter.predict_regions), each class's logits computed for
-        # its own crop only; two slices are decoded at a time (segmenter.DECODERS_PER_DEVICE) while
-        # this thread places the finished ones.
+        # decoder's transformer together (segmenter.predict_regions), each box's logits computed only
+        # within reach of it (_box_region: a rib's box does not upscale the whole skeleton's crop; bone's
+        # many boxes made the upscaling a quarter of a round's teacher's time) and merged per class
+        # (_class_logits); two slices are decoded at a time (segmenter.DECODERS_PER_DEVICE) while this
+        # thread places the finished ones.
+        reach = (settings.keep_within_mm / pixel_mm[0], settings.keep_within_mm / pixel_mm[1])
         asks: dict[int, list] = {}
+        owners: dict[int, list[tuple[str, int]]] = {}  # the class and crop slice of each ask, in order
         for z in sorted(drawn_on):
             for name, k in drawn_on[z]:
                 r = regions[name]
                 _, r0, c0 = r.origin
-                nr, nc = r.seed.shape[1:]
+                crop = (r0, r0 + r.seed.shape[1], c0, c0 + r.seed.shape[2])
                 boxes = np.clip(slice_boxes(r.seed[k], pixel_mm, settings) + np.array([c0, r0, c0, r0], np.float32),
                                 0, edge)
-                asks.setdefault(z, []).append((boxes, (r0, r0 + nr, c0, c0 + nc)))
+                for box in boxes:
+                    asks.setdefault(z, []).append((box[None], _box_region(box, reach, crop)))
+                    owners.setdefault(z, []).append((name, k))
         with ThreadPoolExecutor(DECODERS_PER_DEVICE, thread_name_prefix="sam-decoder") as pool:
-            decoded = pool.map(lambda z: seg.predict_regions(z, asks[z], [n for n, _ in drawn_on[z]]), sorted(asks))
+            decoded = pool.map(lambda z: seg.predict_regions(z, asks[z], [n for n, _ in owners[z]]), sorted(asks))
             for z, outs in tqdm(zip(sorted(asks), decoded), total=len(asks), desc="LiteMedSAM masks", unit="slice",
                                 disable=not progress, leave=False):
-                for (name, k), drawn_logits in zip(drawn_on[z], outs):
+                placed: dict[tuple[str, int], list] = {}
+                for owner, (_, region), drawn_logits in zip(owners[z], asks[z], outs):
+                    placed.setdefault(owner, []).append((region, drawn_logits[0].numpy()))
+                for (name, k), parts in placed.items():
                     r = regions[name]
-                    out = drawn_logits.amax(dim=0).numpy()
+                    out = _class_logits(parts, r.origin[1:], r.seed.shape[1:])
                     vote = np.where(r.seed[k], weight, -weight) if weight else 0.0
                     drawn = int(((out + vote > 0) & r.allowed[k]).sum())
                     if drawn < settings.min_area_ratio * int(r.seed[k].sum()):
