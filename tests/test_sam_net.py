@@ -135,6 +135,27 @@ def test_each_prompt_s_logits_do_not_depend_on_the_other_prompts_of_the_call() -
     torch.testing.assert_close(alone[:, 0], both[:, 0])  # background
 
 
+def test_slice_logits_equal_the_network_s_forward_on_cell_inputs() -> None:
+    """The inference path folds the input LayerNorm into the first linear layer, one slice at a time: it must
+    give forward's logits for float16 embeddings (as the cache stores them), a LayerNorm whose scale and
+    shift are not 1 and 0, and cells whose inputs sit far from zero (a variance taken as E[x^2] - m^2
+    would lose digits there); a wrong fold (scale or shift on the wrong side) fails by far more."""
+    torch.manual_seed(0)
+    net = SamPromptNet(SamNetConfig.preset("small", text_dim=12)).eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.2, 0.2)
+    emb = (torch.randn(3, 3, 256, 64, 64) * 0.3 + torch.linspace(-4, 4, 64)[None, None, None, :, None]).half()
+    coords = torch.rand(3, 3, 64, 64) * 2 - 1
+    text = torch.randn(4, 12)
+    with torch.no_grad():
+        want = net(cell_inputs(emb.float(), coords), text)
+    got = net.slice_logits(emb, coords, text)
+    assert got.shape == want.shape == (3, 5, 64 * 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want.argmax(1) == got.argmax(1)).float().mean() > 0.999
+
+
 def test_cell_loss_counts_an_unstated_class_as_background_or_as_the_stated_whole_it_is_part_of() -> None:
     # classes: kidneys, kidney_left (a part of kidneys), liver; the study states only "kidneys"
     part_of = part_matrix(["kidneys", "kidney_left", "liver"], {"kidneys": ["kidney_left"]})

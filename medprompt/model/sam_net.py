@@ -84,7 +84,35 @@ class SamPromptNet(nn.Module):
     def forward(self, cells: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """cells (B, N, in_features) (see :func:`cell_inputs`), text (P, text_dim) -> logits (B, 1 + P, N):
         background, then one per text vector."""
-        x = F.normalize(self.cell_proj(self.mlp(self.norm(cells))), dim=-1)
+        return self._logits(self.mlp(self.norm(cells)), text)
+
+    @torch.no_grad()
+    def slice_logits(self, emb: torch.Tensor, coords: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``forward(cell_inputs(emb, coords), text)`` for inference on whole slices, 1.8x as fast on a CPU.
+
+        Every cell of a slice is 771 inputs: 16 slices' inputs are 200 MB of float32, and the input
+        LayerNorm, reading them strided from ``cell_inputs``' transposed view, took half the time of
+        scoring a round's unlabelled studies. Here each slice is handled alone (12.6 MB, which stays in
+        the CPU's cache) and the LayerNorm is folded into the first linear layer: W (g (x - m) / s + b)
+        + c = (W' x - m W' 1) / s + (W b + c) with W' = W diag(g), so the normalised inputs are never
+        written; only each cell's mean and variance are. Equal to ``forward`` up to float rounding
+        (tests/test_sam_net.py). emb (B, S, 256, h, w) in any float precision, coords (B, 3, h, w)."""
+        first = self.mlp[0]
+        weight = first.weight * self.norm.weight  # (width, in_features): the LayerNorm's scale folded in
+        bias = first.bias + first.weight @ self.norm.bias
+        row_sums = weight.sum(1)
+        out = []
+        for e, c in zip(emb, coords):
+            x = torch.cat([e.reshape(1, -1, c.shape[-2] * c.shape[-1]), c.reshape(1, 3, -1)], 1).float()
+            var, mean = torch.var_mean(x, 1, correction=0)  # (1, N): each cell's statistics, as LayerNorm's
+            h = x.transpose(1, 2) @ weight.T  # (1, N, width)
+            h = (h - mean[..., None] * row_sums) * torch.rsqrt(var + self.norm.eps)[..., None] + bias
+            out.append(self._logits(self.mlp[1:](h), text))
+        return torch.cat(out)
+
+    def _logits(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The adapter's hidden cells (B, N, width) -> logits (B, 1 + P, N) against background and the prompts."""
+        x = F.normalize(self.cell_proj(hidden), dim=-1)
         classes = torch.cat([F.normalize(self.background, dim=0)[None], self.text_embed(text)], 0)
         return self.logit_scale.exp().clamp(max=100) * torch.einsum("bnd,kd->bkn", x, classes)
 

@@ -169,15 +169,12 @@ def cell_softmax(net: SamPromptNet, embeddings, neighbours: torch.Tensor, coords
     """(K, 1 + P, 64, 64) softmax of every slice of a stack (embeddings, a tensor or a round's
     trainers.disk_embeddings, with their neighbour indices); ``among`` (1 + P bool): only those
     channels compete, the others are 0."""
-    from medprompt.model.sam_net import cell_inputs
-
     out = []
     h, w = embeddings.shape[-2:]
     for i in range(0, len(neighbours), batch):
         idx = neighbours[i : i + batch]
-        emb = embeddings[idx].to(device).float()
-        x = cell_inputs(emb, coords.to(device)[None].expand(len(idx), -1, -1, -1))
-        logits = net(x, text.to(device)).float()
+        emb = embeddings[idx].to(device)  # read a batch at a time: neighbouring slices repeat
+        logits = net.slice_logits(emb, coords.to(device)[None].expand(len(idx), -1, -1, -1), text.to(device)).float()
         if among is not None:
             logits = logits.masked_fill(~among.to(device)[None, :, None], float("-inf"))
         out.append(F.softmax(logits, 1).reshape(len(idx), -1, h, w).cpu())
