@@ -84,7 +84,7 @@ class SamPromptNet(nn.Module):
     def forward(self, cells: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """cells (B, N, in_features) (see :func:`cell_inputs`), text (P, text_dim) -> logits (B, 1 + P, N):
         background, then one per text vector."""
-        return self._logits(self.mlp(self.norm(cells)), text)
+        return self._logits(self.mlp(self.norm(cells)), self._classes(text))
 
     @torch.no_grad()
     def slice_logits(self, emb: torch.Tensor, coords: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -101,19 +101,23 @@ class SamPromptNet(nn.Module):
         weight = first.weight * self.norm.weight  # (width, in_features): the LayerNorm's scale folded in
         bias = first.bias + first.weight @ self.norm.bias
         row_sums = weight.sum(1)
+        classes = self._classes(text)
         out = []
         for e, c in zip(emb, coords):
-            x = torch.cat([e.reshape(1, -1, c.shape[-2] * c.shape[-1]), c.reshape(1, 3, -1)], 1).float()
-            var, mean = torch.var_mean(x, 1, correction=0)  # (1, N): each cell's statistics, as LayerNorm's
-            h = x.transpose(1, 2) @ weight.T  # (1, N, width)
+            x = cell_inputs(e[None], c[None]).float()  # (1, N, in_features)
+            var, mean = torch.var_mean(x, -1, correction=0)  # (1, N): each cell's statistics, as LayerNorm's
+            h = x @ weight.T  # (1, N, width)
             h = (h - mean[..., None] * row_sums) * torch.rsqrt(var + self.norm.eps)[..., None] + bias
-            out.append(self._logits(self.mlp[1:](h), text))
+            out.append(self._logits(self.mlp[1:](h), classes))
         return torch.cat(out)
 
-    def _logits(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The adapter's hidden cells (B, N, width) -> logits (B, 1 + P, N) against background and the prompts."""
+    def _classes(self, text: torch.Tensor) -> torch.Tensor:
+        """Background + each prompt's joint-space vector (1 + P, joint_dim), normalised."""
+        return torch.cat([F.normalize(self.background, dim=0)[None], self.text_embed(text)], 0)
+
+    def _logits(self, hidden: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The adapter's hidden cells (B, N, width) -> logits (B, 1 + P, N) against ``classes`` (:meth:`_classes`)."""
         x = F.normalize(self.cell_proj(hidden), dim=-1)
-        classes = torch.cat([F.normalize(self.background, dim=0)[None], self.text_embed(text)], 0)
         return self.logit_scale.exp().clamp(max=100) * torch.einsum("bnd,kd->bkn", x, classes)
 
 
