@@ -279,7 +279,8 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     """(input volume, output label map) pairs: one file or DICOM folder, or every volume in a folder.
 
     OUTPUT ending in .nii/.nii.gz (or .png for a 2D image) names the one output file; anything else
-    is a folder, where 2D images get ``<stem>.png`` and volumes ``<stem>.nii.gz``.
+    is a folder, where 2D images get ``<stem>.png``, a 2D NIfTI ``<stem>.nii.gz`` on its own grid (its
+    affine kept, as its references are stored), and volumes ``<stem>.nii.gz``.
     """
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
@@ -302,7 +303,12 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     clash = sorted({s for s in stems if stems.count(s) > 1})
     if clash:
         raise InputError(f"{source}: several volumes named {', '.join(clash)}; outputs would collide")
-    return [(p, output / f"{s}{'.png' if is_image2d(p) else '.nii.gz'}") for p, s in zip(inputs, stems)]
+    return [(p, output / f"{s}{'.png' if _picture_output(p) else '.nii.gz'}") for p, s in zip(inputs, stems)]
+
+
+def _picture_output(path: Path) -> bool:
+    """A 2D image whose label map is a PNG: any but a 2D NIfTI, which gets a NIfTI on its own grid."""
+    return is_image2d(path) and not path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

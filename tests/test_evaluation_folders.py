@@ -349,3 +349,27 @@ def test_cli_grid_mismatch_and_one_pair_csv(tmp_path: Path, capsys: pytest.Captu
                  "--ref-labels", str(tmp_path / "ref" / "labels.json"), "--csv", str(tmp_path / "one.csv")]) == 0
     assert (tmp_path / "one.csv").read_text().splitlines()[:2] == ["case,liver_dice,liver_iou",
                                                                    "p1,1.000000,1.000000"]
+
+
+def test_2d_nifti_label_maps_are_scored_as_2d_against_png_or_nifti(tmp_path: Path):
+    """A 2D CT set stored as one-slice NIfTI files: its references are 2D label maps, not volumes, and a
+    draft of such a slice (a NIfTI on its grid, or a PNG as displayed) is scored pixel for pixel."""
+    from medprompt.io.image2d import load_image2d, save_label2d
+
+    stored = np.zeros((30, 20), np.uint8)  # X x Y as stored
+    stored[5:25, 5:15] = 1  # 200 pixels
+    (tmp_path / "ref").mkdir()
+    nib.save(nib.Nifti1Image(stored, np.diag([0.8, 0.8, 2.0, 1.0])), tmp_path / "ref" / "slice_3.nii.gz")
+    names = tmp_path / "labels.json"
+    names.write_text(json.dumps({"labels": {"liver": 1}}))
+    image = load_image2d(tmp_path / "ref" / "slice_3.nii.gz")  # as displayed: 20 x 30
+    shown = (image.pixels > 0).astype(np.uint8)
+    shown[:, :15] = 0  # keep half of the organ's columns as displayed
+    kept = int(shown.sum())
+    save_label2d(tmp_path / "nifti" / "slice_3.nii.gz", shown, image, {"liver": 1})
+    write_png(tmp_path / "png" / "slice_3.png", shown)
+    (tmp_path / "png" / "slice_3.json").write_text(json.dumps({"labels": {"liver": 1}}))
+    assert 0 < kept < 200
+    for pred in ("nifti", "png"):
+        result = evaluate_folders(tmp_path / pred, tmp_path / "ref", ref_labels=names)
+        assert {s.name: s.dice for s in result.cases["slice_3"].scores} == {"liver": pytest.approx(2 * kept / (200 + kept))}

@@ -48,6 +48,35 @@ def test_labelled_and_unlabelled_are_told_apart(datastore: Path):
     assert sorted(p.name for p in unlabelled) == ["phantom_001.nii.gz", "phantom_002.nii.gz"]
 
 
+def test_a_2d_nifti_beside_volumes_is_one_2d_study(datastore: Path, tmp_path: Path):
+    """A one-slice NIfTI in a datastore is a 2D study: listed once (not also as a volume, which would
+    count its correction twice and hand the 3D trainers a slice), labelled by its 2D label map."""
+    import nibabel as nib
+    import numpy as np
+
+    from medprompt.trainers.sam_rounds import find_corrections
+    from medprompt.trainers.zero_shot import list_studies
+
+    store = tmp_path / "store"
+    shutil.copytree(datastore, store)
+    slice_ = np.zeros((40, 30), np.int16)
+    slice_[10:30, 5:25] = 50
+    for stem in ("slice_a", "slice_b"):
+        nib.save(nib.Nifti1Image(slice_, np.diag([0.8, 0.8, 2.0, 1.0])), store / f"{stem}.nii.gz")
+    nib.save(nib.Nifti1Image((slice_ > 0).astype(np.uint8), np.diag([0.8, 0.8, 2.0, 1.0])),
+             store / "labels" / "final" / "slice_a.nii.gz")
+    (store / "labels" / "final" / "slice_a.json").write_text(json.dumps({"labels": {"liver": 1}}))
+    assert sorted(p.name for p in list_studies([store])) == [f"phantom_00{i}.nii.gz" for i in range(3)]
+    labelled, unlabelled = find_corrections(store)
+    assert sorted(s.image.name for s in labelled) == ["phantom_000.nii.gz", "slice_a.nii.gz"]
+    assert sorted(p.name for p in unlabelled) == ["phantom_001.nii.gz", "phantom_002.nii.gz", "slice_b.nii.gz"]
+    only_2d = tmp_path / "only_2d"
+    only_2d.mkdir()
+    shutil.copy(store / "slice_b.nii.gz", only_2d)
+    with pytest.raises(InputError, match="1 2D NIfTI images"):
+        list_studies([only_2d])
+
+
 def test_unknown_label_class_becomes_a_prompt():
     cat = catalog_with(["liver", "psoas_major"], default_catalog())
     entry = cat["psoas_major"]

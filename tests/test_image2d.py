@@ -307,15 +307,24 @@ def test_composite_mr_reads_flair_and_ignores_t1_bright_fat() -> None:
 
 # -- the CLI's 2D path --------------------------------------------------------------------------------
 
-def test_folder_of_images_drafts_each_to_png(tmp_path: Path) -> None:
+def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid(tmp_path: Path) -> None:
     film, _ = synthetic_xray(128)
     (tmp_path / "in").mkdir()
     Image.fromarray(film).save(tmp_path / "in" / "a.png")
     Image.fromarray(film).save(tmp_path / "in" / "b.jpg")
+    affine = np.diag([0.5, 0.6, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(film.T[::-1, ::-1].copy(), affine), tmp_path / "in" / "c.nii.gz")  # X x Y as stored
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    assert [p.name for p in find_images2d(tmp_path / "in")] == ["a.png", "b.jpg"]
+    assert [p.name for p in find_images2d(tmp_path / "in")] == ["a.png", "b.jpg", "c.nii.gz"]
     assert main(["infer", str(tmp_path / "in"), str(tmp_path / "out"), "--prompts", "lungs", "--refine", "none"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.png", "b.json", "b.png",
+                                                                    "c.json", "c.nii.gz"]
+    # The 2D NIfTI's draft lies on its stored grid with its affine (overlays it in any viewer), and is the
+    # PNG's draft of the same pixels.
+    written = nib.load(tmp_path / "out" / "c.nii.gz")
+    assert written.shape[:2] == (128, 128) and np.allclose(written.affine, affine)
+    drawn = np.asarray(written.dataobj).reshape(128, 128).T[::-1, ::-1]
+    assert drawn.any() and np.array_equal(drawn, np.asarray(Image.open(tmp_path / "out" / "a.png")))
 
 
 def test_2d_output_as_nifti(tmp_path: Path) -> None:
@@ -397,3 +406,20 @@ def test_the_volume_model_on_a_2d_image_is_refused(tmp_path: Path, capsys: pytes
                  "--model", "medprompt", "--checkpoint", str(VIT_CHECKPOINT)]) == 2
     line = one_error_line(capsys)  # the older ViT on pixels: volumes only
     assert "--saliency" in line and "LiteMedSAM features" in line
+
+
+def test_a_2d_nifti_in_hounsfield_units_reads_as_ct_unless_it_says_otherwise(tmp_path: Path) -> None:
+    """A NIfTI has no modality field: a slice whose values read as HU (air at -1000) is a CT, as a volume
+    is, so LiteMedSAM sees it through a CT window; an MR slice or a windowed picture is not."""
+    hu = np.full((60, 40), -1000, np.int16)
+    hu[10:50, 5:35] = 40  # soft tissue inside air
+    hu[28:32, 18:22] = 700  # bone
+    nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 5.0, 1.0])), tmp_path / "ct.nii.gz")
+    assert load_image2d(tmp_path / "ct.nii.gz").modality == "CT"
+    mr = np.abs(hu).astype(np.int16)  # an MR's values: never far below zero
+    nib.save(nib.Nifti1Image(mr, np.eye(4)), tmp_path / "mr.nii.gz")
+    assert load_image2d(tmp_path / "mr.nii.gz").modality is None
+    declared = nib.Nifti1Image(hu, np.eye(4))
+    declared.header["descrip"] = b"MR"
+    nib.save(declared, tmp_path / "declared.nii.gz")
+    assert load_image2d(tmp_path / "declared.nii.gz").modality == "MR"  # what the file says wins

@@ -24,7 +24,7 @@ import numpy as np
 
 from medprompt.errors import InputError, one_line, shown
 from medprompt.io import dicom
-from medprompt.io.volume import (NIFTI_SUFFIXES, _is_dicom_file, atomic_write, max_voxels,
+from medprompt.io.volume import (NIFTI_SUFFIXES, _is_dicom_file, atomic_write, looks_like_hu, max_voxels,
                                  write_json, _validated_names)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -206,6 +206,11 @@ def _checked(image: Image2D, path: Path) -> Image2D:
             pixels = pixels.mean(axis=2)
     if not all(np.isfinite(v) and 1e-4 <= v <= 1e3 for v in image.pixel_mm):
         raise InputError(f"{path}: pixel spacing {shown(image.pixel_mm)} mm is not that of an image")
+    if image.modality is None and pixels.ndim == 2 and looks_like_hu(pixels):
+        # A CT slice in Hounsfield units that does not say so (a NIfTI has no modality field): read as
+        # CT, as a volume is (medprompt.prior.landmarks.guess_modality), so LiteMedSAM sees it through
+        # a CT window, not stretched from air to bone by percentiles.
+        image.modality = "CT"
     image.pixels = np.ascontiguousarray(pixels)
     return image
 
@@ -267,7 +272,8 @@ def _read_nifti2d(path: Path) -> Image2D:
 def _modality_from_intent(image: nib.Nifti1Image) -> str | None:
     """A NIfTI says nothing of modality; a description naming one (as some converters write) is used."""
     try:
-        text = image.header["descrip"].tobytes().decode("ascii", "ignore").upper()
+        # The field is 80 bytes padded with NULs, which str.split would keep in the last word.
+        text = image.header["descrip"].tobytes().split(b"\0")[0].decode("ascii", "ignore").upper()
     except Exception:
         return None
     for token in text.replace("_", " ").split():

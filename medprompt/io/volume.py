@@ -57,6 +57,16 @@ UNEVEN_SLICE_TOLERANCE = 1e-2
 # Voxel sides outside this range (mm) are a broken header, not a CT or MR (micro-CT reaches 0.005).
 VOXEL_MM_RANGE = (1e-3, 1e3)
 
+
+def looks_like_hu(data: np.ndarray) -> bool:
+    """Whether values read as Hounsfield units, for a study that does not say it is a CT (a NIfTI
+    has no modality field): air near -1000 (1st percentile below -500) and nothing far above dense
+    bone (99th percentile below 4000). An MR's, an X-ray's or a windowed picture's values are never
+    that far below zero."""
+    lo, hi = np.percentile(data, [1, 99])
+    return float(lo) < -500 and float(hi) < 4000
+
+
 # Exceptions the readers raise for damaged or unexpected files (truncated gzip, bad headers,
 # undecodable pixel data); all become one-line InputErrors naming the file.
 _READ_ERRORS: tuple[type[BaseException], ...] = (

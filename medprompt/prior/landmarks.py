@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from medprompt.io.volume import looks_like_hu
+
 TYPICAL_AP_MM = 240.0  # adult abdominal anterior-posterior diameter, to scale organ offsets
 
 
@@ -45,9 +47,7 @@ def guess_modality(data: np.ndarray, declared: str | None) -> str:
             return d
         if d in ("MRI", "MR"):
             return "MR"
-    lo = float(np.percentile(data, 1))
-    hi = float(np.percentile(data, 99))
-    return "CT" if lo < -500 and hi < 4000 else "MR"
+    return "CT" if looks_like_hu(data) else "MR"
 
 
 def body_mask(data: np.ndarray, modality: str) -> np.ndarray:

@@ -97,10 +97,13 @@ class TrainingVolume:
 
 
 def list_studies(studies: Sequence[Path]) -> list[Path]:
-    """Image volumes to learn from: files/DICOM folders given directly, or those inside a folder."""
+    """Image volumes to learn from: files/DICOM folders given directly, or those inside a folder (not its
+    2D images: a one-slice NIfTI is a 2D study, which the 2D readers and find_corrections take)."""
+    from medprompt.io.image2d import is_image2d
     from medprompt.io.volume import find_volumes
 
     found: list[Path] = []
+    flat = 0
     for s in studies:
         s = Path(s)
         if not s.exists():
@@ -109,9 +112,13 @@ def list_studies(studies: Sequence[Path]) -> list[Path]:
             found.append(s)
         else:
             inside = find_volumes(s)
-            found.extend(inside)
+            two_d = [p for p in inside if is_image2d(p)]
+            found.extend(p for p in inside if p not in two_d)
+            flat += len(two_d)
     if not found:
-        raise InputError(f"no image volumes found in: {', '.join(map(str, studies))}")
+        raise InputError(f"no image volumes found in: {', '.join(map(str, studies))}"
+                         + (f" ({flat} 2D NIfTI images, which rounds on 2D datastores learn from their corrections)"
+                            if flat else ""))
     return found
 
 
