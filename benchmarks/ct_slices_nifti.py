@@ -1,0 +1,119 @@
+"""Benchmark: real CT slices stored as one-slice NIfTI files in Hounsfield units, through the CLI.
+
+A 2D CT set often comes as one NIfTI per slice, in HU, with no modality anywhere (a NIfTI has no
+modality field). This makes such a set from the real CTs in ../shared/data/real (every third slice of
+ct_abdomen_a that holds one of the five organs both references have; every slice of the 20-slice
+ct_abdomen_b_dicom), then drafts ct_abdomen_a's slices with ``medprompt infer --model medprompt`` and
+scores them with ``medprompt evaluate``: the shipped zero-shot model, and with ``--finetune`` also a
+model finetuned by ``medprompt train-finetune`` on ct_abdomen_b_dicom's slices as corrections (a 2D
+datastore). Prints evaluate's per-class table and the times.
+
+    .venv/bin/python benchmarks/ct_slices_nifti.py [--finetune] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medprompt.cli import main as cli  # noqa: E402
+from medprompt.io.volume import load_volume  # noqa: E402
+from provenance import footer  # noqa: E402
+
+REAL = REPO.parent / "shared" / "data" / "real"
+ORGANS = ("aorta", "liver", "pancreas", "spleen", "stomach")  # the Synapse organs both references hold
+CASES = {"ct_abdomen_a": ("image.nii.gz", 3), "ct_abdomen_b_dicom": ("dicom", 1)}  # (image, every n-th slice)
+
+
+def write_slices(case: str, images: Path, labels: Path) -> int:
+    """One int16 HU NIfTI per axial slice holding an organ, with its label map beside it in ``labels``."""
+    image, every = CASES[case]
+    folder = REAL / case
+    volume = load_volume(folder / image)
+    ref_img = nib.load(folder / "label.nii.gz")
+    names = json.loads((folder / "labels.json").read_text())["labels"]
+    turn = nib.orientations.ornt_transform(nib.orientations.io_orientation(ref_img.affine),
+                                           nib.orientations.io_orientation(volume.affine))
+    ref = nib.orientations.apply_orientation(np.asarray(ref_img.dataobj), turn)  # onto the image's axes
+    labels_3d = np.zeros(ref.shape, np.uint8)
+    for value, organ in enumerate(ORGANS, 1):
+        labels_3d[ref == names[organ]] = value
+    data = np.rint(np.asarray(volume.data)).astype(np.int16)
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for k in range(0, data.shape[2], every):
+        if not labels_3d[:, :, k].any():
+            continue
+        affine = volume.affine.copy()
+        affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, k] + volume.affine[:3, 3]
+        nib.save(nib.Nifti1Image(data[:, :, k], affine), images / f"{case}_{k:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(labels_3d[:, :, k], affine), labels / f"{case}_{k:03d}.nii.gz")
+        written += 1
+    return written
+
+
+def score(pred: Path, ref: Path, out: Path) -> dict:
+    if cli(["evaluate", "--pred", str(pred), "--ref", str(ref), "--json", str(out)]) != 0:
+        sys.exit("error: evaluate failed")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--finetune", action="store_true", help="also finetune on ct_abdomen_b_dicom's slices")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the slices and results here")
+    args = p.parse_args()
+    if not REAL.exists():
+        sys.exit(f"error: {REAL} not found")
+    print(footer())
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ct_slices_"))
+    shutil.rmtree(work, ignore_errors=True)
+    names = {"labels": {organ: value for value, organ in enumerate(ORGANS, 1)}}
+    n_test = write_slices("ct_abdomen_a", work / "test", work / "ref")
+    (work / "ref" / "labels.json").write_text(json.dumps(names))
+    prompts = ["--prompts", *ORGANS]
+    runs = {"shipped zero-shot model": None}
+    if args.finetune:
+        store = work / "datastore"
+        n_corr = write_slices("ct_abdomen_b_dicom", store, store / "labels" / "final")
+        (work / "names.json").write_text(json.dumps(names))
+        t = time.perf_counter()
+        if cli(["train-finetune", "--studies", str(store), "--label-names", str(work / "names.json"),
+                "--json", str(work / "round.json")]) != 0:
+            sys.exit("error: train-finetune failed")
+        round_ = json.loads((work / "round.json").read_text())
+        print(f"train-finetune on {n_corr} corrected slices: {time.perf_counter() - t:.0f} s, validation "
+              f"{round_['previous_score']:.3f} -> {round_['candidate_score']:.3f}, accepted {round_['accepted']}")
+        runs["finetuned on ct_abdomen_b_dicom's slices"] = store / "model" / "medprompt.pt"
+    for label, checkpoint in runs.items():
+        pred = work / ("pred_" + ("finetuned" if checkpoint else "zero_shot"))
+        t = time.perf_counter()
+        argv = ["infer", str(work / "test"), str(pred), "--model", "medprompt", *prompts]
+        if cli(argv + (["--checkpoint", str(checkpoint)] if checkpoint else [])) != 0:
+            sys.exit("error: infer failed")
+        seconds = time.perf_counter() - t
+        result = score(pred, work / "ref", work / f"{pred.name}.json")
+        per = result["classes"]
+        print(f"\n{label}: {n_test} slices of ct_abdomen_a drafted in {seconds:.1f} s; "
+              f"mDice {result['mdice']:.3f}")
+        print("| class | n | Dice mean +- sd | drawn where absent |")
+        print("|---|---|---|---|")
+        for organ in ORGANS:
+            c = per[organ]
+            print(f"| {organ} | {c['n']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} | {len(c['false_positive_cases'])} |")
+
+
+if __name__ == "__main__":
+    main()
