@@ -40,8 +40,8 @@ import numpy as np
 from scipy import ndimage
 
 from medprompt.errors import InputError, one_line, shown
-from medprompt.io.volume import (NIFTI_SUFFIXES, atomic_write, find_volumes, load_labelmap, read_label_names,
-                                 sidecar_path, volume_stem)
+from medprompt.io.volume import (atomic_write, find_volumes, load_labelmap, read_label_names, sidecar_path,
+                                 volume_stem)
 
 # A class's label value, or several whose union it is (nnU-Net v2 regions, a labels JSON's "groups").
 ClassValues = Mapping[str, Union[int, Sequence[int]]]
@@ -472,20 +472,13 @@ def _case_names(side: LabelFolder, case: str, forced: bool, option: str) -> dict
 def _load_case(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(labels, affine, is a 2D label map); a 2D map (a PNG, or a 2D NIfTI such as a draft of a 2D NIfTI
     slice) is read as displayed and compared pixel for pixel, so its affine is None."""
-    if path.name.lower().endswith(PICTURE_LABEL_SUFFIXES) or _is_nifti2d(path):
-        from medprompt.io.image2d import load_label2d
+    from medprompt.io.image2d import is_image2d, load_label2d
 
+    if is_image2d(path):  # of what find_cases lists: a PNG, or a NIfTI whose header says X x Y (x 1)
         labels, _ = load_label2d(path)
         return labels[:, :, None], None, True
     labels, affine, _ = load_labelmap(path)
     return labels, affine, False
-
-
-def _is_nifti2d(path: Path) -> bool:
-    """A NIfTI holding one 2D slice (X x Y, or X x Y x 1): its header says, nothing else is read."""
-    from medprompt.io.image2d import is_image2d
-
-    return path.name.lower().endswith(NIFTI_SUFFIXES) and is_image2d(path)
 
 
 def _read_json(path: Path) -> object:

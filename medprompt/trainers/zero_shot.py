@@ -112,7 +112,7 @@ def list_studies(studies: Sequence[Path]) -> list[Path]:
             found.append(s)
         else:
             inside = find_volumes(s)
-            two_d = [p for p in inside if is_image2d(p)]
+            two_d = {p for p in inside if is_image2d(p)}
             found.extend(p for p in inside if p not in two_d)
             flat += len(two_d)
     if not found:
