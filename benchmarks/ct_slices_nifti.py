@@ -104,15 +104,18 @@ def main() -> None:
         if cli(argv + (["--checkpoint", str(checkpoint)] if checkpoint else [])) != 0:
             sys.exit("error: infer failed")
         seconds = time.perf_counter() - t
-        result = score(pred, work / "ref", work / f"{pred.name}.json")
-        per = result["classes"]
-        print(f"\n{label}: {n_test} slices of ct_abdomen_a drafted in {seconds:.1f} s; "
-              f"mDice {result['mdice']:.3f}")
-        print("| class | n | Dice mean +- sd | drawn where absent |")
-        print("|---|---|---|---|")
-        for organ in ORGANS:
-            c = per[organ]
-            print(f"| {organ} | {c['n']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} | {len(c['false_positive_cases'])} |")
+        report(f"{label}: {n_test} slices of ct_abdomen_a drafted in {seconds:.1f} s",
+               score(pred, work / "ref", work / f"{pred.name}.json"))
+
+
+def report(title: str, result: dict) -> None:
+    """evaluate's JSON as a markdown table of the five organs."""
+    print(f"\n{title}; mDice {result['mdice']:.3f}")
+    print("| class | n | Dice mean +- sd | drawn where absent |")
+    print("|---|---|---|---|")
+    for organ in ORGANS:
+        c = result["classes"][organ]
+        print(f"| {organ} | {c['n']} | {c['dice_mean']:.3f} +- {c['dice_sd']:.3f} | {len(c['false_positive_cases'])} |")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,32 @@ def test_a_2d_nifti_beside_volumes_is_one_2d_study(datastore: Path, tmp_path: Pa
         list_studies([only_2d])
 
 
+def test_a_datastore_of_one_slice_ct_dicom_files_is_a_2d_datastore(tmp_path: Path):
+    """A 2D CT set stored as DICOM: one slice per patient, each its own series, in one folder. Each file
+    is a 2D study with its PNG correction; the folder is not a DICOM series (it held four, and the
+    round stopped on "holds 4 DICOM series")."""
+    import numpy as np
+    from PIL import Image
+
+    from medprompt.io.volume import find_volumes
+    from medprompt.trainers.sam_rounds import find_corrections
+    from test_image2d import write_dicom2d
+
+    store = tmp_path / "store"
+    (store / "labels" / "final").mkdir(parents=True)
+    pixels = np.full((40, 30), 1024 + 40, np.uint16)  # stored values; HU = value - 1024
+    for i in range(4):
+        write_dicom2d(store / f"patient{i}.dcm", pixels, "CT", PixelSpacing=[0.8, 0.8], RescaleIntercept=-1024,
+                      RescaleSlope=1)
+    mask = np.zeros((40, 30), np.uint8)
+    mask[10:30, 5:25] = 1
+    Image.fromarray(mask).save(store / "labels" / "final" / "patient0.png")
+    assert find_volumes(store) == []
+    labelled, unlabelled = find_corrections(store, {"liver": 1})
+    assert [(s.image.name, s.label.name) for s in labelled] == [("patient0.dcm", "patient0.png")]
+    assert sorted(p.name for p in unlabelled) == ["patient1.dcm", "patient2.dcm", "patient3.dcm"]
+
+
 def test_unknown_label_class_becomes_a_prompt():
     cat = catalog_with(["liver", "psoas_major"], default_catalog())
     entry = cat["psoas_major"]

@@ -19,6 +19,7 @@ from medprompt.catalog import default_catalog
 from medprompt.cli import main
 from medprompt.errors import InputError, PromptError
 from medprompt.io.image2d import find_images2d, is_image2d, load_image2d, load_label2d, save_label2d
+from medprompt.io.volume import find_volumes
 from medprompt.saliency.prompts import kmeans_foreground, saliency_to_prompts
 
 RNG = np.random.default_rng(0)
@@ -166,15 +167,25 @@ def test_dicom_rgb_ultrasound_reads_colour_and_region_spacing(tmp_path: Path) ->
     assert image.pixel_mm == pytest.approx((0.2, 0.1)) and image.spacing_known
 
 
-def test_a_ct_slice_among_others_is_a_series_a_lone_one_is_2d(tmp_path: Path) -> None:
+def test_a_ct_slice_among_others_of_its_series_is_a_volume_slice_one_alone_in_its_series_is_2d(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
     series = tmp_path / "series"
     series.mkdir()
-    a = write_dicom2d(series / "a.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7])
-    write_dicom2d(series / "b.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7])
-    assert not is_image2d(a)
+    uid = generate_uid()
+    a = write_dicom2d(series / "a.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7], SeriesInstanceUID=uid)
+    write_dicom2d(series / "b", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7], SeriesInstanceUID=uid)
+    assert not is_image2d(a) and find_volumes(series) == [series] and find_images2d(series) == []
     lone = tmp_path / "lone"
     lone.mkdir()
     assert is_image2d(write_dicom2d(lone / "a.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7]))
+    # A 2D CT set: one slice per patient, each its own series, in one folder (and a DICOMDIR beside them).
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    files = [write_dicom2d(slices / f"p{i}.dcm", GREY.astype(np.uint16), "CT", PixelSpacing=[0.7, 0.7]) for i in range(3)]
+    write_dicom2d(slices / "DICOMDIR", GREY.astype(np.uint16), "CT", SeriesInstanceUID="")  # no series: not a slice
+    assert all(is_image2d(f) for f in files)
+    assert find_volumes(slices) == [] and find_images2d(slices) == files
 
 
 @pytest.mark.parametrize("shape", [(60, 40), (60, 40, 1)])

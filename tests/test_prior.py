@@ -16,7 +16,7 @@ import pytest
 from medprompt.catalog import SYNAPSE8, default_catalog
 from medprompt.drafts import draft
 from medprompt.errors import InputError, PromptError
-from medprompt.evaluation import evaluate
+from medprompt.evaluation import align_to_reference, evaluate
 from medprompt.io.volume import Volume, load_volume
 from medprompt.phantoms import make_phantom
 
@@ -183,3 +183,52 @@ def test_prior_survives_common_scan_variations(ct_a, variant):
     ev = evaluate(seg.labels, affine, seg.names, np.ascontiguousarray(ref), affine, names)
     dice = {s.name: s.dice for s in ev.scores}
     assert ev.mdice >= 0.45 and dice["liver"] >= 0.80, dice
+
+
+BONES = ("sacrum", "vertebrae", "femur", "hip", "rib", "humerus")
+
+
+@pytest.mark.parametrize("case, image, least", [("ct_abdomen_a", "image.nii.gz", 0.50),
+                                                ("ct_abdomen_b_dicom", "dicom", 0.64)])
+def test_bone_includes_low_density_marrow_bone(real_data: Path, case: str, image: str, least: float):
+    """ct_abdomen_a (non-contrast, older patient): half its reference bone is below 180 HU; a single cut
+    found 0.36. ct_abdomen_b_dicom (enhanced): the same reach must leave its enhanced liver out."""
+    folder = real_data / case
+    volume = load_volume(folder / image)
+    seg = draft(volume, ["bone"], refine="none")
+    names = json.loads((folder / "labels.json").read_text())["labels"]
+    ref_img = nib.load(folder / "label.nii.gz")
+    ref = np.asarray(ref_img.dataobj)
+    ev = evaluate(seg.labels, volume.affine, seg.names, ref, ref_img.affine, names,
+                  name_map={n: "bone" for n in names if n.startswith(BONES)}, classes=["bone"])
+    assert ev.scores[0].dice >= least, ev.scores
+    pred, _ = align_to_reference(seg.labels, volume.affine, ref.shape, ref_img.affine)
+    liver = ref == names["liver"]
+    assert np.sum((pred == 1) & liver) < 0.005 * liver.sum()  # the reach stops at enhanced liver (b) ...
+    aorta = ref == names["aorta"]
+    assert np.sum((pred == 1) & aorta) < 0.1 * aorta.sum()  # ... and at the enhanced aorta beside the spine
+
+
+def _vertebra_beside_enhanced_tissue() -> tuple[Volume, dict[str, np.ndarray]]:
+    """A vertebral body (700 HU shell, 150 HU marrow), an enhanced vessel of marrow density away from it
+    and an enhanced organ (115 HU) touching it, in 40 HU soft tissue."""
+    sp, n, nz = 1.5, 128, 40
+    x, y = np.meshgrid((np.arange(n) - n / 2) * sp, (np.arange(n) - n / 2) * sp, indexing="ij")
+    r = np.hypot(x, y + 30)
+    parts = {"marrow": r <= 14, "shell": (r > 14) & (r <= 18), "vessel": np.hypot(x - 40, y) <= 10,
+             "organ": (np.hypot(x + 5, y + 2) <= 14) & (r > 18)}
+    plane = np.where((x / 90) ** 2 + (y / 70) ** 2 <= 1, 40.0, -1000.0)
+    for name, hu in (("shell", 700.0), ("marrow", 150.0), ("vessel", 150.0), ("organ", 115.0)):
+        plane[parts[name]] = hu
+    data = np.repeat(plane[:, :, None], nz, axis=2).astype(np.float32)
+    data += np.random.default_rng(0).normal(0, 10, data.shape).astype(np.float32)
+    return Volume(data=data, affine=np.diag([sp, sp, 2.0, 1.0]), source="vertebra", modality="CT"), parts
+
+
+def test_bone_takes_marrow_inside_its_shell_but_not_tissue_of_that_density_elsewhere():
+    volume, parts = _vertebra_beside_enhanced_tissue()
+    bone = draft(volume, ["bone"], refine="none").labels[:, :, 5:-5] == 1  # away from the volume's ends
+    found = {name: float(bone[m].mean()) for name, m in parts.items()}
+    assert found["marrow"] > 0.9 and found["shell"] > 0.9, found
+    assert found["vessel"] == 0.0, found  # 150 HU, but not within reach of dense bone
+    assert found["organ"] < 0.1, found  # at most its partial-volume rim against the shell

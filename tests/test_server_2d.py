@@ -391,18 +391,23 @@ def test_active_learning_skips_2d_studies_with_a_reason_and_ranks_them_last(tmp_
 
 
 def test_a_dicom_slice_of_a_series_is_not_listed_as_a_2d_study(tmp_path: Path) -> None:
-    """A flat folder holding a CT series' slices: those files are not 2D studies; a lone CR file is."""
+    """A flat folder holding a CT series' slices: those files are not 2D studies; a lone CR file is, and so
+    is a CT file alone in its series."""
     studies = tmp_path / "studies"
     studies.mkdir()
     write_cr_dicom(studies / "cr.dcm")
     series = tmp_path / "series"
     series.mkdir()
-    for i in range(2):
-        import pydicom
+    import pydicom
+    from pydicom.uid import generate_uid
 
+    uid = generate_uid()
+    for i in range(2):
         ds = pydicom.dcmread(str(write_cr_dicom(series / f"ct_{i}.dcm")))
-        ds.Modality = "CT"
+        ds.Modality, ds.SeriesInstanceUID = "CT", uid  # two slices of one series
         ds.save_as(str(studies / f"ct_{i}.dcm"))
+    ds.SeriesInstanceUID = generate_uid()  # a CT slice alone in its series: a 2D study (one slice per patient)
+    ds.save_as(str(studies / "ct_alone.dcm"))
     store = GuardedDatastore.open(str(studies), extensions=["*.nii.gz"], auto_reload=False, read_only=False)
-    assert sorted(store.list_images()) == ["cr"]
+    assert sorted(store.list_images()) == ["cr", "ct_alone"]
     assert isinstance(store, LocalDatastore)

@@ -20,6 +20,7 @@ syntax) after checking the planned grid's size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -159,6 +160,73 @@ def check_left_out(folder: str | Path, files: Sequence[str]) -> None:
         if uid and str(header.get("SeriesInstanceUID", "")) == uid:
             raise InputError(f"{other}: a slice of this series that cannot be read (damaged or cut short?); "
                              "remove it to read the others with the gap interpolated")
+
+
+# Modalities whose DICOM files are pictures, never slices of a volume.
+MODALITIES_2D = frozenset("CR DX MG US XA RF IO PX XC ES GM SM OT SC".split())
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM file: a ``.dcm`` name, or DICOM Part 10's 'DICM' after a 128-byte preamble, whatever its name."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    stat = path.stat()
+    return _has_magic(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _has_magic(path: str, mtime_ns: int, size: int) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def is_2d_file(path: str | Path) -> bool:
+    """Whether a DICOM file is one picture rather than a slice of a volume: a 2D modality (CR, DX, US,
+    MG, ...), colour, or a single-frame CT/MR file that is the only file of its series in its folder.
+
+    The last: 2D CT sets come as one slice per patient, all in one folder, each its own series, while
+    the slices of a volume share their series with the other files of their folder. A file without a
+    SeriesInstanceUID (or beside one without) cannot be told apart, and is a slice unless it is alone.
+    """
+    path = Path(path)
+    try:
+        header = read_header(path, ["Modality", "SamplesPerPixel", "NumberOfFrames", "SeriesInstanceUID"])
+    except Exception:
+        return False
+    modality = str(getattr(header, "Modality", "") or "").upper()
+    try:
+        colour = int(getattr(header, "SamplesPerPixel", 1) or 1) == 3
+    except (TypeError, ValueError):
+        colour = False
+    if modality in MODALITIES_2D or colour:
+        return True
+    if frame_count(header) > 1:
+        return False
+    uid = str(getattr(header, "SeriesInstanceUID", "") or "")
+    for other in path.parent.iterdir():
+        if other == path or other.name.startswith(".") or other.name.upper() == "DICOMDIR" or not is_dicom_file(other):
+            continue
+        if not uid or _series_uid(other) in (uid, ""):  # no UID to tell them apart: slices of one volume
+            return False
+    return True
+
+
+def _series_uid(path: Path) -> str:
+    stat = path.stat()
+    return _series_uid_of(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _series_uid_of(path: str, mtime_ns: int, size: int) -> str:
+    """A file's SeriesInstanceUID, read once per version of the file ("" if it has none or is unreadable):
+    listing a folder of n single-slice series asks each file about every other."""
+    try:
+        return str(getattr(read_header(path, ["SeriesInstanceUID"]), "SeriesInstanceUID", "") or "")
+    except Exception:
+        return ""
 
 
 def frame_count(header) -> int:

@@ -24,13 +24,11 @@ import numpy as np
 
 from medprompt.errors import InputError, one_line, shown
 from medprompt.io import dicom
-from medprompt.io.volume import (NIFTI_SUFFIXES, _is_dicom_file, atomic_write, looks_like_hu, max_voxels,
+from medprompt.io.volume import (NIFTI_SUFFIXES, atomic_write, looks_like_hu, max_voxels,
                                  write_json, _validated_names)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_SUFFIXES = (".png",) + NIFTI_SUFFIXES
-# DICOM modalities that are projection or 2D imaging: one file is one image, never a slice of a series.
-DICOM_2D_MODALITIES = frozenset("CR DX MG US XA RF IO PX XC ES GM SM OT SC".split())
 # Modality families the 2D attribute prior knows (prompts/*.yaml, ``image2d.modalities``).
 MODALITY_FAMILY = {"CR": "XR", "DX": "XR", "RF": "XR", "XA": "XR", "MG": "MG", "US": "US", "MR": "MR", "CT": "CT"}
 GREY_TOLERANCE = 0.02  # of the value range: channel differences below this on 99 % of pixels are noise, not colour
@@ -90,8 +88,8 @@ def is_image2d(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a file the 2D readers take: a picture, a 2D DICOM file, or a 2D NIfTI.
 
     A DICOM file counts as 2D when its modality is a projection/2D one (CR, DX, US, MG, ...), when it
-    is colour, or when it is the only DICOM file in its folder; a CT/MR file among others is a slice
-    of a series and stays with the volume readers.
+    is colour, or when it is the only file of its series in its folder (``io.dicom.is_2d_file``); a
+    CT/MR file among others of its series is a slice of a volume and stays with the volume readers.
     """
     path = Path(path)
     try:
@@ -108,16 +106,7 @@ def is_image2d(path: str | os.PathLike) -> bool:
         except Exception:  # unreadable: the volume reader names the problem
             return False
         return _nifti_is_2d(shape)
-    if name.endswith(".dcm") or _is_dicom_file(path):
-        try:
-            header = dicom.read_header(path, ["Modality", "SamplesPerPixel", "NumberOfFrames"])
-        except Exception:
-            return False
-        modality = str(getattr(header, "Modality", "") or "").upper()
-        if modality in DICOM_2D_MODALITIES or int(getattr(header, "SamplesPerPixel", 1) or 1) == 3:
-            return True
-        return dicom.frame_count(header) <= 1 and _lone_dicom(path)
-    return False
+    return dicom.is_dicom_file(path) and dicom.is_2d_file(path)
 
 
 def find_images2d(folder: str | os.PathLike) -> list[Path]:
@@ -142,12 +131,6 @@ def _nifti_is_2d(shape: tuple[int, ...]) -> bool:
     return len(dims) == 2
 
 
-def _lone_dicom(path: Path) -> bool:
-    others = (p for p in path.parent.iterdir() if p != path and p.is_file()
-              and (p.suffix.lower() == ".dcm" or _is_dicom_file(p)))
-    return next(others, None) is None
-
-
 # -- readers ---------------------------------------------------------------------------------------
 
 def load_image2d(path: str | os.PathLike) -> Image2D:
@@ -163,7 +146,7 @@ def load_image2d(path: str | os.PathLike) -> Image2D:
             image = _read_picture(path)
         elif name.endswith(NIFTI_SUFFIXES):
             image = _read_nifti2d(path)
-        elif name.endswith(".dcm") or _is_dicom_file(path):
+        elif dicom.is_dicom_file(path):
             image = _read_dicom2d(path)
         else:
             raise InputError(f"{path}: unknown 2D image type (expected .png, .jpg, .tif, .bmp, a 2D DICOM "

@@ -263,7 +263,7 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
         reader, kind = _read_nifti, "NIfTI"
     elif name.endswith(NRRD_SUFFIXES):
         reader, kind = _read_nrrd, "NRRD"
-    elif path.is_dir() or name.endswith(".dcm") or _is_dicom_file(path):
+    elif path.is_dir() or dicom.is_dicom_file(path):
         reader, kind = _read_dicom, "DICOM"
     else:
         raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz, .nrrd, .nhdr, "
@@ -512,17 +512,11 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     return data, affine, modality or None
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(132)[128:] == b"DICM"
-
-
 def _holds_dicom(folder: Path) -> bool:
-    return any(p.is_file() and (p.suffix.lower() == ".dcm" or _is_dicom_file(p))
-               for p in folder.iterdir())
+    """Whether ``folder`` holds a DICOM volume: a DICOM file that is not a picture (io.dicom.is_2d_file),
+    so a folder of X-ray files or of one-slice CT series is a folder of 2D images, not a series."""
+    return any(dicom.is_dicom_file(p) and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+               and not dicom.is_2d_file(p) for p in folder.iterdir())
 
 
 # -- writing helpers ---------------------------------------------------------------------------

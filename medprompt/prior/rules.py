@@ -240,12 +240,41 @@ def lungs(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np
     return lm.lungs.copy()
 
 
+CANCELLOUS_REACH_MM = 10.0  # in-plane reach of low-density trabecular bone from the dense bone around it
+
+
 def bone(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
+    """Bone on CT: dense bone by its HU (``ct.hu``: cortex and trabecular bone of normal density), opened
+    so that isolated bright voxels do not count; then trabecular bone of low density (``ct.cancellous_hu``)
+    where it is reached from that dense bone within CANCELLOUS_REACH_MM in the slice's plane, through
+    voxels of that density.
+
+    Why: the marrow spaces of the vertebral bodies, pelvis and ribs of older patients measure only
+    120-180 HU (half of ct_abdomen_a's reference bone is below 180 HU), so a single cut found one bone
+    voxel in five there. A second, global cut at 120 HU would take in enhanced vessels and organs; low
+    density is bone only inside or against its denser shell. The 120 HU floor lies above
+    portal-venous liver and spleen (about 100-120 HU), so an enhanced organ touching a rib stays out;
+    enhanced blood (150-450 HU) is not, so the growth does not enter ``taken`` (the catalog's
+    ``exclude``: the aorta, which lies against the vertebral bodies).
+    """
     if lm.modality != "CT":
         return np.zeros_like(lm.body)
-    lo, hi = attrs.get("ct", {}).get("hu", [180, 3000])
-    mask = (smooth >= lo) & (smooth <= hi) & lm.body
-    return ndi.binary_opening(mask)
+    ct = attrs.get("ct", {})
+    lo, hi = ct.get("hu", [180, 3000])
+    mask = ndi.binary_opening((smooth >= lo) & (smooth <= hi) & lm.body)
+    if "cancellous_hu" not in ct:
+        return mask
+    c_lo, c_hi = ct["cancellous_hu"]
+    reach = (smooth >= c_lo) & (smooth <= max(c_hi, hi)) & lm.body & ~taken
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = True
+    steps = int(round(CANCELLOUS_REACH_MM / max(lm.spacing[0], lm.spacing[1])))
+    for _ in range(steps):  # geodesic growth: one in-plane voxel per step, only through voxels of bone density
+        grown = mask | (ndi.binary_dilation(mask, structure=in_plane) & reach)
+        if np.array_equal(grown, mask):
+            break
+        mask = grown
+    return mask
 
 
 FLOW_WINDOWS = ([0.0, 0.15], [0.45, 1.0])  # flow void / bright blood, as fractions of the body's intensity range
