@@ -288,6 +288,17 @@ def test_not_3d(tmp_path: Path, shape: tuple[int, ...], word: str) -> None:
     single_line_error(excinfo, path, word, "3d volume")
 
 
+@pytest.mark.parametrize("directions", [[[1, 0, 0], [0, 1, 0]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]])
+def test_one_slice_nrrd_is_refused_with_where_2d_images_are_read(tmp_path: Path, directions: list) -> None:
+    """NRRD has no 2D path: the message says which files are read as 2D images."""
+    path = tmp_path / "slice.nrrd"
+    data = np.zeros((8, 8) if len(directions) == 2 else (8, 8, 1), np.int16)
+    nrrd.write(str(path), data, {"space": "left-posterior-superior", "space directions": directions})
+    with pytest.raises(InputError) as excinfo:
+        load_volume(path)
+    single_line_error(excinfo, path, "3d volume", "one-slice nifti")
+
+
 def test_non_numeric_voxels(tmp_path: Path) -> None:
     rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     path = tmp_path / "rgb.nii.gz"
