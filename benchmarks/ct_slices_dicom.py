@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +26,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ct_slices_nifti import ORGANS, REAL, report, score, write_slices  # noqa: E402
+from ct_slices_nifti import NAMES, ORGANS, REAL, report, score, start, write_slices  # noqa: E402
 from medprompt.cli import main as cli  # noqa: E402
 from medprompt.io.image2d import load_image2d  # noqa: E402
-from provenance import footer  # noqa: E402
 
 CASE = REAL / "ct_abdomen_b_dicom"
 
@@ -71,18 +68,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=None, help="keep the slices and results here")
     args = p.parse_args()
-    if not REAL.exists():
-        sys.exit(f"error: {REAL} not found")
-    print(footer())
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="ct_dicom_"))
-    shutil.rmtree(work, ignore_errors=True)
-    names = {"labels": {organ: value for value, organ in enumerate(ORGANS, 1)}}
+    work = start(args.workdir, "ct_dicom_")
     sets = {"DICOM, one series per slice": (work / "dicom", work / "ref_dicom"),
             "one-slice HU NIfTI": (work / "nifti", work / "ref_nifti")}
     counts = {"DICOM, one series per slice": write_dicom_set(*sets["DICOM, one series per slice"]),
               "one-slice HU NIfTI": write_slices("ct_abdomen_b_dicom", *sets["one-slice HU NIfTI"])}
     for label, (images, refs) in sets.items():
-        (refs / "labels.json").write_text(json.dumps(names))
+        (refs / "labels.json").write_text(json.dumps(NAMES))
         pred = work / f"pred_{images.name}"
         t = time.perf_counter()
         if cli(["infer", str(images), str(pred), "--model", "medprompt", "--prompts", *ORGANS]) != 0:
@@ -90,6 +82,7 @@ def main() -> None:
         seconds = time.perf_counter() - t
         report(f"{label}: {counts[label]} slices of ct_abdomen_b_dicom drafted in {seconds:.1f} s",
                score(pred, refs, work / f"{pred.name}.json"))
+
 
 if __name__ == "__main__":
     main()

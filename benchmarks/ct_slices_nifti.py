@@ -33,6 +33,7 @@ from provenance import footer  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
 ORGANS = ("aorta", "liver", "pancreas", "spleen", "stomach")  # the Synapse organs both references hold
+NAMES = {"labels": {organ: value for value, organ in enumerate(ORGANS, 1)}}  # labels.json of the slices' maps
 CASES = {"ct_abdomen_a": ("image.nii.gz", 3), "ct_abdomen_b_dicom": ("dicom", 1)}  # (image, every n-th slice)
 
 
@@ -64,6 +65,16 @@ def write_slices(case: str, images: Path, labels: Path) -> int:
     return written
 
 
+def start(workdir: Path | None, prefix: str) -> Path:
+    """Check the real data is there, print the provenance, and give an empty work folder."""
+    if not REAL.exists():
+        sys.exit(f"error: {REAL} not found")
+    print(footer())
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
 def score(pred: Path, ref: Path, out: Path) -> dict:
     if cli(["evaluate", "--pred", str(pred), "--ref", str(ref), "--json", str(out)]) != 0:
         sys.exit("error: evaluate failed")
@@ -75,20 +86,15 @@ def main() -> None:
     p.add_argument("--finetune", action="store_true", help="also finetune on ct_abdomen_b_dicom's slices")
     p.add_argument("--workdir", type=Path, default=None, help="keep the slices and results here")
     args = p.parse_args()
-    if not REAL.exists():
-        sys.exit(f"error: {REAL} not found")
-    print(footer())
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="ct_slices_"))
-    shutil.rmtree(work, ignore_errors=True)
-    names = {"labels": {organ: value for value, organ in enumerate(ORGANS, 1)}}
+    work = start(args.workdir, "ct_slices_")
     n_test = write_slices("ct_abdomen_a", work / "test", work / "ref")
-    (work / "ref" / "labels.json").write_text(json.dumps(names))
+    (work / "ref" / "labels.json").write_text(json.dumps(NAMES))
     prompts = ["--prompts", *ORGANS]
     runs = {"shipped zero-shot model": None}
     if args.finetune:
         store = work / "datastore"
         n_corr = write_slices("ct_abdomen_b_dicom", store, store / "labels" / "final")
-        (work / "names.json").write_text(json.dumps(names))
+        (work / "names.json").write_text(json.dumps(NAMES))
         t = time.perf_counter()
         if cli(["train-finetune", "--studies", str(store), "--label-names", str(work / "names.json"),
                 "--json", str(work / "round.json")]) != 0:

@@ -206,12 +206,16 @@ def is_2d_file(path: str | Path) -> bool:
     if frame_count(header) > 1:
         return False
     uid = str(getattr(header, "SeriesInstanceUID", "") or "")
-    for other in path.parent.iterdir():
-        if other == path or other.name.startswith(".") or other.name.upper() == "DICOMDIR" or not is_dicom_file(other):
-            continue
-        if not uid or _series_uid(other) in (uid, ""):  # no UID to tell them apart: slices of one volume
+    for other in folder_files(path.parent):
+        if other != path and (not uid or _series_uid(other) in (uid, "")):  # no UID: cannot tell them apart
             return False
     return True
+
+
+def folder_files(folder: Path) -> Iterator[Path]:
+    """The DICOM image files directly in ``folder``: not hidden files, not a DICOMDIR (an index, no image)."""
+    return (p for p in folder.iterdir()
+            if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and is_dicom_file(p))
 
 
 def _series_uid(path: Path) -> str:

@@ -322,16 +322,13 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     if data.ndim > 3:
         raise InputError(f"{path}: is {data.ndim}D ({shape}); one 3D volume is needed")
     if data.ndim < 3 or min(data.shape) < 2:
-        raise InputError(f"{path}: is 2D ({shape}); a 3D volume is needed{_NRRD_2D if _is_nrrd(path) else ''}")
+        hint = _NRRD_2D if Path(path).name.lower().endswith(NRRD_SUFFIXES) else ""
+        raise InputError(f"{path}: is 2D ({shape}); a 3D volume is needed{hint}")
     return data
 
 
 # 2D images are read from pictures, DICOM and NIfTI (io.image2d); a one-slice NRRD gets this hint.
 _NRRD_2D = " (2D images are read from PNG, JPEG, TIFF, BMP, DICOM or one-slice NIfTI files, not NRRD)"
-
-
-def _is_nrrd(path: Path) -> bool:
-    return Path(path).name.lower().endswith(NRRD_SUFFIXES)
 
 
 def max_voxels() -> int:
@@ -524,8 +521,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
 def _holds_dicom(folder: Path) -> bool:
     """Whether ``folder`` holds a DICOM volume: a DICOM file that is not a picture (io.dicom.is_2d_file),
     so a folder of X-ray files or of one-slice CT series is a folder of 2D images, not a series."""
-    return any(dicom.is_dicom_file(p) and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
-               and not dicom.is_2d_file(p) for p in folder.iterdir())
+    return any(not dicom.is_2d_file(p) for p in dicom.folder_files(folder))
 
 
 # -- writing helpers ---------------------------------------------------------------------------

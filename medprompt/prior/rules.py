@@ -269,12 +269,11 @@ def bone(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[:, :, 1] = True
     steps = int(round(CANCELLOUS_REACH_MM / max(lm.spacing[0], lm.spacing[1])))
-    for _ in range(steps):  # geodesic growth: one in-plane voxel per step, only through voxels of bone density
-        grown = mask | (ndi.binary_dilation(mask, structure=in_plane) & reach)
-        if np.array_equal(grown, mask):
-            break
-        mask = grown
-    return mask
+    if steps < 1:  # iterations=0 would mean "until nothing changes"
+        return mask
+    # Geodesic growth: one in-plane voxel per step, only into voxels of bone density (``mask=``: the rest,
+    # dense bone in ``taken`` included, keeps its value).
+    return ndi.binary_dilation(mask, structure=in_plane, iterations=steps, mask=reach)
 
 
 FLOW_WINDOWS = ([0.0, 0.15], [0.45, 1.0])  # flow void / bright blood, as fractions of the body's intensity range
