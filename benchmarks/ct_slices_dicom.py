@@ -3,8 +3,8 @@
 A 2D CT set in DICOM comes as one file per slice, all in one folder, each file its own series (one
 slice per patient). This makes such a set from ct_abdomen_b_dicom's 20 real DICOM files in
 ../shared/data/real (each given a series, study and patient of its own; pixels and geometry as
-scanned), drafts it with ``medprompt infer --model medprompt`` and scores it with ``medprompt
-evaluate`` against the reference resampled onto each file's pixels (nearest). The same 20 slices as
+scanned), drafts it with ``medprompt infer --model medprompt`` (and with no model: the 2D attribute prior) and
+scores it with ``medprompt evaluate`` against the reference resampled onto each file's pixels (nearest). The same 20 slices as
 one-slice HU NIfTI files (benchmarks/ct_slices_nifti.py's writer) are drafted and scored beside them:
 the two stores hold the same pixels, so the two rows should agree.
 
@@ -26,7 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ct_slices_nifti import NAMES, ORGANS, REAL, report, score, start, write_slices  # noqa: E402
+from ct_slices_nifti import NAMES, ORGANS, REAL, default_path, report, score, start, write_slices  # noqa: E402
 from medprompt.cli import main as cli  # noqa: E402
 from medprompt.io.image2d import load_image2d  # noqa: E402
 
@@ -82,6 +82,7 @@ def main() -> None:
         seconds = time.perf_counter() - t
         report(f"{label}: {counts[label]} slices of ct_abdomen_b_dicom drafted in {seconds:.1f} s",
                score(pred, refs, work / f"{pred.name}.json"))
+        default_path(images, refs, work / f"attribute_{images.name}", f"{label}, {counts[label]} slices")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,22 @@ def test_2d_nifti_label_maps_are_scored_as_2d_against_png_or_nifti(tmp_path: Pat
     for pred in ("nifti", "png"):
         result = evaluate_folders(tmp_path / pred, tmp_path / "ref", ref_labels=names)
         assert {s.name: s.dice for s in result.cases["slice_3"].scores} == {"liver": pytest.approx(2 * kept / (200 + kept))}
+
+
+def test_a_one_slice_nrrd_reference_is_a_2d_map_against_a_png(tmp_path: Path):
+    """3D Slicer saves a 2D study's label as a one-slice NRRD on the grid ITK reads a picture on (columns x
+    rows x 1). Scored against a PNG draft it is that picture's map, pixel for pixel; it was refused as
+    "2D; a 3D volume is needed"."""
+    import nrrd
+
+    ref = np.zeros((20, 30), np.uint8)
+    ref[5:15, 5:25] = 1  # 200 pixels
+    pred = np.zeros_like(ref)
+    pred[5:15, 10:30] = 1  # 200 pixels, 150 shared
+    (tmp_path / "ref").mkdir()
+    nrrd.write(str(tmp_path / "ref" / "us_01.nrrd"), np.ascontiguousarray(ref.T[:, :, None]))
+    write_png(tmp_path / "pred" / "us_01.png", pred)
+    names = tmp_path / "labels.json"
+    names.write_text(json.dumps({"labels": {"breast_tumor": 1}}))
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", pred_labels=names, ref_labels=names)
+    assert {s.name: s.dice for s in result.cases["us_01"].scores} == {"breast_tumor": 0.75}  # 2*150/400

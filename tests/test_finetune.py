@@ -103,6 +103,38 @@ def test_a_datastore_of_one_slice_ct_dicom_files_is_a_2d_datastore(tmp_path: Pat
     assert sorted(p.name for p in unlabelled) == ["patient1.dcm", "patient2.dcm", "patient3.dcm"]
 
 
+def test_a_2d_study_corrected_in_3d_slicer_is_a_correction(tmp_path: Path):
+    """3D Slicer saves a 2D study's correction as NRRD on the grid ITK reads the picture on (columns x rows
+    x 1); the server stores it as labels/final/<id>.nrrd. A round must train on it, read as displayed:
+    it was taken for an unlabelled image (no stem matched '.nrrd', and the 2D label reader read PNG and
+    NIfTI only)."""
+    import nrrd
+    import numpy as np
+    from PIL import Image
+
+    from medprompt.io.image2d import load_image2d, load_label2d
+    from medprompt.trainers.sam_rounds import find_corrections
+
+    store = tmp_path / "store"
+    final = store / "labels" / "final"
+    final.mkdir(parents=True)
+    pixels = np.zeros((40, 64), np.uint8)
+    pixels[5:20, 10:50] = 200
+    for stem in ("cxr", "other"):
+        Image.fromarray(pixels).save(store / f"{stem}.png")
+    mask = np.zeros((40, 64), np.uint8)
+    mask[5:20, 10:50] = 1  # not symmetric under transposition or flips
+    header = {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)}
+    nrrd.write(str(final / "cxr.nrrd"), np.ascontiguousarray(mask.T[:, :, None]), header)
+    (final / "cxr.json").write_text(json.dumps({"labels": {"lungs": 1}}))
+    labelled, unlabelled = find_corrections(store)
+    assert [(s.image.name, s.label.name, s.names) for s in labelled] == [("cxr.png", "cxr.nrrd", {"lungs": 1})]
+    assert [p.name for p in unlabelled] == ["other.png"]
+    labels, names = load_label2d(labelled[0].label, load_image2d(labelled[0].image))
+    assert names == {"lungs": 1}
+    np.testing.assert_array_equal(labels, mask)
+
+
 def test_unknown_label_class_becomes_a_prompt():
     cat = catalog_with(["liver", "psoas_major"], default_catalog())
     entry = cat["psoas_major"]

@@ -18,7 +18,7 @@ from PIL import Image
 from medprompt.catalog import default_catalog
 from medprompt.cli import main
 from medprompt.errors import InputError, PromptError
-from medprompt.io.image2d import find_images2d, is_image2d, load_image2d, load_label2d, save_label2d
+from medprompt.io.image2d import find_images2d, is_image2d, load_image2d, load_label2d, save_label2d, to_stored
 from medprompt.io.volume import find_volumes
 from medprompt.saliency.prompts import kmeans_foreground, saliency_to_prompts
 
@@ -434,3 +434,112 @@ def test_a_2d_nifti_in_hounsfield_units_reads_as_ct_unless_it_says_otherwise(tmp
     declared.header["descrip"] = b"MR"
     nib.save(declared, tmp_path / "declared.nii.gz")
     assert load_image2d(tmp_path / "declared.nii.gz").modality == "MR"  # what the file says wins
+
+
+def test_a_16_bit_picture_of_hu_plus_32768_reads_as_ct_in_hounsfield_units(tmp_path: Path) -> None:
+    """DeepLesion's convention: a CT slice as a 16-bit PNG (or TIFF) stores HU + 32768. It is read back in
+    HU as a CT; 16-bit pictures of anything else (background near 0, or HU + 1024, which an MR's or an
+    X-ray's 12-bit values cannot be told from) stay pictures."""
+    import tifffile
+
+    hu = np.full((60, 40), -1000, np.int32)
+    hu[10:50, 5:35] = 40
+    hu[28:32, 18:22] = 700
+    hu[:, :2] = -3024  # the scanner's padding outside its field of view
+    Image.fromarray((hu + 32768).astype(np.uint16)).save(tmp_path / "ct.png")
+    tifffile.imwrite(tmp_path / "ct.tif", (hu + 32768).astype(np.uint16))
+    for name in ("ct.png", "ct.tif"):
+        image = load_image2d(tmp_path / name)
+        assert image.modality == "CT", name
+        np.testing.assert_array_equal(image.pixels, hu.astype(np.float32))
+    for name, pixels in (("hu1024.png", hu.clip(-1024) + 1024),  # air at 24: an MR background looks the same
+                         ("mr.png", np.abs(hu).clip(0, 4095)),
+                         ("bright.png", np.full((60, 40), 40000))):  # all far above 32768: no air
+        Image.fromarray(pixels.astype(np.uint16)).save(tmp_path / name)
+        image = load_image2d(tmp_path / name)
+        assert image.modality is None and image.pixels.min() >= 0, name
+
+
+def test_a_label_on_the_grid_itk_reads_the_image_on_comes_back_as_displayed(tmp_path: Path) -> None:
+    """3D Slicer's correction of a 2D study is a NIfTI or NRRD on the image's ITK grid (io.image2d.to_stored):
+    a picture's columns x rows x 1, a 2D NIfTI's own stored (here transposed and flipped) grid. Read with its
+    image, it is the displayed map again; on another grid it is refused, naming both."""
+    import nrrd
+
+    def pattern(shape: tuple[int, int]) -> np.ndarray:  # changed by any transposition or flip
+        mask = np.zeros(shape, np.uint8)
+        mask[5:20, 10:30] = 1
+        mask[30:35, 2:6] = 2
+        return mask
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(pattern((40, 64)) * 90).save(picture)
+    swapped = np.array([[0, 0.7, 0, 0], [-0.7, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1.0]])  # stored axes swapped, one flipped
+    nib.save(nib.Nifti1Image(np.zeros((64, 40), np.int16), swapped), tmp_path / "slice.nii.gz")
+    for source in (picture, tmp_path / "slice.nii.gz"):
+        image = load_image2d(source)
+        mask = pattern(image.shape)
+        assert source == picture or image.stored.transpose or image.stored.flip_rows or image.stored.flip_cols
+        data, affine = to_stored(mask, image)
+        for suffix in (".nrrd", ".nii.gz"):
+            label = tmp_path / f"label_{source.stem.split('.')[0]}{suffix}"
+            if suffix == ".nrrd":
+                nrrd.write(str(label), np.ascontiguousarray(data))
+            else:
+                nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), label)
+            labels, _ = load_label2d(label, image)
+            np.testing.assert_array_equal(labels, mask, err_msg=str(label))
+    wrong = tmp_path / "wrong.nrrd"
+    nrrd.write(str(wrong), np.zeros((40, 64, 1), np.uint8))  # rows x columns: not ITK's grid of a picture
+    with pytest.raises(InputError, match="40x64.*64x40"):
+        load_label2d(wrong, load_image2d(picture))
+    assert load_label2d(tmp_path / "label_picture.nrrd")[0].shape == (40, 64)  # no image: a picture's grid
+
+
+def test_a_real_ct_slice_as_a_16_bit_png_drafts_as_its_hu_nifti_does(real_data: Path, tmp_path: Path) -> None:
+    """A slice of the real CT stored both ways, a one-slice HU NIfTI and a 16-bit PNG of HU + 32768, gives
+    the same liver draft: the PNG is read as the CT it is (read as a picture it was stretched from air to
+    bone, and its soft tissue was a few grey levels)."""
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.volume import load_volume, read_label_names
+
+    folder = real_data / "ct_abdomen_a"
+    volume = load_volume(folder / "image.nii.gz")
+    ref = np.asarray(nib.load(folder / "label.nii.gz").dataobj)
+    liver = ref == read_label_names(folder / "labels.json")["liver"]
+    k = int(np.argmax(liver.sum((0, 1))))  # the slice with the most liver
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, k] + volume.affine[:3, 3]
+    nib.save(nib.Nifti1Image(np.rint(np.asarray(volume.data)[:, :, k]).astype(np.int16), affine), tmp_path / "s.nii.gz")
+    as_nifti = load_image2d(tmp_path / "s.nii.gz")
+    Image.fromarray((as_nifti.pixels.astype(np.int32) + 32768).astype(np.uint16)).save(tmp_path / "s.png")
+    as_png = load_image2d(tmp_path / "s.png")
+    assert as_png.modality == as_nifti.modality == "CT"
+    from medprompt.model.sam_predictor import saliency_method
+
+    shipped = saliency_method(Path(__file__).resolve().parents[1] / "models" / "medprompt_sam.pt")
+    drafts = [draft2d(image, ["liver"], saliency=shipped).labels for image in (as_nifti, as_png)]
+    np.testing.assert_array_equal(drafts[0], drafts[1])
+    nib.save(nib.Nifti1Image(liver[:, :, k].astype(np.uint8), affine), tmp_path / "ref.nii.gz")
+    truth = load_label2d(tmp_path / "ref.nii.gz")[0] == 1  # displayed as the image is
+    assert dice(drafts[0] == 1, truth) > 0.85  # 0.98 here
+
+
+def test_the_2d_attribute_prior_reads_a_hu_slice_through_the_soft_tissue_window(real_data: Path,
+                                                                                tmp_path: Path) -> None:
+    """With no model, a real CT slice in HU gets a liver: read stretched from air to bone, organs, muscle and
+    fat were one blob larger than any organ, and the 2D attribute prior found nothing on every slice."""
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.volume import load_volume, read_label_names
+
+    folder = real_data / "ct_abdomen_a"
+    volume = load_volume(folder / "image.nii.gz")
+    liver = np.asarray(nib.load(folder / "label.nii.gz").dataobj) == read_label_names(folder / "labels.json")["liver"]
+    k = int(np.argmax(liver.sum((0, 1))))
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, k] + volume.affine[:3, 3]
+    nib.save(nib.Nifti1Image(np.rint(np.asarray(volume.data)[:, :, k]).astype(np.int16), affine), tmp_path / "s.nii.gz")
+    nib.save(nib.Nifti1Image(liver[:, :, k].astype(np.uint8), affine), tmp_path / "ref.nii.gz")
+    draft = draft2d(load_image2d(tmp_path / "s.nii.gz"), ["liver"])
+    assert draft.stages["liver"] == "attribute saliency + LiteMedSAM"
+    assert dice(draft.labels == 1, load_label2d(tmp_path / "ref.nii.gz")[0] == 1) > 0.85  # 0.97 here; was 0

@@ -72,8 +72,9 @@ def _slices(image: Path, label: Path, per_volume: int) -> Iterator[tuple[np.ndar
     from medprompt.io.image2d import is_image2d, load_image2d, load_label2d
 
     if is_image2d(image):
-        img = load_image2d(image).pixels
-        lab, _ = load_label2d(label)
+        loaded = load_image2d(image)
+        img = loaded.pixels
+        lab, _ = load_label2d(label, loaded)
         if img.shape[:2] != lab.shape[:2]:
             raise InputError(f"{label}: label {lab.shape[:2]} and image {img.shape[:2]} differ in size")
         yield img, lab.astype(np.int64), ""

@@ -18,15 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from medprompt.errors import InputError, NotFoundError, RequestError, one_line, shown
+from medprompt.errors import InputError, NotFoundError, RequestError, shown
 from medprompt.io.image2d import PICTURE_SUFFIXES, is_image2d, load_image2d, load_label2d
-from medprompt.io.volume import (NIFTI_SUFFIXES, NRRD_SUFFIXES, atomic_write, load_labelmap, load_volume,
-                                  max_voxels, stored_shape)
+from medprompt.io.volume import atomic_write, load_labelmap, load_volume, stored_shape
 
 logger = logging.getLogger(__name__)
 
@@ -160,59 +157,12 @@ def check_label2d(label_filename: str, image_uri: str) -> None:
         raise InputError(f"a label of a 2D study is saved as {', '.join(LABEL2D_SUFFIXES)}, not {shown(suffix)} "
                          "(JPEG and other lossy or colour formats change class values)")
     image = load_image2d(image_uri)
-    rows, cols = image.shape
-    if name.endswith(NRRD_SUFFIXES + NIFTI_SUFFIXES):
-        shape = _squeezed(_label_grid(label_filename).shape)
-        expected = _squeezed(image.stored.shape) if image.stored is not None else (cols, rows)
-        if shape != expected:
-            raise InputError(f"the label's grid {'x'.join(map(str, shape))} is not the image's "
-                             f"{'x'.join(map(str, expected))} (columns x rows of a {rows}x{cols} image): save it "
-                             "on the image's own grid")
-        return
-    labels, _ = load_label2d(label_filename)
+    # Read as a training round reads it (io.image2d.load_label2d): a NIfTI/NRRD grid is checked against the image's there.
+    labels, _ = load_label2d(label_filename, image)
     if labels.shape != image.shape:
+        rows, cols = image.shape
         raise InputError(f"the label is {labels.shape[0]}x{labels.shape[1]} pixels but the image is {rows}x{cols} "
                          "(rows x columns): save it on the image's own grid")
-
-
-def _label_grid(path: str) -> np.ndarray:
-    """The stored array of a NIfTI/NRRD label of a 2D study (the volume reader wants 3D), checked to be
-    class values: whole numbers >= 0 in one channel. InputError naming the problem otherwise."""
-    try:
-        if path.lower().endswith(NRRD_SUFFIXES):
-            import nrrd
-
-            shape = tuple(int(n) for n in nrrd.read_header(path).get("sizes", ()))
-            _check_label_size(path, shape)
-            data, _ = nrrd.read(path)
-        else:
-            image = nib.load(path)
-            _check_label_size(path, tuple(int(n) for n in image.shape))
-            data = np.asanyarray(image.dataobj)
-    except InputError:
-        raise
-    except Exception as error:  # readers raise anything from OSError to struct.error on damaged files
-        raise InputError(f"cannot read the label file ({one_line(error)})") from None
-    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) \
-            or np.iscomplexobj(data):
-        raise InputError(f"the label is not a map of class values (dtype {data.dtype})")
-    if data.size and (not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)) or data.min() < 0):
-        raise InputError("the label is not a label map (values are not whole numbers >= 0)")
-    return data
-
-
-def _check_label_size(path: str, shape: tuple[int, ...]) -> None:
-    count = int(np.prod(shape)) if shape else 0
-    if count > max_voxels():
-        raise InputError(f"the label declares {count:,} voxels, above the limit of {max_voxels():,} "
-                         "(MEDPROMPT_MAX_VOXELS)")
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = tuple(int(n) for n in shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
 
 
 def recover(studies: str | os.PathLike, index_name: str = INDEX_NAME) -> None:

@@ -5,7 +5,8 @@ volumes. Every reader here returns an :class:`Image2D`: the pixels as a person l
 (row 0 at the top), grey (H, W) or colour (H, W, 3), the physical pixel size where the file knows
 it, and the modality where it declares one. Label maps are written on the same pixel grid, as a
 uint8 PNG with a JSON sidecar or, when the output name ends in .nii/.nii.gz, as a NIfTI on the
-input's own grid (a 2D NIfTI's affine is kept, so the mask overlays the slice in any viewer).
+input's own grid (a 2D NIfTI's affine is kept, so the mask overlays the slice in any viewer). A label
+map comes back in from a PNG, or from the NIfTI/NRRD 3D Slicer saves on the grid ITK reads the image on.
 
 Colour is kept only where it carries information: an RGB file whose three channels are equal
 (most ultrasound and X-ray exports) is read as grey; palette images become RGB, alpha is dropped.
@@ -33,6 +34,10 @@ LABEL_SUFFIXES = (".png",) + NIFTI_SUFFIXES
 MODALITY_FAMILY = {"CR": "XR", "DX": "XR", "RF": "XR", "XA": "XR", "MG": "MG", "US": "US", "MR": "MR", "CT": "CT"}
 GREY_TOLERANCE = 0.02  # of the value range: channel differences below this on 99 % of pixels are noise, not colour
 MIN_SIDE = 8  # pixels: anything narrower is a strip or a thumbnail, not an image to segment
+# 16-bit pictures cannot hold negative values: CT slices saved as 16-bit PNG/TIFF store HU + 32768
+# (DeepLesion's convention). The lowest value a CT stores is its padding, -3024 HU at most.
+HU_PICTURE_OFFSET = 32768
+LOWEST_HU = -3100
 
 
 @dataclass
@@ -116,19 +121,17 @@ def find_images2d(folder: str | os.PathLike) -> list[Path]:
 
 
 def image_stem(path: str | os.PathLike) -> str:
-    """File name without its image suffix (``cxr.nii.gz`` -> ``cxr``, ``us.png`` -> ``us``)."""
+    """File name without its image (or label) suffix (``cxr.nii.gz`` -> ``cxr``, ``us.png`` -> ``us``,
+    ``cxr.nrrd``, 3D Slicer's correction of ``cxr.png`` -> ``cxr``)."""
     name = Path(path).name
-    for suffix in sorted(PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",), key=len, reverse=True):
+    for suffix in sorted(PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".dcm", ".nrrd"), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
 def _nifti_is_2d(shape: tuple[int, ...]) -> bool:
-    dims = list(shape)
-    while len(dims) > 2 and dims[-1] == 1:
-        dims.pop()
-    return len(dims) == 2
+    return len(squeezed_shape(shape)) == 2
 
 
 # -- readers ---------------------------------------------------------------------------------------
@@ -222,7 +225,24 @@ def _read_picture(path: Path) -> Image2D:
             pixels = np.asarray(im)
     if pixels.ndim == 2 and pixels.dtype.byteorder == ">":  # I;16B
         pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+    hu = hu_of_picture(pixels)
+    if hu is not None:
+        return Image2D(pixels=hu, source=str(path), modality="CT")
     return Image2D(pixels=pixels, source=str(path))
+
+
+def hu_of_picture(pixels: np.ndarray) -> np.ndarray | None:
+    """A 16-bit grey picture's Hounsfield units when it stores a CT slice as HU + 32768, else None.
+
+    Such a slice read as it is would be stretched by percentiles from air to bone, as a picture of
+    anything; shifted back it is a CT in HU and gets LiteMedSAM's CT window. Unambiguous: an MR's,
+    an X-ray's or a windowed picture's background lies near 0, never all values within about 3000 of
+    32768 with air at 32768 - 1000. (HU + 1024, the other habit, is left alone: an unsigned 12-bit MR or
+    X-ray holds the same values.)"""
+    if pixels.ndim != 2 or pixels.dtype != np.uint16 or int(pixels.min()) < HU_PICTURE_OFFSET + LOWEST_HU:
+        return None
+    hu = pixels.astype(np.int32) - HU_PICTURE_OFFSET
+    return hu if looks_like_hu(hu) else None
 
 
 def _read_nifti2d(path: Path) -> Image2D:
@@ -397,19 +417,82 @@ def to_stored(labels: np.ndarray, image: Image2D) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(labels.T)[:, :, None], affine
 
 
-def load_label2d(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, int] | None]:
-    """A 2D label map as displayed (rows, cols) and the names of its sidecar (None without one)."""
+def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple[np.ndarray, dict[str, int] | None]:
+    """A 2D label map as displayed (rows, cols) and the names of its sidecar (None without one).
+
+    A PNG is read as displayed. A NIfTI or NRRD label, as 3D Slicer saves a correction of a 2D study, lies
+    on the grid ITK reads ``image`` on (:func:`to_stored`) and is turned back to the image's rows and
+    columns from it; InputError naming both sizes when it does not fit. Without ``image`` a NIfTI label is
+    displayed by its own affine, and an NRRD one as ITK lays out a picture (columns x rows)."""
     from medprompt.io.volume import read_label_names
 
     path = Path(path)
-    image = load_image2d(path)
-    if image.is_rgb:
-        raise InputError(f"{path}: a label map is one channel of class values, not a colour image")
-    labels = image.pixels
-    if not np.array_equal(labels, np.round(labels)) or labels.min() < 0:
-        raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
+    name = path.name.lower()
+    if name.endswith(".nrrd") or (image is not None and name.endswith(NIFTI_SUFFIXES)):
+        labels = from_stored(read_label_grid(path), image, path)
+    else:
+        label_image = load_image2d(path)
+        if label_image.is_rgb:
+            raise InputError(f"{path}: a label map is one channel of class values, not a colour image")
+        labels = label_image.pixels
+        if not np.array_equal(labels, np.round(labels)) or labels.min() < 0:
+            raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
     sidecar = label2d_sidecar(path)
     names = read_label_names(sidecar) if sidecar.is_file() else None
     return labels.astype(np.int32), names
 
 
+def from_stored(data: np.ndarray, image: Image2D | None, path: Path) -> np.ndarray:
+    """Inverse of :func:`to_stored`: a label array on ``image``'s ITK grid -> displayed (rows, cols); with no
+    image, the grid of a picture (columns x rows). InputError naming both sizes when the grid is another."""
+    grid = squeezed_shape(data.shape)
+    data = data.reshape(grid)
+    if image is not None and image.stored is not None:
+        s = image.stored
+        expected = squeezed_shape(s.shape)
+        if grid != expected:
+            raise InputError(f"{path}: the label's grid {'x'.join(map(str, grid))} is not its image's "
+                             f"{'x'.join(map(str, expected))}: save it on the image's own grid")
+        view = data if s.transpose else data.T
+        return np.ascontiguousarray(view[::-1 if s.flip_rows else 1, ::-1 if s.flip_cols else 1])
+    if len(grid) != 2:
+        raise InputError(f"{path}: is {'x'.join(map(str, grid))}; a 2D label map (X x Y, or X x Y x 1) is needed")
+    if image is not None and grid != (image.shape[1], image.shape[0]):
+        rows, cols = image.shape
+        raise InputError(f"{path}: the label's grid {'x'.join(map(str, grid))} is not its image's {cols}x{rows} "
+                         f"(columns x rows of a {rows}x{cols} image): save it on the image's own grid")
+    return np.ascontiguousarray(data.T)
+
+
+def read_label_grid(path: str | os.PathLike) -> np.ndarray:
+    """The stored array of a NIfTI/NRRD label of a 2D study (the volume reader wants 3D), checked to be
+    class values: whole numbers >= 0 in one channel. InputError naming the file and the problem otherwise."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(".nrrd"):
+            import nrrd
+
+            _check_pixels(path, int(np.prod([int(n) for n in nrrd.read_header(str(path)).get("sizes", ())])))
+            data, _ = nrrd.read(str(path))
+        else:
+            nifti = nib.load(str(path))
+            _check_pixels(path, int(np.prod([int(n) for n in nifti.shape])))
+            data = np.asanyarray(nifti.dataobj)
+    except InputError:
+        raise
+    except Exception as error:  # readers raise anything from OSError to struct.error on damaged files
+        raise InputError(f"{path}: cannot read the label file ({one_line(error)})") from None
+    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) \
+            or np.iscomplexobj(data):
+        raise InputError(f"{path}: the label is not a map of class values (dtype {data.dtype})")
+    if data.size and (not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)) or data.min() < 0):
+        raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
+    return data
+
+
+def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its trailing axes of one (a 2D map stored as X x Y x 1)."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape

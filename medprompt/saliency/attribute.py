@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from medprompt.errors import PromptError
+from medprompt.sam.preprocess import HU_LIKE_MIN, sam_pixels
 
 if TYPE_CHECKING:
     from medprompt.catalog import PromptEntry
@@ -78,6 +79,11 @@ def attribute_saliency(image: Image2D, entry: PromptEntry) -> np.ndarray:
     """(H, W) map in [0, 1] of where ``entry`` lies on ``image``, from its 2D attributes alone."""
     modality = modality_for(image, entry)
     grey = working_image(image, entry, modality)
+    if modality == "CT" and float(grey.min()) < HU_LIKE_MIN:
+        # A slice in Hounsfield units is read through the soft-tissue window, as a radiologist (and
+        # LiteMedSAM) reads it: stretched from air to bone, the organs, muscle and fat were a few grey
+        # levels apart and merged into one blob larger than any organ. A windowed picture is as it was.
+        grey = sam_pixels(grey, "CT").astype(np.float32)
     small, scale = _downsample(grey)
     attrs = entry.image2d
     if modality == "MR" and image.is_rgb and grey is not image.grey():

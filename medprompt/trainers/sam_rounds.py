@@ -161,7 +161,7 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
         from medprompt.model.sam_features import image_pixels, image_stack
 
         img = load_image2d(image)
-        labels, _ = load_label2d(label)
+        labels, _ = load_label2d(label, img)  # a PNG, or 3D Slicer's NIfTI/NRRD on the image's grid
         if labels.shape != img.shape:
             raise InputError(f"{label}: label is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                              f"is {img.shape[1]}x{img.shape[0]}")
@@ -412,7 +412,8 @@ def find_corrections(studies: Path, label_names: dict[str, int] | None = None):
     """Labelled and unlabelled studies of a datastore folder: 3D volumes and 2D images alike."""
     import glob
 
-    from medprompt.io.image2d import find_images2d, image_stem, load_label2d
+    from medprompt.io.image2d import find_images2d, image_stem, label2d_sidecar
+    from medprompt.io.volume import read_label_names
     from medprompt.trainers.finetune import LabelledStudy, find_labelled, label_names_for
 
     images2d = find_images2d(studies)
@@ -431,7 +432,9 @@ def find_corrections(studies: Path, label_names: dict[str, int] | None = None):
         if not found:
             unlabelled.append(image)
             continue
-        names = load_label2d(found[0])[1] or label_names_for(found[0], studies, stem) or label_names
+        sidecar = label2d_sidecar(found[0])
+        names = (read_label_names(sidecar) if sidecar.is_file() else None) \
+            or label_names_for(found[0], studies, stem) or label_names
         if not names:
             raise InputError(f"{found[0]}: no label names (no sidecar JSON, no datastore record); give them "
                              f"with --label-names")
