@@ -494,6 +494,10 @@ def test_a_label_on_the_grid_itk_reads_the_image_on_comes_back_as_displayed(tmp_
     with pytest.raises(InputError, match="40x64.*64x40"):
         load_label2d(wrong, load_image2d(picture))
     assert load_label2d(tmp_path / "label_picture.nrrd")[0].shape == (40, 64)  # no image: a picture's grid
+    outside = tmp_path / "outside.nrrd"  # an uploaded label must not make the server read its own files
+    outside.write_text("NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nencoding: raw\ndata file: /etc/hostname\n\n")
+    with pytest.raises(InputError, match="lies outside the header's folder"):
+        load_label2d(outside, load_image2d(picture))
 
 
 def test_a_real_ct_slice_as_a_16_bit_png_drafts_as_its_hu_nifti_does(real_data: Path, tmp_path: Path) -> None:

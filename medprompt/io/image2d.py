@@ -424,8 +424,6 @@ def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple
     on the grid ITK reads ``image`` on (:func:`to_stored`) and is turned back to the image's rows and
     columns from it; InputError naming both sizes when it does not fit. Without ``image`` a NIfTI label is
     displayed by its own affine, and an NRRD one as ITK lays out a picture (columns x rows)."""
-    from medprompt.io.volume import read_label_names
-
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".nrrd") or (image is not None and name.endswith(NIFTI_SUFFIXES)):
@@ -437,9 +435,15 @@ def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple
         labels = label_image.pixels
         if not np.array_equal(labels, np.round(labels)) or labels.min() < 0:
             raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
+    return labels.astype(np.int32), label2d_names(path)
+
+
+def label2d_names(path: str | os.PathLike) -> dict[str, int] | None:
+    """The class names of a 2D label map's sidecar (:func:`label2d_sidecar`), None without one."""
+    from medprompt.io.volume import read_label_names
+
     sidecar = label2d_sidecar(path)
-    names = read_label_names(sidecar) if sidecar.is_file() else None
-    return labels.astype(np.int32), names
+    return read_label_names(sidecar) if sidecar.is_file() else None
 
 
 def from_stored(data: np.ndarray, image: Image2D | None, path: Path) -> np.ndarray:
@@ -472,8 +476,12 @@ def read_label_grid(path: str | os.PathLike) -> np.ndarray:
         if path.name.lower().endswith(".nrrd"):
             import nrrd
 
-            _check_pixels(path, int(np.prod([int(n) for n in nrrd.read_header(str(path)).get("sizes", ())])))
-            data, _ = nrrd.read(str(path))
+            from medprompt.io.volume import _nrrd_payload
+
+            with open(path, "rb") as handle:  # an uploaded label: its data file and inflated size are bounded
+                header = nrrd.read_header(handle)
+                _check_pixels(path, int(np.prod([int(n) for n in header.get("sizes", ())])))
+                data = nrrd.read_data(*_nrrd_payload(path, header, handle), str(path))
         else:
             nifti = nib.load(str(path))
             _check_pixels(path, int(np.prod([int(n) for n in nifti.shape])))

@@ -412,8 +412,7 @@ def find_corrections(studies: Path, label_names: dict[str, int] | None = None):
     """Labelled and unlabelled studies of a datastore folder: 3D volumes and 2D images alike."""
     import glob
 
-    from medprompt.io.image2d import find_images2d, image_stem, label2d_sidecar
-    from medprompt.io.volume import read_label_names
+    from medprompt.io.image2d import find_images2d, image_stem, label2d_names
     from medprompt.trainers.finetune import LabelledStudy, find_labelled, label_names_for
 
     images2d = find_images2d(studies)
@@ -432,9 +431,7 @@ def find_corrections(studies: Path, label_names: dict[str, int] | None = None):
         if not found:
             unlabelled.append(image)
             continue
-        sidecar = label2d_sidecar(found[0])
-        names = (read_label_names(sidecar) if sidecar.is_file() else None) \
-            or label_names_for(found[0], studies, stem) or label_names
+        names = label2d_names(found[0]) or label_names_for(found[0], studies, stem) or label_names
         if not names:
             raise InputError(f"{found[0]}: no label names (no sidecar JSON, no datastore record); give them "
                              f"with --label-names")
