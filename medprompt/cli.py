@@ -223,10 +223,9 @@ def _infer(args: argparse.Namespace) -> int:
 
     jobs = _infer_jobs(args.input, args.output)
     failures = 0
-    image2d = [is_image2d(source) for source, _ in jobs]  # a 2D DICOM's header is read once, here
-    bar = tqdm(list(zip(jobs, image2d)), desc="drafting", unit="image" if all(image2d) else "study",
+    bar = tqdm(jobs, desc="drafting", unit="image" if all(is_2d for *_, is_2d in jobs) else "study",
                disable=len(jobs) < 2, file=sys.stderr)
-    for (source, target), is_2d in bar:
+    for source, target, is_2d in bar:
         try:
             if is_2d and str(args.model).lower().startswith("weak:"):  # a train-weak model
                 from medprompt.weak.draft import draft_weak_file
@@ -275,8 +274,10 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
-    """(input volume, output label map) pairs: one file or DICOM folder, or every volume in a folder.
+def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path, bool]]:
+    """(input, output label map, input is 2D) for one file or DICOM folder, or every input in a folder.
+
+    Whether an input is 2D is decided once per input here (a 2D DICOM's header is read for it).
 
     OUTPUT ending in .nii/.nii.gz (or .png for a 2D image) names the one output file; anything else
     is a folder, where 2D images get ``<stem>.png``, a 2D NIfTI ``<stem>.nii.gz`` on its own grid (its
@@ -290,25 +291,24 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     if not inputs:
         raise InputError(f"{source}: no volumes found (.nii, .nii.gz, .nrrd, .nhdr or DICOM series) "
                          "and no 2D images (.png, .jpg, .tif, .bmp, 2D DICOM or NIfTI)")
+    flat = [is_image2d(p) for p in inputs]
     if output.name.lower().endswith(".png"):
-        if len(inputs) > 1 or not is_image2d(inputs[0]):
+        if len(inputs) > 1 or not flat[0]:
             raise InputError(f"{output}: a .png label map is written for one 2D image; "
                              f"{source} is {'a folder' if len(inputs) > 1 else 'not a 2D image'}")
-        return [(inputs[0], output)]
+        return [(inputs[0], output, True)]
     if output.name.lower().endswith(NIFTI_SUFFIXES):
         if len(inputs) > 1:
             raise InputError(f"{output}: {source} holds {len(inputs)} volumes; give an output folder")
-        return [(inputs[0], output)]
-    stems = [image_stem(p) if is_image2d(p) else volume_stem(p) for p in inputs]
+        return [(inputs[0], output, flat[0])]
+    stems = [image_stem(p) if is_2d else volume_stem(p) for p, is_2d in zip(inputs, flat)]
     clash = sorted({s for s in stems if stems.count(s) > 1})
     if clash:
         raise InputError(f"{source}: several volumes named {', '.join(clash)}; outputs would collide")
-    return [(p, output / f"{s}{'.png' if _picture_output(p) else '.nii.gz'}") for p, s in zip(inputs, stems)]
-
-
-def _picture_output(path: Path) -> bool:
-    """A 2D image whose label map is a PNG: any but a 2D NIfTI, which gets a NIfTI on its own grid."""
-    return is_image2d(path) and not path.name.lower().endswith(NIFTI_SUFFIXES)
+    # A 2D image's label map is a PNG, except a 2D NIfTI's: a NIfTI on its own grid.
+    picture = [is_2d and not p.name.lower().endswith(NIFTI_SUFFIXES) for p, is_2d in zip(inputs, flat)]
+    return [(p, output / f"{s}{'.png' if pic else '.nii.gz'}", is_2d)
+            for p, s, pic, is_2d in zip(inputs, stems, picture, flat)]
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -318,7 +318,12 @@ def test_composite_mr_reads_flair_and_ignores_t1_bright_fat() -> None:
 
 # -- the CLI's 2D path --------------------------------------------------------------------------------
 
-def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid(tmp_path: Path) -> None:
+def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medprompt.cli as cli
+
+    asked: list[str] = []  # whether an input is 2D is decided once (a 2D DICOM's header read each time)
+    monkeypatch.setattr(cli, "is_image2d", lambda p, _real=cli.is_image2d: asked.append(Path(p).name) or _real(p))
     film, _ = synthetic_xray(128)
     (tmp_path / "in").mkdir()
     Image.fromarray(film).save(tmp_path / "in" / "a.png")
@@ -330,6 +335,7 @@ def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid
     assert main(["infer", str(tmp_path / "in"), str(tmp_path / "out"), "--prompts", "lungs", "--refine", "none"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.png", "b.json", "b.png",
                                                                     "c.json", "c.nii.gz"]
+    assert sorted(asked) == ["a.png", "b.jpg", "c.nii.gz"]
     # The 2D NIfTI's draft lies on its stored grid with its affine (overlays it in any viewer), and is the
     # PNG's draft of the same pixels.
     written = nib.load(tmp_path / "out" / "c.nii.gz")

@@ -74,8 +74,9 @@ def save_model(path: Path, net: MedPromptNet, meta: dict[str, Any]) -> Path:
 
 
 def load_model(path: Path | None = None, device: str | torch.device = "cpu") -> tuple[MedPromptNet, dict[str, Any]]:
-    """Rebuild the ViT from a model file (default the shipped one); a missing or foreign file is a
-    WeightsError saying what to do."""
+    """Rebuild the ViT from a model file (default ``models/medprompt_vit.pt``; the shipped default is on
+    LiteMedSAM's features, ``sam_checkpoint.load_net``); a missing or foreign file is a WeightsError saying
+    what to do."""
     path = Path(path) if path is not None else VIT_CHECKPOINT
     blob = read_model_file(path, FORMAT, "MedPrompt checkpoint")
     return restore(MedPromptNet(NetConfig(**blob["config"])), blob, path, device)

@@ -164,7 +164,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def load_checkpoint(path: Path | str | None = None, device: str = "auto", text_encoder: str | None = None) -> Predictor:
-    """A Predictor for a model file (default: the shipped one); WeightsError names a missing file."""
+    """A Predictor for a ViT model file (default ``models/medprompt_vit.pt``; ``drafts.predictor`` loads
+    either kind, the shipped one by default); WeightsError names a missing file."""
     dev = resolve_device(device)
     net, meta = load_model(Path(path) if path else None, dev)
     return Predictor(net, meta, dev, text_encoder)
