@@ -499,6 +499,11 @@ def test_a_label_on_the_grid_itk_reads_the_image_on_comes_back_as_displayed(tmp_
     nrrd.write(str(wrong), np.zeros((40, 64, 1), np.uint8))  # rows x columns: not ITK's grid of a picture
     with pytest.raises(InputError, match="40x64.*64x40"):
         load_label2d(wrong, load_image2d(picture))
+    small = tmp_path / "small.png"  # a picture label is held to its image's size too (a round reads it so)
+    Image.fromarray(np.zeros((30, 20), np.uint8)).save(small)
+    with pytest.raises(InputError, match="30x20.*40x64"):
+        load_label2d(small, load_image2d(picture))
+    assert load_label2d(small)[0].shape == (30, 20)  # with no image, nothing to fit
     assert load_label2d(tmp_path / "label_picture.nrrd")[0].shape == (40, 64)  # no image: a picture's grid
     outside = tmp_path / "outside.nrrd"  # an uploaded label must not make the server read its own files
     outside.write_text("NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nencoding: raw\ndata file: /etc/hostname\n\n")

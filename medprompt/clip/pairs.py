@@ -73,11 +73,8 @@ def _slices(image: Path, label: Path, per_volume: int) -> Iterator[tuple[np.ndar
 
     if is_image2d(image):
         loaded = load_image2d(image)
-        img = loaded.pixels
-        lab, _ = load_label2d(label, loaded)
-        if img.shape[:2] != lab.shape[:2]:
-            raise InputError(f"{label}: label {lab.shape[:2]} and image {img.shape[:2]} differ in size")
-        yield img, lab.astype(np.int64), ""
+        lab, _ = load_label2d(label, loaded)  # on the image's rows and columns, or InputError
+        yield loaded.pixels, lab.astype(np.int64), ""
         return
     from medprompt.evaluation import align_to_reference
     from medprompt.io.volume import load_labelmap, load_volume

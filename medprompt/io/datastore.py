@@ -156,13 +156,7 @@ def check_label2d(label_filename: str, image_uri: str) -> None:
         suffix = "".join(Path(label_filename).suffixes) or "a file with no suffix"
         raise InputError(f"a label of a 2D study is saved as {', '.join(LABEL2D_SUFFIXES)}, not {shown(suffix)} "
                          "(JPEG and other lossy or colour formats change class values)")
-    image = load_image2d(image_uri)
-    # Read as a training round reads it (io.image2d.load_label2d): a NIfTI/NRRD grid is checked against the image's there.
-    labels, _ = load_label2d(label_filename, image)
-    if labels.shape != image.shape:
-        rows, cols = image.shape
-        raise InputError(f"the label is {labels.shape[0]}x{labels.shape[1]} pixels but the image is {rows}x{cols} "
-                         "(rows x columns): save it on the image's own grid")
+    load_label2d(label_filename, load_image2d(image_uri))  # as a round reads it; its grid checked against the image's
 
 
 def recover(studies: str | os.PathLike, index_name: str = INDEX_NAME) -> None:

@@ -422,7 +422,8 @@ def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple
 
     A PNG is read as displayed. A NIfTI or NRRD label, as 3D Slicer saves a correction of a 2D study, lies
     on the grid ITK reads ``image`` on (:func:`to_stored`) and is turned back to the image's rows and
-    columns from it; InputError naming both sizes when it does not fit. Without ``image`` a NIfTI label is
+    columns from it. With ``image``, a label of any format that does not fit it is an InputError naming
+    both sizes. Without ``image`` a NIfTI label is
     displayed by its own affine, and an NRRD one as ITK lays out a picture (columns x rows)."""
     path = Path(path)
     name = path.name.lower()
@@ -432,9 +433,10 @@ def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple
         label_image = load_image2d(path)
         if label_image.is_rgb:
             raise InputError(f"{path}: a label map is one channel of class values, not a colour image")
-        labels = label_image.pixels
-        if not np.array_equal(labels, np.round(labels)) or labels.min() < 0:
-            raise InputError(f"{path}: not a label map (values are not whole numbers >= 0)")
+        labels = class_values(label_image.pixels, path)
+        if image is not None and labels.shape != image.shape:
+            raise InputError(f"{path}: the label is {labels.shape[0]}x{labels.shape[1]} pixels but its image is "
+                             f"{image.shape[0]}x{image.shape[1]} (rows x columns): save it on the image's own grid")
     return labels.astype(np.int32), label2d_names(path)
 
 
@@ -490,6 +492,11 @@ def read_label_grid(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as error:  # readers raise anything from OSError to struct.error on damaged files
         raise InputError(f"{path}: cannot read the label file ({one_line(error)})") from None
+    return class_values(data, path)
+
+
+def class_values(data: np.ndarray, path: Path) -> np.ndarray:
+    """``data`` when it is a map of class values (real whole numbers >= 0), else InputError naming the file."""
     if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) \
             or np.iscomplexobj(data):
         raise InputError(f"{path}: the label is not a map of class values (dtype {data.dtype})")

@@ -161,10 +161,7 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
         from medprompt.model.sam_features import image_pixels, image_stack
 
         img = load_image2d(image)
-        labels, _ = load_label2d(label, img)  # a PNG, or 3D Slicer's NIfTI/NRRD on the image's grid
-        if labels.shape != img.shape:
-            raise InputError(f"{label}: label is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
-                             f"is {img.shape[1]}x{img.shape[0]}")
+        labels, _ = load_label2d(label, img)  # a PNG, or 3D Slicer's NIfTI/NRRD on the image's grid; sizes checked
         from medprompt.trainers.augment2d import variants
 
         pixels, pixel_mm, modality = image_pixels(img)
