@@ -2,12 +2,13 @@
 
 What an annotation team waits for between correcting and getting better drafts. The volumes are
 sample-data phantoms at 128^3 (their reference masks as the "corrections" of five); the round is
-the server's default (``medprompt_finetune``: 200 steps, from the shipped model).
+the server's default (``medprompt_finetune`` with the defaults of ``trainers/defaults.py``: 300 steps
+for a model on LiteMedSAM features, from the shipped model).
 Prints the three parts of the round: preparation (to the end of the first step: reading the
 volumes, the teacher's targets for the unlabelled ones, text vectors), training, and validation
 on the held-out corrected volume plus the safe swap.
 
-    .venv/bin/python benchmarks/finetune_round.py [--device cpu|cuda] [--steps 200]
+    .venv/bin/python benchmarks/finetune_round.py [--device cpu|cuda] [--steps N]
     .venv/bin/python benchmarks/finetune_round.py --model models/medprompt_sam.pt   # the network on LiteMedSAM features
     ... --model models/medprompt_sam.pt --workdir /tmp/round   # keep the datastore and embeddings for the next run
 
@@ -38,7 +39,7 @@ from medprompt.drafts import checkpoint_arch  # noqa: E402
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from medprompt.phantoms import write_sample_data  # noqa: E402
 from medprompt.trainers.finetune import train_finetune  # noqa: E402
-from medprompt.trainers.finetune_task import DEFAULT_STEPS  # noqa: E402
+from medprompt.trainers.defaults import FINETUNE  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +47,8 @@ def main() -> None:
     p.add_argument("--labelled", type=int, default=5)
     p.add_argument("--unlabelled", type=int, default=20)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: the round's own (trainers.defaults.FINETUNE: 300 for a model on LiteMedSAM features)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per step (the ViT model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
@@ -59,6 +61,7 @@ def main() -> None:
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such model file")
     sam = checkpoint_arch(args.model) == "sam"
+    args.steps = args.steps or FINETUNE[checkpoint_arch(args.model)].steps
     with tempfile.TemporaryDirectory() as tmp:
         base = args.workdir or Path(tmp)
         warm_mark = base / "warm.done"  # written once the datastore and its embeddings are complete

@@ -17,7 +17,8 @@ from typing import Sequence
 from medprompt.drafts import ARCHS, REFINE_CHOICES, checkpoint_arch
 from medprompt.errors import InputError, MedPromptError
 from medprompt.io.image2d import find_images2d, image_stem, is_image2d
-from medprompt.io.volume import NIFTI_SUFFIXES, find_volumes, volume_stem, write_json
+from medprompt.io.volume import NIFTI_SUFFIXES, NRRD_SUFFIXES, find_volumes, volume_stem, write_json
+from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT, RoundDefaults
 
 EXIT_USAGE = 2
 
@@ -96,11 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", choices=ARCHS, default=None,
                        help="sam (default): a head on LiteMedSAM's cached image embeddings, taught by the prior + "
                             "LiteMedSAM; vit: the older ViT trained from pixels, taught by the prior")
-    train.add_argument("--steps", type=int, default=None, help="default: 600 (sam), 2000 (vit)")
+    train.add_argument("--steps", type=int, default=None, help=_per_kind(ZERO_SHOT, "steps"))
     train.add_argument("--rounds", type=int, default=1,
                        help="sam: rounds of self-training (2: the student's confident cells join the teacher's)")
-    train.add_argument("--batch-size", type=int, default=None, help="default: 16 (sam), 8 (vit)")
-    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 (sam), 3e-4 (vit)")
+    train.add_argument("--batch-size", type=int, default=None, help=_per_kind(ZERO_SHOT, "batch_size"))
+    train.add_argument("--lr", type=float, default=None, help=_per_kind(ZERO_SHOT, "lr"))
     train.add_argument("--model-config", default="small", help="small (default), tiny (tests); vit also vit_b16")
     train.add_argument("--init-vision", default=None, metavar="SPEC",
                        help="start the encoder from an open_clip vision tower, e.g. biomedclip (local weights)")
@@ -121,9 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--init", type=Path, default=None,
                       help="start from this model file (default: --model, or the shipped model while --model does "
                            "not exist yet)")
-    tune.add_argument("--steps", type=int, default=None, help="default: 300 (sam models), 500 (vit)")
-    tune.add_argument("--batch-size", type=int, default=None, help="default: 16 (sam), 8 (vit)")
-    tune.add_argument("--lr", type=float, default=None, help="default: 3e-4 (sam), 1e-4 (vit)")
+    tune.add_argument("--steps", type=int, default=None, help=_per_kind(FINETUNE, "steps"))
+    tune.add_argument("--batch-size", type=int, default=None, help=_per_kind(FINETUNE, "batch_size"))
+    tune.add_argument("--lr", type=float, default=None, help=_per_kind(FINETUNE, "lr"))
     tune.add_argument("--label-names", type=Path, default=None,
                       help='JSON {"labels": {"liver": 1, ...}} for labels that carry no names of their own')
     tune.add_argument("--text-encoder", dest="train_text_encoder", default=None, metavar="SPEC",
@@ -200,6 +201,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="app option, as for serve (repeatable)")
     demo.set_defaults(run=_pacs_demo)
     return parser
+
+
+def _per_kind(table: dict[str, RoundDefaults], field: str) -> str:
+    """Help text of a default that depends on the model kind, e.g. 'default: 300 (sam), 500 (vit)'."""
+    return "default: " + ", ".join(f"{getattr(d, field):g} ({kind})" for kind, d in table.items())
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
@@ -280,8 +286,8 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path, bool]]:
     Whether an input is 2D is decided once per input here (a 2D DICOM's header is read for it).
 
     OUTPUT ending in .nii/.nii.gz (or .png for a 2D image) names the one output file; anything else
-    is a folder, where 2D images get ``<stem>.png``, a 2D NIfTI ``<stem>.nii.gz`` on its own grid (its
-    affine kept, as its references are stored), and volumes ``<stem>.nii.gz``.
+    is a folder, where 2D images get ``<stem>.png``, a 2D NIfTI or NRRD ``<stem>.nii.gz`` on its own grid
+    (its affine kept, as its references are stored), and volumes ``<stem>.nii.gz``.
     """
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
@@ -290,7 +296,7 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path, bool]]:
         inputs = sorted(set(inputs) | set(find_images2d(source)))
     if not inputs:
         raise InputError(f"{source}: no volumes found (.nii, .nii.gz, .nrrd, .nhdr or DICOM series) "
-                         "and no 2D images (.png, .jpg, .tif, .bmp, 2D DICOM or NIfTI)")
+                         "and no 2D images (.png, .jpg, .tif, .bmp, 2D DICOM, NIfTI or NRRD)")
     flat = [is_image2d(p) for p in inputs]
     if output.name.lower().endswith(".png"):
         if len(inputs) > 1 or not flat[0]:
@@ -305,8 +311,8 @@ def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path, bool]]:
     clash = sorted({s for s in stems if stems.count(s) > 1})
     if clash:
         raise InputError(f"{source}: several volumes named {', '.join(clash)}; outputs would collide")
-    # A 2D image's label map is a PNG, except a 2D NIfTI's: a NIfTI on its own grid.
-    picture = [is_2d and not p.name.lower().endswith(NIFTI_SUFFIXES) for p, is_2d in zip(inputs, flat)]
+    # A 2D image's label map is a PNG, except a 2D NIfTI's or NRRD's: a NIfTI on its own grid.
+    picture = [is_2d and not p.name.lower().endswith(NIFTI_SUFFIXES + NRRD_SUFFIXES) for p, is_2d in zip(inputs, flat)]
     return [(p, output / f"{s}{'.png' if pic else '.nii.gz'}", is_2d)
             for p, s, pic, is_2d in zip(inputs, stems, picture, flat)]
 
@@ -425,9 +431,9 @@ def _train_zero_shot(args: argparse.Namespace) -> int:
         raise InputError(f"--init {args.init}: no such model file")
     arch = args.arch or (checkpoint_arch(args.init) if args.init is not None else "sam")
     sam = arch == "sam"
-    steps = args.steps if args.steps is not None else (600 if sam else 2000)
-    batch = args.batch_size if args.batch_size is not None else (16 if sam else 8)
-    lr = args.lr if args.lr is not None else (1e-3 if sam else 3e-4)
+    steps = args.steps if args.steps is not None else ZERO_SHOT[arch].steps
+    batch = args.batch_size if args.batch_size is not None else ZERO_SHOT[arch].batch_size
+    lr = args.lr if args.lr is not None else ZERO_SHOT[arch].lr
     if steps < 1 or batch < 1 or args.rounds < 1:
         raise InputError("--steps, --batch-size and --rounds must be positive")
     out = args.out or DEFAULT_CHECKPOINT

@@ -318,7 +318,7 @@ def test_composite_mr_reads_flair_and_ignores_t1_bright_fat() -> None:
 
 # -- the CLI's 2D path --------------------------------------------------------------------------------
 
-def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid(
+def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_or_nrrd_to_nifti_on_its_grid(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import medprompt.cli as cli
 
@@ -330,12 +330,19 @@ def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_to_nifti_on_its_grid
     Image.fromarray(film).save(tmp_path / "in" / "b.jpg")
     affine = np.diag([0.5, 0.6, 1.0, 1.0])
     nib.save(nib.Nifti1Image(film.T[::-1, ::-1].copy(), affine), tmp_path / "in" / "c.nii.gz")  # X x Y as stored
+    import nrrd  # 3D Slicer's save of the picture: columns x rows x 1 in LPS
+
+    nrrd.write(str(tmp_path / "in" / "d.nrrd"), film.T[:, :, None].copy(), {
+        "space": "left-posterior-superior", "space directions": np.diag([0.5, 0.6, 1.0]), "space origin": np.zeros(3)})
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    assert [p.name for p in find_images2d(tmp_path / "in")] == ["a.png", "b.jpg", "c.nii.gz"]
+    assert [p.name for p in find_images2d(tmp_path / "in")] == ["a.png", "b.jpg", "c.nii.gz", "d.nrrd"]
     assert main(["infer", str(tmp_path / "in"), str(tmp_path / "out"), "--prompts", "lungs", "--refine", "none"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.png", "b.json", "b.png",
-                                                                    "c.json", "c.nii.gz"]
-    assert sorted(asked) == ["a.png", "b.jpg", "c.nii.gz"]
+                                                                    "c.json", "c.nii.gz", "d.json", "d.nii.gz"]
+    assert sorted(asked) == ["a.png", "b.jpg", "c.nii.gz", "d.nrrd"]
+    slicer = nib.load(tmp_path / "out" / "d.nii.gz")  # on the NRRD's grid, in RAS
+    assert np.allclose(slicer.affine, np.diag([-0.5, -0.6, 1.0, 1.0]))
+    assert np.array_equal(np.asarray(slicer.dataobj).reshape(128, 128).T, np.asarray(Image.open(tmp_path / "out" / "a.png")))
     # The 2D NIfTI's draft lies on its stored grid with its affine (overlays it in any viewer), and is the
     # PNG's draft of the same pixels.
     written = nib.load(tmp_path / "out" / "c.nii.gz")
@@ -466,6 +473,33 @@ def test_a_16_bit_picture_of_hu_plus_32768_reads_as_ct_in_hounsfield_units(tmp_p
         assert image.modality is None and image.pixels.min() >= 0, name
 
 
+def test_a_set_stored_as_hu_plus_1024_says_so_and_its_pictures_read_as_ct(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """MEDPROMPT_PICTURE_HU_OFFSET=1024 reads 16-bit pictures of HU + 1024 as the CT they are (unset, they are
+    pictures: see above); HU + 32768 still reads, 8-bit pictures and ones far above the range stay pictures,
+    and a bad value is one error naming the setting."""
+    hu = np.full((60, 40), -1000, np.int32)
+    hu[10:50, 5:35] = 40
+    hu[28:32, 18:22] = 700
+    Image.fromarray((hu + 1024).astype(np.uint16)).save(tmp_path / "hu1024.png")
+    Image.fromarray((hu + 32768).astype(np.uint16)).save(tmp_path / "hu32768.png")
+    Image.fromarray(np.full((60, 40), 9000, np.uint16)).save(tmp_path / "bright.png")
+    Image.fromarray(((hu + 1024) // 16).astype(np.uint8)).save(tmp_path / "windowed.png")
+    assert load_image2d(tmp_path / "hu1024.png").modality is None
+    monkeypatch.setenv("MEDPROMPT_PICTURE_HU_OFFSET", "1024")
+    for name in ("hu1024.png", "hu32768.png"):
+        image = load_image2d(tmp_path / name)
+        assert image.modality == "CT", name
+        np.testing.assert_array_equal(image.pixels, hu.astype(np.float32), err_msg=name)
+    for name in ("bright.png", "windowed.png"):
+        assert load_image2d(tmp_path / name).modality is None, name
+    for bad in ("-1024", "1e3", "70000"):
+        monkeypatch.setenv("MEDPROMPT_PICTURE_HU_OFFSET", bad)
+        with pytest.raises(InputError, match="MEDPROMPT_PICTURE_HU_OFFSET.*whole number"):
+            load_image2d(tmp_path / "hu1024.png")
+    assert main(["infer", str(tmp_path / "hu1024.png"), str(tmp_path / "out.png"), "--prompts", "liver"]) == 2
+
+
 def test_a_label_on_the_grid_itk_reads_the_image_on_comes_back_as_displayed(tmp_path: Path) -> None:
     """3D Slicer's correction of a 2D study is a NIfTI or NRRD on the image's ITK grid (io.image2d.to_stored):
     a picture's columns x rows x 1, a 2D NIfTI's own stored (here transposed and flipped) grid. Read with its
@@ -558,3 +592,48 @@ def test_the_2d_attribute_prior_reads_a_hu_slice_through_the_soft_tissue_window(
     draft = draft2d(load_image2d(tmp_path / "s.nii.gz"), ["liver"])
     assert draft.stages["liver"] == "attribute saliency + LiteMedSAM"
     assert dice(draft.labels == 1, load_label2d(tmp_path / "ref.nii.gz")[0] == 1) > 0.85  # 0.97 here; was 0
+
+
+def test_a_2d_nrrd_reads_as_the_same_slice_stored_as_nifti(real_data: Path, tmp_path: Path) -> None:
+    """3D Slicer saves a 2D study as an NRRD of X x Y x 1 in LPS; ITK writes one in a 2D space. Either reads
+    as the one-slice NIfTI of the same real CT slice does (pixels, spacing, CT in HU, world grid), a label
+    written for it lies on that grid, and a folder run takes it as a 2D image (it was refused as 'not NRRD')."""
+    import nrrd
+
+    from medprompt.io.volume import load_volume
+
+    folder = real_data / "ct_abdomen_a"
+    volume = load_volume(folder / "image.nii.gz")
+    k = volume.data.shape[2] // 2
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, k] + volume.affine[:3, 3]
+    plane = np.rint(np.asarray(volume.data)[:, :, k]).astype(np.int16)
+    nib.save(nib.Nifti1Image(plane, affine), tmp_path / "s.nii.gz")
+    as_nifti = load_image2d(tmp_path / "s.nii.gz")
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :]
+    nrrd.write(str(tmp_path / "slicer.nrrd"), plane[:, :, None], {
+        "space": "left-posterior-superior", "space directions": lps[:, :3].T, "space origin": lps[:, 3]})
+    nrrd.write(str(tmp_path / "itk.nrrd"), plane, {
+        "space dimension": 2, "space directions": lps[:2, :2].T, "space origin": lps[:2, 3]})
+    for name in ("slicer.nrrd", "itk.nrrd"):
+        assert is_image2d(tmp_path / name), name
+        image = load_image2d(tmp_path / name)
+        np.testing.assert_array_equal(image.pixels, as_nifti.pixels, err_msg=name)
+        assert image.modality == "CT" and image.spacing_known and image.pixel_mm == pytest.approx(as_nifti.pixel_mm)
+        np.testing.assert_allclose(image.affine[:3, :2], affine[:3, :2], err_msg=name)  # the same plane in RAS
+        depth = 3 if name == "slicer.nrrd" else 2  # a 2D space has no height
+        np.testing.assert_allclose(image.affine[:depth, 3], affine[:depth, 3], atol=1e-9, err_msg=name)
+        mask = np.zeros(image.shape, np.uint8)
+        mask[10:30, 40:70] = 1
+        label = tmp_path / "labels" / f"{name}.nii.gz"
+        save_label2d(label, mask, image, {"liver": 1})
+        np.testing.assert_allclose(nib.load(label).affine[:3, :2], affine[:3, :2])  # overlays the slice in a viewer
+        np.testing.assert_array_equal(load_label2d(label, image)[0], mask)
+    rgb = np.stack([plane, plane // 2, np.zeros_like(plane)]).astype(np.int16)  # kinds: RGB-color, the first axis
+    nrrd.write(str(tmp_path / "rgb.nrrd"), rgb, {"kinds": ["RGB-color", "domain", "domain"]})
+    assert load_image2d(tmp_path / "rgb.nrrd").shape == as_nifti.shape and load_image2d(tmp_path / "rgb.nrrd").is_rgb
+    nrrd.write(str(tmp_path / "volume.nrrd"), np.zeros((16, 16, 4), np.int16))
+    assert not is_image2d(tmp_path / "volume.nrrd")
+    assert find_images2d(tmp_path) == [tmp_path / n for n in ("itk.nrrd", "rgb.nrrd", "s.nii.gz", "slicer.nrrd")]
+    with pytest.raises(InputError, match="volume.nrrd: is 16x16x4; a 2D image"):
+        load_image2d(tmp_path / "volume.nrrd")

@@ -289,14 +289,17 @@ def test_not_3d(tmp_path: Path, shape: tuple[int, ...], word: str) -> None:
 
 
 @pytest.mark.parametrize("directions", [[[1, 0, 0], [0, 1, 0]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]])
-def test_one_slice_nrrd_is_refused_with_where_2d_images_are_read(tmp_path: Path, directions: list) -> None:
-    """NRRD has no 2D path: the message says which files are read as 2D images."""
+def test_one_slice_nrrd_is_not_a_volume_but_a_2d_image(tmp_path: Path, directions: list) -> None:
+    """A one-slice NRRD (a 2D grid in 3D space, or X x Y x 1) is refused as a volume and read as a 2D image."""
+    from medprompt.io.image2d import is_image2d, load_image2d
+
     path = tmp_path / "slice.nrrd"
-    data = np.zeros((8, 8) if len(directions) == 2 else (8, 8, 1), np.int16)
+    data = np.arange(64, dtype=np.int16).reshape((8, 8) if len(directions) == 2 else (8, 8, 1))
     nrrd.write(str(path), data, {"space": "left-posterior-superior", "space directions": directions})
     with pytest.raises(InputError) as excinfo:
         load_volume(path)
-    single_line_error(excinfo, path, "3d volume", "one-slice nifti")
+    single_line_error(excinfo, path, "3d volume")
+    assert is_image2d(path) and load_image2d(path).pixels.T.tolist() == data.reshape(8, 8).tolist()
 
 
 def test_non_numeric_voxels(tmp_path: Path) -> None:

@@ -223,6 +223,27 @@ def test_conf_chooses_models_model_dir_checkpoint_and_text_encoder(tmp_path: Pat
     assert config.trainer()[TRAINER].config()["text_encoder"] == "biomedclip"
 
 
+def test_a_rounds_default_steps_are_the_clis_for_the_kind_of_model_in_service(tmp_path: Path) -> None:
+    """A round from the client runs what `medprompt train-finetune` / `train-zero-shot` run by default (the
+    server's rounds took 200 steps where the CLI took 300 and 600); a ViT in service gets the ViT's."""
+    from medprompt.cli import _parser
+    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+    from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
+
+    vit = write_tiny_checkpoint(tmp_path / "vit.pt")
+    for start, kind in ((tmp_path / "none.pt", "sam"), (DEFAULT_CHECKPOINT, "sam"), (vit, "vit")):
+        conf = {"models": "medprompt", "model_dir": str(tmp_path / "m"), "checkpoint": str(start)}
+        trainers = task_configs(conf, str(tmp_path / "ignored"))["medprompt"].trainer()
+        assert trainers[TRAINER].config()["steps"] == ZERO_SHOT[kind].steps, start
+        assert trainers["medprompt_finetune"].config()["steps"] == FINETUNE[kind].steps, start
+    assert ZERO_SHOT["sam"].steps != ZERO_SHOT["vit"].steps and FINETUNE["sam"].steps != FINETUNE["vit"].steps
+    commands = _parser()._subparsers._group_actions[0].choices
+    steps_help = {name: next(a.help for a in commands[name]._actions if a.dest == "steps")
+                  for name in ("train-zero-shot", "train-finetune")}
+    assert f"{FINETUNE['sam'].steps} (sam)" in steps_help["train-finetune"]
+    assert f"{ZERO_SHOT['vit'].steps} (vit)" in steps_help["train-zero-shot"]
+
+
 @pytest.mark.parametrize("value", [0, -3, "ten", 2.5, None, True])
 def test_a_bad_steps_parameter_is_refused_by_name(value: object) -> None:
     with pytest.raises(InputError, match="'steps'"):

@@ -1,4 +1,4 @@
-"""2D images in (PNG, JPEG, TIFF, BMP, 2D DICOM, 2D NIfTI) and 2D label maps out (PNG or NIfTI).
+"""2D images in (PNG, JPEG, TIFF, BMP, 2D DICOM, 2D NIfTI, 2D NRRD) and 2D label maps out (PNG or NIfTI).
 
 Chest X-rays, ultrasound and single MR/CT slices arrive as pictures or single DICOM files, not as
 volumes. Every reader here returns an :class:`Image2D`: the pixels as a person looks at them
@@ -25,8 +25,8 @@ import numpy as np
 
 from medprompt.errors import InputError, one_line, shown
 from medprompt.io import dicom
-from medprompt.io.volume import (NIFTI_SUFFIXES, atomic_write, looks_like_hu, max_voxels,
-                                 write_json, _validated_names)
+from medprompt.io.volume import (_NRRD_SPACES, NIFTI_SUFFIXES, NRRD_SUFFIXES, atomic_write, looks_like_hu,
+                                 max_voxels, write_json, _validated_names)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_SUFFIXES = (".png",) + NIFTI_SUFFIXES
@@ -38,6 +38,9 @@ MIN_SIDE = 8  # pixels: anything narrower is a strip or a thumbnail, not an imag
 # (DeepLesion's convention). The lowest value a CT stores is its padding, -3024 HU at most.
 HU_PICTURE_OFFSET = 32768
 LOWEST_HU = -3100
+# HU + 1024 (another habit) cannot be told from a 12-bit MR's or X-ray's values, so a set stored that way
+# says so: MEDPROMPT_PICTURE_HU_OFFSET=1024 reads its 16-bit grey pictures as HU = value - 1024.
+ENV_PICTURE_HU_OFFSET = "MEDPROMPT_PICTURE_HU_OFFSET"
 
 
 @dataclass
@@ -90,7 +93,8 @@ class _Stored:
 # -- what is 2D ------------------------------------------------------------------------------------
 
 def is_image2d(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file the 2D readers take: a picture, a 2D DICOM file, or a 2D NIfTI.
+    """Whether ``path`` is a file the 2D readers take: a picture, a 2D DICOM file, a 2D NIfTI or a 2D NRRD
+    (3D Slicer saves a 2D study as an NRRD of X x Y x 1).
 
     A DICOM file counts as 2D when its modality is a projection/2D one (CR, DX, US, MG, ...), when it
     is colour, or when it is the only file of its series in its folder (``io.dicom.is_2d_file``); a
@@ -111,11 +115,19 @@ def is_image2d(path: str | os.PathLike) -> bool:
         except Exception:  # unreadable: the volume reader names the problem
             return False
         return _nifti_is_2d(shape)
+    if name.endswith(NRRD_SUFFIXES):
+        import nrrd
+
+        try:
+            header = nrrd.read_header(str(path))
+        except Exception:  # unreadable: the volume reader names the problem
+            return False
+        return _nrrd2d_layout(header) is not None
     return dicom.is_dicom_file(path) and dicom.is_2d_file(path)
 
 
 def find_images2d(folder: str | os.PathLike) -> list[Path]:
-    """The 2D image files directly in ``folder`` (pictures, 2D DICOM files, 2D NIfTI), sorted."""
+    """The 2D image files directly in ``folder`` (pictures, 2D DICOM files, 2D NIfTI and NRRD), sorted."""
     folder = Path(folder)
     return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and is_image2d(p)]
 
@@ -124,7 +136,7 @@ def image_stem(path: str | os.PathLike) -> str:
     """File name without its image (or label) suffix (``cxr.nii.gz`` -> ``cxr``, ``us.png`` -> ``us``,
     ``cxr.nrrd``, 3D Slicer's correction of ``cxr.png`` -> ``cxr``)."""
     name = Path(path).name
-    for suffix in sorted(PICTURE_SUFFIXES + NIFTI_SUFFIXES + (".dcm", ".nrrd"), key=len, reverse=True):
+    for suffix in sorted(PICTURE_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES + (".dcm",), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -149,11 +161,13 @@ def load_image2d(path: str | os.PathLike) -> Image2D:
             image = _read_picture(path)
         elif name.endswith(NIFTI_SUFFIXES):
             image = _read_nifti2d(path)
+        elif name.endswith(NRRD_SUFFIXES):
+            image = _read_nrrd2d(path)
         elif dicom.is_dicom_file(path):
             image = _read_dicom2d(path)
         else:
             raise InputError(f"{path}: unknown 2D image type (expected .png, .jpg, .tif, .bmp, a 2D DICOM "
-                             "file or a 2D NIfTI)")
+                             "file, a 2D NIfTI or a 2D NRRD)")
     except InputError:
         raise
     except MemoryError:
@@ -232,17 +246,35 @@ def _read_picture(path: Path) -> Image2D:
 
 
 def hu_of_picture(pixels: np.ndarray) -> np.ndarray | None:
-    """A 16-bit grey picture's Hounsfield units when it stores a CT slice as HU + 32768, else None.
+    """A 16-bit grey picture's Hounsfield units when it stores a CT slice as HU + 32768 (or HU + the offset
+    ``MEDPROMPT_PICTURE_HU_OFFSET`` names), else None.
 
     Such a slice read as it is would be stretched by percentiles from air to bone, as a picture of
-    anything; shifted back it is a CT in HU and gets LiteMedSAM's CT window. Unambiguous: an MR's,
-    an X-ray's or a windowed picture's background lies near 0, never all values within about 3000 of
-    32768 with air at 32768 - 1000. (HU + 1024, the other habit, is left alone: an unsigned 12-bit MR or
-    X-ray holds the same values.)"""
-    if pixels.ndim != 2 or pixels.dtype != np.uint16 or int(pixels.min()) < HU_PICTURE_OFFSET + LOWEST_HU:
+    anything; shifted back it is a CT in HU and gets LiteMedSAM's CT window. HU + 32768 is unambiguous:
+    an MR's, an X-ray's or a windowed picture's background lies near 0, never all values within about
+    3000 of 32768 with air at 32768 - 1000. HU + 1024, the other habit, is not: an unsigned 12-bit MR or
+    X-ray holds the same values, so it is read only when the setting names it, for every 16-bit grey picture
+    whose values read as HU once shifted (a set of CT slices, not a folder mixing them with 12-bit MR)."""
+    if pixels.ndim != 2 or pixels.dtype != np.uint16:
         return None
-    hu = pixels.astype(np.int32) - HU_PICTURE_OFFSET
-    return hu if looks_like_hu(hu) else None
+    for offset in dict.fromkeys((HU_PICTURE_OFFSET, picture_hu_offset())):
+        if offset is not None and int(pixels.min()) >= offset + LOWEST_HU:
+            hu = pixels.astype(np.int32) - offset
+            if looks_like_hu(hu):
+                return hu
+    return None
+
+
+def picture_hu_offset() -> int | None:
+    """The offset ``MEDPROMPT_PICTURE_HU_OFFSET`` says a set's 16-bit CT pictures store HU with (None: unset);
+    InputError when it is not a whole number from 0 to 65535."""
+    raw = os.environ.get(ENV_PICTURE_HU_OFFSET, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise InputError(f"{ENV_PICTURE_HU_OFFSET}={shown(raw)}: expected a whole number from 0 to 65535 "
+                         "(the value a 16-bit picture stores for 0 HU, e.g. 1024)")
+    return int(raw)
 
 
 def _read_nifti2d(path: Path) -> Image2D:
@@ -258,18 +290,93 @@ def _read_nifti2d(path: Path) -> Image2D:
         data = data.reshape(shape[0], shape[1], 3)
     else:
         data = data.reshape(shape[0], shape[1])
-    affine = np.asarray(image.affine, np.float64)
+    return _on_plane(data, np.asarray(image.affine, np.float64), shape, path, _modality_from_intent(image))
+
+
+def _on_plane(data: np.ndarray, affine: np.ndarray, stored: tuple[int, ...], path: Path,
+              modality: str | None) -> Image2D:
+    """A stored (i, j[, colour]) plane with its voxel -> RAS affine, shown as a person looks at it: an axial
+    plane in radiological view, any other as stored (``PlaneMap``); ``stored`` is the file's grid."""
     from medprompt.sam.interactive import PlaneMap
 
     plane = PlaneMap.for_affine(affine)
     view = plane.to_view(data) if data.ndim == 2 else np.stack([plane.to_view(data[..., c]) for c in range(3)], -1)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     pixel_mm = (float(spacing[0]), float(spacing[1])) if plane.transpose else (float(spacing[1]), float(spacing[0]))
-    modality = _modality_from_intent(image)
     return Image2D(pixels=np.ascontiguousarray(view), source=str(path), modality=modality, pixel_mm=pixel_mm,
                    spacing_known=True, affine=affine,
-                   stored=_Stored(shape=shape, transpose=plane.transpose, flip_rows=plane.flip_rows,
+                   stored=_Stored(shape=tuple(stored), transpose=plane.transpose, flip_rows=plane.flip_rows,
                                   flip_cols=plane.flip_cols))
+
+
+def _nrrd2d_layout(header: dict) -> tuple[list[int], int | None] | None:
+    """(the two spatial axes of size > 1, the colour axis or None) of a 2D NRRD's header, else None.
+
+    Spatial axes are those with a space direction, or without directions those of kind ``domain`` / ``space``
+    (or no kind); a non-spatial axis of 3 or 4 values is colour (``kinds: RGB-color``); any other axis must
+    hold one value."""
+    sizes = [int(n) for n in header.get("sizes", ())]
+    directions = header.get("space directions")
+    if directions is None:
+        kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
+        spatial = [i for i in range(len(sizes)) if i >= len(kinds) or kinds[i] in ("domain", "space", "???", "none")]
+    else:
+        spatial = [i for i, row in enumerate(np.asarray(directions, dtype=np.float64)) if np.all(np.isfinite(row))]
+    planar = [i for i in spatial if sizes[i] > 1]
+    others = [i for i in range(len(sizes)) if i not in spatial and sizes[i] > 1]
+    if len(planar) != 2 or len(others) > 1 or (others and sizes[others[0]] not in (3, 4)):
+        return None
+    return planar, (others[0] if others else None)
+
+
+def _read_nrrd2d(path: Path) -> Image2D:
+    """A 2D NRRD as 3D Slicer (X x Y x 1 in LPS) or ITK (a 2D space) writes one, shown as a 2D NIfTI is:
+    axial planes in radiological view, others as stored; a grid without directions as ITK reads it (LPS)."""
+    import nrrd
+
+    from medprompt.io.volume import _nrrd_payload
+
+    with open(path, "rb") as handle:
+        header = nrrd.read_header(handle)
+        _check_pixels(path, int(np.prod([int(n) for n in header.get("sizes", ())])))
+        layout = _nrrd2d_layout(header)
+        if layout is None:
+            raise InputError(f"{path}: is {'x'.join(str(n) for n in header.get('sizes', ()))}; a 2D image "
+                             "(X x Y, or X x Y x 1) is needed")
+        data = nrrd.read_data(*_nrrd_payload(path, header, handle), str(path))
+    (ax_i, ax_j), colour = layout
+    directions = header.get("space directions")
+    matrix = np.eye(3)
+    if directions is None:
+        spacings = np.asarray(header.get("spacings", [1.0] * data.ndim), dtype=np.float64)
+        matrix[0, 0], matrix[1, 1] = spacings[ax_i], spacings[ax_j]
+        origin, flips = np.zeros(3), np.array([-1.0, -1.0, 1.0])  # ITK's world is LPS
+    else:
+        rows = np.asarray(directions, dtype=np.float64)
+        space_dim = rows.shape[1]
+        matrix[:space_dim, 0], matrix[:space_dim, 1] = rows[ax_i], rows[ax_j]
+        depth = [i for i, row in enumerate(rows) if i not in (ax_i, ax_j) and np.all(np.isfinite(row))]
+        if space_dim == 3 and depth:  # Slicer's X x Y x 1: the slice's own step
+            matrix[:, 2] = rows[depth[0]]
+        elif space_dim == 3:  # no third axis: the plane's normal, one pixel deep
+            normal = np.cross(matrix[:, 0], matrix[:, 1])
+            matrix[:, 2] = normal / (np.linalg.norm(normal) or 1.0) * min(np.linalg.norm(matrix[:, :2], axis=0))
+        origin = np.zeros(3)
+        origin[:space_dim] = np.asarray(header.get("space origin", np.zeros(space_dim)), dtype=np.float64)
+        space = str(header.get("space", "left-posterior-superior" if space_dim == 3 else "")).lower()
+        if space_dim == 3 and space not in _NRRD_SPACES:
+            raise InputError(f"{path}: NRRD space {shown(space)} is not a patient (anatomical) space")
+        flips = np.asarray(_NRRD_SPACES[space]) if space_dim == 3 else np.array([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = flips[:, None] * matrix
+    affine[:3, 3] = flips * origin
+    # The plane as (i, j[, colour]); the stored grid a label is written back on is the spatial axes' (X x Y x 1).
+    plane = data[tuple(slice(None) if i in (ax_i, ax_j, colour) else 0 for i in range(data.ndim))]
+    kept = [i for i in range(data.ndim) if i in (ax_i, ax_j, colour)]
+    plane = np.transpose(plane, [kept.index(ax_i), kept.index(ax_j)] + ([kept.index(colour)] if colour is not None else []))
+    if colour is not None:
+        plane = plane[..., :3]  # RGBA: alpha dropped, as for pictures
+    return _on_plane(plane, affine, (plane.shape[0], plane.shape[1], 1), path, None)
 
 
 def _modality_from_intent(image: nib.Nifti1Image) -> str | None:

@@ -322,13 +322,9 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     if data.ndim > 3:
         raise InputError(f"{path}: is {data.ndim}D ({shape}); one 3D volume is needed")
     if data.ndim < 3 or min(data.shape) < 2:
-        hint = _NRRD_2D if Path(path).name.lower().endswith(NRRD_SUFFIXES) else ""
-        raise InputError(f"{path}: is 2D ({shape}); a 3D volume is needed{hint}")
+        raise InputError(f"{path}: is 2D ({shape}); a 3D volume is needed")
     return data
 
-
-# 2D images are read from pictures, DICOM and NIfTI (io.image2d); a one-slice NRRD gets this hint.
-_NRRD_2D = " (2D images are read from PNG, JPEG, TIFF, BMP, DICOM or one-slice NIfTI files, not NRRD)"
 
 
 def max_voxels() -> int:
@@ -380,8 +376,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
         directions = np.asarray(directions, dtype=np.float64)
         spatial = [i for i, row in enumerate(directions) if np.all(np.isfinite(row))]
         if len(spatial) != 3:
-            raise InputError(f"{path}: has {len(spatial)} spatial axes; a 3D volume is needed"
-                             + (_NRRD_2D if len(spatial) == 2 else ""))
+            raise InputError(f"{path}: has {len(spatial)} spatial axes; a 3D volume is needed")
         extra = [i for i in range(data.ndim) if i not in spatial]
         if any(data.shape[i] != 1 for i in extra):
             raise InputError(f"{path}: is {data.ndim}D ({'x'.join(map(str, data.shape))}); "

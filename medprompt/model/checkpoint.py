@@ -73,11 +73,10 @@ def save_model(path: Path, net: MedPromptNet, meta: dict[str, Any]) -> Path:
     return write_model_file(path, FORMAT, net, meta)
 
 
-def load_model(path: Path | None = None, device: str | torch.device = "cpu") -> tuple[MedPromptNet, dict[str, Any]]:
-    """Rebuild the ViT from a model file (default ``models/medprompt_vit.pt``; the shipped default is on
-    LiteMedSAM's features, ``sam_checkpoint.load_net``); a missing or foreign file is a WeightsError saying
-    what to do."""
-    path = Path(path) if path is not None else VIT_CHECKPOINT
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[MedPromptNet, dict[str, Any]]:
+    """Rebuild the ViT from a model file (e.g. ``VIT_CHECKPOINT``; the shipped default is on LiteMedSAM's
+    features, ``sam_checkpoint.load_net``); a missing or foreign file is a WeightsError saying what to do."""
+    path = Path(path)
     blob = read_model_file(path, FORMAT, "MedPrompt checkpoint")
     return restore(MedPromptNet(NetConfig(**blob["config"])), blob, path, device)
 

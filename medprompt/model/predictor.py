@@ -163,9 +163,10 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
-def load_checkpoint(path: Path | str | None = None, device: str = "auto", text_encoder: str | None = None) -> Predictor:
-    """A Predictor for a ViT model file (default ``models/medprompt_vit.pt``; ``drafts.predictor`` loads
-    either kind, the shipped one by default); WeightsError names a missing file."""
+def load_checkpoint(path: Path | str, device: str = "auto", text_encoder: str | None = None) -> Predictor:
+    """A Predictor for a ViT model file (``drafts.predictor`` loads either kind, the shipped one by
+    default); WeightsError names a missing file. The path is required: a default here would be the ViT,
+    which is not the shipped model."""
     dev = resolve_device(device)
-    net, meta = load_model(Path(path) if path else None, dev)
+    net, meta = load_model(Path(path), dev)
     return Predictor(net, meta, dev, text_encoder)

@@ -30,6 +30,7 @@ from medprompt.model.checkpoint import load_model
 from medprompt.model.grid import NET_SPACING_MM, to_net_grid
 from medprompt.prior import geometry
 from medprompt.teachers import PriorTeacher
+from medprompt.trainers.defaults import FINETUNE
 from medprompt.trainers.zero_shot import (
     DEFAULT_CLASSES, TrainingVolume, ZeroShotConfig, class_vectors, list_studies, prepare_volumes, run_training,
 )
@@ -171,11 +172,13 @@ def train_finetune(studies: Path, served: Path, init: Path | None = None, *, bas
     if (arch or (checkpoint_arch(start) if start is not None else "sam")) == "sam":
         from medprompt.trainers.sam_rounds import finetune_sam
 
-        return finetune_sam(studies, served, start, baseline, steps=steps or 300, lr=lr or 3e-4,
-                            batch_size=batch_size or 16, device=device, text_encoder=text_encoder,
+        tuned = FINETUNE["sam"]
+        return finetune_sam(studies, served, start, baseline, steps=steps or tuned.steps, lr=lr or tuned.lr,
+                            batch_size=batch_size or tuned.batch_size, device=device, text_encoder=text_encoder,
                             model_config=model_config, label_names=label_names, labelled_share=labelled_share,
                             seed=seed, catalog=catalog, progress=progress, on_step=on_step)
-    steps, batch_size, lr = steps or 500, batch_size or 8, lr or 1e-4
+    tuned = FINETUNE["vit"]
+    steps, batch_size, lr = steps or tuned.steps, batch_size or tuned.batch_size, lr or tuned.lr
     catalog = catalog or default_catalog()
     labelled, unlabelled = find_labelled(studies, label_names)
     if not labelled:

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medprompt.errors import InputError
+from medprompt.trainers.defaults import FINETUNE
 from medprompt.trainers.round_task import RoundTask, progress_lines, request_gpus, request_int, run_on_gpus
 
 if TYPE_CHECKING:
     from monailabel.interfaces.datastore import Datastore
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_STEPS = 200
 
 
 class FinetuneTrainTask(RoundTask):
@@ -33,12 +32,12 @@ class FinetuneTrainTask(RoundTask):
     stats_file = "finetune_stats.json"
 
     def config(self) -> dict[str, Any]:
-        return {"steps": DEFAULT_STEPS, "multi_gpu": False, "gpus": "all"}
+        return {"steps": FINETUNE[self.served_arch()].steps, "multi_gpu": False, "gpus": "all"}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         from medprompt.trainers.finetune import FinetuneResult, train_finetune
 
-        steps = request_int(request, "steps", DEFAULT_STEPS)
+        steps = request_int(request, "steps", FINETUNE[self.served_arch()].steps)
         gpus = request_gpus(request)
         datastore.datalist()  # a DICOMweb datastore fetches its labelled series and reads their SEGs into its cache
         folder = getattr(datastore, "_datastore_path", None)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medprompt.catalog import quoted
-from medprompt.errors import InputError
+from medprompt.errors import InputError, WeightsError
 from medprompt.io.volume import write_json
 
 if TYPE_CHECKING:
@@ -111,6 +111,16 @@ class RoundTask(TrainTask):
         super().__init__(self.summary)
         self.checkpoints = checkpoints
         self.text_encoder = text_encoder
+
+    def served_arch(self) -> str:
+        """The kind of the model in service ("sam" or "vit"; "sam" while there is none), which picks the
+        round's defaults from trainers.defaults."""
+        from medprompt.drafts import checkpoint_arch
+
+        try:
+            return checkpoint_arch(self.checkpoints.served())
+        except WeightsError:
+            return "sam"
 
     @property
     def stats_path(self) -> Path:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet, channel_owner, merged_log_softmax, part_matrix
 from medprompt.trainers.cells import CellStudy, class_area, class_balance
+from medprompt.trainers.defaults import ZERO_SHOT
 
 if TYPE_CHECKING:
     from medprompt.distributed import DistContext
@@ -36,9 +37,9 @@ class SamNetTrainConfig:
 
     out: Path
     classes: Sequence[str]
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 1e-3
+    steps: int = ZERO_SHOT["sam"].steps
+    batch_size: int = ZERO_SHOT["sam"].batch_size
+    lr: float = ZERO_SHOT["sam"].lr
     weight_decay: float = 0.05
     model_config: str = "small"
     device: str = "auto"

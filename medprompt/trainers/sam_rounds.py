@@ -44,6 +44,7 @@ from medprompt.catalog import PromptCatalog, default_catalog
 from medprompt.distributed import init_distributed, shard, which_process
 from medprompt.errors import InputError
 from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
+from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.disk_embeddings import spill_folder, spilled
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
@@ -58,8 +59,8 @@ def _segmenter_for(sam_checkpoint: str | Path | None, device: str) -> Callable:
     return segmenter_factory(sam_checkpoint, "cpu" if device == "cpu" else "auto")
 
 
-def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *, steps: int = 600,
-                  rounds: int = 1, batch_size: int = 16, lr: float = 1e-3, init: Path | None = None, text_encoder: str | None = None, model_config: str = "small",
+def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *, steps: int = ZERO_SHOT["sam"].steps,
+                  rounds: int = 1, batch_size: int = ZERO_SHOT["sam"].batch_size, lr: float = ZERO_SHOT["sam"].lr, init: Path | None = None, text_encoder: str | None = None, model_config: str = "small",
                   device: str = "auto", seed: int = 0, resume: bool = True, time_limit_s: float | None = None,
                   sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
                   progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
@@ -278,8 +279,9 @@ def study_draws(n_corrected: int, n_unlabelled: int, labelled_share: float) -> n
     return np.array([share / n_corrected] * n_corrected + [(1 - share) / max(1, n_unlabelled)] * n_unlabelled)
 
 
-def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path | None, *, steps: int = 300,
-                 lr: float = 3e-4, batch_size: int = 16, device: str = "auto", text_encoder: str | None = None,
+def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path | None, *,
+                 steps: int = FINETUNE["sam"].steps, lr: float = FINETUNE["sam"].lr,
+                 batch_size: int = FINETUNE["sam"].batch_size, device: str = "auto", text_encoder: str | None = None,
                  model_config: str = "small", label_names: dict[str, int] | None = None,
                  labelled_share: float = 0.5, seed: int = 0, catalog: PromptCatalog | None = None,
                  sam_checkpoint: str | Path | None = None, semi: bool = True, augment: bool = True,

@@ -32,6 +32,7 @@ from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, region_text_loss
 from medprompt.model.network import MedPromptNet, NetConfig
 from medprompt.teachers import PriorTeacher, Teacher
+from medprompt.trainers.defaults import ZERO_SHOT
 
 DEFAULT_CLASSES: tuple[str, ...] = (*SYNAPSE8, "inferior_vena_cava", "urinary_bladder")
 CACHE_VERSION = 2  # bump when the teacher's output format or the network grid changes
@@ -43,9 +44,9 @@ class ZeroShotConfig:
 
     studies: Sequence[Path]
     out: Path
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 3e-4
+    steps: int = ZERO_SHOT["vit"].steps
+    batch_size: int = ZERO_SHOT["vit"].batch_size
+    lr: float = ZERO_SHOT["vit"].lr
     weight_decay: float = 0.05
     model_config: str = "small"
     text_encoder: str | None = None

@@ -17,16 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medprompt.errors import InputError, WeightsError
+from medprompt.trainers.defaults import ZERO_SHOT
 from medprompt.trainers.round_task import RoundTask, progress_lines, request_gpus, request_int, run_on_gpus
 
 if TYPE_CHECKING:
     from monailabel.interfaces.datastore import Datastore
 
 logger = logging.getLogger(__name__)
-
-# Steps per round when the request names none: the "small" network takes about 2.3 s a step on a
-# 2-core CPU, so a round ends in about 8 minutes there (well under one on a GPU).
-DEFAULT_STEPS = 200
 
 
 class ZeroShotTrainTask(RoundTask):
@@ -36,16 +33,16 @@ class ZeroShotTrainTask(RoundTask):
 
     def config(self) -> dict[str, Any]:
         # Shown (and editable) in the client's training options.
-        return {"steps": DEFAULT_STEPS, "text_encoder": self.text_encoder or "minilm", "model_config": "small",
+        return {"steps": ZERO_SHOT[self.served_arch()].steps, "text_encoder": self.text_encoder or "minilm", "model_config": "small",
                 "multi_gpu": False, "gpus": "all"}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         import torch
 
-        from medprompt.drafts import checkpoint_arch
         from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
 
-        steps = request_int(request, "steps", DEFAULT_STEPS)
+        arch = self.served_arch()
+        steps = request_int(request, "steps", ZERO_SHOT[arch].steps)
         text_encoder = request.get("text_encoder") or self.text_encoder
         model_config = str(request.get("model_config") or "small")
         gpus = request_gpus(request)
@@ -72,7 +69,7 @@ class ZeroShotTrainTask(RoundTask):
                          *(["--init", str(init)] if init else [])], gpus)
             blob = torch.load(work, map_location="cpu", weights_only=False)
             losses.update({k: round(float(v), 4) for k, v in (blob.get("last_losses") or {}).items()})
-        elif (checkpoint_arch(init) if init else "sam") == "sam":  # a model on LiteMedSAM features
+        elif arch == "sam":  # a model on LiteMedSAM features
             from medprompt.trainers.sam_rounds import zero_shot_sam
             from medprompt.trainers.zero_shot import DEFAULT_CLASSES
 
