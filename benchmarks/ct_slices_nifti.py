@@ -7,9 +7,11 @@ ct_abdomen_b_dicom), then drafts ct_abdomen_a's slices with ``medprompt infer --
 scores them with ``medprompt evaluate``: no model (the 2D attribute prior, on the liver and pancreas), the
 shipped zero-shot model, and with ``--finetune`` also a
 model finetuned by ``medprompt train-finetune`` on ct_abdomen_b_dicom's slices as corrections (a 2D
-datastore). Prints evaluate's per-class table and the times.
+datastore). Prints evaluate's per-class table and the times. ``--format nrrd`` stores every slice and
+reference as 3D Slicer saves a 2D study instead (an NRRD of X x Y x 1 in LPS): the drafts are then NIfTIs
+on the slices' grid, scored against the NRRD references, each read by its own geometry.
 
-    .venv/bin/python benchmarks/ct_slices_nifti.py [--finetune] [--workdir DIR]
+    .venv/bin/python benchmarks/ct_slices_nifti.py [--finetune] [--format nifti|nrrd] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +42,9 @@ NAMES = {"labels": {organ: value for value, organ in enumerate(ORGANS, 1)}}  # l
 CASES = {"ct_abdomen_a": ("image.nii.gz", 3), "ct_abdomen_b_dicom": ("dicom", 1)}  # (image, every n-th slice)
 
 
-def write_slices(case: str, images: Path, labels: Path) -> int:
-    """One int16 HU NIfTI per axial slice holding an organ, with its label map beside it in ``labels``."""
+def write_slices(case: str, images: Path, labels: Path, fmt: str = "nifti") -> int:
+    """One int16 HU NIfTI (or 3D Slicer's NRRD) per axial slice holding an organ, with its label map in
+    ``labels``."""
     image, every = CASES[case]
     folder = REAL / case
     volume = load_volume(folder / image)
@@ -61,8 +65,14 @@ def write_slices(case: str, images: Path, labels: Path) -> int:
             continue
         affine = volume.affine.copy()
         affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, k] + volume.affine[:3, 3]
-        nib.save(nib.Nifti1Image(data[:, :, k], affine), images / f"{case}_{k:03d}.nii.gz")
-        nib.save(nib.Nifti1Image(labels_3d[:, :, k], affine), labels / f"{case}_{k:03d}.nii.gz")
+        if fmt == "nrrd":
+            lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3]
+            header = {"space": "left-posterior-superior", "space directions": lps[:, :3].T, "space origin": lps[:, 3]}
+            nrrd.write(str(images / f"{case}_{k:03d}.nrrd"), data[:, :, k:k + 1], header)
+            nrrd.write(str(labels / f"{case}_{k:03d}.nrrd"), labels_3d[:, :, k:k + 1], header)
+        else:
+            nib.save(nib.Nifti1Image(data[:, :, k], affine), images / f"{case}_{k:03d}.nii.gz")
+            nib.save(nib.Nifti1Image(labels_3d[:, :, k], affine), labels / f"{case}_{k:03d}.nii.gz")
         written += 1
     return written
 
@@ -87,16 +97,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--finetune", action="store_true", help="also finetune on ct_abdomen_b_dicom's slices")
     p.add_argument("--workdir", type=Path, default=None, help="keep the slices and results here")
+    p.add_argument("--format", choices=("nifti", "nrrd"), default="nifti",
+                   help="how the slices and references are stored (nrrd: as 3D Slicer saves a 2D study)")
     args = p.parse_args()
     work = start(args.workdir, "ct_slices_")
-    n_test = write_slices("ct_abdomen_a", work / "test", work / "ref")
+    n_test = write_slices("ct_abdomen_a", work / "test", work / "ref", args.format)
     (work / "ref" / "labels.json").write_text(json.dumps(NAMES))
     prompts = ["--prompts", *ORGANS]
     default_path(work / "test", work / "ref", work / "pred_attribute", f"{n_test} slices of ct_abdomen_a")
     runs = {"shipped zero-shot model": None}
     if args.finetune:
         store = work / "datastore"
-        n_corr = write_slices("ct_abdomen_b_dicom", store, store / "labels" / "final")
+        n_corr = write_slices("ct_abdomen_b_dicom", store, store / "labels" / "final", args.format)
         (work / "names.json").write_text(json.dumps(NAMES))
         t = time.perf_counter()
         if cli(["train-finetune", "--studies", str(store), "--label-names", str(work / "names.json"),

@@ -107,7 +107,8 @@ def main() -> None:
     train_s = marks["last"] - marks["first"]
     print(f"device: {device}")
     print(f"round: {end - start:.0f} s = preparation {marks['first'] - start:.0f} s + training {train_s:.0f} s "
-          f"({args.steps} steps, {args.steps / max(train_s, 1e-9):.2f} steps/s) "
+          f"({args.steps} steps per pass; with unlabelled studies a second, self-training pass follows the "
+          f"first's drafts of them) "
           f"+ validation and swap {end - marks['last']:.0f} s")
     print(f"validation mDice {result.previous_score:.3f} -> {result.candidate_score:.3f}, accepted {result.accepted}; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -473,11 +473,9 @@ def _load_case(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(labels, affine, is a 2D label map); a 2D map (a PNG, a 2D NIfTI such as a draft of a 2D NIfTI
     slice, or a one-slice NRRD as 3D Slicer saves a 2D study's label) is read as displayed and compared
     pixel for pixel, so its affine is None."""
-    from medprompt.io.image2d import is_image2d, load_label2d, squeezed_shape
-    from medprompt.io.volume import stored_shape
+    from medprompt.io.image2d import is_image2d, load_label2d
 
-    one_slice_nrrd = path.name.lower().endswith(".nrrd") and len(squeezed_shape(stored_shape(path) or (0, 0, 0))) == 2
-    if one_slice_nrrd or is_image2d(path):  # of what find_cases lists: a PNG, a NIfTI or NRRD of X x Y (x 1)
+    if is_image2d(path):  # of what find_cases lists: a PNG, a NIfTI or NRRD of X x Y (x 1)
         labels, _ = load_label2d(path)
         return labels[:, :, None], None, True
     labels, affine, _ = load_labelmap(path)

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from medprompt.catalog import PromptCatalog, default_catalog, normalise, parse_prompt_file, words
 from medprompt.errors import InputError, MedPromptError, PromptError, RequestError
+from medprompt.io.image2d import is_image2d, load_image2d
 from medprompt.io.volume import load_labelmap, load_volume, read_label_names
 
 # One voxel limit for every reader test; the valid files below hold 120 voxels.
@@ -95,11 +96,11 @@ def nifti_bytes() -> bytes:
     return image.to_bytes()
 
 
-def nrrd_bytes(encoding: str) -> bytes:
+def nrrd_bytes(encoding: str, volume: np.ndarray = VOLUME) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "v.nrrd"
         lps = np.diag([-1.0, -1.0, 1.0]) @ AFFINE[:3]
-        nrrd.write(str(path), VOLUME, {"space": "left-posterior-superior", "space directions": lps[:, :3].T,
+        nrrd.write(str(path), volume, {"space": "left-posterior-superior", "space directions": lps[:, :3].T,
                                        "space origin": lps[:, 3], "kinds": ["domain"] * 3, "encoding": encoding},
                    index_order="F")
         return path.read_bytes()
@@ -107,6 +108,8 @@ def nrrd_bytes(encoding: str) -> bytes:
 
 NIFTI = nifti_bytes()
 NRRD = {encoding: nrrd_bytes(encoding) for encoding in ("raw", "gzip", "ascii")}
+# 3D Slicer's save of a 2D study (X x Y x 1), at least 8 pixels a side so that the 2D reader reads it
+NRRD["slice"] = nrrd_bytes("raw", (np.arange(8 * 9, dtype=np.int16).reshape(8, 9, 1) - 30))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,16 @@ def check_read(path: Path) -> None:
         else:
             assert labels.dtype == np.int32 and labels.ndim == 3 and labels.size <= MAX_VOXELS
             assert affine.shape == (4, 4) and np.all(np.isfinite(affine))
+        if path.name.endswith((".nrrd", ".nhdr")):  # a one-slice NRRD is a 2D image: its reader too
+            is_image2d(path)  # never raises
+            try:
+                image = load_image2d(path)
+            except InputError as error:
+                assert_one_line(error, path)
+            else:
+                assert image.pixels.dtype == np.float32 and image.pixels.ndim in (2, 3)
+                assert np.all(np.isfinite(image.pixels)) and image.pixels.size <= MAX_VOXELS
+                assert np.all(np.isfinite(image.affine))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -493,6 +493,10 @@ def test_a_set_stored_as_hu_plus_1024_says_so_and_its_pictures_read_as_ct(tmp_pa
         np.testing.assert_array_equal(image.pixels, hu.astype(np.float32), err_msg=name)
     for name in ("bright.png", "windowed.png"):
         assert load_image2d(tmp_path / name).modality is None, name
+    classes = np.zeros((60, 40), np.uint16)  # a 16-bit label map: its class values, never HU
+    classes[10:50, 5:35] = 2
+    Image.fromarray(classes).save(tmp_path / "label16.png")
+    np.testing.assert_array_equal(load_label2d(tmp_path / "label16.png")[0], classes)
     for bad in ("-1024", "1e3", "70000"):
         monkeypatch.setenv("MEDPROMPT_PICTURE_HU_OFFSET", bad)
         with pytest.raises(InputError, match="MEDPROMPT_PICTURE_HU_OFFSET.*whole number"):
@@ -629,6 +633,15 @@ def test_a_2d_nrrd_reads_as_the_same_slice_stored_as_nifti(real_data: Path, tmp_
         save_label2d(label, mask, image, {"liver": 1})
         np.testing.assert_allclose(nib.load(label).affine[:3, :2], affine[:3, :2])  # overlays the slice in a viewer
         np.testing.assert_array_equal(load_label2d(label, image)[0], mask)
+        np.testing.assert_array_equal(load_label2d(label)[0], mask)  # evaluate reads it so, with no image
+    # Slicer's correction saved as NRRD on the study's grid: with no image (evaluate) it is displayed by its
+    # own geometry too (it was read as a picture's columns x rows, flipped here against the study)
+    image = load_image2d(tmp_path / "slicer.nrrd")
+    nrrd.write(str(tmp_path / "labels" / "slicer_label.nrrd"), to_stored(mask, image)[0].astype(np.uint8), {
+        "space": "left-posterior-superior", "space directions": lps[:, :3].T, "space origin": lps[:, 3]})
+    assert image.stored.flip_rows or image.stored.flip_cols
+    np.testing.assert_array_equal(load_label2d(tmp_path / "labels" / "slicer_label.nrrd")[0], mask)
+    np.testing.assert_array_equal(load_label2d(tmp_path / "labels" / "slicer_label.nrrd", image)[0], mask)
     rgb = np.stack([plane, plane // 2, np.zeros_like(plane)]).astype(np.int16)  # kinds: RGB-color, the first axis
     nrrd.write(str(tmp_path / "rgb.nrrd"), rgb, {"kinds": ["RGB-color", "domain", "domain"]})
     assert load_image2d(tmp_path / "rgb.nrrd").shape == as_nifti.shape and load_image2d(tmp_path / "rgb.nrrd").is_rgb

@@ -119,10 +119,9 @@ def is_image2d(path: str | os.PathLike) -> bool:
         import nrrd
 
         try:
-            header = nrrd.read_header(str(path))
+            return _nrrd2d_layout(nrrd.read_header(str(path))) is not None
         except Exception:  # unreadable: the volume reader names the problem
             return False
-        return _nrrd2d_layout(header) is not None
     return dicom.is_dicom_file(path) and dicom.is_2d_file(path)
 
 
@@ -148,8 +147,9 @@ def _nifti_is_2d(shape: tuple[int, ...]) -> bool:
 
 # -- readers ---------------------------------------------------------------------------------------
 
-def load_image2d(path: str | os.PathLike) -> Image2D:
-    """Read one 2D image; InputError naming the file and the problem otherwise."""
+def load_image2d(path: str | os.PathLike, *, stored_values: bool = False) -> Image2D:
+    """Read one 2D image; InputError naming the file and the problem otherwise. ``stored_values``: a 16-bit
+    picture's values as stored, never read as HU (a label map's class values)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -158,7 +158,7 @@ def load_image2d(path: str | os.PathLike) -> Image2D:
     name = path.name.lower()
     try:
         if name.endswith(PICTURE_SUFFIXES):
-            image = _read_picture(path)
+            image = _read_picture(path, stored_values)
         elif name.endswith(NIFTI_SUFFIXES):
             image = _read_nifti2d(path)
         elif name.endswith(NRRD_SUFFIXES):
@@ -221,7 +221,7 @@ def _check_pixels(path: Path, count: int) -> None:
         raise InputError(f"{path}: declares {count:,} pixels, above the limit of {limit:,} (MEDPROMPT_MAX_VOXELS)")
 
 
-def _read_picture(path: Path) -> Image2D:
+def _read_picture(path: Path, stored_values: bool = False) -> Image2D:
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -239,7 +239,7 @@ def _read_picture(path: Path) -> Image2D:
             pixels = np.asarray(im)
     if pixels.ndim == 2 and pixels.dtype.byteorder == ">":  # I;16B
         pixels = pixels.astype(pixels.dtype.newbyteorder("="))
-    hu = hu_of_picture(pixels)
+    hu = None if stored_values else hu_of_picture(pixels)
     if hu is not None:
         return Image2D(pixels=hu, source=str(path), modality="CT")
     return Image2D(pixels=pixels, source=str(path))
@@ -530,14 +530,14 @@ def load_label2d(path: str | os.PathLike, image: Image2D | None = None) -> tuple
     A PNG is read as displayed. A NIfTI or NRRD label, as 3D Slicer saves a correction of a 2D study, lies
     on the grid ITK reads ``image`` on (:func:`to_stored`) and is turned back to the image's rows and
     columns from it. With ``image``, a label of any format that does not fit it is an InputError naming
-    both sizes. Without ``image`` a NIfTI label is
-    displayed by its own affine, and an NRRD one as ITK lays out a picture (columns x rows)."""
+    both sizes. Without ``image`` a NIfTI or NRRD label is displayed by its own geometry, as the image it was
+    drawn on is (an NRRD without directions as ITK lays out a picture: columns x rows)."""
     path = Path(path)
     name = path.name.lower()
-    if name.endswith(".nrrd") or (image is not None and name.endswith(NIFTI_SUFFIXES)):
+    if image is not None and name.endswith(NRRD_SUFFIXES + NIFTI_SUFFIXES):
         labels = from_stored(read_label_grid(path), image, path)
     else:
-        label_image = load_image2d(path)
+        label_image = load_image2d(path, stored_values=True)
         if label_image.is_rgb:
             raise InputError(f"{path}: a label map is one channel of class values, not a colour image")
         labels = class_values(label_image.pixels, path)
