@@ -299,6 +299,7 @@ def edit_nrrd(data: bytes, edits: list[tuple[str, int, str | None, str]]) -> byt
 @example(encoding="raw", edits=[("space directions", 5, None, "replace")], ops=[], suffix=".nrrd")
 @example(encoding="raw", edits=[("space", 3, None, "replace")], ops=[], suffix=".nrrd")
 @example(encoding="raw", edits=[("space", 0, "l\x0beft", "replace")], ops=[], suffix=".nrrd")  # a vertical tab
+@example(encoding="slice", edits=[("space origin", 1, None, "replace")], ops=[], suffix=".nrrd")  # a 2D image at inf
 def test_mutated_nrrd_is_read_or_refused(voxel_limit, folders, encoding, edits, ops, suffix):
     path = folders.new() / f"volume{suffix}"
     path.write_bytes(mutate(edit_nrrd(NRRD[encoding], edits), ops))

@@ -342,7 +342,8 @@ def test_folder_of_images_drafts_each_to_png_and_a_2d_nifti_or_nrrd_to_nifti_on_
     assert sorted(asked) == ["a.png", "b.jpg", "c.nii.gz", "d.nrrd"]
     slicer = nib.load(tmp_path / "out" / "d.nii.gz")  # on the NRRD's grid, in RAS
     assert np.allclose(slicer.affine, np.diag([-0.5, -0.6, 1.0, 1.0]))
-    assert np.array_equal(np.asarray(slicer.dataobj).reshape(128, 128).T, np.asarray(Image.open(tmp_path / "out" / "a.png")))
+    drawn_png = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert np.array_equal(np.asarray(slicer.dataobj).reshape(128, 128).T, drawn_png)
     # The 2D NIfTI's draft lies on its stored grid with its affine (overlays it in any viewer), and is the
     # PNG's draft of the same pixels.
     written = nib.load(tmp_path / "out" / "c.nii.gz")

@@ -370,10 +370,13 @@ def _read_nrrd2d(path: Path) -> Image2D:
     affine = np.eye(4)
     affine[:3, :3] = flips[:, None] * matrix
     affine[:3, 3] = flips * origin
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: its space directions and origin are not a pixel grid (not finite, or degenerate)")
     # The plane as (i, j[, colour]); the stored grid a label is written back on is the spatial axes' (X x Y x 1).
     plane = data[tuple(slice(None) if i in (ax_i, ax_j, colour) else 0 for i in range(data.ndim))]
     kept = [i for i in range(data.ndim) if i in (ax_i, ax_j, colour)]
-    plane = np.transpose(plane, [kept.index(ax_i), kept.index(ax_j)] + ([kept.index(colour)] if colour is not None else []))
+    order = [kept.index(ax_i), kept.index(ax_j)] + ([kept.index(colour)] if colour is not None else [])
+    plane = np.transpose(plane, order)
     if colour is not None:
         plane = plane[..., :3]  # RGBA: alpha dropped, as for pictures
     return _on_plane(plane, affine, (plane.shape[0], plane.shape[1], 1), path, None)

@@ -59,8 +59,10 @@ def _segmenter_for(sam_checkpoint: str | Path | None, device: str) -> Callable:
     return segmenter_factory(sam_checkpoint, "cpu" if device == "cpu" else "auto")
 
 
-def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *, steps: int = ZERO_SHOT["sam"].steps,
-                  rounds: int = 1, batch_size: int = ZERO_SHOT["sam"].batch_size, lr: float = ZERO_SHOT["sam"].lr, init: Path | None = None, text_encoder: str | None = None, model_config: str = "small",
+def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
+                  steps: int = ZERO_SHOT["sam"].steps, rounds: int = 1, batch_size: int = ZERO_SHOT["sam"].batch_size,
+                  lr: float = ZERO_SHOT["sam"].lr, init: Path | None = None, text_encoder: str | None = None,
+                  model_config: str = "small",
                   device: str = "auto", seed: int = 0, resume: bool = True, time_limit_s: float | None = None,
                   sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
                   progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:

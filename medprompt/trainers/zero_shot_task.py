@@ -33,8 +33,8 @@ class ZeroShotTrainTask(RoundTask):
 
     def config(self) -> dict[str, Any]:
         # Shown (and editable) in the client's training options.
-        return {"steps": ZERO_SHOT[self.served_arch()].steps, "text_encoder": self.text_encoder or "minilm", "model_config": "small",
-                "multi_gpu": False, "gpus": "all"}
+        return {"steps": ZERO_SHOT[self.served_arch()].steps, "text_encoder": self.text_encoder or "minilm",
+                "model_config": "small", "multi_gpu": False, "gpus": "all"}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         import torch
