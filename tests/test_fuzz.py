@@ -367,11 +367,15 @@ def test_a_detached_nrrd_header_cannot_read_a_device(voxel_limit, tmp_path):
 def test_the_valid_files_read(voxel_limit, tmp_path):
     """The mutations start from files that read: the properties above test damage, not a broken base."""
     for name, data in (("v.nii", NIFTI), ("v.nii.gz", gzip.compress(NIFTI)),
-                       *((f"v_{e}.nrrd", b) for e, b in NRRD.items())):
+                       *((f"v_{e}.nrrd", b) for e, b in NRRD.items() if e != "slice")):
         (tmp_path / name).write_bytes(data)
         volume = load_volume(tmp_path / name)
         np.testing.assert_array_equal(volume.data, VOLUME)
         np.testing.assert_allclose(volume.affine, AFFINE, atol=1e-6)
+    (tmp_path / "slice.nrrd").write_bytes(NRRD["slice"])  # a 2D image, on the volumes' world grid
+    image = load_image2d(tmp_path / "slice.nrrd")
+    assert image.shape == (9, 8) and image.pixels.min() == -30 and image.pixel_mm == pytest.approx((0.9, 0.8))
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
