@@ -18,7 +18,7 @@ from medprompt.drafts import ARCHS, REFINE_CHOICES, checkpoint_arch
 from medprompt.errors import InputError, MedPromptError
 from medprompt.io.image2d import find_images2d, image_stem, is_image2d
 from medprompt.io.volume import NIFTI_SUFFIXES, NRRD_SUFFIXES, find_volumes, volume_stem, write_json
-from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT, RoundDefaults
+from medprompt.trainers.defaults import FINETUNE, WEAK, ZERO_SHOT, RoundDefaults
 
 EXIT_USAGE = 2
 
@@ -166,9 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                            "instead of zero-shot drafts")
     weak.add_argument("--saliency", default=None, metavar="METHOD", help="saliency method of the zero-shot drafts")
     weak.add_argument("--sam-checkpoint", type=Path, default=None, metavar="PATH", help="LiteMedSAM weights")
-    weak.add_argument("--steps", type=int, default=300, help="both passes together (default: 300)")
-    weak.add_argument("--batch-size", type=int, default=4)
-    weak.add_argument("--lr", type=float, default=3e-3)
+    weak.add_argument("--steps", type=int, default=WEAK.steps, help=f"both passes together (default: {WEAK.steps})")
+    weak.add_argument("--batch-size", type=int, default=WEAK.batch_size, help=f"default: {WEAK.batch_size}")
+    weak.add_argument("--lr", type=float, default=WEAK.lr, help=f"default: {WEAK.lr:g}")
     weak.add_argument("--size", type=int, default=256, help="network input side in pixels (default: 256)")
     weak.add_argument("--snapshots", type=int, default=3, help="checkpoints ensembled (default: 3)")
     weak.add_argument("--uncertain", type=float, default=0.8,

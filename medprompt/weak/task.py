@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from medprompt.errors import InputError
 from medprompt.infers.draft import parse_prompts
 from medprompt.io.volume import write_json
+from medprompt.trainers.defaults import WEAK
 from medprompt.trainers.round_task import progress_lines, request_int
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NAME = "medprompt_weak2d"
-DEFAULT_STEPS = 300
 
 
 class WeakTrainTask(TrainTask):
@@ -51,7 +51,7 @@ class WeakTrainTask(TrainTask):
         return self.model_path(self.folder.parent)
 
     def config(self) -> dict[str, Any]:
-        return {"prompts": ",".join(self.prompts), "steps": DEFAULT_STEPS, "size": 256}
+        return {"prompts": ",".join(self.prompts), "steps": WEAK.steps, "size": 256}
 
     def stats(self) -> dict[str, Any]:
         import json
@@ -65,7 +65,7 @@ class WeakTrainTask(TrainTask):
         from medprompt.io.image2d import is_image2d
         from medprompt.weak.train import WeakConfig, train_weak
 
-        steps = request_int(request, "steps", DEFAULT_STEPS)
+        steps = request_int(request, "steps", WEAK.steps)
         size = request_int(request, "size", 256)
         prompts = parse_prompts(request["prompts"]) if request.get("prompts") else self.prompts
         images = [Path(datastore.get_image_uri(i)) for i in sorted(datastore.list_images())]

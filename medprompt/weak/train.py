@@ -37,6 +37,7 @@ from tqdm import tqdm
 from medprompt.errors import InputError
 from medprompt.io.volume import atomic_write
 from medprompt.saliency.lesion import UNSURE
+from medprompt.trainers.defaults import WEAK
 from medprompt.weak.data import TrainingSet, build_training_set, list_images, resolve_classes
 from medprompt.weak.model import FORMAT, build_net, ensemble_probabilities, normalised_entropy
 
@@ -49,9 +50,9 @@ class WeakConfig:
     prompts: Sequence[str]
     out: Path
     masks: Path | None = None  # masks to learn from instead of zero-shot drafts
-    steps: int = 300  # both passes together (pass 2 takes a third)
-    batch_size: int = 4
-    lr: float = 3e-3
+    steps: int = WEAK.steps  # both passes together (pass 2 takes a third)
+    batch_size: int = WEAK.batch_size
+    lr: float = WEAK.lr
     size: int = 256
     snapshots: int = 3
     second_pass: bool = True
