@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--unlabelled", type=int, default=20)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=None,
-                   help="default: the round's own (trainers.defaults.FINETUNE: 300 for a model on LiteMedSAM features)")
+                   help="default: the round's own for the model's kind (trainers.defaults.FINETUNE: "
+                        f"{FINETUNE['sam'].steps} for a model on LiteMedSAM features)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per step (the ViT model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
@@ -60,8 +61,9 @@ def main() -> None:
     args = p.parse_args()
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such model file")
-    sam = checkpoint_arch(args.model) == "sam"
-    args.steps = args.steps or FINETUNE[checkpoint_arch(args.model)].steps
+    arch = checkpoint_arch(args.model)
+    sam = arch == "sam"
+    args.steps = args.steps or FINETUNE[arch].steps
     with tempfile.TemporaryDirectory() as tmp:
         base = args.workdir or Path(tmp)
         warm_mark = base / "warm.done"  # written once the datastore and its embeddings are complete
