@@ -25,8 +25,8 @@ import numpy as np
 
 from medprompt.errors import InputError, one_line, shown
 from medprompt.io import dicom
-from medprompt.io.volume import (_NRRD_SPACES, NIFTI_SUFFIXES, NRRD_SUFFIXES, atomic_write, looks_like_hu,
-                                 max_voxels, write_json, _validated_names)
+from medprompt.io.volume import (NIFTI_SUFFIXES, NRRD_SUFFIXES, atomic_write, looks_like_hu, max_voxels,
+                                 nrrd_space_flips, ras_affine, write_json, _validated_names)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_SUFFIXES = (".png",) + NIFTI_SUFFIXES
@@ -41,6 +41,7 @@ LOWEST_HU = -3100
 # HU + 1024 (another habit) cannot be told from a 12-bit MR's or X-ray's values, so a set stored that way
 # says so: MEDPROMPT_PICTURE_HU_OFFSET=1024 reads its 16-bit grey pictures as HU = value - 1024.
 ENV_PICTURE_HU_OFFSET = "MEDPROMPT_PICTURE_HU_OFFSET"
+ITK_FLIPS = np.array([-1.0, -1.0, 1.0])  # ITK's world (LPS) -> RAS: how ITK places a picture or a 2D grid
 
 
 @dataclass
@@ -331,7 +332,8 @@ def _nrrd2d_layout(header: dict) -> tuple[list[int], int | None] | None:
 
 def _read_nrrd2d(path: Path) -> Image2D:
     """A 2D NRRD as 3D Slicer (X x Y x 1 in LPS) or ITK (a 2D space) writes one, shown as a 2D NIfTI is:
-    axial planes in radiological view, others as stored; a grid without directions as ITK reads it (LPS)."""
+    axial planes in radiological view, others as stored; a grid without directions, or with directions in a
+    2D space, as ITK reads it (LPS), a 3D space as the volume reader takes it (``io.volume.nrrd_space_flips``)."""
     import nrrd
 
     from medprompt.io.volume import _nrrd_payload
@@ -350,7 +352,7 @@ def _read_nrrd2d(path: Path) -> Image2D:
     if directions is None:
         spacings = np.asarray(header.get("spacings", [1.0] * data.ndim), dtype=np.float64)
         matrix[0, 0], matrix[1, 1] = spacings[ax_i], spacings[ax_j]
-        origin, flips = np.zeros(3), np.array([-1.0, -1.0, 1.0])  # ITK's world is LPS
+        origin, flips = np.zeros(3), ITK_FLIPS
     else:
         rows = np.asarray(directions, dtype=np.float64)
         space_dim = rows.shape[1]
@@ -363,13 +365,8 @@ def _read_nrrd2d(path: Path) -> Image2D:
             matrix[:, 2] = normal / (np.linalg.norm(normal) or 1.0) * min(np.linalg.norm(matrix[:, :2], axis=0))
         origin = np.zeros(3)
         origin[:space_dim] = np.asarray(header.get("space origin", np.zeros(space_dim)), dtype=np.float64)
-        space = str(header.get("space", "left-posterior-superior" if space_dim == 3 else "")).lower()
-        if space_dim == 3 and space not in _NRRD_SPACES:
-            raise InputError(f"{path}: NRRD space {shown(space)} is not a patient (anatomical) space")
-        flips = np.asarray(_NRRD_SPACES[space]) if space_dim == 3 else np.array([-1.0, -1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = flips[:, None] * matrix
-    affine[:3, 3] = flips * origin
+        flips = nrrd_space_flips(header, path) if space_dim == 3 else ITK_FLIPS
+    affine = ras_affine(flips, matrix, origin)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: its space directions and origin are not a pixel grid (not finite, or degenerate)")
     # The plane as (i, j[, colour]); the stored grid a label is written back on is the spatial axes' (X x Y x 1).
@@ -558,12 +555,12 @@ def label2d_names(path: str | os.PathLike) -> dict[str, int] | None:
     return read_label_names(sidecar) if sidecar.is_file() else None
 
 
-def from_stored(data: np.ndarray, image: Image2D | None, path: Path) -> np.ndarray:
-    """Inverse of :func:`to_stored`: a label array on ``image``'s ITK grid -> displayed (rows, cols); with no
-    image, the grid of a picture (columns x rows). InputError naming both sizes when the grid is another."""
+def from_stored(data: np.ndarray, image: Image2D, path: Path) -> np.ndarray:
+    """Inverse of :func:`to_stored`: a label array on ``image``'s ITK grid -> displayed (rows, cols).
+    InputError naming both sizes when the grid is another."""
     grid = squeezed_shape(data.shape)
     data = data.reshape(grid)
-    if image is not None and image.stored is not None:
+    if image.stored is not None:
         s = image.stored
         expected = squeezed_shape(s.shape)
         if grid != expected:
@@ -573,7 +570,7 @@ def from_stored(data: np.ndarray, image: Image2D | None, path: Path) -> np.ndarr
         return np.ascontiguousarray(view[::-1 if s.flip_rows else 1, ::-1 if s.flip_cols else 1])
     if len(grid) != 2:
         raise InputError(f"{path}: is {'x'.join(map(str, grid))}; a 2D label map (X x Y, or X x Y x 1) is needed")
-    if image is not None and grid != (image.shape[1], image.shape[0]):
+    if grid != (image.shape[1], image.shape[0]):
         rows, cols = image.shape
         raise InputError(f"{path}: the label's grid {'x'.join(map(str, grid))} is not its image's {cols}x{rows} "
                          f"(columns x rows of a {rows}x{cols} image): save it on the image's own grid")

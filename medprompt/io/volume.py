@@ -326,7 +326,6 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
-
 def max_voxels() -> int:
     raw = os.environ.get(ENV_MAX_VOXELS, "").strip()
     try:
@@ -384,14 +383,26 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
         data = data.reshape([data.shape[i] for i in spatial])
         matrix = directions[spatial].T  # column a = world step of axis a
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-        space = str(header.get("space", "right-anterior-superior")).lower()
-        if space not in _NRRD_SPACES:
-            raise InputError(f"{path}: NRRD space {shown(space)} is not a patient (anatomical) space")
-        flips = np.asarray(_NRRD_SPACES[space])
+        flips = nrrd_space_flips(header, path)
+    return data, ras_affine(flips, matrix, origin), None
+
+
+def nrrd_space_flips(header: dict, path: Path) -> np.ndarray:
+    """Per world axis, +1 or -1 from an NRRD's 3D patient space to RAS (RAS when the header names none);
+    InputError for a space that is not a patient space. The 2D reader (io.image2d) takes the same rule."""
+    space = str(header.get("space", "right-anterior-superior")).lower()
+    if space not in _NRRD_SPACES:
+        raise InputError(f"{path}: NRRD space {shown(space)} is not a patient (anatomical) space")
+    return np.asarray(_NRRD_SPACES[space])
+
+
+def ras_affine(flips: np.ndarray, matrix: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Voxel -> RAS affine from world steps (columns of ``matrix``) and origin given in a space whose axes
+    are RAS's times ``flips``."""
     affine = np.eye(4)
     affine[:3, :3] = flips[:, None] * matrix
     affine[:3, 3] = flips * origin
-    return data, affine, None
+    return affine
 
 
 def _nrrd_payload(path: Path, header: dict, handle: io.BufferedIOBase) -> tuple[dict, io.IOBase]:
