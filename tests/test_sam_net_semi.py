@@ -158,6 +158,48 @@ class _Stand:
         return torch.zeros(256, 64, 64).half()
 
 
+def test_a_thin_organ_is_judged_against_what_a_perfect_cell_map_of_it_would_hold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network's map is one value per cell of LiteMedSAM's frame, so even a perfect map of a thin organ
+    stays well below 1 inside it (its rim cells are part organ), and a large organ's does not. A mask is kept
+    when the map holds more than half of what that perfect map would: a thin mask whose map averages 0.45
+    inside it was dropped as "less probable than not", and is kept now."""
+    from PIL import Image
+
+    import medprompt.sam as sam
+    from medprompt.drafts2d import draft2d
+    from medprompt.io.image2d import load_image2d
+    from medprompt.model.sam_predictor import perfect_map, saliency_method
+    from medprompt.saliency import register
+
+    Image.fromarray(np.full((512, 512), 80, np.uint8)).save(tmp_path / "a.png")
+    image = load_image2d(tmp_path / "a.png")  # one cell of the 64 x 64 grid is 8 x 8 pixels here
+    yy, xx = np.mgrid[:512, :512]
+    thin = (abs(yy - 250) <= 8) & (abs(xx - 250) <= 60)  # 17 pixels: about two cells thick
+    large = (yy - 250) ** 2 + (xx - 250) ** 2 <= 120 ** 2
+    held = {name: float(perfect_map(image, m)[m].mean()) for name, m in (("thin", thin), ("large", large))}
+    assert held["large"] > 0.95 and held["thin"] < 0.8, held
+    assert saliency_method().perfect is perfect_map  # the network's 2D map says what its perfect map is
+
+    prob = np.where(thin, 0.45, 0.0).astype(np.float32)  # under 0.5 inside, yet over half of the perfect map's
+
+    def learnt(image, entry):
+        return prob
+
+    learnt.probability = True
+    register("test_thin", learnt, replace=True)
+    monkeypatch.setattr(sam, "segmenter_factory", lambda *a, **k: lambda px, mm: _Drawer(thin))
+    prob[250, 250] = 0.9  # present: somewhere more likely than not
+    assert prob[thin].mean() < 0.5
+    dropped = draft2d(image, ["liver"], saliency="test_thin")
+    assert not dropped.labels.any() and "less probable than not" in dropped.stages["liver"]
+    learnt.perfect = perfect_map
+    kept = draft2d(image, ["liver"], saliency="test_thin")
+    assert np.array_equal(kept.labels == 1, thin)
+    learnt.perfect = lambda image, mask: mask.astype(np.float32)  # a map at the pixels' own resolution
+    assert not draft2d(image, ["liver"], saliency="test_thin").labels.any()
+
+
 def test_an_unlabelled_image_learns_its_draft_where_draft_and_map_agree(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second pass's target on an unlabelled 2D image is the first pass's draft (LiteMedSAM's mask

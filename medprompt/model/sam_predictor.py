@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from medprompt.catalog import PromptCatalog, PromptEntry
 from medprompt.localization import Localization
 from medprompt.model.sam_features import (
-    SliceStack, between_sampled, cells_to_slices, localisation_frame, study_stack, view_masks_to_work,
+    SliceStack, between_sampled, cells_to_slices, localisation_frame, study_stack, to_cells, view_masks_to_work,
 )
 from medprompt.model.predictor import encoder_key, stored_or_encoded
 from medprompt.model.sam_net import SamPromptNet
 from medprompt.model.sam_checkpoint import load_net
+from medprompt.sam.preprocess import SliceGeometry
 
 if TYPE_CHECKING:
     from medprompt.io.volume import Volume
@@ -208,7 +209,16 @@ def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | 
         return pred.saliency_2d(pixels, pixel_mm, [entry], modality)[0]
 
     medprompt_saliency.probability = True  # a softmax: drafts2d reads it at 0.5, not by k-means
+    medprompt_saliency.perfect = perfect_map
     return medprompt_saliency
+
+
+def perfect_map(image, mask: np.ndarray) -> np.ndarray:
+    """What a perfect network would map for ``mask`` on a 2D image: each cell of LiteMedSAM's frame holds
+    the mask's share of it (as training targets do, sam_features.to_cells), brought back to the image's
+    pixels as the network's map is. Below 1 along the rim, so a thin organ's never reaches 1 (drafts2d)."""
+    g = SliceGeometry.for_slice(mask.shape, tuple(image.pixel_mm))
+    return cells_to_slices(to_cells(mask[None].astype(np.int32), g, [1])[:, 1:], g)[0, 0].numpy()
 
 
 medprompt_saliency = saliency_method()  # the default model; registered in medprompt.saliency as "medprompt"
