@@ -23,16 +23,17 @@ only if the map holds more than half of what a perfect map of that mask would ho
 over the mask > 0.5 x the mean of the mask itself seen at the map's resolution), the 0.5 rule applied
 to the object rather than to its surest pixel. A map sure of a few cells on a slice without the organ
 still gets a box, and LiteMedSAM a plausible organ around them: that mask is mostly improbable. The
-network's map is one value per 64 x 64 cell of LiteMedSAM's frame, trained on each cell's share of the
-class, so even a perfect map is below 1 along an organ's rim: on the CURVAS references it averages
-0.91 inside a liver, 0.81 inside a kidney and 0.72 inside a pancreas (medians). Judged against 0.5 alone
-a thin organ needed a map far surer of it than a large one (CURVAS k = 1: 27 masks of a present
-pancreas were dropped; 4 of 17 aortas on ct_abdomen_a's HU slices);
-the method says what its perfect map of a mask is (``perfect``), and without one the mask itself is
-taken as that (plain "more probable than not"). Choosing among
-several boxes from one map (k-means, > 0.5, wider margins) the mask that agrees best with the map, and
-feeding a box from SAM's own mask back, were measured too and gained nothing (BENCHMARKS.md, "CURVAS
-k = 1: the mask read against the map"). A round's teacher draft of an unlabelled image keeps every mask
+network's map is one value per cell of LiteMedSAM's 64 x 64 grid, trained on each cell's share of the
+class, so even a perfect map is below 1 along an organ's rim: on the CURVAS references it averages 0.91
+inside a liver, 0.81 inside a kidney and 0.72 inside a pancreas (medians). Judged against 0.5 alone, a
+thin organ needed a map far surer of it than a large one did (CURVAS k = 1: 27 masks of a present
+pancreas were dropped; 4 of 17 aortas on ct_abdomen_a's HU slices). The price is a few more organs
+drawn on slices without them (BENCHMARKS.md, "A 2D mask judged against what a perfect cell map of it
+would hold"). The method says what its perfect map of a mask is (``perfect``); without one the mask
+itself is taken as that (plain "more probable than not"). Choosing among several boxes from one map
+(k-means, > 0.5, wider margins) the mask that agrees best with the map, and feeding a box from SAM's own
+mask back, were measured too and gained nothing (BENCHMARKS.md, "CURVAS k = 1: the mask read against the
+map"). A round's teacher draft of an unlabelled image keeps every mask
 (``probable_masks_only=False``): its cells are weighed by agreement with the map already, and a dropped
 mask taught the organ's rim as background.
 """
