@@ -108,6 +108,7 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn |
     best = np.full(image.shape, -np.inf, np.float32)
     segmenters: dict[tuple[str, str], object] = {}  # one embedding per channel LiteMedSAM sees
     probability = getattr(method, "probability", False)  # a softmax: read at PROBABLE (module docstring)
+    perfect = getattr(method, "perfect", None)  # its perfect map of a mask, where its grid is coarser
     for entry in entries:
         sal = checked_map(method(image, entry), image.shape, method_name)
         parts = int(entry.image2d.get("parts", 1)) if entry.image2d else 1
@@ -153,16 +154,15 @@ def draft2d(image: Image2D, prompts: Sequence[str], saliency: str | SaliencyFn |
                                       point_labels=point_labels).numpy()
                 logits = per_box.max(axis=0)
                 out.stages[entry.name] = f"{method_name} saliency + LiteMedSAM"
+        drawn = logits > 0
         if probable_masks_only and probability and not focal_lesion:
-            mask = logits > 0
-            perfect = getattr(method, "perfect", None)
-            inside = _share_held(mask, sal, perfect(image, mask) if perfect is not None else None)
+            inside = _share_held(drawn, sal, perfect(image, drawn) if perfect is not None else None)
             if inside <= PROBABLE:
                 out.stages[entry.name] = (f"{method_name} saliency: its mask is less probable than not "
                                           f"({inside:.2f} of a perfect map's mean inside it)")
                 out.prompts[entry.name] = SamPrompts.none()  # drew nothing
                 continue
-        take = (logits > 0) & (logits > best)
+        take = drawn & (logits > best)
         out.labels[take] = names[entry.name]
         best = np.where(take, logits, best)
     out.seconds = time.perf_counter() - start

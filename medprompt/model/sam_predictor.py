@@ -27,6 +27,7 @@ from medprompt.model.sam_checkpoint import load_net
 from medprompt.sam.preprocess import SliceGeometry
 
 if TYPE_CHECKING:
+    from medprompt.io.image2d import Image2D
     from medprompt.io.volume import Volume
 
 WORK_SIDE = 128  # pixels on the longest in-plane side of the localisation grid (cells are 64 across)
@@ -213,7 +214,7 @@ def saliency_method(checkpoint: str | Path | None = None, sam_checkpoint: str | 
     return medprompt_saliency
 
 
-def perfect_map(image, mask: np.ndarray) -> np.ndarray:
+def perfect_map(image: "Image2D", mask: np.ndarray) -> np.ndarray:
     """What a perfect network would map for ``mask`` on a 2D image: each cell of LiteMedSAM's frame holds
     the mask's share of it (as training targets do, sam_features.to_cells), brought back to the image's
     pixels as the network's map is. Below 1 along the rim, so a thin organ's never reaches 1 (drafts2d)."""
