@@ -28,6 +28,9 @@ def serve(
     Bad options (unknown model or prompt in ``conf``, missing folder, busy port) raise MedPromptError
     before the server starts, so the CLI can print one line instead of a server traceback.
     """
+    from medprompt.cpu_sharing import share_cpu
+
+    share_cpu()  # before torch loads: drafts here and training rounds in subprocesses share the CPU
     from medprompt.configs import task_configs
     from medprompt.schedule import schedule_options
 

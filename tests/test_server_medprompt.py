@@ -142,7 +142,7 @@ def weightless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
     root = tmp_path_factory.mktemp("weightless")
     studies = root / "studies"
     write_sample_data(studies, n=1, shape=(48, 48, 30))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "OMP_WAIT_POLICY"}
     # As the README runs it: with the venv activated.
     env.update(HF_HOME=str(root / "hf"), PATH=f"{console_script('monailabel').parent}{os.pathsep}{env['PATH']}")
     command = [str(console_script("monailabel")), "start_server", "--app", str(REPO_ROOT / "apps" / "medprompt"),
@@ -170,6 +170,15 @@ def test_missing_weights_are_each_reported_in_one_log_line_soon_after_start(weig
     assert seen_after - app_started < WITHIN_S, f"reported {seen_after - app_started:.1f} s after the app started"
     log = weightless.log.read_text(errors="replace")
     assert log.count("no MedPrompt checkpoint") == 1 and "Traceback" not in log
+
+
+def test_a_server_whose_threads_spin_while_waiting_says_so_and_medprompt_serve_does_not_need_to(
+        weightless: RunningServer, server: RunningServer) -> None:
+    """`monailabel start_server` without OMP_WAIT_POLICY: drafts during a round would slow several-fold."""
+    line, _ = wait_for_log(weightless, "OMP_WAIT_POLICY is not PASSIVE")
+    assert "medprompt serve" in line and "export OMP_WAIT_POLICY=PASSIVE" in line
+    wait_for_log(server, "Initializing App")
+    assert "OMP_WAIT_POLICY" not in server.log.read_text(errors="replace")
 
 
 def test_without_weights_medprompt_answers_503_saying_why_and_the_prior_keeps_serving(

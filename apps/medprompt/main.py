@@ -57,6 +57,7 @@ from medprompt.access import auth_enabled, enable_token_check, exposure_warning,
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
 from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
+from medprompt.cpu_sharing import WAIT_POLICY, shares_cpu  # noqa: E402
 from medprompt.errors import PacsError, shown  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
@@ -65,6 +66,9 @@ from medprompt.io.datastore import GuardedDatastore, recover  # noqa: E402
 from medprompt.io.image2d import is_image2d  # noqa: E402
 
 logger = logging.getLogger(__name__)
+SPINNING_WARNING = (f"{WAIT_POLICY} is not PASSIVE in this server: on a small CPU, drafts asked for while a "
+                    f"training round runs may take several times as long (medprompt/cpu_sharing.py); start it "
+                    f"with `medprompt serve`, or export {WAIT_POLICY}=PASSIVE before `monailabel start_server`")
 
 
 class MedPromptApp(MONAILabelApp):
@@ -93,6 +97,8 @@ class MedPromptApp(MONAILabelApp):
             warning = exposure_warning(host_from_argv(sys.argv) or "127.0.0.1", auth_enabled())
             if warning:  # `monailabel start_server` listens on 0.0.0.0 unless given --host
                 logger.warning(warning)
+            if not shares_cpu():  # `monailabel start_server` without the variable `medprompt serve` sets
+                logger.warning(SPINNING_WARNING)
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -56,6 +56,9 @@ def run_demo(dicom: Path | None = None, storage: Path = DEMO_DIR, host: str = "1
              orthanc_port: int | None = None, conf: dict[str, str] | None = None,
              serve: Callable[..., int] | None = None, say: Callable[[str], None] = print) -> int:
     """Start Orthanc in ``storage``, upload, serve it with the app until Ctrl-C, stop Orthanc."""
+    from medprompt.cpu_sharing import share_cpu
+
+    share_cpu()  # before the phantoms' writing loads torch (serve() would be too late for this process)
     if serve is None:
         from medprompt.server import serve
     storage = Path(storage).resolve()
