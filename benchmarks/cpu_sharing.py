@@ -36,7 +36,7 @@ POLICIES = {"spin (OpenMP default)": None, "PASSIVE (medprompt serve)": "PASSIVE
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, help="steps per training pass (default: the round's own, as the server runs it)")
+    p.add_argument("--steps", type=int, help="steps per training pass (default: the round's own, as served)")
     p.add_argument("--studies", type=int, default=3, help="phantoms in the datastore, one of them corrected")
     p.add_argument("--quiet-drafts", type=int, default=3, help="drafts timed alone per policy")
     p.add_argument("--workdir", type=Path, help="keep the datastore and embedding cache here (default: a temp dir)")

@@ -717,3 +717,20 @@ def test_draft_requests_draft_or_fail_with_a_medprompt_error(draft_task, request
         assert Path(label_path).name.endswith((".nii.gz", ".nii", ".nrrd"))
     finally:
         Path(label_path).unlink(missing_ok=True)
+
+
+def test_a_draft_whose_result_cannot_be_written_leaves_no_file_behind(draft_task, tmp_path, monkeypatch):
+    """The server removes only the result files it sends: a request failing after its file was made removes it."""
+    import medprompt.infers.draft as module
+
+    task, image = draft_task
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full_disk(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise InputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(module, "save_labelmap", full_disk)
+    with pytest.raises(InputError, match="No space left"):
+        task({"image": str(image)})
+    assert list(tmp_path.iterdir()) == []

@@ -86,16 +86,23 @@ def test_served_2d_drafts_are_localised_by_the_weak_model_once_a_round_wrote_it(
     request names a saliency method; a model that does not know the class leaves the request to the others."""
     from medprompt.infers.draft2d import infer_2d
 
+    def served(request: dict, path: Path, prompts: list[str]) -> tuple[np.ndarray, dict]:
+        """The result map and response; the result file removed, as the server removes it once sent."""
+        result, response = infer_2d(request, str(path), prompts, "none", None, None, weak_model=trained)
+        try:
+            return np.asarray(Image.open(result)), response
+        finally:
+            Path(result).unlink()
+
     scores = []
     for path, mask in write_set(tmp_path / "new", 4, seed=7):
-        result, response = infer_2d({}, str(path), ["brain tumour"], "none", None, None, weak_model=trained)
+        labels, response = served({}, path, ["brain tumour"])
         assert response["saliency"] == f"weak:{trained.resolve()}".lower()
-        scores.append(dice(np.asarray(Image.open(result)) == response["label_names"]["brain_tumor"], mask))
+        scores.append(dice(labels == response["label_names"]["brain_tumor"], mask))
     assert np.mean(scores) > 0.8, scores
     # Lungs: not learnt, so the attribute prior answers; a request naming a method gets that method.
-    assert infer_2d({}, str(path), ["lungs"], "none", None, None, weak_model=trained)[1]["saliency"] == "attribute"
-    asked = infer_2d({"saliency": "attribute"}, str(path), ["brain tumour"], "none", None, None, weak_model=trained)
-    assert asked[1]["saliency"] == "attribute"
+    assert served({}, path, ["lungs"])[1]["saliency"] == "attribute"
+    assert served({"saliency": "attribute"}, path, ["brain tumour"])[1]["saliency"] == "attribute"
 
 
 def test_untrained_ensemble_is_no_better_than_chance(trained: Path, tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ and the client replaces the whole segment with it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -18,8 +16,8 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from medprompt.errors import InputError, RequestError
-from medprompt.infers.draft import request_image, result_suffix, sam_problems
-from medprompt.io.volume import load_volume, save_labelmap
+from medprompt.infers.draft import request_image, result_suffix, sam_problems, write_result
+from medprompt.io.volume import load_volume
 
 
 def segment_label(request: dict[str, Any]) -> str:
@@ -70,9 +68,7 @@ class ClickInfer(InferTask):
         entry = default_catalog().lookup(label)
         window = entry.sam.get("window") if entry is not None else None
         mask = click_segment(data, volume.affine, modality, clicks, make, window=window)
-        fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_click_")
-        os.close(fd)
-        os.remove(save_labelmap(label_path, mask.astype(np.uint8), volume.affine, {label: 1}))
+        label_path = write_result(mask.astype(np.uint8), volume.affine, {label: 1}, suffix, prefix="medprompt_click_")
         drawn = [int(k) for k in np.flatnonzero(mask.any(axis=(0, 1)))]
         return label_path, {
             "label_names": {label: 1},

@@ -8,6 +8,7 @@ transform/network pipeline, and ``BasicInferTask.__call__`` would overwrite the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -25,6 +26,21 @@ from medprompt.io.volume import load_volume, save_labelmap
 if TYPE_CHECKING:
     from medprompt.drafts import Segmentation
     from medprompt.io.volume import Volume
+
+
+def write_result(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], suffix: str,
+                 prefix: str = "medprompt_") -> str:
+    """A temporary result file, which the server removes once sent; removed here when writing it fails,
+    since the server removes only the files it sends. No sidecar: the names travel in the response."""
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=prefix)
+    os.close(fd)
+    try:
+        os.remove(save_labelmap(path, labels, affine, names))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
+    return path
 
 
 def parse_prompts(value: Any) -> list[str]:
@@ -146,10 +162,7 @@ class DraftInfer(InferTask):
         labels, names = seg.labels, seg.names
         if _false(request.get("restore_label_idx")):
             labels, names = info_values(labels, names, self.labels)
-        fd, label_path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_")
-        os.close(fd)
-        # The names travel in the response's label_names, so the sidecar JSON is not kept.
-        os.remove(save_labelmap(label_path, labels, volume.affine, names))
+        label_path = write_result(labels, volume.affine, names, suffix)
         return label_path, {
             "label_names": names,
             "prompts_resolved": seg.resolved,
