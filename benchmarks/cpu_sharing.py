@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from medprompt.trainers.defaults import FINETUNE  # noqa: E402  (no torch: this process's threads stay unset)
 
 POLICIES = {"spin (OpenMP default)": None, "PASSIVE (medprompt serve)": "PASSIVE"}
+PROMPTS = ["liver", "spleen", "kidney_left"]
 
 
 def main() -> None:
@@ -71,8 +72,7 @@ def main() -> None:
           "(median, drafts done) |")
     print("|---|---|---|---|---|")
     for name, quiet_round, shared_round, quiet_draft, shared in rows:
-        beside = (f"{fmt(shared)} ({statistics.median(shared) / quiet_draft:.1f}x, {len(shared)})" if shared
-                  else "no draft finished")
+        beside = fmt(shared) + (f" ({statistics.median(shared) / quiet_draft:.1f}x, {len(shared)})" if shared else "")
         print(f"| {name} | {quiet_round:.0f} s | {shared_round:.0f} s ({shared_round / quiet_round:.1f}x) | "
               f"{quiet_draft:.1f} s | {beside} |")
     from provenance import footer
@@ -149,14 +149,14 @@ def drafter(study: Path, log: Path, count: int) -> None:
     from medprompt.io.volume import load_volume
 
     volume = load_volume(study)
-    draft(volume, ["liver", "spleen", "kidney_left"], model="medprompt")  # loads the models and the embeddings
+    draft(volume, PROMPTS, model="medprompt")  # loads the models and the embeddings
     with log.open("a") as out:
         out.write("ready\n")
         out.flush()
         n = 0
         while count == 0 or n < count:
             start = time.perf_counter()
-            draft(volume, ["liver", "spleen", "kidney_left"], model="medprompt")
+            draft(volume, PROMPTS, model="medprompt")
             out.write(f"draft {time.perf_counter() - start:.3f}\n")
             out.flush()
             n += 1

@@ -25,7 +25,7 @@ def share_cpu() -> bool:
     inherit it. A value the user set is kept. Returns whether this process's threads sleep.
     """
     os.environ.setdefault(WAIT_POLICY, "PASSIVE")
-    return os.environ[WAIT_POLICY].strip().upper() == "PASSIVE" and "torch" not in sys.modules
+    return shares_cpu() and "torch" not in sys.modules
 
 
 def shares_cpu() -> bool:

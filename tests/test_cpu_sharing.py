@@ -18,11 +18,15 @@ from conftest import REPO_ROOT, find_free_port
 CHILD_SEES = "import os; print(os.environ.get('OMP_WAIT_POLICY'))"
 
 
-def _run(code: str, env_update: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _reporting_env(**update: str) -> dict[str, str]:
+    """This environment without a wait policy, with libgomp asked to report what it took."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(OMP_DISPLAY_ENV="VERBOSE", **(env_update or {}))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=REPO_ROOT)
+    return {**env, "OMP_DISPLAY_ENV": "VERBOSE", **update}
+
+
+def _run(code: str, **env_update: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_reporting_env(**env_update), timeout=120, cwd=REPO_ROOT)
 
 
 def _spin_count(stderr: str) -> str:
@@ -60,7 +64,7 @@ def test_after_torch_loaded_only_the_children_get_it_and_the_call_says_so() -> N
 
 
 def test_a_policy_the_user_set_is_kept() -> None:
-    done = _run(PROBE.format(before=""), {"OMP_WAIT_POLICY": "ACTIVE"})
+    done = _run(PROBE.format(before=""), OMP_WAIT_POLICY="ACTIVE")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "ACTIVE"]
     assert _spin_count(done.stderr) != "0"
@@ -69,10 +73,8 @@ def test_a_policy_the_user_set_is_kept() -> None:
 def test_medprompt_serve_sets_it_before_torch_loads(tmp_path: Path) -> None:
     """The CLI's server process itself (where drafts run) gets sleeping waits, not only its children."""
     missing = tmp_path / "no_such_folder"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["OMP_DISPLAY_ENV"] = "VERBOSE"
     done = subprocess.run([sys.executable, "-m", "medprompt", "serve", "--studies", str(missing),
-                           "--port", str(find_free_port())], capture_output=True, text=True, env=env,
+                           "--port", str(find_free_port())], capture_output=True, text=True, env=_reporting_env(),
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 2 and f"studies folder not found: {missing}" in done.stderr
     assert _spin_count(done.stderr) == "0"  # torch loaded (the task configs) after the variable was set

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -28,19 +28,24 @@ if TYPE_CHECKING:
     from medprompt.io.volume import Volume
 
 
-def write_result(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], suffix: str,
-                 prefix: str = "medprompt_") -> str:
-    """A temporary result file, which the server removes once sent; removed here when writing it fails,
-    since the server removes only the files it sends. No sidecar: the names travel in the response."""
+def temporary_result(suffix: str, prefix: str, write: Callable[[str], Any]) -> str:
+    """A temporary result file filled by ``write(path)``, which the server removes once sent; removed here
+    when writing it fails, since the server removes only the files it sends."""
     fd, path = tempfile.mkstemp(suffix=suffix, prefix=prefix)
     os.close(fd)
     try:
-        os.remove(save_labelmap(path, labels, affine, names))
+        write(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         raise
     return path
+
+
+def write_result(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], suffix: str,
+                 prefix: str = "medprompt_") -> str:
+    """A label map as a temporary result file. No sidecar: the names travel in the response."""
+    return temporary_result(suffix, prefix, lambda path: os.remove(save_labelmap(path, labels, affine, names)))
 
 
 def parse_prompts(value: Any) -> list[str]:

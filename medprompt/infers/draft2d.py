@@ -17,13 +17,13 @@ the client names and colours segments by class.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from medprompt.errors import InputError, RequestError, shown
+from medprompt.infers.draft import temporary_result
 from medprompt.io.image2d import Image2D, load_image2d, to_stored
 from medprompt.io.volume import save_labelmap
 
@@ -53,9 +53,8 @@ def write_result_2d(labels: np.ndarray, image: Image2D, names: dict[str, int], s
     if suffix == ".png" and labels.size and int(labels.max()) > 255:
         raise InputError(f"{len(names)} classes do not fit a PNG label map (255 at most): ask for "
                          "result_extension .nii.gz")
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="medprompt_2d_")
-    os.close(fd)
-    try:
+
+    def write(path: str) -> None:
         if suffix == ".png":
             from PIL import Image
 
@@ -67,10 +66,8 @@ def write_result_2d(labels: np.ndarray, image: Image2D, names: dict[str, int], s
             data, affine = to_stored(labels, image)
             data = data.reshape(*data.shape[:2], 1)  # a 3D file of one slice, as Slicer reads the image
             os.remove(save_labelmap(path, data.astype(labels.dtype), affine, names))
-    except BaseException:
-        os.remove(path)
-        raise
-    return path
+
+    return temporary_result(suffix, "medprompt_2d_", write)
 
 
 def infer_2d(request: dict[str, Any], image_path: str, prompts: Sequence[str], refine: str,
