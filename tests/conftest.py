@@ -198,7 +198,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     studies = root / "studies"
     write_sample_data(studies, n=3, shape=(64, 64, 40))
     checkpoint = write_tiny_checkpoint(root / "medprompt_tiny.pt")
-    env = {**os.environ, "MEDPROMPT_CACHE": str(root / "cache")}  # embeddings and text vectors stay in the test
+    (root / "tmp").mkdir()
+    # Embeddings, text vectors, uploads' copies and drafts' results stay in the test (tests read root/tmp).
+    env = {**os.environ, "MEDPROMPT_CACHE": str(root / "cache"), "TMPDIR": str(root / "tmp")}
     with serving(launch_server(root, [str(console_script("medprompt")), "serve"], studies, checkpoint, env)) as running:
         yield running
 

@@ -163,10 +163,15 @@ def test_cli_refuses_unusable_prompts_in_one_short_line(
 # -- the server ----------------------------------------------------------------------------------
 
 def _outside(server: RunningServer) -> set[Path]:
-    """Every file under the server's root except its datastore, its logs, model folder and caches."""
+    """Every file under the server's root except its datastore, its logs, model folder, caches and temp folder."""
     root = server.studies.parent
-    skip = (server.studies, server.model_dir, root / "cache", server.log)
+    skip = (server.studies, server.model_dir, root / "cache", root / "tmp", server.log)
     return {p for p in root.rglob("*") if p.is_file() and not any(p == s or s in p.parents for s in skip)}
+
+
+def _temporary(server: RunningServer) -> set[Path]:
+    """The files in the server's temp folder (its TMPDIR): uploads' copies and drafts' results while in use."""
+    return set((server.studies.parent / "tmp").iterdir())
 
 
 def _detail(answer: requests.Response) -> str:
@@ -180,7 +185,7 @@ def _detail(answer: requests.Response) -> str:
 def before(server: RunningServer) -> dict[str, object]:
     """What the datastore held and which files lay outside it before the corpus was thrown."""
     images = {p.name: p.read_bytes() for p in server.studies.glob("*.nii.gz")}
-    return {"images": images, "outside": _outside(server)}
+    return {"images": images, "outside": _outside(server), "temporary": _temporary(server)}
 
 
 @pytest.mark.parametrize("case", sorted(set(CORPUS) - {"dicom_garbage", "png"}))
@@ -254,9 +259,13 @@ def test_server_image_ids_are_datastore_ids_never_paths(server: RunningServer, i
 def test_requests_missing_what_they_need_are_4xx(server: RunningServer) -> None:
     no_image = requests.post(f"{server.url}/infer/{MODEL}?output=json", data={"params": "{}"}, timeout=60)
     assert no_image.status_code == 400, no_image.text
+    # Refused before drafting: MONAI Label's own refusal came after the draft and left its result file behind.
+    drafts, files = server.log.read_bytes().count(b"Infer Request"), _temporary(server)
     seg = requests.post(f"{server.url}/infer/{MODEL}?image={IMAGE}&output=dicom_seg", data={"params": "{}"},
                         timeout=120)
-    assert seg.status_code == 400 and "DICOM" in _detail(seg), (seg.status_code, seg.text[:200])
+    assert seg.status_code == 400 and "DICOMweb" in _detail(seg), (seg.status_code, seg.text[:200])
+    assert server.log.read_bytes().count(b"Infer Request") == drafts, server.log_tail()
+    assert _temporary(server) <= files
     # Accepted with a 200 by MONAI Label and failed later in a background task, or a 500.
     for path in ("/scoring/most_confusing", "/batch/infer/medclip_sam"):
         unknown = requests.post(f"{server.url}{path}", json={}, timeout=60)
@@ -280,9 +289,11 @@ def test_requests_missing_what_they_need_are_4xx(server: RunningServer) -> None:
 def test_after_the_corpus_the_server_serves_and_nothing_changed_outside_the_datastore(
     server: RunningServer, before: dict[str, object], corpus: dict[str, Path]
 ) -> None:
-    """Runs after the corpus tests above (file order): the images are untouched and nothing leaked out."""
+    """Runs after the corpus tests above (file order): the images are untouched and nothing leaked out,
+    not even a refused upload's copy in the server's temp folder."""
     assert {p.name: p.read_bytes() for p in server.studies.glob("*.nii.gz")} == before["images"]
     assert _outside(server) == before["outside"]
+    assert _temporary(server) <= before["temporary"], sorted(p.name for p in _temporary(server) - before["temporary"])
     assert not [p for p in server.studies.rglob("*") if "bad_" in p.name or "etc" == p.name]
     info = requests.get(f"{server.url}/info/", timeout=30)
     assert info.status_code == 200 and MODEL in info.json()["models"]

@@ -61,6 +61,7 @@ from medprompt.cpu_sharing import WAIT_POLICY, shares_cpu  # noqa: E402
 from medprompt.errors import PacsError, shown  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
 from medprompt.schedule import FinetuneSchedule, schedule_options  # noqa: E402
+from medprompt.infers import uploads  # noqa: E402
 from medprompt.infers.http import ServedNames, http_errors, install_handlers  # noqa: E402
 from medprompt.io.datastore import GuardedDatastore, recover  # noqa: E402
 from medprompt.io.image2d import is_image2d  # noqa: E402
@@ -93,6 +94,7 @@ class MedPromptApp(MONAILabelApp):
             install_handlers(served.app, served=lambda: ServedNames(
                 trainers=set(self._trainers), scoring=set(self._scoring_methods), models=set(self._infers),
                 dicomweb=self.studies.startswith(("http://", "https://"))))
+            uploads.install()  # a refused upload's copy is removed, not left in the temp folder
             enable_token_check()
             warning = exposure_warning(host_from_argv(sys.argv) or "127.0.0.1", auth_enabled())
             if warning:  # `monailabel start_server` listens on 0.0.0.0 unless given --host

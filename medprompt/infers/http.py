@@ -34,7 +34,6 @@ STATUS: dict[type[MedPromptError], int] = {
 # Details of the 500s MONAI Label's endpoints raise for a client's mistake, and the status they deserve.
 CLIENT_ERRORS_AS_500: tuple[tuple[str, int], ...] = (
     ("Neither Image nor File", 400),  # POST /infer/<model> with no image, file or session
-    ("DICOM SEG format is not supported in a non-DICOM datastore", 400),  # output=dicom_seg on a folder
     ("Model File Name NOT configured", 404),  # GET /model/<name> for a model with no file
 )
 
@@ -139,6 +138,8 @@ class RequestGuard:
       one's process exists, so a request in the first seconds was silently queued. 429 here, unless the
       client asks ``enqueue=true``.
     - ``/proxy/dicom/...`` on a folder datastore: no PACS to proxy to (a 500). 404 here.
+    - ``POST /infer/<model>?output=dicom_seg`` on a folder datastore: MONAI Label refused it only after
+      the draft, and that refusal also skipped removing the draft's result file. 400 here, before drafting.
     """
 
     def __init__(self, app: Any, served: Callable[[], ServedNames]) -> None:
@@ -172,6 +173,9 @@ class RequestGuard:
             return None
         if method != "POST":
             return None
+        if parts[0] == "infer" and not self.served().dicomweb and _query_value(query, "output") == "dicom_seg":
+            return 400, ("output=dicom_seg needs a DICOMweb datastore (medprompt serve --studies http://...); "
+                         "this server's studies are a folder: ask for output=image or output=json")
         kinds = {("train",): ("trainer", "trainers"), ("scoring",): ("scoring method", "scoring"),
                  ("batch", "infer"): ("model", "models")}
         for prefix, (what, field) in kinds.items():
@@ -186,11 +190,9 @@ class RequestGuard:
 
     @staticmethod
     def _busy(query: str) -> tuple[int, str] | None:
-        from urllib.parse import parse_qs
-
         from monailabel.utils.async_tasks.utils import tasks
 
-        if parse_qs(query).get("enqueue", ["false"])[-1].lower() in ("true", "1", "yes"):
+        if _query_value(query, "enqueue", "false").lower() in ("true", "1", "yes"):
             return None
         busy = [t for t in tasks("train") if t.get("status") in ("SUBMITTED", "RUNNING")]
         if busy:
@@ -198,3 +200,10 @@ class RequestGuard:
             return 429, (f"a training round is already {task['status'].lower()} ({task.get('request', {}).get('model')}, "
                          f"since {task.get('start_ts')}); retry when it ends, or pass enqueue=true to queue this one")
         return None
+
+
+def _query_value(query: str, name: str, default: str = "") -> str:
+    """A query parameter as FastAPI reads it: the last of its values."""
+    from urllib.parse import parse_qs
+
+    return parse_qs(query).get(name, [default])[-1]
