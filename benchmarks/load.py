@@ -1,10 +1,11 @@
 """Benchmark: N concurrent drafts against one `medprompt serve` on loopback: all answered? latency and memory.
 
-Starts the server on a fresh phantom datastore (in a temporary folder), waits for it, sends --requests
-infer requests at once from --clients threads (images round-robin, the Synapse 8 by default), and
-prints per-request latency (p50, p95, max), the wall time, the failures, and the server's peak RSS
-(the process and its children, sampled every 0.1 s). Bounded: --requests at most 200, and every
-request times out after --timeout seconds. Loopback only.
+Starts the server on a fresh phantom datastore (in a temporary folder, removed when every request was
+answered, kept with its server.log otherwise), waits for it, sends --requests infer requests at once
+from --clients threads (images round-robin, the Synapse 8 by default), and prints per-request latency
+(p50, p95, max), the wall time, the failures, and the server's peak RSS (the process and its children,
+sampled every 0.1 s). Bounded: --requests at most 200, and every request times out after --timeout
+seconds. Loopback only.
 
     .venv/bin/python benchmarks/load.py                      # 20 requests, prior, refine none
     .venv/bin/python benchmarks/load.py --refine sam         # LiteMedSAM draws each mask (cold cache)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,7 +136,9 @@ def main() -> None:
     print(f"server RSS idle {idle / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB")
     for _, status, text in failed[:5]:
         print(f"failed: {status} {text}")
-    sys.exit(1 if failed else 0)
+    if failed:
+        sys.exit(f"the server's log: {root / 'server.log'}")
+    shutil.rmtree(root, ignore_errors=True)  # the datastore and, with LiteMedSAM, ~0.5 GB of embeddings
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint:
     """Start ``command`` (a server launcher taking --port and --conf) in ``root``; returns at once.
 
     Its model folder is ``root/model`` and its medprompt start checkpoint ``checkpoint``; the log is
-    ``root/server.log``. Drafts default to ``--conf refine none``: LiteMedSAM costs about half a
+    ``root/server.log`` and its temp folder (TMPDIR: uploads' copies, drafts' results) ``root/tmp``, so
+    what a server killed on purpose leaves stays in the test. Drafts default to ``--conf refine none``: LiteMedSAM costs about half a
     second per slice on a CPU whatever the weights, so the tests that exercise it ask for it per
     request (``"refine": "sam"``) and the rest test the localisers' own masks.
     """
@@ -167,6 +168,8 @@ def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint:
     args = [*command, "--studies", str(studies), "--port", str(port),
             "--conf", "model_dir", str(model_dir), "--conf", "checkpoint", str(checkpoint),
             "--conf", "refine", refine]
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**(os.environ if env is None else env), "TMPDIR": str(root / "tmp")}
     started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -198,9 +201,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     studies = root / "studies"
     write_sample_data(studies, n=3, shape=(64, 64, 40))
     checkpoint = write_tiny_checkpoint(root / "medprompt_tiny.pt")
-    (root / "tmp").mkdir()
-    # Embeddings, text vectors, uploads' copies and drafts' results stay in the test (tests read root/tmp).
-    env = {**os.environ, "MEDPROMPT_CACHE": str(root / "cache"), "TMPDIR": str(root / "tmp")}
+    env = {**os.environ, "MEDPROMPT_CACHE": str(root / "cache")}  # embeddings and text vectors stay in the test
     with serving(launch_server(root, [str(console_script("medprompt")), "serve"], studies, checkpoint, env)) as running:
         yield running
 
