@@ -158,9 +158,9 @@ def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint:
 
     Its model folder is ``root/model`` and its medprompt start checkpoint ``checkpoint``; the log is
     ``root/server.log`` and its temp folder (TMPDIR: uploads' copies, drafts' results) ``root/tmp``, so
-    what a server killed on purpose leaves stays in the test. Drafts default to ``--conf refine none``: LiteMedSAM costs about half a
-    second per slice on a CPU whatever the weights, so the tests that exercise it ask for it per
-    request (``"refine": "sam"``) and the rest test the localisers' own masks.
+    what a server killed on purpose leaves stays in the test. Drafts default to ``--conf refine none``:
+    LiteMedSAM costs about half a second per slice on a CPU whatever the weights, so the tests that
+    exercise it ask for it per request (``"refine": "sam"``) and the rest test the localisers' own masks.
     """
     port = find_free_port()
     log = root / "server.log"

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from typing import Any, Callable
-
-logger = logging.getLogger(__name__)
 
 _WRAPPED = "_medprompt_removes_uploads"
 
