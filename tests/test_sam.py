@@ -7,6 +7,7 @@ code; the shipped weights are used where a test measures quality on a real CT (s
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -183,6 +184,28 @@ def test_cache_round_trips_float16_and_keys_on_weights_and_pixels(tmp_path: Path
     assert slice_key("weights-b", pixels, (256, 256)) != key  # another checkpoint never reads it
     assert slice_key("weights-a", pixels[::-1].copy(), (256, 256)) != key  # nor other pixels
     assert slice_key("weights-a", pixels, (128, 256)) != key  # nor another resize
+
+
+def test_a_full_disk_leaves_no_half_written_embedding_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Half-written files are not *.npy, so pruning never counts or removes them: they must not stay."""
+    import errno
+
+    import medprompt.sam.cache as cache_module
+
+    def disk_fills(f, data) -> None:
+        f.write(b"\x93NUMPY half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.np, "save", disk_fills)
+    cache = EmbeddingCache(tmp_path / "c", limit_bytes=1 << 30)
+    key = slice_key("w", np.zeros((4, 4), np.uint8), (256, 256))
+    emb = np.ones((256, 4, 4), np.float32)
+    with caplog.at_level(logging.WARNING, logger=cache_module.__name__):
+        cache.put(key, emb)
+    assert "not writable" in caplog.text and "No space left" in caplog.text
+    assert [p for p in (tmp_path / "c").rglob("*") if p.is_file()] == []
+    assert np.allclose(cache.get(key), emb)  # this process still has it in memory
 
 
 def test_cache_drops_the_least_recently_used_first_when_over_its_bound(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from medprompt.io.volume import atomic_write
 from medprompt.text.cache import ENV_CACHE
 
 ENV_LIMIT_GB = "MEDPROMPT_SAM_CACHE_GB"
@@ -104,12 +104,14 @@ class EmbeddingCache:
         if self.limit_bytes <= 0:
             return
         path = self._path(key)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, data)
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, data)
-            os.replace(tmp, path)
+            atomic_write(path, save, suffix=".tmp")  # a full disk's half-written file is removed, not left unpruned
         except OSError as e:
             if not self._warned:
                 log.warning("LiteMedSAM embedding cache %s is not writable (%s); embeddings are not kept", self.root, e)

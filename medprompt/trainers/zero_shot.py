@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from medprompt.catalog import SYNAPSE8, PromptCatalog, default_catalog
 from medprompt.distributed import all_mean, barrier, end_of_step, init_distributed, wrap_model
 from medprompt.errors import InputError
+from medprompt.io.volume import atomic_write
 from medprompt.model.checkpoint import load_model, save_model
 from medprompt.model.grid import NetGrid, body_centre, to_net_grid
 from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, region_text_loss
@@ -160,9 +160,8 @@ def prepare_volumes(paths: Sequence[Path], teacher: Teacher, classes: Sequence[s
             image = grid.image.astype(np.float16)
             target = (t.target > 0.5).astype(np.uint8)
             weight = (t.weight > 0.5).astype(np.uint8)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")  # torchrun's processes fill the cache at once
-            np.savez_compressed(tmp, image=image, target=target, weight=weight)
-            tmp.replace(cached)
+            # One temp name per process (torchrun's fill the cache at once); removed if the disk fills.
+            atomic_write(cached, lambda tmp: np.savez_compressed(tmp, image=image, target=target, weight=weight))
         out.append(TrainingVolume.from_grid(path.name, image, target, weight))
     return out
 
@@ -241,9 +240,7 @@ def class_vectors(classes: Sequence[str], catalog: PromptCatalog, text_encoder: 
     encoder = get_text_encoder(text_encoder)
     vectors = np.stack([class_embedding(catalog[c], encoder) for c in classes]).astype(np.float32)
     if cached is not None:
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, vectors=vectors, key=encoder.key)
-        tmp.replace(cached)
+        atomic_write(cached, lambda tmp: np.savez(tmp, vectors=vectors, key=encoder.key))
     return vectors, encoder.key
 
 
