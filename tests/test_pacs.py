@@ -330,8 +330,10 @@ def test_monailabel_start_server_serves_a_dicomweb_url(orthanc: Orthanc, tmp_pat
     assert "itkimage2segimage" not in server.log.read_text()  # no dcmqi warning, no download
 
 
-def test_saved_labels_need_names_the_image_grid_and_only_final_ones_reach_the_pacs(orthanc: Orthanc,
-                                                                                    tmp_path: Path) -> None:
+def test_saved_labels_need_names_the_image_grid_and_only_final_ones_reach_the_pacs(
+        orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
     from medprompt.errors import InputError, RequestError
     from medprompt.io import save_labelmap
 
@@ -356,11 +358,17 @@ def test_saved_labels_need_names_the_image_grid_and_only_final_ones_reach_the_pa
     assert not DicomWebClient(orthanc.dicomweb).search_series(Modality="SEG")
     assert store.get_labeled_images() == [] and store.get_unlabeled_images() == [s.uid]
 
-    # OHIF's raw voxels (.bin, SimpleITK's z-y-x order) with names from the label's sidecar.
+    # OHIF's raw voxels (.bin, SimpleITK's z-y-x order) with names from the label's sidecar; the image
+    # made of them in the temp folder is removed once read. Voxels of another grid are refused first.
     binary = tmp_path / "label.bin"
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    binary.write_bytes(np.ascontiguousarray(liver[:, :, :-1]).tobytes())
+    with pytest.raises(InputError, match="bytes are not the image's"):
+        store.save_label(s.uid, str(binary), "final", {"label_names": {"liver": 2}})
     binary.write_bytes(np.ascontiguousarray((liver * 2).transpose(2, 1, 0)).tobytes())
     store.save_label(s.uid, str(binary), "final", {"label_names": {"liver": 2}})
-    assert store.get_labeled_images() == [s.uid]
+    assert store.get_labeled_images() == [s.uid] and list((tmp_path / "tmp").iterdir()) == []
     back, _, names = load_labelmap(DicomWebDatastore(orthanc.dicomweb, cache=tmp_path / "other").get_label_uri(
         s.uid, "final"))
     assert names == {"liver": 2} and np.array_equal(back, liver * 2)
