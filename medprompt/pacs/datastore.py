@@ -263,7 +263,7 @@ class DicomWebDatastore(GuardedDatastore):
             raise RequestError("'params' must be a JSON object, e.g. "
                                "{\"label_info\": [{\"name\": \"liver\", \"idx\": 1}]}")
         volume = load_volume(self.get_image_uri(image_id))
-        labels, file_names = self._read_label(image_id, label_filename, volume.data.shape)
+        labels, file_names = self._read_label(label_filename, volume.data.shape)
         if labels.shape != volume.data.shape:
             raise InputError(f"the label's grid {'x'.join(map(str, labels.shape))} is not the image's "
                              f"{'x'.join(map(str, volume.data.shape))}: save it on the image's own grid")
@@ -285,27 +285,19 @@ class DicomWebDatastore(GuardedDatastore):
                     f"({', '.join(sorted(names))})")
         return image_id
 
-    def _read_label(self, image_id: str, label_filename: str,
-                    shape: tuple[int, ...]) -> tuple[np.ndarray, dict[str, int]]:
-        """A label file's voxels and the names it carries. OHIF sends raw voxels (``.bin``, one byte each) on
-        the image's grid (``shape``): as MONAI Label, they are made an image first, in a temp file removed
-        here (every OHIF save left one in the server's temp folder)."""
+    def _read_label(self, label_filename: str, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[str, int] | None]:
+        """A label file's voxels and the names its sidecar carries. OHIF sends raw voxels instead (``.bin``,
+        one byte each, x fastest) on the image's grid (``shape``): read here as MONAI Label's
+        ``binary_to_image`` reads them, without its second read of the image and its temp NIfTI, which
+        nothing removed (every OHIF save left one in the server's temp folder)."""
         if not str(label_filename).endswith(".bin"):
             labels, _, names = load_labelmap(label_filename)
             return labels, names
-        from monailabel.datastore.utils.convert import binary_to_image
-
         size, voxels = os.path.getsize(label_filename), int(np.prod(shape))
         if size != voxels:
             raise InputError(f"the label's {size} bytes are not the image's {'x'.join(map(str, shape))} = {voxels} "
                              "voxels of one byte each: send a .bin of uint8 voxels on the image's own grid")
-
-        converted = binary_to_image(self.get_image_uri(image_id), label_filename)
-        try:
-            labels, _, names = load_labelmap(converted)
-        finally:
-            Path(converted).unlink(missing_ok=True)
-        return labels, names
+        return np.fromfile(label_filename, dtype=np.uint8).reshape(shape, order="F").astype(np.int32), None
 
     def _store_final(self, image_id: str, labels: np.ndarray, affine: np.ndarray, names: dict[str, int],
                      seg_uid: str, info: dict[str, Any]) -> None:
