@@ -46,10 +46,15 @@ def serve(
         print(warning, file=sys.stderr)
 
     from monailabel.main import Main
+    from monailabel.utils.others.generic import init_log_config
 
+    # MONAI Label writes its logging config to a new temp file on every start and never removes it;
+    # made here instead, it is ours to remove when the server stops.
+    log_config = init_log_config(None, str(APP_DIR), "app.log")
     main = Main()
     args = main.args_parser().parse_args(
-        ["start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port)]
+        ["start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port),
+         "--log_config", log_config]
         + [item for key, value in conf.items() for item in ("--conf", key, str(value))]
     )
     try:
@@ -57,6 +62,8 @@ def serve(
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully and re-raised the signal it caught.
         pass
+    finally:
+        Path(log_config).unlink(missing_ok=True)
     return 0
 
 

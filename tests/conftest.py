@@ -190,6 +190,9 @@ def serving(server: RunningServer) -> Iterator[RunningServer]:
         stopped_cleanly = _stop(server.process)
     # Ctrl-C is how users stop the server: it must shut down gracefully with exit code 0.
     assert stopped_cleanly, f"server did not stop cleanly on Ctrl-C:\n{server.log_tail()}"
+    if "serve" in server.process.args:  # medprompt serve (MONAI Label's own start_server leaves its logging config)
+        left = sorted(p.name for p in (server.log.parent / "tmp").glob("tmp*.json"))
+        assert not left, f"medprompt serve left its logging config in the temp folder: {left}"
 
 
 @pytest.fixture(scope="session")
