@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import deque
@@ -216,7 +217,11 @@ def run_torchrun(args: Sequence[str], nproc: int, env: dict[str, str] | None = N
     full_env = {**os.environ, "TQDM_MININTERVAL": "15", "PYTHONUNBUFFERED": "1", **(env or {})}
     tail: deque[str] = deque(maxlen=12)
     errors: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env) as proc:
+    # torchrun leaves a torchelastic_* folder of its own in the temp folder on every run: given one that
+    # is removed afterwards, it leaves nothing.
+    with tempfile.TemporaryDirectory(prefix="medprompt_torchrun_") as scratch, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**full_env, "TMPDIR": scratch}) as proc:
         assert proc.stdout is not None
         pending = b""
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]

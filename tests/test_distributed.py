@@ -241,9 +241,15 @@ def test_ddp_step_equals_one_step_on_the_union_of_both_batches(two_ranks):
     assert all(torch.equal(r0["ddp_step"][k], r1["ddp_step"][k]) for k in start)
 
 
-def test_cli_under_torchrun_writes_one_loadable_model(studies: Path, tmp_path: Path):
+def test_cli_under_torchrun_writes_one_loadable_model(studies: Path, tmp_path: Path, monkeypatch):
+    import tempfile
+
     from medprompt.distributed import run_torchrun
 
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     out = tmp_path / "m.pt"
     lines: list[str] = []
     run_torchrun(["train-zero-shot", "--arch", "vit", "--studies", str(studies), "--out", str(out), "--steps", "2",
@@ -255,6 +261,7 @@ def test_cli_under_torchrun_writes_one_loadable_model(studies: Path, tmp_path: P
     assert any("2 processes" in line for line in lines)
     with pytest.raises(RuntimeError, match="exit code .*required: --studies"):  # a usage error, quick
         run_torchrun(["train-zero-shot"], WORLD, on_line=lines.append)
+    assert not list(temp.iterdir()), "torchrun left its folders in the temp folder"
 
 
 def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_study(studies: Path, tmp_path: Path):
