@@ -10,6 +10,7 @@ on the held-out corrected volume plus the safe swap.
 
     .venv/bin/python benchmarks/finetune_round.py [--device cpu|cuda] [--steps N]
     .venv/bin/python benchmarks/finetune_round.py --model models/medprompt_sam.pt   # the network on LiteMedSAM features
+    ... --model models/medprompt_sam.pt --rounds 2   # and the round after it, as annotators ask for it next
     ... --model models/medprompt_sam.pt --workdir /tmp/round   # keep the datastore and embeddings for the next run
 
 With a model on LiteMedSAM features the volumes' embeddings are computed before the clock starts,
@@ -55,6 +56,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
                    help="the served model the round starts from (default: the shipped default model)")
     p.add_argument("--cold", action="store_true", help="LiteMedSAM embeddings not computed beforehand")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds in a row on the same datastore, each from the model the last one left in service; "
+                        "later rounds find the teacher's drafts of the unlabelled volumes in the round's cache")
     p.add_argument("--workdir", type=Path, help="keep the datastore and the embedding cache here and reuse them "
                    "on the next run (the warm-up takes about half an hour on a 2-core CPU); every run is still "
                    "the datastore's first round")
@@ -94,26 +98,27 @@ def main() -> None:
         if not args.cold:
             warm_mark.write_text("done\n")
 
-        marks: dict[str, float] = {}
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
+            f"cpu ({torch.get_num_threads()} threads)"
+        print(f"device: {device}")
+        for number in range(1, args.rounds + 1):
+            marks: dict[str, float] = {}
 
-        def on_step(step: int, _losses: dict) -> None:
-            marks.setdefault("first", time.perf_counter())
-            marks["last"] = time.perf_counter()
+            def on_step(step: int, _losses: dict) -> None:
+                marks.setdefault("first", time.perf_counter())
+                marks["last"] = time.perf_counter()
 
-        start = time.perf_counter()
-        result = train_finetune(root, served, steps=args.steps, batch_size=None if sam else args.batch_size,
-                                device=args.device, progress=True, on_step=on_step)
-        end = time.perf_counter()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-        f"cpu ({torch.get_num_threads()} threads)"
-    train_s = marks["last"] - marks["first"]
-    print(f"device: {device}")
-    print(f"round: {end - start:.0f} s = preparation {marks['first'] - start:.0f} s + training {train_s:.0f} s "
-          f"({args.steps} steps per pass; with unlabelled studies a second, self-training pass follows the "
-          f"first's drafts of them) "
-          f"+ validation and swap {end - marks['last']:.0f} s")
-    print(f"validation mDice {result.previous_score:.3f} -> {result.candidate_score:.3f}, accepted {result.accepted}; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+            start = time.perf_counter()
+            result = train_finetune(root, served, steps=args.steps, batch_size=None if sam else args.batch_size,
+                                    device=args.device, progress=True, on_step=on_step)
+            end = time.perf_counter()
+            train_s = marks["last"] - marks["first"]
+            print(f"round {number}: {end - start:.0f} s = preparation {marks['first'] - start:.0f} s + training "
+                  f"{train_s:.0f} s ({args.steps} steps per pass; with unlabelled studies a second, self-training "
+                  f"pass follows the first's drafts of them) + validation and swap {end - marks['last']:.0f} s")
+            print(f"round {number}: validation mDice {result.previous_score:.3f} -> {result.candidate_score:.3f}, "
+                  f"accepted {result.accepted}; peak RSS so far "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 def warm_embeddings(root: Path, served: Path, device: str) -> None:
