@@ -123,6 +123,7 @@ class RunningServer:
     model_dir: Path  # --conf model_dir: training rounds go to model_dir/medprompt/
     checkpoint: Path  # --conf checkpoint: served until a round writes one
     started: float  # time.monotonic() at launch
+    configs_before: frozenset[str] = frozenset()  # logging configs already in its temp folder (a killed server's)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -169,6 +170,7 @@ def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint:
             "--conf", "model_dir", str(model_dir), "--conf", "checkpoint", str(checkpoint),
             "--conf", "refine", refine]
     (root / "tmp").mkdir(exist_ok=True)
+    configs_before = frozenset(p.name for p in (root / "tmp").glob("tmp*.json"))
     env = {**(os.environ if env is None else env), "TMPDIR": str(root / "tmp")}
     started = time.monotonic()
     with log.open("wb") as out:
@@ -177,7 +179,7 @@ def launch_server(root: Path, command: Sequence[str], studies: Path, checkpoint:
             start_new_session=True,  # its own process group: a teardown signal reaches nothing else
         )
     return RunningServer(url=f"http://127.0.0.1:{port}", studies=studies, process=process, log=log,
-                         model_dir=model_dir, checkpoint=checkpoint, started=started)
+                         model_dir=model_dir, checkpoint=checkpoint, started=started, configs_before=configs_before)
 
 
 @contextmanager
@@ -191,7 +193,8 @@ def serving(server: RunningServer) -> Iterator[RunningServer]:
     # Ctrl-C is how users stop the server: it must shut down gracefully with exit code 0.
     assert stopped_cleanly, f"server did not stop cleanly on Ctrl-C:\n{server.log_tail()}"
     if "serve" in server.process.args:  # medprompt serve (MONAI Label's own start_server leaves its logging config)
-        left = sorted(p.name for p in (server.log.parent / "tmp").glob("tmp*.json"))
+        left = sorted(p.name for p in (server.log.parent / "tmp").glob("tmp*.json")
+                      if p.name not in server.configs_before)
         assert not left, f"medprompt serve left its logging config in the temp folder: {left}"
 
 
