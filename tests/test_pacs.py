@@ -358,8 +358,8 @@ def test_saved_labels_need_names_the_image_grid_and_only_final_ones_reach_the_pa
     assert not DicomWebClient(orthanc.dicomweb).search_series(Modality="SEG")
     assert store.get_labeled_images() == [] and store.get_unlabeled_images() == [s.uid]
 
-    # OHIF's raw voxels (.bin, SimpleITK's z-y-x order) with names from the label's sidecar; the image
-    # made of them in the temp folder is removed once read. Voxels of another grid are refused first.
+    # OHIF's raw voxels (.bin, SimpleITK's z-y-x order) with names from the label's sidecar, read without
+    # writing anything to the temp folder. Voxels of another grid are refused first.
     binary = tmp_path / "label.bin"
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
