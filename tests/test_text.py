@@ -382,6 +382,19 @@ def test_anatomy_no_prompt_file_describes_is_refused_not_drafted_as_a_neighbour(
     assert minilm_catalog.resolve("the gland next to the duodenum that makes insulin").name == "pancreas"
 
 
+def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
+    """The stomach's Latin alias "ventriculus" reads like the heart's ventricles to the embedding: the
+    index holds aliases in plain nouns, and a prompt spelling only other anatomy loses the margin."""
+    for text in ("the ventricles of the heart", "cardiac chambers", "the heart and its chambers"):
+        with pytest.raises(PromptError, match="which no prompt file describes"):
+            minilm_catalog.resolve(text)
+    for text in ("ventriculus", "the ventriculus", "gaster"):
+        assert minilm_catalog.resolve(text).name == "stomach", text
+    # Other anatomy named as a landmark, or beside a class word, keeps the class.
+    assert minilm_catalog.resolve("the blood vessel leaving the heart").name == "aorta"
+    assert minilm_catalog.resolve("a lump in the breast").name == "breast_tumor"
+
+
 def test_a_users_own_class_for_other_anatomy_is_resolved_to_it(tmp_path: Path, minilm_cache, monkeypatch):
     monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
     (tmp_path / "thyroid.yaml").write_text(
@@ -397,8 +410,8 @@ def test_a_users_own_class_for_other_anatomy_is_resolved_to_it(tmp_path: Path, m
 
 
 def test_misspellings_are_flagged_not_guessed(minilm_catalog: PromptCatalog):
-    with pytest.raises(PromptError, match="misspelling of spleen.*closest known classes: spleen"):
-        minilm_catalog.resolve("splen")
+    with pytest.raises(PromptError, match="misspelling of liver.*reads like spleen; closest known classes: liver"):
+        minilm_catalog.resolve("livr")
     assert minilm_catalog.resolve("spleeen").name == "spleen"  # spelling and meaning agree
 
 

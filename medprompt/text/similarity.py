@@ -8,13 +8,15 @@ names its side, and a class covering both sides (``kidneys``) wins when no side 
 A class named after a spatial preposition ("the pouch *under the liver*") is a landmark, not
 the target, and is set aside. A prompt is read twice, as written and in plain nouns
 (``medprompt.synonyms``: "left renal organ" -> "left kidney organ"), and each class keeps its
-better score. Embeddings of misspelt words are noise ("splen" reads like the splenic vein), so a
-prompt whose spelling, corrected, names another class than its reading is an error naming both,
+better score; the classes' aliases are indexed in plain nouns too ("ventriculus", Latin for the
+stomach, reads like the heart's ventricles). Embeddings of misspelt words are noise ("livr" reads
+like the spleen), so a prompt whose spelling, corrected, names another class than its reading is an error naming both,
 not a guess. Only a token that is no word is corrected: a word of the catalog, of the synonym
 table, of the other-anatomy list or of the encoder's own vocabulary is never a typo ("renal" is
 not a misspelt "adrenal"). Anatomy that no class describes ("prostate") is refused by
 comparing the prompt with a reference list of other anatomy (``OTHER_ANATOMY``), not drafted as
-the nearest class.
+the nearest class: by a margin, unless the prompt spells such anatomy and no class word ("the heart
+and its chambers"), when the nearer reading decides.
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ class ClassIndex:
         owners: list[str] = []
         texts: list[str] = []
         for entry in entries:
-            phrases = class_texts(entry)
+            # Aliases in plain nouns, as a prompt's second reading is: an embedding reads Latin
+            # poorly, and "ventriculus" (stomach) sits beside the heart's ventricles.
+            phrases = [synonyms.canonical(t) if t in entry.aliases else t for t in class_texts(entry)]
             texts += phrases
             owners += [entry.name] * len(phrases)
         vectors = encoder.encode(texts)
@@ -230,6 +234,26 @@ def _after_relation(text: str, spelling: str) -> bool:
     return False
 
 
+def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> bool:
+    """Whether a reading spells an other-anatomy entry (not as a landmark) and no word of any class's
+    name or alias: then the prompt itself says it asks for anatomy that no prompt file describes.
+    A word a class shares with other anatomy ("gland", "breast") keeps the margin: the class may be meant."""
+    from medprompt.catalog import GENERIC_WORDS, words
+
+    class_words = {w for e in catalog.entries.values() for t in (e.name.replace("_", " "), *e.aliases)
+                   for w in words(t)} - set(SIDES) - GENERIC_WORDS
+    for text in texts:
+        prompt = words(text)
+        if class_words & set(prompt):
+            return False
+        for other in index.others:
+            target = words(other)
+            spelt = any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1))
+            if spelt and not _after_relation(text, other):
+                return True
+    return False
+
+
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
          vectors: np.ndarray | None = None) -> list[tuple[str, float]]:
     """Eligible classes that are not landmarks, with their similarity to ``text``, best first.
@@ -262,7 +286,10 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     nearest_others = [o for o in (index.nearest_other(v) for v in vectors) if o is not None]
     other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
-    if (above_floor and other is not None and other[1] > score + OTHER_MARGIN
+    # The margin guards against embedding noise; a prompt that spells other anatomy and no class
+    # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
+    margin = 0.0 if names_other(catalog, index, texts) else OTHER_MARGIN
+    if (above_floor and other is not None and other[1] > score + margin
             and not any(_after_relation(t, other[0]) for t in texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
