@@ -300,7 +300,7 @@ def _one_line_error(command: list[str], env: dict | None = None, timeout: float 
     return errors[0]
 
 
-def test_an_unreachable_or_wrong_dicomweb_url_is_one_line_at_serve_start(orthanc: Orthanc) -> None:
+def test_an_unreachable_or_wrong_dicomweb_url_is_one_line_at_serve_start(orthanc: Orthanc, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{find_free_port()}/dicom-web"
     line = _one_line_error([str(console_script("medprompt")), "serve", "--studies", dead,
                             "--port", str(find_free_port())])
@@ -308,7 +308,9 @@ def test_an_unreachable_or_wrong_dicomweb_url_is_one_line_at_serve_start(orthanc
     line = _one_line_error([str(console_script("medprompt")), "serve", "--studies", orthanc.url,
                             "--port", str(find_free_port())])
     assert line.startswith(f"error: {orthanc.url} is not a DICOMweb server") and "/dicom-web" in line
-    env = {**os.environ, "PATH": f"{console_script('monailabel').parent}{os.pathsep}{os.environ['PATH']}"}
+    # MONAI Label's start_server writes a logging config to the temp folder and never removes it.
+    env = {**os.environ, "PATH": f"{console_script('monailabel').parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}
     line = _one_line_error([str(console_script("monailabel")), "start_server", "--app",
                             str(REPO_ROOT / "apps" / "medprompt"), "--studies", dead, "--host", "127.0.0.1",
                             "--port", str(find_free_port())], env=env)
