@@ -395,6 +395,17 @@ def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("a lump in the breast").name == "breast_tumor"
 
 
+def test_a_part_of_an_organ_is_that_organ_and_a_part_of_a_landmark_a_landmark(minilm_catalog: PromptCatalog):
+    """The gallbladder's file describes it "on the undersurface of the right liver lobe": the liver's own
+    file names its lobes, and "under the right lobe of the liver" sets the liver aside as a landmark."""
+    for text in ("right lobe of the liver", "the left hepatic lobe", "the caudate lobe"):
+        assert minilm_catalog.resolve(text).name == "liver", text
+    assert landmarks(minilm_catalog, "the pouch beneath the right lobe of the liver") == {"liver"}
+    assert not landmarks(minilm_catalog, "a tumour in the right lobe of the liver")
+    assert minilm_catalog.resolve("the pouch beneath the right lobe of the liver").name == "gallbladder"
+    assert minilm_catalog.resolve("a tumour in the right lobe of the liver").name == "liver_tumour"
+
+
 def test_a_users_own_class_for_other_anatomy_is_resolved_to_it(tmp_path: Path, minilm_cache, monkeypatch):
     monkeypatch.setenv("MEDPROMPT_CACHE", minilm_cache)
     (tmp_path / "thyroid.yaml").write_text(

@@ -5,8 +5,8 @@ aliases, descriptions): one close description is evidence enough, and averaging 
 classes described from several angles. Sides are decided by words, not by the embedding, which
 barely separates "left kidney" from "right kidney": a sided class is eligible only when the prompt
 names its side, and a class covering both sides (``kidneys``) wins when no side is named.
-A class named after a spatial preposition ("the pouch *under the liver*") is a landmark, not
-the target, and is set aside. A prompt is read twice, as written and in plain nouns
+A class named after a spatial preposition ("the pouch *under the liver*", "*beneath the right lobe
+of the liver*") is a landmark, not the target, and is set aside. A prompt is read twice, as written and in plain nouns
 (``medprompt.synonyms``: "left renal organ" -> "left kidney organ"), and each class keeps its
 better score; the classes' aliases are indexed in plain nouns too ("ventriculus", Latin for the
 stomach, reads like the heart's ventricles). Embeddings of misspelt words are noise ("livr" reads
@@ -226,12 +226,19 @@ def _after_relation(text: str, spelling: str) -> bool:
     for i in range(len(prompt) - len(target) + 1):
         if prompt[i:i + len(target)] != target:
             continue
-        j = i
-        while j > 0 and prompt[j - 1] in DETERMINERS:
-            j -= 1
-        if any(prompt[max(0, j - len(r)):j] == r for r in RELATIONS):
+        ends = [_skip(prompt, i)]
+        if ends[0] >= 2 and prompt[ends[0] - 1] == "of":  # a part of a landmark: "under the right lobe of the liver"
+            ends.append(_skip(prompt, ends[0] - 2))
+        if any(prompt[max(0, j - len(r)):j] == r for j in ends for r in RELATIONS):
             return True
     return False
+
+
+def _skip(prompt: list[str], j: int) -> int:
+    """Index before which ``prompt[j:]`` starts, once the determiners and sides before it are skipped."""
+    while j > 0 and prompt[j - 1] in DETERMINERS:
+        j -= 1
+    return j
 
 
 def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> bool:
