@@ -215,6 +215,12 @@ class PromptCatalog:
         exact = self.lookup(text) or self.lookup(synonyms.canonical(text))
         if exact is not None:
             return exact
+        from medprompt.text.similarity import listed_classes
+
+        listed = listed_classes(self, text)
+        if listed:
+            raise PromptError(f"prompt '{quoted(text)}' names {len(listed)} classes ({', '.join(listed)}); "
+                              f"one prompt draws one class: give each as its own prompt")
         plain = words(synonyms.canonical(text))
         if all(w in synonyms.SIDE_WORDS or w in GENERIC_WORDS for w in plain):
             side = {synonyms.SIDE_WORDS[w] for w in plain if w in synonyms.SIDE_WORDS}

@@ -74,6 +74,32 @@ def test_unknown_prompt_names_the_prompt_and_closest_classes(catalog):
     assert "'livr'" in msg and "liver" in msg.split("closest known classes:")[1]
 
 
+@pytest.mark.parametrize("text, listed", [
+    ("liver and spleen", "liver, spleen"),
+    ("the liver and the gallbladder", "liver, gallbladder"),
+    ("kidneys, liver", "kidneys, liver"),
+    ("liver/spleen", "liver, spleen"),
+    ("aorta or IVC", "aorta, inferior_vena_cava"),
+    ("the pancreas & the splenic vein", "pancreas, portal_vein_and_splenic_vein"),
+])
+def test_a_prompt_listing_classes_is_an_error_not_one_of_them(catalog, text, listed):
+    """An embedding of "liver and spleen" reads like the spleen: one class was drawn and the other
+    silently dropped. One prompt draws one class."""
+    with pytest.raises(PromptError, match=rf"names \d classes \({listed}\); .*give each as its own prompt"):
+        catalog.resolve(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("portal vein and splenic vein", "portal_vein_and_splenic_vein"),  # the class's own name
+    ("gastric body and fundus", "stomach"),  # "body" next to "gastric" is no list
+    ("left and right kidney", "kidneys"),
+    ("the fat around the kidneys and the liver", "liver"),  # the kidneys are a landmark
+    ("liver tumour", "liver_tumour"),  # "liver" inside a longer name
+])
+def test_names_that_are_no_list_still_resolve(catalog, text, expected):
+    assert catalog.resolve(text).name == expected
+
+
 @pytest.mark.parametrize("prompts", [[], [""], ["   "]])
 def test_empty_prompt_list_is_an_error(catalog, prompts):
     with pytest.raises(PromptError, match="empty"):

@@ -223,15 +223,17 @@ def _after_relation(text: str, spelling: str) -> bool:
     from medprompt.catalog import tokens
 
     prompt, target = tokens(text), tokens(spelling)
-    for i in range(len(prompt) - len(target) + 1):
-        if prompt[i:i + len(target)] != target:
-            continue
-        ends = [_skip(prompt, i)]
-        if ends[0] >= 2 and prompt[ends[0] - 1] == "of":  # a part of a landmark: "under the right lobe of the liver"
-            ends.append(_skip(prompt, ends[0] - 2))
-        if any(prompt[max(0, j - len(r)):j] == r for j in ends for r in RELATIONS):
-            return True
-    return False
+    return any(prompt[i:i + len(target)] == target and _relation_before(prompt, i)
+               for i in range(len(prompt) - len(target) + 1))
+
+
+def _relation_before(prompt: list[str], i: int) -> bool:
+    """Whether the words before ``prompt[i]`` end in a spatial preposition, determiners and sides aside;
+    a part of a landmark is a landmark ("under the right lobe of the liver")."""
+    ends = [_skip(prompt, i)]
+    if ends[0] >= 2 and prompt[ends[0] - 1] == "of":
+        ends.append(_skip(prompt, ends[0] - 2))
+    return any(prompt[max(0, j - len(r)):j] == r for j in ends for r in RELATIONS)
 
 
 def _skip(prompt: list[str], j: int) -> int:
@@ -239,6 +241,41 @@ def _skip(prompt: list[str], j: int) -> int:
     while j > 0 and prompt[j - 1] in DETERMINERS:
         j -= 1
     return j
+
+
+# What may stand between two class names that a prompt lists ("liver and spleen", "kidneys, liver").
+LIST_GAP = re.compile(r"(?:[\s,;/&+]|\band\b|\bor\b|\bplus\b|\bthe\b|\bboth\b|\bas well as\b)+")
+LIST_SEPARATOR = re.compile(r"[,;/&+]|\band\b|\bor\b|\bplus\b|\bas well as\b")  # "gastric body" is no list
+
+
+def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
+    """The classes a prompt lists by name or alias, joined by "and", "or", commas or slashes ("the liver
+    and the spleen"), in order; empty when it lists fewer than two. One prompt draws one class, and
+    an embedding of a list reads like one of its items, so a list is an error, not a silent pick.
+    A name inside a longer one ("liver" in "liver tumour") and a landmark ("near the liver") do not count."""
+    from medprompt.catalog import tokens
+
+    for reading in readings(text):
+        low = reading.lower()
+        spans: list[tuple[int, int, str]] = []
+        for entry in catalog.entries.values():
+            for spelling in (entry.name.replace("_", " "), *entry.aliases):
+                parts = tokens(spelling)
+                if not parts:
+                    continue
+                pattern = r"\b" + r"[\s_-]+".join(map(re.escape, parts)) + r"(?:e?s)?\b"
+                spans += [(m.start(), m.end(), entry.name) for m in re.finditer(pattern, low)
+                          if not _relation_before(tokens(low[:m.start()]), len(tokens(low[:m.start()])))]
+        spans = sorted({sp for sp in spans if not any(o[0] <= sp[0] and sp[1] <= o[1] and o[1] - o[0] > sp[1] - sp[0]
+                                                       for o in spans)})
+        listed = [spans[0][2]] if spans else []
+        for before, after in zip(spans, spans[1:]):
+            gap = low[before[1]:after[0]]
+            if after[2] != before[2] and LIST_GAP.fullmatch(gap) and LIST_SEPARATOR.search(gap):
+                listed += [n for n in (before[2], after[2]) if n not in listed]
+        if len(listed) >= 2:
+            return listed
+    return []
 
 
 def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> bool:
