@@ -55,6 +55,11 @@ STOP_WORDS = frozenset(
     "a an the of and or in on to is are be it its this that with by for from as at into which who "
     "what where segment segmentation mask show find me please organ structure region".split()
 )
+# Words of a request around a name ("segment the spleen, please", "liver segmentation"): said around an
+# exact name they leave that name, which an embedding of the whole would not always find ("liver
+# segmentation" reads like a liver tumour).
+REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmentations mask masks label labels "
+                          "labelmap contour contours delineate draw show find".split())
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
@@ -212,7 +217,9 @@ class PromptCatalog:
         keywords; an unresolvable prompt names the closest classes."""
         if not isinstance(text, str) or not text.strip():
             raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
-        exact = self.lookup(text) or self.lookup(synonyms.canonical(text))
+        nouns = synonyms.canonical(text)
+        exact = (self.lookup(text) or self.lookup(nouns)
+                 or self.lookup(" ".join(w for w in tokens(nouns) if w not in REQUEST_WORDS)))
         if exact is not None:
             return exact
         from medprompt.text.similarity import listed_classes
@@ -221,7 +228,7 @@ class PromptCatalog:
         if listed:
             raise PromptError(f"prompt '{quoted(text)}' names {len(listed)} classes ({', '.join(listed)}); "
                               f"one prompt draws one class: give each as its own prompt")
-        plain = words(synonyms.canonical(text))
+        plain = words(nouns)
         if all(w in synonyms.SIDE_WORDS or w in GENERIC_WORDS for w in plain):
             side = {synonyms.SIDE_WORDS[w] for w in plain if w in synonyms.SIDE_WORDS}
             near = [n for n in self.names if side & set(words(n.replace("_", " ")))] or self.closest(text)

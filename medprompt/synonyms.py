@@ -8,6 +8,8 @@ for typos ("left renal" ~ "left adrenal"). So a prompt gets a second, *canonical
 each such form is replaced by the noun it means; resolution weighs both readings (catalog.py,
 text/similarity.py), so a compound like "splenic vein" keeps its own reading too.
 
+Radiology shorthand ("GB", "HCC", "L kidney") is read the same way, as the words it stands for.
+
 The table maps word forms to nouns, never phrases to classes: it knows that "renal" means
 "kidney", not which class a prompt wants. A user's prompt file needs no entry here.
 """
@@ -21,7 +23,7 @@ SIDE_WORDS: dict[str, str] = {
     "left": "left", "sinister": "left", "sinistra": "left", "sinistrum": "left", "sinistral": "left",
     "laevus": "left", "lt": "left",
     "right": "right", "dexter": "right", "dextra": "right", "dextrum": "right", "dextral": "right",
-    "rt": "right",
+    "rt": "right", "l": "left", "r": "right",  # "L kidney", as reports and worklists write it
 }
 
 # Adjectives and Latin/Greek names -> the English noun (the word the prompt files use).
@@ -55,6 +57,18 @@ ORGAN_WORDS: dict[str, str] = {
 }
 
 
+# Radiology shorthand -> the words it stands for; resolution then reads those words as it reads any
+# prompt (an abbreviation is three letters to a sentence embedding: "GB" read like nothing, "CRC" like
+# the vena cava). Unambiguous in an abdominal, brain or breast request; for anatomy no class describes
+# (CBD, SMA) the expansion lets the prompt be refused by name.
+ABBREVIATIONS: dict[str, str] = {
+    "gb": "gallbladder", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
+    "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
+    "gbm": "glioblastoma", "cbd": "common bile duct", "sma": "superior mesenteric artery",
+    "svc": "superior vena cava",
+}
+
+
 def _pattern(table: dict[str, str]) -> re.Pattern[str]:
     # Longest forms first so "vesica fellea" wins over any one-word form inside it.
     forms = sorted(table, key=len, reverse=True)
@@ -62,7 +76,7 @@ def _pattern(table: dict[str, str]) -> re.Pattern[str]:
                       + r")(?![a-z0-9])", re.IGNORECASE)
 
 
-_FORMS = {**ORGAN_WORDS, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
+_FORMS = {**ORGAN_WORDS, **ABBREVIATIONS, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
 _FORM_RE = _pattern(_FORMS)
 
 
@@ -76,7 +90,7 @@ def canonical(text: str) -> str:
 def vocabulary() -> set[str]:
     """Every single word the table knows (forms and the words they mean): real words, never typos."""
     out: set[str] = set()
-    for form, noun in (*ORGAN_WORDS.items(), *SIDE_WORDS.items()):
+    for form, noun in (*ORGAN_WORDS.items(), *ABBREVIATIONS.items(), *SIDE_WORDS.items()):
         out.update(form.split())
         out.update(noun.split())
     return out

@@ -153,6 +153,35 @@ def test_rare_forms_resolve_without_a_text_encoder(keywords: PromptCatalog, text
     assert keywords.resolve(text).name == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("GB", "gallbladder"), ("the GB wall", "gallbladder"), ("panc", "pancreas"), ("LK", "kidney_left"),
+    ("RK", "kidney_right"), ("L kidney", "kidney_left"), ("R adrenal", "adrenal_gland_right"),
+    ("AAA", "aorta"), ("HCC", "liver_tumour"), ("CRC", "colon_tumour"), ("a GBM on MRI", "brain_tumor"),
+])
+def test_radiology_shorthand_resolves(minilm: PromptCatalog, text: str, expected: str):
+    """Three letters are nothing to a sentence embedding ("GB" fell below the floor, "CRC" read like the vena
+    cava): shorthand is read as the words it stands for."""
+    assert minilm.resolve(text).name == expected
+
+
+@pytest.mark.parametrize("text", ["SMA", "CBD", "the renal vein"])
+def test_shorthand_for_anatomy_no_class_describes_is_refused_by_name(minilm: PromptCatalog, text: str):
+    with pytest.raises(PromptError, match="which no prompt file describes"):
+        minilm.resolve(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("liver segmentation", "liver"),  # the whole reads like a liver tumour to the embedding
+    ("segment the spleen, please", "spleen"),
+    ("mask of the pancreas", "pancreas"),
+    ("left kidney label", "kidney_left"),
+])
+def test_request_words_around_a_name_leave_the_name(minilm: PromptCatalog, keywords: PromptCatalog, text: str,
+                                                    expected: str):
+    for catalog in (minilm, keywords):
+        assert catalog.resolve(text).name == expected
+
+
 def test_a_misspelling_that_reads_otherwise_is_still_flagged(minilm: PromptCatalog):
     with pytest.raises(PromptError, match=r"misspelling of kidney_left \('kidny' -> 'kidney'\).*"
                                           r"closest known classes: kidney_left"):

@@ -74,7 +74,8 @@ OTHER_ANATOMY = (
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
-    "iliac artery", "iliac vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
+    "iliac artery", "iliac vein", "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein",
+    "renal artery", "renal vein", "hepatic artery", "hepatic vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
