@@ -395,6 +395,15 @@ def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("a lump in the breast").name == "breast_tumor"
 
 
+def test_chest_x_ray_findings_are_not_the_lungs(minilm_catalog: PromptCatalog):
+    """The 2D path segments the lungs on chest X-rays; what else a reader names there is refused, not
+    drawn as the lungs (a pneumothorax is air outside them)."""
+    for text in ("pneumothorax", "pleural effusion", "cardiac silhouette"):
+        with pytest.raises(PromptError, match="which no prompt file describes"):
+            minilm_catalog.resolve(text)
+    assert minilm_catalog.resolve("the lung bases above the diaphragm").name == "lungs"
+
+
 def test_a_part_of_an_organ_is_that_organ_and_a_part_of_a_landmark_a_landmark(minilm_catalog: PromptCatalog):
     """The gallbladder's file describes it "on the undersurface of the right liver lobe": the liver's own
     file names its lobes, and "under the right lobe of the liver" sets the liver aside as a landmark."""

@@ -70,7 +70,7 @@ OTHER_ANATOMY = (
     # chest
     "heart", "myocardium", "left ventricle", "atrium", "pericardium", "coronary artery",
     "pulmonary artery", "superior vena cava", "trachea", "bronchus", "thymus", "breast",
-    "pulmonary nodule", "lung cancer",
+    "pulmonary nodule", "lung cancer", "pneumothorax", "pleural effusion", "diaphragm", "cardiac silhouette",
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
