@@ -404,6 +404,13 @@ def test_chest_x_ray_findings_are_not_the_lungs(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("the lung bases above the diaphragm").name == "lungs"
 
 
+def test_a_tumour_of_an_organ_without_a_tumour_class_is_not_the_organ(minilm_catalog: PromptCatalog):
+    for text in ("adrenal adenoma", "gallbladder carcinoma", "oesophageal tumour"):
+        with pytest.raises(PromptError, match="which no prompt file describes"):
+            minilm_catalog.resolve(text)
+    assert minilm_catalog.resolve("hepatic metastasis").name == "liver_tumour"
+
+
 def test_a_part_of_an_organ_is_that_organ_and_a_part_of_a_landmark_a_landmark(minilm_catalog: PromptCatalog):
     """The gallbladder's file describes it "on the undersurface of the right liver lobe": the liver's own
     file names its lobes, and "under the right lobe of the liver" sets the liver aside as a landmark."""

@@ -76,7 +76,8 @@ OTHER_ANATOMY = (
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
     "iliac artery", "iliac vein", "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein",
     "renal artery", "renal vein", "hepatic artery", "hepatic vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
-    "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer",
+    "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
+    "gallbladder cancer", "oesophageal cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
