@@ -77,7 +77,7 @@ OTHER_ANATOMY = (
     "iliac artery", "iliac vein", "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein",
     "renal artery", "renal vein", "hepatic artery", "hepatic vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
-    "gallbladder cancer", "oesophageal cancer",
+    "gallbladder cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
