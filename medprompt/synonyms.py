@@ -60,12 +60,11 @@ ORGAN_WORDS: dict[str, str] = {
 # Radiology shorthand -> the words it stands for; resolution then reads those words as it reads any
 # prompt (an abbreviation is three letters to a sentence embedding: "GB" read like nothing, "CRC" like
 # the vena cava). Unambiguous in an abdominal, brain or breast request; for anatomy no class describes
-# (CBD, SMA) the expansion lets the prompt be refused by name.
+# (CBD, SVC) the expansion lets the prompt be refused by name.
 ABBREVIATIONS: dict[str, str] = {
     "gb": "gallbladder", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
-    "gbm": "glioblastoma", "cbd": "common bile duct", "sma": "superior mesenteric artery",
-    "svc": "superior vena cava", "bi rads": "breast imaging", "birads": "breast imaging",
+    "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava", "bi rads": "breast imaging", "birads": "breast imaging",
 }
 
 

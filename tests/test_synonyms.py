@@ -165,7 +165,7 @@ def test_radiology_shorthand_resolves(minilm: PromptCatalog, text: str, expected
     assert minilm.resolve(text).name == expected
 
 
-@pytest.mark.parametrize("text", ["SMA", "CBD", "the renal vein"])
+@pytest.mark.parametrize("text", ["CBD", "SVC"])
 def test_shorthand_for_anatomy_no_class_describes_is_refused_by_name(minilm: PromptCatalog, text: str):
     with pytest.raises(PromptError, match="which no prompt file describes"):
         minilm.resolve(text)

@@ -395,6 +395,16 @@ def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("a lump in the breast").name == "breast_tumor"
 
 
+def test_the_superior_vena_cava_is_not_the_inferior_one(minilm_catalog: PromptCatalog):
+    """"inferior vena cava" reads 0.91 like "superior vena cava", which had taken the reference entry out of
+    the list as if the class described it; names of opposite ends never cover each other."""
+    for text in ("the superior vena cava", "SVC"):
+        with pytest.raises(PromptError, match="reads like superior vena cava"):
+            minilm_catalog.resolve(text)
+    for text in ("the inferior vena cava", "IVC", "vena cava"):
+        assert minilm_catalog.resolve(text).name == "inferior_vena_cava", text
+
+
 def test_chest_x_ray_findings_are_not_the_lungs(minilm_catalog: PromptCatalog):
     """The 2D path segments the lungs on chest X-rays; what else a reader names there is refused, not
     drawn as the lungs (a pneumothorax is air outside them)."""

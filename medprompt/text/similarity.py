@@ -74,14 +74,25 @@ OTHER_ANATOMY = (
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
-    "iliac artery", "iliac vein", "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein",
-    "renal artery", "renal vein", "hepatic artery", "hepatic vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
+    "iliac artery", "iliac vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
     "gallbladder cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
 )
+
+
+OPPOSITES = (("superior", "inferior"), ("upper", "lower"), ("anterior", "posterior"), ("left", "right"),
+             ("internal", "external"))
+
+
+def _opposed(a: str, b: str) -> bool:
+    """Whether two phrases name opposite ends of a pair ("superior" in one, "inferior" in the other)."""
+    from medprompt.catalog import tokens
+
+    wa, wb = set(tokens(a)), set(tokens(b))
+    return any((x in wa and y in wb) or (y in wa and x in wb) for x, y in OPPOSITES)
 
 
 def sides(text: str) -> set[str]:
@@ -124,8 +135,14 @@ class ClassIndex:
         spelt = {normalise(t) for e in entries for t in (e.name, *e.aliases)}
         others = [o for o in OTHER_ANATOMY if normalise(o) not in spelt]
         other_vectors = encoder.encode(others) if others else np.zeros((0, vectors.shape[1]), np.float32)
-        # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry.
-        covered = (other_vectors @ vectors.T).max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
+        # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry, unless
+        # the two name opposite ends ("inferior vena cava" reads 0.91 like "superior vena cava").
+        sims = other_vectors @ vectors.T
+        for i, other in enumerate(others):
+            for j, text in enumerate(texts):
+                if _opposed(other, text):
+                    sims[i, j] = -1.0
+        covered = sims.max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
         keep = [i for i in range(len(others)) if not covered[i]]
         return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
                    known_words(entries, encoder))
@@ -281,22 +298,26 @@ def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
 
 
 def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> bool:
-    """Whether a reading spells an other-anatomy entry (not as a landmark) and no word of any class's
-    name or alias: then the prompt itself says it asks for anatomy that no prompt file describes.
-    A word a class shares with other anatomy ("gland", "breast") keeps the margin: the class may be meant."""
+    """Whether a reading spells an other-anatomy entry (not as a landmark) and no other word of any
+    class's name or alias: then the prompt itself says it asks for anatomy that no prompt file
+    describes. Words inside the entry do not count for a class: "superior vena cava" is not the
+    inferior one's "vena cava". A word a class shares with other anatomy elsewhere in the prompt
+    ("gland", "breast") keeps the margin: the class may be meant."""
     from medprompt.catalog import GENERIC_WORDS, words
 
     class_words = {w for e in catalog.entries.values() for t in (e.name.replace("_", " "), *e.aliases)
                    for w in words(t)} - set(SIDES) - GENERIC_WORDS
     for text in texts:
         prompt = words(text)
-        if class_words & set(prompt):
-            return False
+        covered: set[int] = set()
         for other in index.others:
             target = words(other)
-            spelt = any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1))
-            if spelt and not _after_relation(text, other):
-                return True
+            for i in range(len(prompt) - len(target) + 1):
+                if prompt[i:i + len(target)] == target and not _after_relation(text, other):
+                    covered.update(range(i, i + len(target)))
+        if not covered or class_words & {w for i, w in enumerate(prompt) if i not in covered}:
+            continue
+        return True
     return False
 
 
