@@ -64,7 +64,8 @@ ORGAN_WORDS: dict[str, str] = {
 ABBREVIATIONS: dict[str, str] = {
     "gb": "gallbladder", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
-    "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava", "bi rads": "breast imaging", "birads": "breast imaging",
+    "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
+    "bi rads": "breast imaging", "birads": "breast imaging",
 }
 
 

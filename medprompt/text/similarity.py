@@ -6,14 +6,15 @@ classes described from several angles. Sides are decided by words, not by the em
 barely separates "left kidney" from "right kidney": a sided class is eligible only when the prompt
 names its side, and a class covering both sides (``kidneys``) wins when no side is named.
 A class named after a spatial preposition ("the pouch *under the liver*", "*beneath the right lobe
-of the liver*") is a landmark, not the target, and is set aside. A prompt is read twice, as written and in plain nouns
-(``medprompt.synonyms``: "left renal organ" -> "left kidney organ"), and each class keeps its
-better score; the classes' aliases are indexed in plain nouns too ("ventriculus", Latin for the
-stomach, reads like the heart's ventricles). Embeddings of misspelt words are noise ("livr" reads
-like the spleen), so a prompt whose spelling, corrected, names another class than its reading is an error naming both,
-not a guess. Only a token that is no word is corrected: a word of the catalog, of the synonym
-table, of the other-anatomy list or of the encoder's own vocabulary is never a typo ("renal" is
-not a misspelt "adrenal"). Anatomy that no class describes ("prostate") is refused by
+of the liver*") is a landmark, not the target, and is set aside. A prompt is read twice, as written
+and in plain nouns (``medprompt.synonyms``: "left renal organ" -> "left kidney organ"), and each
+class keeps its better score; the classes' aliases are indexed in plain nouns too ("ventriculus",
+Latin for the stomach, reads like the heart's ventricles). A prompt that lists classes ("liver and
+spleen") is an error, not one of them. Embeddings of misspelt words are noise ("livr" reads like
+the spleen), so a prompt whose spelling, corrected, names another class than its reading is an
+error naming both, not a guess. Only a token that is no word is corrected: a word of the catalog,
+of the synonym table, of the other-anatomy list or of the encoder's own vocabulary is never a typo
+("renal" is not a misspelt "adrenal"). Anatomy that no class describes ("prostate") is refused by
 comparing the prompt with a reference list of other anatomy (``OTHER_ANATOMY``), not drafted as
 the nearest class: by a margin, unless the prompt spells such anatomy and no class word ("the heart
 and its chambers"), when the nearer reading decides.
@@ -87,11 +88,8 @@ OPPOSITES = (("superior", "inferior"), ("upper", "lower"), ("anterior", "posteri
              ("internal", "external"))
 
 
-def _opposed(a: str, b: str) -> bool:
-    """Whether two phrases name opposite ends of a pair ("superior" in one, "inferior" in the other)."""
-    from medprompt.catalog import tokens
-
-    wa, wb = set(tokens(a)), set(tokens(b))
+def _opposed(wa: set[str], wb: set[str]) -> bool:
+    """Whether two phrases' words name opposite ends of a pair ("superior" in one, "inferior" in the other)."""
     return any((x in wa and y in wb) or (y in wa and x in wb) for x, y in OPPOSITES)
 
 
@@ -121,7 +119,7 @@ class ClassIndex:
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
-        from medprompt.catalog import normalise
+        from medprompt.catalog import normalise, tokens
 
         owners: list[str] = []
         texts: list[str] = []
@@ -138,9 +136,10 @@ class ClassIndex:
         # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry, unless
         # the two name opposite ends ("inferior vena cava" reads 0.91 like "superior vena cava").
         sims = other_vectors @ vectors.T
+        phrase_words = [set(tokens(t)) for t in texts]
         for i, other in enumerate(others):
-            for j, text in enumerate(texts):
-                if _opposed(other, text):
+            for j, words_j in enumerate(phrase_words):
+                if _opposed(set(tokens(other)), words_j):
                     sims[i, j] = -1.0
         covered = sims.max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
         keep = [i for i in range(len(others)) if not covered[i]]
@@ -283,10 +282,13 @@ def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
                 if not parts:
                     continue
                 pattern = r"\b" + r"[\s_-]+".join(map(re.escape, parts)) + r"(?:e?s)?\b"
-                spans += [(m.start(), m.end(), entry.name) for m in re.finditer(pattern, low)
-                          if not _relation_before(tokens(low[:m.start()]), len(tokens(low[:m.start()])))]
-        spans = sorted({sp for sp in spans if not any(o[0] <= sp[0] and sp[1] <= o[1] and o[1] - o[0] > sp[1] - sp[0]
-                                                       for o in spans)})
+                for m in re.finditer(pattern, low):
+                    before = tokens(low[:m.start()])
+                    if not _relation_before(before, len(before)):
+                        spans.append((m.start(), m.end(), entry.name))
+        # A name inside a longer one is part of it: "liver" in "liver tumour".
+        spans = sorted({sp for sp in spans
+                        if not any(o[0] <= sp[0] and sp[1] <= o[1] and o[1] - o[0] > sp[1] - sp[0] for o in spans)})
         listed = [spans[0][2]] if spans else []
         for before, after in zip(spans, spans[1:]):
             gap = low[before[1]:after[0]]
