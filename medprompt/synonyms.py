@@ -65,7 +65,7 @@ ABBREVIATIONS: dict[str, str] = {
     "gb": "gallbladder", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
-    "bi rads": "breast imaging", "birads": "breast imaging",
+    "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder", "mets": "metastases",
 }
 
 

@@ -158,6 +158,7 @@ def test_rare_forms_resolve_without_a_text_encoder(keywords: PromptCatalog, text
     ("RK", "kidney_right"), ("L kidney", "kidney_left"), ("R adrenal", "adrenal_gland_right"),
     ("AAA", "aorta"), ("HCC", "liver_tumour"), ("CRC", "colon_tumour"), ("a GBM on MRI", "brain_tumor"),
     ("BI-RADS 4 lesion", "breast_tumor"),  # read like a brain tumour before
+    ("UB", "urinary_bladder"), ("liver mets", "liver_tumour"),  # the liver itself before
 ])
 def test_radiology_shorthand_resolves(minilm: PromptCatalog, text: str, expected: str):
     """Three letters are nothing to a sentence embedding ("GB" fell below the floor, "CRC" read like the vena
