@@ -116,10 +116,11 @@ class ClassIndex:
     others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
     other_vectors: np.ndarray   # (others, dim) unit vectors
     words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
+    class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
-        from medprompt.catalog import normalise, tokens
+        from medprompt.catalog import GENERIC_WORDS, normalise, tokens, words
 
         owners: list[str] = []
         texts: list[str] = []
@@ -138,13 +139,16 @@ class ClassIndex:
         sims = other_vectors @ vectors.T
         phrase_words = [set(tokens(t)) for t in texts]
         for i, other in enumerate(others):
+            other_words = set(tokens(other))
             for j, words_j in enumerate(phrase_words):
-                if _opposed(set(tokens(other)), words_j):
+                if _opposed(other_words, words_j):
                     sims[i, j] = -1.0
         covered = sims.max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
         keep = [i for i in range(len(others)) if not covered[i]]
+        class_words = {w for e in entries for t in (e.name.replace("_", " "), *e.aliases)
+                       for w in words(t)} - set(SIDES) - GENERIC_WORDS
         return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
-                   known_words(entries, encoder))
+                   known_words(entries, encoder), frozenset(class_words))
 
     def nearest_other(self, vector: np.ndarray) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity."""
@@ -299,16 +303,14 @@ def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
     return []
 
 
-def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> bool:
+def names_other(index: ClassIndex, texts: list[str]) -> bool:
     """Whether a reading spells an other-anatomy entry (not as a landmark) and no other word of any
     class's name or alias: then the prompt itself says it asks for anatomy that no prompt file
     describes. Words inside the entry do not count for a class: "superior vena cava" is not the
     inferior one's "vena cava". A word a class shares with other anatomy elsewhere in the prompt
     ("gland", "breast") keeps the margin: the class may be meant."""
-    from medprompt.catalog import GENERIC_WORDS, words
+    from medprompt.catalog import words
 
-    class_words = {w for e in catalog.entries.values() for t in (e.name.replace("_", " "), *e.aliases)
-                   for w in words(t)} - set(SIDES) - GENERIC_WORDS
     for text in texts:
         prompt = words(text)
         covered: set[int] = set()
@@ -317,9 +319,8 @@ def names_other(catalog: PromptCatalog, index: ClassIndex, texts: list[str]) -> 
             for i in range(len(prompt) - len(target) + 1):
                 if prompt[i:i + len(target)] == target and not _after_relation(text, other):
                     covered.update(range(i, i + len(target)))
-        if not covered or class_words & {w for i, w in enumerate(prompt) if i not in covered}:
-            continue
-        return True
+        if covered and not index.class_words & {w for i, w in enumerate(prompt) if i not in covered}:
+            return True
     return False
 
 
@@ -357,7 +358,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
     # The margin guards against embedding noise; a prompt that spells other anatomy and no class
     # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
-    margin = 0.0 if names_other(catalog, index, texts) else OTHER_MARGIN
+    margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
     if (above_floor and other is not None and other[1] > score + margin
             and not any(_after_relation(t, other[0]) for t in texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
