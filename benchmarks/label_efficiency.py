@@ -96,7 +96,7 @@ def main() -> None:
             t = time.perf_counter()
             base = train_zero_shot(ZeroShotConfig(studies=[zs_dir / "images"], out=zs_dir / "model.pt",
                                                   steps=args.zero_shot_steps, batch_size=args.batch_size,
-                                                  model_config=args.config, device=args.device), progress=False)
+                                                  model_config=args.config, device=args.device), progress=False).out
             print(f"zero-shot model: {time.perf_counter() - t:.0f} s")
         else:
             base = VIT_CHECKPOINT

@@ -92,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                                 help="train the MedPrompt network on unlabelled volumes (no label is read)")
     train.add_argument("--studies", nargs="+", required=True, metavar="PATH",
                        help="folders of volumes and/or single volumes (images only)")
-    train.add_argument("--out", type=Path, default=None,
-                       help="model file to write (default: models/medprompt_sam.pt)")
+    train.add_argument("--out", type=Path, required=True, metavar="MODEL.pt",
+                       help="model file to write; a partial run of the same studies and settings beside it "
+                            "(MODEL.pt.state) resumes. To replace the shipped model, name it: models/medprompt_sam.pt")
     train.add_argument("--arch", choices=ARCHS, default=None,
                        help="sam (default): a head on LiteMedSAM's cached image embeddings, taught by the prior + "
                             "LiteMedSAM; vit: the older ViT trained from pixels, taught by the prior")
@@ -425,7 +426,7 @@ def _pacs_demo(args: argparse.Namespace) -> int:
 
 def _train_zero_shot(args: argparse.Namespace) -> int:
     from medprompt.distributed import init_distributed
-    from medprompt.model.checkpoint import DEFAULT_CHECKPOINT
+    from medprompt.trainers.resume import describe
 
     if args.init is not None and not args.init.is_file():
         raise InputError(f"--init {args.init}: no such model file")
@@ -436,13 +437,12 @@ def _train_zero_shot(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else ZERO_SHOT[arch].lr
     if steps < 1 or batch < 1 or args.rounds < 1:
         raise InputError("--steps, --batch-size and --rounds must be positive")
-    out = args.out or DEFAULT_CHECKPOINT
     studies = [Path(s) for s in args.studies]
     if sam:
         from medprompt.trainers.sam_rounds import zero_shot_sam
         from medprompt.trainers.zero_shot import DEFAULT_CLASSES
 
-        out = zero_shot_sam(studies, out, DEFAULT_CLASSES, steps=steps, rounds=args.rounds, batch_size=batch, lr=lr,
+        run = zero_shot_sam(studies, args.out, DEFAULT_CLASSES, steps=steps, rounds=args.rounds, batch_size=batch, lr=lr,
                             text_encoder=args.train_text_encoder, model_config=args.model_config,
                             device=args.device, seed=args.seed, resume=not args.no_resume,
                             time_limit_s=_time_limit_s(args), init=args.init)
@@ -450,13 +450,13 @@ def _train_zero_shot(args: argparse.Namespace) -> int:
         from medprompt.trainers.zero_shot import ZeroShotConfig, train_zero_shot
 
         cfg = ZeroShotConfig(
-            studies=studies, out=out, steps=steps, batch_size=batch, lr=lr, model_config=args.model_config,
+            studies=studies, out=args.out, steps=steps, batch_size=batch, lr=lr, model_config=args.model_config,
             text_encoder=args.train_text_encoder, device=args.device, seed=args.seed, resume=not args.no_resume,
             init_vision=args.init_vision, time_limit_s=_time_limit_s(args), init=args.init,
         )
-        out = train_zero_shot(cfg, progress=True)
+        run = train_zero_shot(cfg, progress=True)
     if init_distributed(args.device).is_main:  # under torchrun, one report
-        print(f"wrote {out}")
+        print(describe(run))
     return 0
 
 
@@ -532,6 +532,10 @@ def _train_weak(args: argparse.Namespace) -> int:
     result = train_weak(cfg, progress=True)
     if not result.complete:
         print(f"stopped at step {result.step}/{result.steps}; saved, run again to resume")
+        return 0
+    if result.start >= result.steps:
+        print(f"{result.out} is already trained: {result.steps} of {result.steps} steps of this run (the same images "
+              f"and settings); nothing was trained. --no-resume trains it again")
         return 0
     excluded = "" if result.excluded is None else f", {result.excluded:.1%} of pixels uncertain in pass 2"
     print(f"wrote {result.out} ({result.steps} steps in {result.seconds:.0f} s{excluded})")

@@ -91,7 +91,8 @@ def test_corrupt_input_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("argv", [[], ["infer"], ["evaluate", "--pred", "x"], ["nonsense"],
-                                  ["sample-data", "d", "--n", "many"]])
+                                  ["sample-data", "d", "--n", "many"],
+                                  ["train-zero-shot", "--studies", "d"]])  # no --out: never the shipped model
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert "usage: medprompt" in capsys.readouterr().err

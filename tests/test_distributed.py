@@ -264,17 +264,21 @@ def test_cli_under_torchrun_writes_one_loadable_model(studies: Path, tmp_path: P
     assert not list(temp.iterdir()), "torchrun left its folders in the temp folder"
 
 
-def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_study(studies: Path, tmp_path: Path):
+def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_study(
+        studies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """MedPromptNet on LiteMedSAM features (the default --arch) in two processes: each teaches one of the
-    two studies (prior + LiteMedSAM, real weights), one model comes out, trained on both."""
+    two studies (prior + LiteMedSAM, real weights), one model comes out, trained on both. The same command
+    in one process is the same run (resume does not depend on the number of processes): nothing trains."""
+    from medprompt.cli import main
     from medprompt.distributed import run_torchrun
     from medprompt.model.sam_checkpoint import load_net
 
     out = tmp_path / "m.pt"
     lines: list[str] = []
-    run_torchrun(["train-zero-shot", "--studies", str(studies), "--out", str(out), "--steps", "2", "--batch-size", "2",
-                  "--model-config", "tiny", "--device", "cpu"], WORLD,
-                 env={"OMP_NUM_THREADS": "1", "MEDPROMPT_CACHE": str(tmp_path / "cache")}, on_line=lines.append)
+    args = ["train-zero-shot", "--studies", str(studies), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--model-config", "tiny", "--device", "cpu"]
+    run_torchrun(args, WORLD, env={"OMP_NUM_THREADS": "1", "MEDPROMPT_CACHE": str(tmp_path / "cache")},
+                 on_line=lines.append)
     _, meta = load_net(out)
     assert meta["step"] == 2
     assert sorted(meta["trained_on"]) == sorted(p.name for p in list_studies([studies]))
@@ -283,6 +287,10 @@ def test_the_default_model_trains_under_torchrun_each_process_teaching_its_own_s
         assert any(f"process {rank} of 2" in line and "| 1/1 " in line for line in taught), taught
     assert sum(line.startswith("wrote ") for line in lines) == 1
     assert not list((tmp_path / "teacher_cache").glob("embeddings_*"))  # each process's spill folder is gone
+    monkeypatch.setenv("MEDPROMPT_CACHE", str(tmp_path / "cache"))
+    before = out.read_bytes()
+    assert main(args) == 0  # the teachers' cells come from the cache the two processes wrote
+    assert f"{out} is already trained: 2 of 2 steps" in capsys.readouterr().out and out.read_bytes() == before
 
 
 def test_a_finetune_round_under_torchrun_shares_the_unlabelled_studies(tmp_path: Path):

@@ -38,7 +38,7 @@ def start_model(datastore: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "served.pt"
     cfg = ZeroShotConfig(studies=[datastore], out=out, steps=2, batch_size=2, model_config="tiny",
                          classes=("liver", "spleen"), device="cpu")
-    return train_zero_shot(cfg, progress=False)
+    return train_zero_shot(cfg, progress=False).out
 
 
 def test_labelled_and_unlabelled_are_told_apart(datastore: Path):

@@ -278,6 +278,66 @@ def test_the_network_learns_planted_classes_and_training_resumes(tmp_path: Path,
     assert cell_dice(out, [held_out], shuffled, "cpu") < 0.2
 
 
+def test_a_run_resumes_only_its_own_state_and_a_finished_one_trains_nothing(tmp_path: Path, one_torch_thread,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """`train-zero-shot --out F` twice: the second call must not claim a new model (it trains nothing and
+    F is untouched); with other studies, or other steps, the partial state beside F is set aside, said so."""
+    from medprompt.trainers.resume import describe
+
+    vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
+    out = tmp_path / "net.pt"
+    cfg = SamNetTrainConfig(out=out, classes=["a", "b"], steps=4, batch_size=2, model_config="tiny", device="cpu",
+                            save_every=1000, time_limit_s=0.0)
+    stopped = train_cells(cfg, [_planted_study(0)], vectors, "test", progress=False)
+    assert (stopped.start, stopped.step, stopped.complete) == (0, 1, False)
+    assert "holds step 1 of 4; run the same command again to resume" in describe(stopped)
+    cfg.time_limit_s = None
+    steps: list[int] = []
+    done = train_cells(cfg, [_planted_study(0)], vectors, "test", progress=False, on_step=lambda k, _: steps.append(k))
+    assert steps == [2, 3, 4] and (done.start, done.step, done.complete) == (1, 4, True)
+    assert describe(done).startswith(f"wrote {out} (4 steps, resumed at step 1)")
+    before = out.read_bytes()
+    again = train_cells(cfg, [_planted_study(0)], vectors, "test", progress=True, on_step=lambda k, _: steps.append(k))
+    assert (again.start, again.trained, again.complete) == (4, 0, True) and steps == [2, 3, 4]
+    assert out.read_bytes() == before
+    assert "already trained" in describe(again) and "nothing was trained" in describe(again)
+    capsys.readouterr()
+
+    fresh: list[int] = []
+    train_cells(cfg, [_planted_study(3)], vectors, "test", progress=True, on_step=lambda k, _: fresh.append(k))
+    assert fresh == [1, 2, 3, 4]  # other targets: the finished run is not taken for this one
+    said = capsys.readouterr().out
+    assert f"{out}.state belongs to a run with other studies; starting over at step 0" in said
+    cfg.steps, fresh = 5, []
+    train_cells(cfg, [_planted_study(3)], vectors, "test", progress=True, on_step=lambda k, _: fresh.append(k))
+    assert fresh == [1, 2, 3, 4, 5] and "belongs to a run with other steps;" in capsys.readouterr().out
+
+
+def test_zero_shot_rounds_stop_at_the_time_limit_and_resume_round_by_round(tmp_path: Path, one_torch_thread,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time limit that ends round 1 ends the call: round 2 never starts from an unfinished round 1, and
+    the next call finishes round 1, then trains round 2; a third call trains nothing."""
+    from medprompt.trainers import sam_rounds, zero_shot
+
+    image = tmp_path / "study.nii.gz"
+    image.write_bytes(b"")  # listed only: the teacher below stands in for reading it
+    vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
+    monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(sam_rounds, "teacher_studies", lambda paths, *a, **k: [_planted_study(0)])
+    monkeypatch.setattr(zero_shot, "class_vectors", lambda *a, **k: (vectors, "test"))
+    seen: list[int] = []
+    run = lambda limit: sam_rounds.zero_shot_sam(  # noqa: E731
+        [image], tmp_path / "zs.pt", ["liver", "spleen"], steps=3, rounds=2, batch_size=2, model_config="tiny",
+        device="cpu", time_limit_s=limit, progress=False, on_step=lambda k, _: seen.append(k))
+    first = run(0.0)
+    assert (first.out.name, first.step, first.complete) == ("zs.round1.pt", 1, False)
+    assert not (tmp_path / "zs.pt").exists() and seen == [1]
+    second = run(None)
+    assert second.out == tmp_path / "zs.pt" and second.complete and seen == [1, 2, 3, 1, 2, 3]
+    third = run(None)
+    assert third.complete and third.trained == 0 and seen == [1, 2, 3, 1, 2, 3]
+
+
 def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_path: Path, one_torch_thread,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A round keeps its studies' embeddings on disk (trainers.disk_embeddings): indexing, held-out subsets,

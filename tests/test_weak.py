@@ -116,7 +116,7 @@ def test_untrained_ensemble_is_no_better_than_chance(trained: Path, tmp_path: Pa
     assert dice(probs.argmax(0) == 1, mask) < 0.6
 
 
-def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+def test_resume_continues_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A run killed at step 11 (state saved at 10) resumes at step 11 and ends with a model file."""
     from medprompt.weak.train import WeakConfig, train_weak
 
@@ -141,7 +141,10 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     # Finished: a third call trains nothing.
     seen.clear()
     again = train_weak(cfg, progress=False, on_step=lambda step, stats: seen.append(step))
-    assert seen == [] and again.complete
+    assert seen == [] and again.complete and again.start == again.steps == 24
+    cfg.lr = 0.02  # another run under the same --out: set aside, said so, trained from step 1
+    train_weak(cfg, progress=True, on_step=lambda step, stats: seen.append(step))
+    assert seen[0] == 1 and "belongs to a run with other lr; starting over" in capsys.readouterr().out
 
 
 def test_zero_shot_drafts_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

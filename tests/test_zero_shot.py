@@ -56,7 +56,7 @@ def test_training_never_reads_a_label(studies: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(volume_io, "load_volume", spy)
     monkeypatch.setattr(volume_io, "load_labelmap", forbidden)
-    out = train_zero_shot(_cfg(studies, tmp_path / "m.pt", steps=2), progress=False)
+    out = train_zero_shot(_cfg(studies, tmp_path / "m.pt", steps=2), progress=False).out
     assert out.is_file()
     assert opened and all(p.parent == studies and p.name.startswith("phantom_") for p in opened)
     _, meta = load_model(out)
@@ -81,13 +81,18 @@ def test_interrupted_run_resumes_where_it_stopped(studies: Path, tmp_path: Path)
     assert rest == [2, 3, 4, 5, 6]
     _, meta = load_model(out)
     assert meta["step"] == 6
+    again = train_zero_shot(_cfg(studies, out), progress=False, on_step=lambda s, _: rest.append(s))
+    assert again.complete and again.trained == 0 and rest == [2, 3, 4, 5, 6]  # finished: nothing trained
+    other: list[int] = []  # the same --out with other classes: a new run, not the finished one
+    train_zero_shot(_cfg(studies, out, classes=CLASSES[:2]), progress=False, on_step=lambda s, _: other.append(s))
+    assert other == [1, 2, 3, 4, 5, 6]
 
 
 def test_init_continues_from_a_model_file(studies: Path, tmp_path: Path):
-    base = train_zero_shot(_cfg(studies, tmp_path / "base.pt", steps=2), progress=False)
+    base = train_zero_shot(_cfg(studies, tmp_path / "base.pt", steps=2), progress=False).out
     net_base, _ = load_model(base)
     out = train_zero_shot(_cfg(studies, tmp_path / "next.pt", steps=1, lr=1e-9, init=base, model_config="small"),
-                          progress=False)
+                          progress=False).out
     net_next, _ = load_model(out)
     assert net_next.cfg == net_base.cfg  # the init file's architecture, not model_config
     a = net_base.state_dict()["head.2.weight"]

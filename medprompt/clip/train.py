@@ -139,6 +139,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
     from medprompt.distributed import DistContext, end_of_step
     from medprompt.io.volume import write_json
     from medprompt.model.checkpoint import atomic_torch_save, resolve_device
+    from medprompt.trainers.resume import NOT_THE_RUN, resumable_state, run_identity
     from medprompt.trainers.zero_shot import warmup_cosine
 
     if cfg.steps < 1 or cfg.batch_size < 2:
@@ -154,15 +155,15 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
     out = Path(cfg.out)
     state_path = out / STATE_FILE
-    identity = {"model": clip.key, "pairs": _fingerprint(pairs), "steps": cfg.steps, "batch_size": cfg.batch_size}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in (*NOT_THE_RUN, "pairs", "model")}
+    identity = run_identity(**settings, model=clip.key, pairs=_fingerprint(pairs))
     start = 0
-    if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("identity") == identity:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
+    state = resumable_state(state_path, out, identity, cfg.resume, announce=progress)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
     meta = {"source_model": clip.key, "loss": "DHN-NCE", **{k: str(v) if isinstance(v, Path) else v
                                                              for k, v in asdict(cfg).items()},
             "pairs_count": len(pairs), "identity": identity}
@@ -173,7 +174,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
 
     def state() -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "identity": identity}
+                "run": identity}
 
     single = DistContext(0, 1, 0, device)  # one process: end_of_step's bookkeeping without the agreement
     use_amp = device.type == "cuda"

@@ -14,7 +14,7 @@ per-cell MLP on cached embeddings.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -26,6 +26,7 @@ from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet, channel_owner, merged_log_softmax, part_matrix
 from medprompt.trainers.cells import CellStudy, class_area, class_balance
 from medprompt.trainers.defaults import ZERO_SHOT
+from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resumable_state, run_identity
 
 if TYPE_CHECKING:
     from medprompt.distributed import DistContext
@@ -127,8 +128,8 @@ def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.
 def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.ndarray, encoder_key: str,
                 init: Path | None = None, study_p: np.ndarray | None = None, progress: bool = True,
                 on_step: Callable[[int, dict], None] | None = None, desc: str = "training",
-                held_by: Sequence[int] | None = None) -> Path:
-    """Run (or resume) training on ``studies``; returns the model file (``cfg.out``).
+                held_by: Sequence[int] | None = None) -> TrainingRun:
+    """Run (or resume, trainers.resume) training on ``studies``; returns where the model file (``cfg.out``) stands.
 
     ``study_p``: how often a batch draws each study (relative; default its slice count). Across processes
     each holds its share of a round's studies (distributed.shard) and ``held_by`` says on how many
@@ -145,14 +146,21 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     net = warm_net(init, vectors.shape[1], cfg.model_config, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
+    trained_on = gathered([s.name for s in studies], ctx)
+    run = run_identity(**{k: v for k, v in asdict(cfg).items() if k not in NOT_THE_RUN}, net=net.cfg.to_dict(),
+                       text=encoder_key, vectors=digest([vectors]), init=file_stamp(init),
+                       # each study by name, targets and draw weight, in an order that does not depend on how
+                       # many processes hold them: a stopped run resumes with any number of processes
+                       studies=sorted(gathered([(s.name, digest([s.target, s.weight, s.known]),
+                                                 None if study_p is None else round(float(study_p[i]), 9))
+                                                for i, s in enumerate(studies)], ctx)))
     start = 0
-    if cfg.resume and state_path.exists() and out.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("config") == net.cfg.to_dict() and state.get("steps") == cfg.steps:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
+    state = resumable_state(state_path, out, run, cfg.resume, announce=progress and ctx.is_main)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
     model = wrap_model(net, ctx)
     rng = np.random.default_rng([cfg.seed, start, ctx.rank])
     text = torch.from_numpy(vectors).float().to(device)
@@ -163,13 +171,14 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     part_of = part_matrix(list(cfg.classes), cfg.parts).to(device)
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
-            "trained_on": gathered([s.name for s in studies], ctx), "steps": cfg.steps, **cfg.meta}
+            "trained_on": trained_on, "steps": cfg.steps, **cfg.meta}
     if balance is not None:
         meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",
                disable=not progress or not ctx.is_main)
     t0 = time.perf_counter()
     stats: dict = {}
+    done = start
     model.train()
     for step in bar:
         picks = []
@@ -192,9 +201,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
         if end_of_step(ctx, done, cfg.steps, cfg.save_every, cfg.time_limit_s, t0,
                        lambda: save_net(out, unwrap(model), {**meta, "step": done, "last_losses": stats}),
                        lambda: {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "config": net.cfg.to_dict()}, state_path, bar):
+                                "scheduler": sched.state_dict(), "run": run}, state_path, bar):
             break
-    if ctx.is_main and start >= cfg.steps and not out.exists():
-        save_net(out, unwrap(model), {**meta, "step": start})
     barrier(ctx)  # other ranks return once rank 0's files exist
-    return out
+    return TrainingRun(out, start, done, cfg.steps)

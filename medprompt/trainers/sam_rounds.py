@@ -46,6 +46,7 @@ from medprompt.errors import InputError
 from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
 from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.disk_embeddings import spill_folder, spilled
+from medprompt.trainers.resume import TrainingRun
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
 HOLD_OUT_EVERY = 4  # one in four sampled slices of each corrected study validates the round
@@ -65,8 +66,10 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
                   model_config: str = "small",
                   device: str = "auto", seed: int = 0, resume: bool = True, time_limit_s: float | None = None,
                   sam_checkpoint: str | Path | None = None, catalog: PromptCatalog | None = None,
-                  progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
-    """Train from unlabelled studies only; returns the model file."""
+                  progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainingRun:
+    """Train from unlabelled studies only; returns where the last round run stands (its model file is ``out``
+    once every round is complete). ``time_limit_s`` bounds all rounds together: a round stopped by it ends
+    the call, and the next call resumes it (a later round never starts from an unfinished one)."""
     from medprompt.model.sam_checkpoint import load_net
     from medprompt.trainers.zero_shot import class_vectors, list_studies
 
@@ -87,18 +90,22 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
         vectors, key = class_vectors(classes, catalog, text_encoder, cache)
         meta = {"teacher": "prior+LiteMedSAM", "rounds": rounds}
         start = init
+        began = time.perf_counter()
         for r in range(rounds):
             target = out if r == rounds - 1 else out.with_name(f"{out.stem}.round{r + 1}{out.suffix}")
+            left = None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - began))
             cfg = SamNetTrainConfig(out=target, classes=list(classes), steps=steps, batch_size=batch_size, lr=lr,
                                     model_config=model_config,
-                                    device=device, seed=seed + r, resume=resume, time_limit_s=time_limit_s,
+                                    device=device, seed=seed + r, resume=resume, time_limit_s=left,
                                     balance=True, meta={**meta, "round": r + 1})
-            train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
-                        on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}", held_by=[held_by] * len(cells))
+            run = train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
+                              on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}", held_by=[held_by] * len(cells))
+            if not run.complete:
+                break
             if r < rounds - 1:
                 cells = self_trained(cells, target, vectors, device)
                 start = target  # the next round continues from this one
-    return out
+    return run
 
 
 def _reach(model_config: str) -> int:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +33,7 @@ from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, r
 from medprompt.model.network import MedPromptNet, NetConfig
 from medprompt.teachers import PriorTeacher, Teacher
 from medprompt.trainers.defaults import ZERO_SHOT
+from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resumable_state, run_identity
 
 DEFAULT_CLASSES: tuple[str, ...] = (*SYNAPSE8, "inferior_vena_cava", "urinary_bladder")
 CACHE_VERSION = 2  # bump when the teacher's output format or the network grid changes
@@ -245,8 +246,8 @@ def class_vectors(classes: Sequence[str], catalog: PromptCatalog, text_encoder: 
 
 
 def train_zero_shot(cfg: ZeroShotConfig, catalog: PromptCatalog | None = None, teacher: Teacher | None = None,
-                    progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
-    """Run (or resume) a zero-shot training; returns the model file path (``cfg.out``)."""
+                    progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainingRun:
+    """Run (or resume) a zero-shot training; returns where its model file (``cfg.out``) stands."""
     catalog = catalog or default_catalog()
     teacher = teacher or PriorTeacher(catalog)
     unknown = [c for c in cfg.classes if c not in catalog]
@@ -261,8 +262,9 @@ def train_zero_shot(cfg: ZeroShotConfig, catalog: PromptCatalog | None = None, t
 
 def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np.ndarray, encoder_key: str,
                  meta_extra: dict, progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
-                 volume_p: np.ndarray | None = None, desc: str = "zero-shot training") -> Path:
-    """The training loop shared by zero-shot and finetuning: targets are already in ``volumes``.
+                 volume_p: np.ndarray | None = None, desc: str = "zero-shot training") -> TrainingRun:
+    """The training loop shared by zero-shot and finetuning: targets are already in ``volumes``; a partial
+    run of the same settings and targets resumes (trainers.resume).
 
     ``volume_p`` weights how often each volume is drawn (finetuning draws labelled ones more).
     Started by torchrun, every process runs this loop on its own device with its own tiles (seed +
@@ -290,15 +292,20 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
         _init_vision(net, cfg.init_vision)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_THE_RUN}
+    run = run_identity(**{**settings, "init": file_stamp(cfg.init)}, net=net_cfg.to_dict(),
+                       text=encoder_key, vectors=digest([vectors]),
+                       volumes=[(v.name, digest([v.target, v.weight])) for v in volumes],
+                       volume_p=None if volume_p is None else np.asarray(volume_p, np.float64).round(9).tolist(),
+                       meta=meta_extra)
     start = 0
-    if cfg.resume and state_path.exists() and out.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("config") == net_cfg.to_dict() and state.get("steps") == cfg.steps:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
-            rng = np.random.default_rng(cfg.seed + ctx.rank + start)
+    state = resumable_state(state_path, out, run, cfg.resume, announce=progress and ctx.is_main)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     model = wrap_model(net, ctx)  # ``net`` stays the bare network: saved, and its region_logits called
     text = torch.from_numpy(vectors).to(device)
     sampler = TileSampler(volumes, net_cfg.tile, net_cfg.in_slices, rng, volume_p=volume_p)
@@ -315,6 +322,7 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
                unit="step", disable=not (progress and ctx.is_main))
     t0 = time.perf_counter()
     stats: dict = {}
+    done = start
     net.train()
     for step in bar:
         img, tgt, wt = (torch.from_numpy(a).to(device) for a in sampler.sample(cfg.batch_size))
@@ -345,18 +353,16 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
         if end_of_step(ctx, done, cfg.steps, cfg.save_every, cfg.time_limit_s, t0,
                        lambda: save_model(out, net, {**meta, "step": done, "last_losses": stats}),
                        lambda: {"net": net.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "config": net_cfg.to_dict()}, state_path, bar):
+                                "scheduler": sched.state_dict(), "run": run}, state_path, bar):
             break
-    if ctx.is_main and start >= cfg.steps and not out.exists():
-        save_model(out, net, {**meta, "step": start})
     barrier(ctx)  # every process returns once rank 0's files are there
     elapsed = time.perf_counter() - t0
-    if progress and ctx.is_main and cfg.steps > start:
+    if progress and ctx.is_main and done > start:
         where = f"{device} x {ctx.world} processes" if ctx.world > 1 else f"{device}"
-        print(f"trained {cfg.steps - start} steps in {elapsed:.0f} s "
-              f"({(cfg.steps - start) * cfg.batch_size * ctx.world / max(elapsed, 1e-9):.1f} tiles/s on {where}); "
+        print(f"trained {done - start} steps in {elapsed:.0f} s "
+              f"({(done - start) * cfg.batch_size * ctx.world / max(elapsed, 1e-9):.1f} tiles/s on {where}); "
               f"model: {out}")
-    return out
+    return TrainingRun(out, start, done, cfg.steps)
 
 
 def warmup_cosine(steps: int, warmup_frac: float = 0.05) -> Callable[[int], float]:

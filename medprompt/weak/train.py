@@ -22,7 +22,6 @@ The model file is written (atomically) when training ends.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,13 +37,14 @@ from medprompt.errors import InputError
 from medprompt.io.volume import atomic_write
 from medprompt.saliency.lesion import UNSURE
 from medprompt.trainers.defaults import WEAK
+from medprompt.trainers.resume import resumable_state, run_identity
 from medprompt.weak.data import TrainingSet, build_training_set, list_images, resolve_classes
 from medprompt.weak.model import FORMAT, build_net, ensemble_probabilities, normalised_entropy
 
 
 @dataclass
 class WeakConfig:
-    """One weak-supervision training run; everything that changes its result is in its resume key."""
+    """One weak-supervision training run; everything that changes its result is in its resume identity (_run)."""
 
     images: Path | Sequence[Path]  # a folder of 2D images, or the files themselves
     prompts: Sequence[str]
@@ -79,6 +79,7 @@ class WeakResult:
     complete: bool
     history: list[float] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # images whose unsure drafts were not learnt from
+    start: int = 0  # the step this call began at (a resumed run's; ``steps``: it was already complete)
 
 
 def pass_plan(cfg: WeakConfig) -> tuple[int, int]:
@@ -125,29 +126,27 @@ def train_weak(cfg: WeakConfig, progress: bool = True,
     if progress and left_out:
         print(f"left out {len(left_out)} unsure draft(s): {', '.join(left_out)}")
     device = resolve_device(cfg.device)
-    key = _resume_key(cfg, data)
+    run = _run(cfg, data)
     state_path = out.with_name(out.name + ".state")
 
     torch.manual_seed(cfg.seed)
     net = build_net(len(classes)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     step, snaps, weights, history = 0, [], None, []
-    if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("key") == key:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            step, snaps, weights = int(state["step"]), state["snapshots"], state["weights"]
-            history = list(state.get("history", []))
-        elif progress:
-            print(f"note: {state_path} is from other settings or images; starting over")
+    state = resumable_state(state_path, None, run, cfg.resume, announce=progress)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        step, snaps, weights = int(state["step"]), state["snapshots"], state["weights"]
+        history = list(state.get("history", []))
+    start = step
     pass1, pass2 = pass_plan(cfg)
     x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.y.astype(np.int64))
     excluded = None if weights is None else float(1 - weights.mean())
 
     def save_state() -> None:
-        blob = {"key": key, "net": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        blob = {"run": run, "net": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "snapshots": snaps, "weights": weights, "history": history}
         atomic_write(state_path, lambda tmp: torch.save(blob, tmp))
 
@@ -191,7 +190,7 @@ def train_weak(cfg: WeakConfig, progress: bool = True,
         if out_of_time and step < cfg.steps:
             bar.close()
             return WeakResult(out, step, cfg.steps, time.perf_counter() - t0, draft_seconds, excluded, False, history,
-                              left_out)
+                              left_out, start)
     bar.close()
     seconds = time.perf_counter() - t0
     if not complete or not out.is_file():
@@ -201,7 +200,7 @@ def train_weak(cfg: WeakConfig, progress: bool = True,
                 "last_loss": history[-1] if history else None}
         blob = {"format": FORMAT, "snapshots": snaps, "classes": classes, "size": cfg.size, "meta": meta}
         atomic_write(out, lambda tmp: torch.save(blob, tmp))
-    return WeakResult(out, step, cfg.steps, seconds, draft_seconds, excluded, True, history, left_out)
+    return WeakResult(out, step, cfg.steps, seconds, draft_seconds, excluded, True, history, left_out, start)
 
 
 def confident(data: TrainingSet, threshold: float) -> tuple[TrainingSet, list[str]]:
@@ -217,12 +216,14 @@ def confident(data: TrainingSet, threshold: float) -> tuple[TrainingSet, list[st
                        source=data.source, confidence=[data.confidence[i] for i in keep]), left_out
 
 
-def _resume_key(cfg: WeakConfig, data) -> str:
+def _run(cfg: WeakConfig, data) -> dict:
+    """What a resumed run must share with the one that left the state (trainers.resume): the images and
+    their masks, and every setting that changes the result."""
     h = hashlib.sha1(np.ascontiguousarray(data.y).tobytes())
     h.update(np.ascontiguousarray(data.x[:, :, ::8, ::8]).tobytes())
-    h.update(json.dumps([data.classes, cfg.steps, cfg.batch_size, cfg.lr, cfg.size, cfg.snapshots,
-                         cfg.second_pass, cfg.uncertain, cfg.seed, cfg.min_confidence, FORMAT]).encode())
-    return h.hexdigest()
+    return run_identity(images=h.hexdigest(), classes=data.classes, steps=cfg.steps, batch_size=cfg.batch_size,
+                        lr=cfg.lr, size=cfg.size, snapshots=cfg.snapshots, second_pass=cfg.second_pass,
+                        uncertain=cfg.uncertain, seed=cfg.seed, min_confidence=cfg.min_confidence, format=FORMAT)
 
 
 @torch.no_grad()
