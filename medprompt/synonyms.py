@@ -54,6 +54,8 @@ ORGAN_WORDS: dict[str, str] = {
     "esophageal": "esophagus", "oesophageal": "esophagus", "oesophagus": "esophagus",
     # skeleton
     "osseous": "bone", "skeletal": "bone",
+    # anatomy no shipped prompt file describes, read as a noun so it can be refused by name
+    "cardiac": "heart",
 }
 
 

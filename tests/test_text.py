@@ -395,6 +395,27 @@ def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("a lump in the breast").name == "breast_tumor"
 
 
+def test_a_finding_is_never_drawn_as_an_organ_or_another_organ_s_finding(minilm_catalog: PromptCatalog):
+    """A prompt that asks for a tumour, lesion, mass, nodule or cyst is refused when the class it reads like is
+    a whole organ (the spleen drawn for "a lesion of the spleen") or a finding whose phrases never name the
+    organ the prompt spells ("tumour of the heart" had been breast_tumor); a finding class of the named organ,
+    and an organ named beside a finding as a landmark, still resolve."""
+    for text, why in (("a lesion of the spleen", "asks for a lesion, and spleen is the whole organ"),
+                      ("bone tumour", "asks for a tumour, and bone is the whole organ"),
+                      ("tumour of the oesophagus", "asks for a tumour, and esophagus is the whole organ"),
+                      ("tumour of the heart", "asks for a tumour of the heart, and breast_tumor is another organ's"),
+                      ("heart mass", "asks for a mass of the heart"),
+                      ("cardiac tumour", "asks for a tumour of the heart"),  # "cardiac" read as the heart
+                      ("thyroid nodule", "asks for a nodule of the thyroid gland")):  # a gland by its adjective
+        with pytest.raises(PromptError, match=why):
+            minilm_catalog.resolve(text)
+    for text, name in (("a tumour in the brain", "brain_tumor"), ("breast cyst", "breast_tumor"),
+                       ("a lump in the breast", "breast_tumor"), ("nodule in the liver", "liver_tumour"),
+                       ("bowel cancer", "colon_tumour"), ("liver mets", "liver_tumour"),
+                       ("the spleen next to the lesion", "spleen"), ("the cardiac part of the stomach", "stomach")):
+        assert minilm_catalog.resolve(text).name == name, text
+
+
 def test_the_superior_vena_cava_is_not_the_inferior_one(minilm_catalog: PromptCatalog):
     """"inferior vena cava" reads 0.91 like "superior vena cava", which had taken the reference entry out of
     the list as if the class described it; names of opposite ends never cover each other."""

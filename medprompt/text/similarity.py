@@ -83,6 +83,14 @@ OTHER_ANATOMY = (
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
 )
 
+# Words that ask for a finding in an organ, not the organ. A class is a finding when its name holds
+# one (breast_tumor, liver_tumour, a user's kidney_cyst). A prompt that asks for a finding is never
+# drawn as an organ ("a lesion of the spleen" is not the spleen) nor as another organ's finding
+# ("tumour of the heart" is not breast_tumor): see ``finding_mismatch``.
+FINDING_WORDS = frozenset(
+    "tumour tumor tumours tumors cancer cancers carcinoma carcinomas lesion lesions mass masses nodule nodules "
+    "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts".split())
+
 
 OPPOSITES = (("superior", "inferior"), ("upper", "lower"), ("anterior", "posterior"), ("left", "right"),
              ("internal", "external"))
@@ -324,6 +332,39 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
     return False
 
 
+def finding_words(texts: Iterable[str]) -> set[str]:
+    """The finding words (``FINDING_WORDS``) the readings ask for, leaving out landmarks ("the kidney
+    beside the mass")."""
+    from medprompt.catalog import tokens
+
+    return {w for t in texts for w in tokens(t) if w in FINDING_WORDS and not _after_relation(t, w)}
+
+
+def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) -> str | None:
+    """Why ``entry`` cannot be what the readings ask for, or None: a finding asked of a class that is an
+    organ, or of anatomy (an OTHER_ANATOMY entry spelt in the prompt) that the finding class's own
+    phrases never mention."""
+    from medprompt.catalog import tokens, words
+
+    asked = finding_words(texts)
+    if not asked:
+        return None
+    finding = sorted(asked)[0]
+    if not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
+        return f"it asks for a {finding}, and {entry.name} is the whole organ"
+    vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
+    for other in index.others:
+        target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland
+        if FINDING_WORDS & set(target) or set(target) <= vocabulary:
+            continue
+        for t in texts:
+            prompt = tokens(t)
+            if any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1)) \
+                    and not _after_relation(t, other):
+                return f"it asks for a {finding} of the {other}, and {entry.name} is another organ's"
+    return None
+
+
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
          vectors: np.ndarray | None = None) -> list[tuple[str, float]]:
     """Eligible classes that are not landmarks, with their similarity to ``text``, best first.
@@ -378,6 +419,11 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if floor is not None and score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
+    mismatch = finding_mismatch(index, catalog[best], texts)
+    if mismatch is not None:
+        raise PromptError(f"unknown prompt '{text}': {mismatch}; no prompt file describes this finding (closest "
+                          f"known classes: {nearest}). To segment it, add a prompt file (see 'Prompts: the class "
+                          f"catalog' in README.md)")
     if sides(best) and len(sides(text)) != 1:
         twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
         raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
