@@ -534,8 +534,9 @@ def _train_weak(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}/{result.steps}; saved, run again to resume")
         return 0
     if result.start >= result.steps:
-        print(f"{result.out} is already trained: {result.steps} of {result.steps} steps of this run (the same images "
-              f"and settings); nothing was trained. --no-resume trains it again")
+        from medprompt.trainers.resume import TrainingRun, describe
+
+        print(describe(TrainingRun(result.out, result.start, result.step, result.steps)))
         return 0
     excluded = "" if result.excluded is None else f", {result.excluded:.1%} of pixels uncertain in pass 2"
     print(f"wrote {result.out} ({result.steps} steps in {result.seconds:.0f} s{excluded})")

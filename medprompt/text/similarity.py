@@ -351,7 +351,7 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
         return None
     finding = sorted(asked)[0]
     if not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
-        return f"it asks for a {finding}, and {entry.name} is the whole organ"
+        return f"it asks for a {finding}, and {entry.name} would draw the whole organ"
     vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
     for other in index.others:
         target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland

@@ -97,7 +97,7 @@ def describe(run: TrainingRun) -> str:
     if not run.complete:
         return f"{run.out} holds step {run.step} of {run.steps}; run the same command again to resume"
     if run.trained == 0:
-        return (f"{run.out} is already trained: {run.steps} of {run.steps} steps of this run (the same studies "
+        return (f"{run.out} is already trained: {run.steps} of {run.steps} steps of this run (the same inputs "
                 f"and settings); nothing was trained. --no-resume trains it again")
     resumed = f", resumed at step {run.start}" if run.start else ""
     return f"wrote {run.out} ({run.steps} steps{resumed})"
