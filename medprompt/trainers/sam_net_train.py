@@ -155,7 +155,8 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
                                                  None if study_p is None else round(float(study_p[i]), 9))
                                                 for i, s in enumerate(studies)], ctx)))
     start = 0
-    state = resumable_state(state_path, out, run, cfg.resume, announce=progress and ctx.is_main)
+    # said even when quiet: in a server round the line goes to the round's log
+    state = resumable_state(state_path, out, run, cfg.resume, announce=ctx.is_main)
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])

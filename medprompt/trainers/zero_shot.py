@@ -299,7 +299,8 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
                        volume_p=None if volume_p is None else np.asarray(volume_p, np.float64).round(9).tolist(),
                        meta=meta_extra)
     start = 0
-    state = resumable_state(state_path, out, run, cfg.resume, announce=progress and ctx.is_main)
+    # said even when quiet: in a server round the line goes to the round's log
+    state = resumable_state(state_path, out, run, cfg.resume, announce=ctx.is_main)
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
