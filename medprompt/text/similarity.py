@@ -340,18 +340,30 @@ def finding_words(texts: Iterable[str]) -> set[str]:
     return {w for t in texts for w in tokens(t) if w in FINDING_WORDS and not _after_relation(t, w)}
 
 
+def finding_of_organ(entry: PromptEntry, texts: list[str]) -> str | None:
+    """Why ``entry`` cannot be what the readings ask for, or None: they ask for a finding and the class is
+    an organ (any resolver: text similarity or keywords)."""
+    from medprompt.catalog import words
+
+    asked = finding_words(texts)
+    if asked and not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
+        return f"it asks for a {sorted(asked)[0]}, and {entry.name} would draw the whole organ"
+    return None
+
+
 def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) -> str | None:
     """Why ``entry`` cannot be what the readings ask for, or None: a finding asked of a class that is an
-    organ, or of anatomy (an OTHER_ANATOMY entry spelt in the prompt) that the finding class's own
-    phrases never mention."""
-    from medprompt.catalog import tokens, words
+    organ (``finding_of_organ``), or of anatomy (an OTHER_ANATOMY entry spelt in the prompt) that the
+    finding class's own phrases never mention."""
+    from medprompt.catalog import tokens
 
     asked = finding_words(texts)
     if not asked:
         return None
+    organ = finding_of_organ(entry, texts)
+    if organ is not None:
+        return organ
     finding = sorted(asked)[0]
-    if not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
-        return f"it asks for a {finding}, and {entry.name} would draw the whole organ"
     vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
     for other in index.others:
         target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland
