@@ -318,6 +318,7 @@ def test_zero_shot_rounds_stop_at_the_time_limit_and_resume_round_by_round(tmp_p
     """A time limit that ends round 1 ends the call: round 2 never starts from an unfinished round 1, and
     the next call finishes round 1, then trains round 2; a third call trains nothing."""
     from medprompt.trainers import sam_rounds, zero_shot
+    from medprompt.trainers.resume import describe
 
     image = tmp_path / "study.nii.gz"
     image.write_bytes(b"")  # listed only: the teacher below stands in for reading it
@@ -332,10 +333,13 @@ def test_zero_shot_rounds_stop_at_the_time_limit_and_resume_round_by_round(tmp_p
     first = run(0.0)
     assert (first.out.name, first.step, first.complete) == ("zs.round1.pt", 1, False)
     assert not (tmp_path / "zs.pt").exists() and seen == [1]
+    assert describe(first) == f"{first.out} holds step 1 of 3 of round 1 of 2; run the same command again to resume"
     second = run(None)
     assert second.out == tmp_path / "zs.pt" and second.complete and seen == [1, 2, 3, 1, 2, 3]
+    assert describe(second) == f"wrote {second.out} (2 rounds of 3 steps)"
     third = run(None)
     assert third.complete and third.trained == 0 and seen == [1, 2, 3, 1, 2, 3]
+    assert describe(third).startswith(f"{third.out} is already trained: 2 rounds of 3 steps of this run")
 
 
 def test_a_study_spilled_to_disk_reads_back_and_trains_exactly_as_in_memory(tmp_path: Path, one_torch_thread,

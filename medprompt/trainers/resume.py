@@ -33,6 +33,8 @@ class TrainingRun:
     start: int
     step: int
     steps: int
+    round: int = 1  # of ``rounds`` (train-zero-shot --rounds): each round is a run of its own
+    rounds: int = 1
 
     @property
     def complete(self) -> bool:
@@ -94,10 +96,12 @@ def resumable_state(state_path: Path, out: Path | None, run: dict[str, Any], res
 
 def describe(run: TrainingRun) -> str:
     """The CLI's closing line for a training command."""
+    of = f" of round {run.round} of {run.rounds}" if run.rounds > 1 else ""
     if not run.complete:
-        return f"{run.out} holds step {run.step} of {run.steps}; run the same command again to resume"
+        return f"{run.out} holds step {run.step} of {run.steps}{of}; run the same command again to resume"
+    steps = f"{run.rounds} rounds of {run.steps} steps" if run.rounds > 1 else f"{run.steps} steps"
     if run.trained == 0:
-        return (f"{run.out} is already trained: {run.steps} of {run.steps} steps of this run (the same inputs "
-                f"and settings); nothing was trained. --no-resume trains it again")
-    resumed = f", resumed at step {run.start}" if run.start else ""
-    return f"wrote {run.out} ({run.steps} steps{resumed})"
+        return (f"{run.out} is already trained: {steps} of this run (the same inputs and settings); nothing was "
+                f"trained. --no-resume trains it again")
+    resumed = f", resumed at step {run.start}{of}" if run.start else ""
+    return f"wrote {run.out} ({steps}{resumed})"

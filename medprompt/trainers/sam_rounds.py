@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -100,6 +101,7 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
                                     balance=True, meta={**meta, "round": r + 1})
             run = train_cells(cfg, cells, vectors, key, init=start, study_p=np.ones(len(cells)), progress=progress,
                               on_step=on_step, desc=f"zero-shot round {r + 1}/{rounds}", held_by=[held_by] * len(cells))
+            run = replace(run, round=r + 1, rounds=rounds)
             if not run.complete:
                 break
             if r < rounds - 1:
