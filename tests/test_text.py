@@ -416,6 +416,16 @@ def test_a_finding_is_never_drawn_as_an_organ_or_another_organ_s_finding(minilm_
         assert minilm_catalog.resolve(text).name == name, text
 
 
+def test_an_organ_s_wall_is_the_organ_not_the_abdominal_wall(minilm_catalog: PromptCatalog):
+    """MiniLM reads "stomach wall" 0.90 like "abdominal wall", which no prompt file describes; a prompt that
+    spells a class and shares only a part word ("wall") with other anatomy asks for that class's part."""
+    for text in ("stomach wall", "gastric wall", "the wall of the stomach", "the lining of the stomach"):
+        assert minilm_catalog.resolve(text).name == "stomach", text
+    for text in ("abdominal wall", "the wall of the abdomen", "the abdominal wall over the stomach"):
+        with pytest.raises(PromptError, match="reads like abdominal wall"):
+            minilm_catalog.resolve(text)
+
+
 def test_the_superior_vena_cava_is_not_the_inferior_one(minilm_catalog: PromptCatalog):
     """"inferior vena cava" reads 0.91 like "superior vena cava", which had taken the reference entry out of
     the list as if the class described it; names of opposite ends never cover each other."""

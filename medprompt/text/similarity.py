@@ -91,6 +91,10 @@ FINDING_WORDS = frozenset(
     "tumour tumor tumours tumors cancer cancers carcinoma carcinomas lesion lesions mass masses nodule nodules "
     "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts".split())
 
+# Words that name a part of whatever the rest of the phrase names: "stomach wall" is the stomach's wall, and
+# shares only "wall" with the abdominal wall that MiniLM reads it like (0.90). See ``part_of_class``.
+PART_WORDS = frozenset("wall walls lining capsule surface cortex mucosa".split())
+
 
 OPPOSITES = (("superior", "inferior"), ("upper", "lower"), ("anterior", "posterior"), ("left", "right"),
              ("internal", "external"))
@@ -332,6 +336,25 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
     return False
 
 
+def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
+    """Whether the readings name a part (``PART_WORDS``) of ``entry``, spelt by its name or an alias and not
+    as a landmark, and share no other word with the other-anatomy entry ``other``: then ``other`` is the
+    same part of something else, not what is asked ("gastric wall" is not the abdominal wall)."""
+    from medprompt.catalog import tokens
+
+    spellings = [tokens(t) for t in (entry.name.replace("_", " "), *entry.aliases)]
+    for t in texts:
+        prompt = tokens(t)
+        shared = set(prompt) & set(tokens(other))
+        if not shared or not shared <= PART_WORDS:
+            continue
+        for target in spellings:
+            if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
+                   for i in range(len(prompt) - len(target) + 1)):
+                return True
+    return False
+
+
 def finding_words(texts: Iterable[str]) -> set[str]:
     """The finding words (``FINDING_WORDS``) the readings ask for, leaving out landmarks ("the kidney
     beside the mass")."""
@@ -413,7 +436,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
     margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
     if (above_floor and other is not None and other[1] > score + margin
-            and not any(_after_relation(t, other[0]) for t in texts)):
+            and not any(_after_relation(t, other[0]) for t in texts)
+            and not part_of_class(catalog[best], other[0], texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
                           f"(see 'Prompts: the class catalog' in README.md)")
