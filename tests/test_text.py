@@ -380,6 +380,10 @@ def test_anatomy_no_prompt_file_describes_is_refused_not_drafted_as_a_neighbour(
     # Naming a class keeps it ("a tumour in the liver"); a structure named as a place is a landmark.
     assert minilm_catalog.resolve("tumour in the liver").name == "liver_tumour"
     assert minilm_catalog.resolve("the gland next to the duodenum that makes insulin").name == "pancreas"
+    # The aorta's phrases run "along the vertebral column": the column itself had drawn the aorta.
+    with pytest.raises(PromptError, match="reads like vertebral column"):
+        minilm_catalog.resolve("vertebral column")
+    assert minilm_catalog.resolve("the aorta in front of the spine").name == "aorta"
 
 
 def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):

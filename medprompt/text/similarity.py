@@ -80,7 +80,7 @@ OTHER_ANATOMY = (
     "gallbladder cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
-    "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
+    "spinal cord", "vertebral column", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
 )
 
 # Words that ask for a finding in an organ, not the organ. A class is a finding when its name holds
