@@ -416,7 +416,8 @@ def test_a_finding_is_never_drawn_as_an_organ_or_another_organ_s_finding(minilm_
     for text, name in (("a tumour in the brain", "brain_tumor"), ("breast cyst", "breast_tumor"),
                        ("a lump in the breast", "breast_tumor"), ("nodule in the liver", "liver_tumour"),
                        ("bowel cancer", "colon_tumour"), ("liver mets", "liver_tumour"),
-                       ("the spleen next to the lesion", "spleen"), ("the cardiac part of the stomach", "stomach")):
+                       ("the spleen next to the lesion", "spleen"), ("the cardiac part of the stomach", "stomach"),
+                       ("a breast mass near the thyroid", "breast_tumor")):  # other anatomy as a landmark
         assert minilm_catalog.resolve(text).name == name, text
 
 

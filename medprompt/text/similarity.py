@@ -394,8 +394,8 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
             continue
         for t in texts:
             prompt = tokens(t)
-            if any(prompt[i:i + len(target)] == target for i in range(len(prompt) - len(target) + 1)) \
-                    and not _after_relation(t, other):
+            if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
+                   for i in range(len(prompt) - len(target) + 1)):
                 return f"it asks for a {finding} of the {other}, and {entry.name} is another organ's"
     return None
 
