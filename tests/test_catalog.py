@@ -103,7 +103,7 @@ def test_names_that_are_no_list_still_resolve(catalog, text, expected):
 def test_the_keyword_resolver_never_draws_an_organ_for_a_finding(catalog):
     """Without a text encoder the catalog resolves by keywords; a finding prompt is still not its organ."""
     keywords = PromptCatalog(dict(catalog.entries))
-    with pytest.raises(PromptError, match="asks for a lesion, and spleen would draw the whole organ"):
+    with pytest.raises(PromptError, match=r"a finding \(lesion\), and spleen would draw the whole organ"):
         keywords.resolve("a lesion of the spleen")
     assert keywords.resolve("the spleen next to the lesion").name == "spleen"
     assert keywords.resolve("breast lesion").name == "breast_tumor"

@@ -400,24 +400,29 @@ def test_the_heart_is_not_the_stomach(minilm_catalog: PromptCatalog):
 
 
 def test_a_finding_is_never_drawn_as_an_organ_or_another_organ_s_finding(minilm_catalog: PromptCatalog):
-    """A prompt that asks for a tumour, lesion, mass, nodule or cyst is refused when the class it reads like is
+    """A prompt that asks for a finding (tumour, lesion, mass, stone, ...) is refused when the class it reads like is
     a whole organ (the spleen drawn for "a lesion of the spleen") or a finding whose phrases never name the
     organ the prompt spells ("tumour of the heart" had been breast_tumor); a finding class of the named organ,
     and an organ named beside a finding as a landmark, still resolve."""
-    for text, why in (("a lesion of the spleen", "asks for a lesion, and spleen would draw the whole organ"),
-                      ("bone tumour", "asks for a tumour, and bone would draw the whole organ"),
-                      ("tumour of the oesophagus", "asks for a tumour, and esophagus would draw the whole organ"),
-                      ("tumour of the heart", "asks for a tumour of the heart, and breast_tumor is another organ's"),
-                      ("heart mass", "asks for a mass of the heart"),
-                      ("cardiac tumour", "asks for a tumour of the heart"),  # "cardiac" read as the heart
-                      ("thyroid nodule", "asks for a nodule of the thyroid gland")):  # a gland by its adjective
+    whole = r"asks for a finding \({}\), and {} would draw the whole organ"
+    other = r"asks for a finding \({}\) of the {}, and breast_tumor is another organ's"
+    for text, why in (("a lesion of the spleen", whole.format("lesion", "spleen")),
+                      ("bone tumour", whole.format("tumour", "bone")),
+                      ("tumour of the oesophagus", whole.format("tumour", "esophagus")),
+                      ("kidney stones", whole.format("stones", "kidneys")),
+                      ("rib fracture", whole.format("fracture", "spleen")),  # had drawn the spleen
+                      ("tumour of the heart", other.format("tumour", "heart")),
+                      ("heart mass", other.format("mass", "heart")),
+                      ("cardiac tumour", other.format("tumour", "heart")),  # "cardiac" read as the heart
+                      ("thyroid nodule", other.format("nodule", "thyroid gland"))):  # a gland by its adjective
         with pytest.raises(PromptError, match=why):
             minilm_catalog.resolve(text)
     for text, name in (("a tumour in the brain", "brain_tumor"), ("breast cyst", "breast_tumor"),
                        ("a lump in the breast", "breast_tumor"), ("nodule in the liver", "liver_tumour"),
                        ("bowel cancer", "colon_tumour"), ("liver mets", "liver_tumour"),
                        ("the spleen next to the lesion", "spleen"), ("the cardiac part of the stomach", "stomach"),
-                       ("a breast mass near the thyroid", "breast_tumor")):  # other anatomy as a landmark
+                       ("a breast mass near the thyroid", "breast_tumor"),  # other anatomy as a landmark
+                       ("where gallstones form", "gallbladder")):
         assert minilm_catalog.resolve(text).name == name, text
 
 

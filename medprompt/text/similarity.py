@@ -89,7 +89,9 @@ OTHER_ANATOMY = (
 # ("tumour of the heart" is not breast_tumor): see ``finding_mismatch``.
 FINDING_WORDS = frozenset(
     "tumour tumor tumours tumors cancer cancers carcinoma carcinomas lesion lesions mass masses nodule nodules "
-    "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts".split())
+    "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts polyp polyps abscess abscesses "
+    "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
+    "fracture fractures".split())
 
 # Words that name a part of whatever the rest of the phrase names: "stomach wall" is the stomach's wall, and
 # shares only "wall" with the abdominal wall that MiniLM reads it like (0.90). See ``part_of_class``.
@@ -370,7 +372,7 @@ def finding_of_organ(entry: PromptEntry, texts: list[str]) -> str | None:
 
     asked = finding_words(texts)
     if asked and not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
-        return f"it asks for a {sorted(asked)[0]}, and {entry.name} would draw the whole organ"
+        return f"it asks for a finding ({sorted(asked)[0]}), and {entry.name} would draw the whole organ"
     return None
 
 
@@ -396,7 +398,7 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
             prompt = tokens(t)
             if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
                    for i in range(len(prompt) - len(target) + 1)):
-                return f"it asks for a {finding} of the {other}, and {entry.name} is another organ's"
+                return f"it asks for a finding ({finding}) of the {other}, and {entry.name} is another organ's"
     return None
 
 
