@@ -426,6 +426,17 @@ def test_a_finding_is_never_drawn_as_an_organ_or_another_organ_s_finding(minilm_
         assert minilm_catalog.resolve(text).name == name, text
 
 
+def test_an_organ_asked_for_without_a_finding_is_the_organ_not_its_tumour(minilm_catalog: PromptCatalog):
+    """"an abnormal liver" read closer to liver_tumour's phrases than to the liver's; a prompt that spells
+    the organ and asks for no finding is the organ. A finding, even as an adjective or a "growth", keeps
+    the finding class."""
+    for text in ("fatty liver disease", "steatosis of the liver", "an abnormal liver", "the enlarged liver",
+                 "the liver next to the mass"):
+        assert minilm_catalog.resolve(text).name == "liver", text
+    for text in ("a growth in the liver", "malignant liver", "a growth inside the skull"):
+        assert minilm_catalog.resolve(text).name in ("liver_tumour", "brain_tumor"), text
+
+
 def test_an_organ_s_wall_is_the_organ_not_the_abdominal_wall(minilm_catalog: PromptCatalog):
     """MiniLM reads "stomach wall" 0.90 like "abdominal wall", which no prompt file describes; a prompt that
     spells a class and shares only a part word ("wall") with other anatomy asks for that class's part."""

@@ -91,7 +91,7 @@ FINDING_WORDS = frozenset(
     "tumour tumor tumours tumors cancer cancers carcinoma carcinomas lesion lesions mass masses nodule nodules "
     "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts polyp polyps abscess abscesses "
     "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
-    "fracture fractures".split())
+    "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural".split())
 
 # Words that name a part of whatever the rest of the phrase names: "stomach wall" is the stomach's wall, and
 # shares only "wall" with the abdominal wall that MiniLM reads it like (0.90). See ``part_of_class``.
@@ -376,6 +376,29 @@ def finding_of_organ(entry: PromptEntry, texts: list[str]) -> str | None:
     return None
 
 
+def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
+    """The organ class the readings name when ``entry`` is that organ's finding class and they ask for no
+    finding: "an abnormal liver", "steatosis of the liver" are the liver, not liver_tumour. The organ
+    counts when its name or an alias is spelt (not as a landmark) and its name's words, sides aside, are
+    in the finding's name."""
+    from medprompt.catalog import tokens, words
+
+    own = set(words(entry.name.replace("_", " ")))
+    if not FINDING_WORDS & own or finding_words(texts):
+        return None
+    for organ in catalog.entries.values():
+        if FINDING_WORDS & set(words(organ.name.replace("_", " "))) or not set(stem(organ.name)) <= own:
+            continue
+        for t in texts:
+            prompt = tokens(t)
+            for spelling in (organ.name.replace("_", " "), *organ.aliases):
+                target = tokens(spelling)
+                if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
+                       for i in range(len(prompt) - len(target) + 1)):
+                    return organ
+    return None
+
+
 def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) -> str | None:
     """Why ``entry`` cannot be what the readings ask for, or None: a finding asked of a class that is an
     organ (``finding_of_organ``), or of anatomy (an OTHER_ANATOMY entry spelt in the prompt) that the
@@ -462,6 +485,9 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"unknown prompt '{text}': {mismatch}; no prompt file describes this finding (closest "
                           f"known classes: {nearest}). To segment it, add a prompt file (see 'Prompts: the class "
                           f"catalog' in README.md)")
+    organ = organ_of_finding(catalog, catalog[best], texts)
+    if organ is not None:
+        best = organ.name
     if sides(best) and len(sides(text)) != 1:
         twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
         raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
