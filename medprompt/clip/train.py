@@ -139,7 +139,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
     from medprompt.distributed import DistContext, end_of_step
     from medprompt.io.volume import write_json
     from medprompt.model.checkpoint import atomic_torch_save, resolve_device
-    from medprompt.trainers.resume import NOT_THE_RUN, resumable_state, run_identity
+    from medprompt.trainers.resume import NOT_THE_RUN, resume_into, run_identity
     from medprompt.trainers.zero_shot import warmup_cosine
 
     if cfg.steps < 1 or cfg.batch_size < 2:
@@ -157,13 +157,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> ClipTrainResult:
     state_path = out / STATE_FILE
     settings = {k: v for k, v in asdict(cfg).items() if k not in (*NOT_THE_RUN, "pairs", "model")}
     identity = run_identity(**settings, model=clip.key, pairs=_fingerprint(pairs))
-    start = 0
-    state = resumable_state(state_path, out, identity, cfg.resume, announce=progress)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
+    start = resume_into(state_path, out, identity, cfg.resume, progress, model, opt, sched, model_key="model")
     meta = {"source_model": clip.key, "loss": "DHN-NCE", **{k: str(v) if isinstance(v, Path) else v
                                                              for k, v in asdict(cfg).items()},
             "pairs_count": len(pairs), "identity": identity}

@@ -94,6 +94,20 @@ def resumable_state(state_path: Path, out: Path | None, run: dict[str, Any], res
     return None
 
 
+def resume_into(state_path: Path, out: Path | None, run: dict[str, Any], resume: bool, announce: bool,
+                model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                model_key: str = "net") -> int:
+    """Load this run's partial state (``resumable_state``) into the model, optimiser and schedule; returns the
+    step to continue from (0: nothing to resume)."""
+    state = resumable_state(state_path, out, run, resume, announce)
+    if state is None:
+        return 0
+    model.load_state_dict(state[model_key])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
 def describe(run: TrainingRun) -> str:
     """The CLI's closing line for a training command."""
     of = f" of round {run.round} of {run.rounds}" if run.rounds > 1 else ""

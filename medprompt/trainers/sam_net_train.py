@@ -26,7 +26,7 @@ from medprompt.model.sam_checkpoint import load_net, save_net
 from medprompt.model.sam_net import SamNetConfig, SamPromptNet, channel_owner, merged_log_softmax, part_matrix
 from medprompt.trainers.cells import CellStudy, class_area, class_balance
 from medprompt.trainers.defaults import ZERO_SHOT
-from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resumable_state, run_identity
+from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resume_into, run_identity
 
 if TYPE_CHECKING:
     from medprompt.distributed import DistContext
@@ -154,14 +154,8 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
                        studies=sorted(gathered([(s.name, digest([s.target, s.weight, s.known]),
                                                  None if study_p is None else round(float(study_p[i]), 9))
                                                 for i, s in enumerate(studies)], ctx)))
-    start = 0
     # said even when quiet: in a server round the line goes to the round's log
-    state = resumable_state(state_path, out, run, cfg.resume, announce=ctx.is_main)
-    if state is not None:
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
+    start = resume_into(state_path, out, run, cfg.resume, ctx.is_main, net, opt, sched)
     model = wrap_model(net, ctx)
     rng = np.random.default_rng([cfg.seed, start, ctx.rank])
     text = torch.from_numpy(vectors).float().to(device)

@@ -33,7 +33,7 @@ from medprompt.model.losses import consistency_loss, mask_loss, patch_targets, r
 from medprompt.model.network import MedPromptNet, NetConfig
 from medprompt.teachers import PriorTeacher, Teacher
 from medprompt.trainers.defaults import ZERO_SHOT
-from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resumable_state, run_identity
+from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_stamp, resume_into, run_identity
 
 DEFAULT_CLASSES: tuple[str, ...] = (*SYNAPSE8, "inferior_vena_cava", "urinary_bladder")
 CACHE_VERSION = 2  # bump when the teacher's output format or the network grid changes
@@ -298,14 +298,9 @@ def run_training(cfg: ZeroShotConfig, volumes: list[TrainingVolume], vectors: np
                        volumes=[(v.name, digest([v.target, v.weight])) for v in volumes],
                        volume_p=None if volume_p is None else np.asarray(volume_p, np.float64).round(9).tolist(),
                        meta=meta_extra)
-    start = 0
     # said even when quiet: in a server round the line goes to the round's log
-    state = resumable_state(state_path, out, run, cfg.resume, announce=ctx.is_main)
-    if state is not None:
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
+    start = resume_into(state_path, out, run, cfg.resume, ctx.is_main, net, opt, sched)
+    if start:
         rng = np.random.default_rng(cfg.seed + ctx.rank + start)
     model = wrap_model(net, ctx)  # ``net`` stays the bare network: saved, and its region_logits called
     text = torch.from_numpy(vectors).to(device)
