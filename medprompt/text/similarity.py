@@ -263,6 +263,12 @@ def _after_relation(text: str, spelling: str) -> bool:
                for i in range(len(prompt) - len(target) + 1))
 
 
+def _names_as_target(prompt: list[str], target: list[str]) -> bool:
+    """Whether the prompt's tokens hold ``target`` somewhere not right after a spatial preposition."""
+    return any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
+               for i in range(len(prompt) - len(target) + 1))
+
+
 def _relation_before(prompt: list[str], i: int) -> bool:
     """Whether the words before ``prompt[i]`` end in a spatial preposition, determiners and sides aside;
     a part of a landmark is a landmark ("under the right lobe of the liver")."""
@@ -350,10 +356,8 @@ def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
         shared = set(prompt) & set(tokens(other))
         if not shared or not shared <= PART_WORDS:
             continue
-        for target in spellings:
-            if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
-                   for i in range(len(prompt) - len(target) + 1)):
-                return True
+        if any(_names_as_target(prompt, target) for target in spellings):
+            return True
     return False
 
 
@@ -389,13 +393,9 @@ def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str
     for organ in catalog.entries.values():
         if FINDING_WORDS & set(words(organ.name.replace("_", " "))) or not set(stem(organ.name)) <= own:
             continue
-        for t in texts:
-            prompt = tokens(t)
-            for spelling in (organ.name.replace("_", " "), *organ.aliases):
-                target = tokens(spelling)
-                if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
-                       for i in range(len(prompt) - len(target) + 1)):
-                    return organ
+        spellings = [tokens(t) for t in (organ.name.replace("_", " "), *organ.aliases)]
+        if any(_names_as_target(tokens(t), target) for t in texts for target in spellings):
+            return organ
     return None
 
 
@@ -417,11 +417,8 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
         target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland
         if FINDING_WORDS & set(target) or set(target) <= vocabulary:
             continue
-        for t in texts:
-            prompt = tokens(t)
-            if any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
-                   for i in range(len(prompt) - len(target) + 1)):
-                return f"it asks for a finding ({finding}) of the {other}, and {entry.name} is another organ's"
+        if any(_names_as_target(tokens(t), target) for t in texts):
+            return f"it asks for a finding ({finding}) of the {other}, and {entry.name} is another organ's"
     return None
 
 
