@@ -75,12 +75,13 @@ OTHER_ANATOMY = (
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
-    "iliac artery", "iliac vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
+    "iliac artery", "iliac vein", "renal artery", "renal vein", "hepatic artery", "hepatic vein", "splenic artery",
+    "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
     "gallbladder cancer",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
-    "spinal cord", "vertebral column", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
+    "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
 )
 
 # Words that ask for a finding in an organ, not the organ. A class is a finding when its name holds
@@ -131,6 +132,7 @@ class ClassIndex:
     other_vectors: np.ndarray   # (others, dim) unit vectors
     words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
     class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
+    phrase_sides: tuple[frozenset[str], ...] = ()  # body sides each row of ``vectors`` names (``scores``)
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -162,21 +164,28 @@ class ClassIndex:
         class_words = {w for e in entries for t in (e.name.replace("_", " "), *e.aliases)
                        for w in words(t)} - set(SIDES) - GENERIC_WORDS
         return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
-                   known_words(entries, encoder), frozenset(class_words))
+                   known_words(entries, encoder), frozenset(class_words), tuple(frozenset(sides(t)) for t in texts))
 
-    def nearest_other(self, vector: np.ndarray) -> tuple[str, float] | None:
-        """The other-anatomy entry closest to ``vector`` and its similarity."""
-        if not self.others:
+    def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
+        """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
+        keep = [i for i, o in enumerate(self.others) if o not in set(aside)]
+        if not keep:
             return None
-        sims = self.other_vectors @ vector
+        sims = self.other_vectors[keep] @ vector
         i = int(np.argmax(sims))
-        return self.others[i], float(sims[i])
+        return self.others[keep[i]], float(sims[i])
 
-    def scores(self, vector: np.ndarray) -> dict[str, float]:
-        """Best cosine similarity of ``vector`` to each class's phrases."""
+    def scores(self, vector: np.ndarray, named: set[str] | frozenset[str] = frozenset()) -> dict[str, float]:
+        """Best cosine similarity of ``vector`` to each class's phrases. When the prompt names one side,
+        a phrase that names only the other side does not count: "the ribs on the right" is not the spleen
+        "under the ribs on the left side", however alike the two read."""
         sims = self.vectors @ vector
         best: dict[str, float] = {}
-        for name, s in zip(self.names, sims.tolist()):
+        opposite = set(SIDES.values()) - set(named) if len(named) == 1 else set()
+        for row, (name, s) in enumerate(zip(self.names, sims.tolist())):
+            own = self.phrase_sides[row] if row < len(self.phrase_sides) else frozenset()
+            if own and own <= opposite:
+                continue
             if s > best.get(name, -2.0):
                 best[name] = s
         return best
@@ -369,13 +378,26 @@ def finding_words(texts: Iterable[str]) -> set[str]:
     return {w for t in texts for w in tokens(t) if w in FINDING_WORDS and not _after_relation(t, w)}
 
 
+def findings_only_as_landmarks(texts: list[str]) -> bool:
+    """Whether the readings name findings, all of them as landmarks: "the kidney near the cyst" reads like
+    "kidney cyst" (and like a tumour class), but asks for the kidney; findings are then set aside."""
+    from medprompt.catalog import tokens
+
+    return not finding_words(texts) and any(w in FINDING_WORDS for t in texts for w in tokens(t))
+
+
+def is_finding(name: str) -> bool:
+    """Whether a class or other-anatomy name is a finding (its words hold one of ``FINDING_WORDS``)."""
+    from medprompt.catalog import words
+
+    return bool(FINDING_WORDS & set(words(name.replace("_", " "))))
+
+
 def finding_of_organ(entry: PromptEntry, texts: list[str]) -> str | None:
     """Why ``entry`` cannot be what the readings ask for, or None: they ask for a finding and the class is
     an organ (any resolver: text similarity or keywords)."""
-    from medprompt.catalog import words
-
     asked = finding_words(texts)
-    if asked and not FINDING_WORDS & set(words(entry.name.replace("_", " "))):
+    if asked and not is_finding(entry.name):
         return f"it asks for a finding ({sorted(asked)[0]}), and {entry.name} would draw the whole organ"
     return None
 
@@ -388,10 +410,10 @@ def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str
     from medprompt.catalog import tokens, words
 
     own = set(words(entry.name.replace("_", " ")))
-    if not FINDING_WORDS & own or finding_words(texts):
+    if not is_finding(entry.name) or finding_words(texts):
         return None
     for organ in catalog.entries.values():
-        if FINDING_WORDS & set(words(organ.name.replace("_", " "))) or not set(stem(organ.name)) <= own:
+        if is_finding(organ.name) or not set(stem(organ.name)) <= own:
             continue
         spellings = [tokens(t) for t in (organ.name.replace("_", " "), *organ.aliases)]
         if any(_names_as_target(tokens(t), target) for t in texts for target in spellings):
@@ -431,13 +453,16 @@ def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIn
     texts = readings(text)
     vectors = encoder.encode(texts) if vectors is None else vectors
     scores: dict[str, float] = {}
+    named = sides(texts[-1])
     for vector in vectors:
-        for name, s in index.scores(vector).items():
+        for name, s in index.scores(vector, named).items():
             scores[name] = max(s, scores.get(name, -2.0))
     allowed = eligible(catalog, texts[-1])
     aside = set().union(*(landmarks(catalog, t) for t in texts))
+    if findings_only_as_landmarks(texts):
+        aside |= {n for n in allowed if is_finding(n)}
     allowed = [n for n in allowed if n not in aside] or allowed
-    return sorted(((n, scores[n]) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
+    return sorted(((n, scores.get(n, -1.0)) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
 
 
 def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
@@ -451,7 +476,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     best, score = ranked[0]
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
-    nearest_others = [o for o in (index.nearest_other(v) for v in vectors) if o is not None]
+    aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
+    nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
     other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
     # The margin guards against embedding noise; a prompt that spells other anatomy and no class
