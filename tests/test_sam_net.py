@@ -420,7 +420,8 @@ def test_teacher_studies_go_to_disk_one_by_one_when_asked(tmp_path: Path, monkey
 
 
 def test_localize_and_draft_with_a_model_on_sam_features(tmp_path: Path, one_torch_thread,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """A bright box in a CT-like volume is learnt from one labelled study and found in another one of other
     size, orientation and spacing; the draft (no SAM boundary) lands on the input grid where the box is."""
     from medprompt.catalog import default_catalog
@@ -475,6 +476,38 @@ def test_localize_and_draft_with_a_model_on_sam_features(tmp_path: Path, one_tor
     own = draft(vol_b, ["bright box"], model="medprompt", checkpoint=save_net(tmp_path / "own.pt", net, renamed),
                 refine="none")
     assert own.names == {"bright_box": 1} and np.array_equal(own.labels == 1, seg.labels == 1)
+    # The model records the modality it learnt (a CT-like study), and a study of a modality it never learnt
+    # is localised by the prior however much the network finds: here a small corner block that the network's
+    # box outweighs for the model that learnt CT.
+    assert meta["modalities"] == ["CT"]
+
+    def corner(volume, entries, stack, shape, catalog=None):
+        block = np.zeros((stack.view_shape[0], *shape), bool)
+        block[:, :6, :6] = True
+        return {"liver": block}
+
+    monkeypatch.setattr(fusion, "prior_view_masks", corner)
+
+    def liver_dice(checkpoint: Path) -> float:
+        hit = draft(vol_b, ["liver"], model="medprompt", checkpoint=checkpoint, refine="none").labels == 1
+        return float(2 * (hit & (lab_b == 1)).sum() / (hit.sum() + (lab_b == 1).sum()))
+
+    assert liver_dice(out) > 0.7
+    mr_only = save_net(tmp_path / "mr_only.pt", net, {**meta, "modalities": ["MR"]})
+    with caplog.at_level("WARNING", logger="medprompt.model.sam_predictor"):
+        assert liver_dice(mr_only) < 0.2
+    assert "the model learnt MR only, so this CT study is localised by the anatomy prior" in caplog.text
+    unrecorded = save_net(tmp_path / "unrecorded.pt", net, {k: v for k, v in meta.items() if k != "modalities"})
+    assert liver_dice(unrecorded) > 0.7  # a model file from before the record: learnt any modality
+
+
+def test_a_model_learns_the_modalities_of_its_studies_and_its_starting_model() -> None:
+    from medprompt.trainers.sam_net_train import learnt_modalities
+
+    assert learnt_modalities(["CT", "CT"], None) == ["CT"]
+    assert learnt_modalities(["MR"], {"modalities": ["CT"]}) == ["CT", "MR"]
+    assert learnt_modalities(["CT"], {}) is None  # the starting model's record is unknown: any
+    assert learnt_modalities(["CT", None], None) is None  # a study of unknown modality: any
 
 
 def _disc_image(path: Path, centre: tuple[int, int], radius: int, label_path: Path | None = None) -> None:

@@ -4,11 +4,15 @@ For a 3D study the network runs on the sampled slices' cached embeddings (the on
 draws on next, so the learned localiser adds only its own small cost), its per-cell probabilities
 are brought onto the axial view and interpolated between sampled slices, and each class's region is
 where it is the most probable class above 0.5 (the anatomy prior's where that region is under half
-the prior's: medprompt.model.prior_fusion). For a 2D image the same map is a saliency map.
+the prior's: medprompt.model.prior_fusion). A model file records the modalities it learnt; a study of
+another (an MR for a model taught on CT alone) is localised by the prior, which reads any study's own
+geometry, until corrected studies of that modality teach the network. For a 2D image the same map is a
+saliency map.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from medprompt.io.image2d import Image2D
     from medprompt.io.volume import Volume
 
+log = logging.getLogger(__name__)
 WORK_SIDE = 128  # pixels on the longest in-plane side of the localisation grid (cells are 64 across)
 
 
@@ -110,11 +115,17 @@ class SamNetPredictor:
             prob[:, z] = sampled[j] if w == 0 else (1 - w) * sampled[j] + w * sampled[j2]
         return prob, shape
 
+    def unlearnt(self, modality: str) -> bool:
+        """Whether the model's file says it never learnt studies of ``modality`` (a file without the record: learnt any)."""
+        learnt = self.meta.get("modalities")
+        return learnt is not None and modality not in learnt
+
     def localize(self, volume: "Volume", entries: Sequence[PromptEntry], progress: bool = False,
                  segmenter_for: Callable | None = None) -> Localization:
         """Where each class is (most probable above 0.5), for a segmenter to draw (medprompt.sam.refine);
         with ``fuse_prior``, the anatomy prior's region for a class the network found too little of
-        (medprompt.model.prior_fusion)."""
+        (medprompt.model.prior_fusion), and for every class the prior supports on a study of a modality the
+        model never learnt."""
         stack = study_stack(volume, self.segmenter_for(segmenter_for), progress)
         prob, (rows, cols) = self.view_probabilities(stack, entries)
         masks = network_regions(prob, entries)
@@ -125,8 +136,17 @@ class SamNetPredictor:
         if self.fuse_prior:
             from medprompt.model.prior_fusion import fuse, prior_view_masks
 
-            masks, taken = fuse(masks, prior_view_masks(volume, entries, stack, (rows, cols), self.catalog))
-            source = "medprompt+prior" if taken else source
+            prior = prior_view_masks(volume, entries, stack, (rows, cols), self.catalog)
+            if self.unlearnt(stack.modality):
+                masks = {n: prior.get(n, m) for n, m in masks.items()}
+                learnt = ", ".join(self.meta["modalities"]) or "no study"
+                source = f"prior (the model learnt {learnt}, not {stack.modality})"
+                log.warning(f"{volume.source}: the model learnt {learnt} only, so this {stack.modality} study is "
+                            f"localised by the anatomy prior; corrected {stack.modality} studies and a finetune "
+                            f"round teach it")
+            else:
+                masks, taken = fuse(masks, prior)
+                source = "medprompt+prior" if taken else source
         return Localization(masks={n: view_masks_to_work(m) for n, m in masks.items()},
                             frame=localisation_frame(stack, rows, cols), modality=stack.modality, source=source)
 

@@ -48,6 +48,7 @@ class CellStudy:
     known: torch.Tensor  # (C,) bool: the classes this study says anything about
     labelled: bool = False
     slices: list[int] | None = None  # the view slice of each embedding
+    modality: str | None = None  # CT, MR, ...: a model records the modalities it learnt (sam_predictor's gate)
 
     def subset(self, keep: Sequence[int]) -> "CellStudy":
         """The same study with only slices ``keep`` (e.g. the ones not held out for validation)."""
@@ -57,7 +58,8 @@ class CellStudy:
                           dtype=torch.long)
         emb = self.embeddings.select(keep) if isinstance(self.embeddings, DiskEmbeddings) else self.embeddings[idx]
         return CellStudy(self.name, emb, nb, self.coords, self.target[idx], self.weight[idx],
-                         self.known, self.labelled, [self.slices[i] for i in keep] if self.slices else None)
+                         self.known, self.labelled, [self.slices[i] for i in keep] if self.slices else None,
+                         self.modality)
 
 
 def from_labels(name: str, stack: SliceStack, labels_view: np.ndarray, names: dict[str, int],
@@ -68,7 +70,7 @@ def from_labels(name: str, stack: SliceStack, labels_view: np.ndarray, names: di
     known = torch.tensor([c in names for c in classes])
     weight = torch.ones(target.shape[0], *target.shape[-2:])
     return CellStudy(name, stack.embeddings, stack.neighbours(reach), stack.coords(), target.half(), weight.half(),
-                     known, labelled, list(stack.slices))
+                     known, labelled, list(stack.slices), stack.modality)
 
 
 def teacher_weights(teacher: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
         atomic_torch_save({"target": target, "prior": prior}, cached)
     weight = teacher_weights(target, prior).half()
     return CellStudy(path.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target, weight,
-                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices))
+                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices), stack.modality)
 
 
 def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,

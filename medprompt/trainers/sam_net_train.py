@@ -117,12 +117,21 @@ def process_draws(study_p: np.ndarray, held_by: np.ndarray, ctx: "DistContext") 
     return p / p.sum(), float(scale)
 
 
-def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device) -> SamPromptNet:
-    """A network to train: from ``init`` (its architecture wins) or new from the preset."""
+def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device) -> tuple[SamPromptNet, dict]:
+    """A network to train and its model file's record: from ``init`` (its architecture wins) or new from the preset."""
     if init is not None and Path(init).is_file():
-        net, _ = load_net(Path(init), device)
-        return net.train()
-    return SamPromptNet(SamNetConfig.preset(model_config, text_dim)).to(device)
+        net, meta = load_net(Path(init), device)
+        return net.train(), meta
+    return SamPromptNet(SamNetConfig.preset(model_config, text_dim)).to(device), {}
+
+
+def learnt_modalities(modalities: Sequence[str | None], init_meta: dict | None) -> list[str] | None:
+    """The modalities a model trained on studies of ``modalities`` from a model with record ``init_meta`` (None:
+    trained from scratch) has learnt; None (any) when one is unknown, as for a model file from before models
+    recorded them. SamNetPredictor hands a study of another modality to the anatomy prior."""
+    if any(m is None for m in modalities) or (init_meta is not None and "modalities" not in init_meta):
+        return None
+    return sorted({*modalities, *(init_meta or {}).get("modalities", [])})
 
 
 def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.ndarray, encoder_key: str,
@@ -143,7 +152,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     state_path = out.with_suffix(out.suffix + ".state")
-    net = warm_net(init, vectors.shape[1], cfg.model_config, device)
+    net, init_meta = warm_net(init, vectors.shape[1], cfg.model_config, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
     trained_on = gathered([s.name for s in studies], ctx)
@@ -167,6 +176,10 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
             "trained_on": trained_on, "steps": cfg.steps, **cfg.meta}
+    modalities = learnt_modalities(gathered([s.modality for s in studies], ctx),
+                                   init_meta if init is not None and Path(init).is_file() else None)
+    if modalities is not None:
+        meta["modalities"] = modalities
     if balance is not None:
         meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",

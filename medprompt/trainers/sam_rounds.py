@@ -158,7 +158,7 @@ def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, devic
         new_w = torch.where(take, torch.full_like(weight, SELF_WEIGHT), new_w)
         target = torch.where(take[:, None], most_probable(p), st.target.float())
         out.append(CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), new_w.half(),
-                             st.known, False, st.slices))
+                             st.known, False, st.slices, st.modality))
     return out
 
 
@@ -200,7 +200,7 @@ def one_image(views: list[CellStudy]) -> CellStudy:
     return CellStudy(first.name, torch.cat([v.embeddings for v in views]),
                      torch.arange(k)[:, None].repeat(1, first.neighbours.shape[1]), first.coords,
                      torch.cat([v.target for v in views]), torch.cat([v.weight for v in views]), first.known,
-                     first.labelled, [0] * k)
+                     first.labelled, [0] * k, first.modality)
 
 
 def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, reach: int) -> CellStudy:
@@ -214,7 +214,7 @@ def blank_cells(image: Path, classes: Sequence[str], segmenter_for: Callable, re
     target[:, 0] = 1
     return CellStudy(image.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target.half(),
                      torch.zeros(k, *stack.embeddings.shape[-2:]).half(), torch.ones(len(classes), dtype=torch.bool),
-                     False, list(stack.slices))
+                     False, list(stack.slices), stack.modality)
 
 
 def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str], catalog: PromptCatalog,
@@ -241,7 +241,7 @@ def drafted_cells(st: CellStudy, image: Path, model: Path, classes: Sequence[str
     p = student_cells(model, st, vectors, device)
     weight = teacher_weights(target, most_probable(p)) * SELF_WEIGHT
     return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), weight.half(), st.known,
-                     False, st.slices)
+                     False, st.slices, st.modality)
 
 
 def split_validation(study: CellStudy) -> tuple[list[int], list[int]]:
@@ -279,7 +279,7 @@ def agreeing(st: CellStudy, model: Path, vectors: np.ndarray, device: str) -> Ce
     agree = p.argmax(1) == st.target.float().argmax(1)
     weight = torch.where(agree, st.weight.float(), torch.zeros_like(st.weight.float()))
     return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, st.target, weight.half(), st.known,
-                     False, st.slices)
+                     False, st.slices, st.modality)
 
 
 def study_draws(n_corrected: int, n_unlabelled: int, labelled_share: float) -> np.ndarray:
