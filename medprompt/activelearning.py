@@ -7,6 +7,11 @@ Two per-image scores of the served MedPrompt model on the app's default prompts:
 * ``disagreement``: 1 - mean Dice between the anatomy prior's draft and the model's draft (classes
   empty in both ignored). High where the model has drifted from, or not yet learned, the anatomy.
 
+A study of a modality the served model never learnt (an MR for a model taught on CT alone) scores the
+maximum of both, 1: its drafts come from the anatomy prior (medprompt.model.sam_predictor), so the model
+would look neither unsure nor in disagreement there, and its corrections are what teach the model that
+modality.
+
 Each is a MONAI Label scoring method (``POST /scoring/<name>``, run by MONAI Label's background task
 runner over the unlabelled images) and a strategy (``POST /activelearning/<name>``: the unlabelled
 study with the highest score, scoring on demand the ones not scored yet). Scores are cached in the
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 # Why a 2D study gets no score; ScoreMethod reports how many it skipped and strategies rank them last.
 SKIPPED_2D = "a 2D study (X-ray, ultrasound or one slice): the MedPrompt network scores 3D volumes"
+UNLEARNT_SCORE = 1.0  # both scores' maximum: a study of a modality the model never learnt
 PROBABILITY_EPS = 1e-6  # keeps log2 finite for saturated sigmoids; changes H by < 3e-5 bits
 
 
@@ -114,6 +120,21 @@ class ImageScore(ABC):
     def compute(self, volume: Volume, checkpoint: Path) -> float:
         """The score of one volume with the model file ``checkpoint``; higher = more worth correcting."""
 
+    def score(self, volume: Volume, checkpoint: Path) -> float:
+        """``compute``, or UNLEARNT_SCORE for a study of a modality the model file says it never learnt."""
+        from medprompt.drafts import predictor
+        from medprompt.model.sam_predictor import SamNetPredictor
+        from medprompt.sam.preprocess import modality_of
+
+        net = predictor(checkpoint, self.model.text_encoder)
+        if isinstance(net, SamNetPredictor):
+            modality = modality_of(volume.data, volume.modality)
+            if net.unlearnt(modality):
+                logger.info(f"{self.name}: {volume.source} is {modality}, which the model never learnt: "
+                            f"scored {UNLEARNT_SCORE}")
+                return UNLEARNT_SCORE
+        return self.compute(volume, checkpoint)
+
     def cached(self, info: Mapping[str, Any], key: Mapping[str, Any]) -> float | None:
         """The score stored in ``info`` if it was computed with ``key``, else None."""
         entry = info.get(self.name)
@@ -141,7 +162,7 @@ class ImageScore(ABC):
             if score is None:
                 begin = time.time()
                 try:
-                    score = self.compute(load_volume(datastore.get_image_uri(image)), checkpoint)
+                    score = self.score(load_volume(datastore.get_image_uri(image)), checkpoint)
                 except InputError as e:
                     logger.warning(f"{self.name}: cannot score image '{image}': {e}")
                     continue

@@ -223,6 +223,31 @@ def test_scores_are_cached_in_the_image_info_until_the_checkpoint_or_prompts_cha
     assert len(computed) == 5
 
 
+def test_a_study_of_a_modality_the_model_never_learnt_scores_highest_without_computing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model on LiteMedSAM features that records the modalities it learnt: on a study of another its drafts are
+    the prior's, so neither its entropy nor its disagreement with the prior says anything; the study is the one
+    to correct (its label teaches the modality). The same model recorded as CT computes the score."""
+    from medprompt.activelearning import UNLEARNT_SCORE
+    from medprompt.model.sam_checkpoint import save_net
+    from medprompt.model.sam_net import SamNetConfig, SamPromptNet
+
+    store = datastore(tmp_path / "studies", [40.0, 60.0])  # CTs
+    net = SamPromptNet(SamNetConfig.preset("tiny", text_dim=8))
+    vectors = {c: np.eye(8, dtype=np.float32)[i % 8].tolist() for i, c in enumerate(SYNAPSE8)}
+    record = {"text_encoder": "none", "classes": list(SYNAPSE8), "class_vectors": vectors}
+    for learnt, expect_computed in ((["MR"], 0), (["CT"], 2)):
+        start = save_net(tmp_path / f"learnt_{learnt[0]}.pt", net, {**record, "modalities": learnt})
+        score = Brightness(ServedModel(Checkpoints(rounds=tmp_path / "rounds", start=start), tuple(SYNAPSE8), None))
+        scores = score.update(store, ["ct_0", "ct_1"])
+        assert len(score.computed) == expect_computed, learnt
+        if not expect_computed:
+            assert scores == {"ct_0": UNLEARNT_SCORE, "ct_1": UNLEARNT_SCORE}
+        else:
+            assert scores == pytest.approx(dict(zip(["ct_0", "ct_1"], score.computed)))
+
+
 # -- the strategies and the scoring method ---------------------------------------------------------
 
 def test_strategy_returns_the_highest_scoring_unlabelled_image_and_never_a_labelled_one(
