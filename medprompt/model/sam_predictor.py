@@ -116,7 +116,7 @@ class SamNetPredictor:
         return prob, shape
 
     def unlearnt(self, modality: str) -> bool:
-        """Whether the model's file says it never learnt studies of ``modality`` (a file without the record: learnt any)."""
+        """Whether the model file says it never learnt studies of ``modality`` (a file without the record: any)."""
         learnt = self.meta.get("modalities")
         return learnt is not None and modality not in learnt
 

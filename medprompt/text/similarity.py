@@ -76,7 +76,8 @@ OTHER_ANATOMY = (
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
     "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
     "iliac artery", "iliac vein", "renal artery", "renal vein", "hepatic artery", "hepatic vein", "splenic artery",
-    "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum", "abdominal wall", "pancreatic tumour",
+    "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum",
+    "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
     "gallbladder cancer",
     # muscles, nerves, fat
@@ -168,7 +169,8 @@ class ClassIndex:
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
-        keep = [i for i, o in enumerate(self.others) if o not in set(aside)]
+        aside = set(aside)
+        keep = [i for i, o in enumerate(self.others) if o not in aside]
         if not keep:
             return None
         sims = self.other_vectors[keep] @ vector
