@@ -10,6 +10,12 @@ finds something. So a draft takes, per class, the network's region where it hold
 strengths together (the network draws where it has learnt the organ, the prior keeps a class from
 vanishing). Chosen from first principles (half the expected organ), not tuned: BENCHMARKS.md shows
 the ratio's sensitivity on the development cases.
+
+The prior's region is also taken where less than ``NEAR_RATIO`` of the network's region lies within one
+cell of the prior's. The network learnt each class from teacher cells trusted only there (within one
+cell of the prior's mask: medprompt.trainers.cells), so a region mostly elsewhere is not something it
+was taught: a network taught on one CT put another CT's aorta and stomach in the wrong place
+(Dice 0.000 each, BENCHMARKS.md "A region the teacher never taught").
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from medprompt.io.volume import Volume
 
 FALLBACK_RATIO = 0.5  # the network's region must hold at least this share of the prior's volume
+NEAR_RATIO = 0.5  # and at least this share of it must lie within one cell of the prior's region
 
 
 def prior_view_masks(volume: "Volume", entries: Sequence[PromptEntry], stack: SliceStack, shape: tuple[int, int],
@@ -46,14 +53,24 @@ def prior_view_masks(volume: "Volume", entries: Sequence[PromptEntry], stack: Sl
     return {e.name: grid == i + 1 for i, e in enumerate(supported)}
 
 
-def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], ratio: float = FALLBACK_RATIO
-         ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Per class the network's mask, or the prior's where the network's holds less than ``ratio`` of the
-    prior's volume; also the classes that took the prior's."""
+def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], cell_px: float, ratio: float = FALLBACK_RATIO,
+         near_ratio: float = NEAR_RATIO) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per class the network's mask (Z, rows, cols), or the prior's where the network's holds less than ``ratio``
+    of the prior's volume or has less than ``near_ratio`` of itself within one cell (``cell_px`` pixels in plane)
+    of the prior's; also the classes that took the prior's."""
+    from scipy import ndimage as ndi
+
+    reach = max(1, round(cell_px))
     out, taken = {}, []
     for name, mask in net.items():
         p = prior.get(name)
-        if p is not None and p.any() and int(mask.sum()) < ratio * int(p.sum()):
+        size = int(mask.sum())
+        too_little = p is not None and p.any() and size < ratio * int(p.sum())
+        elsewhere = False
+        if p is not None and p.any() and size and not too_little:
+            near = ndi.binary_dilation(p, structure=np.ones((1, 3, 3), bool), iterations=reach)
+            elsewhere = int((mask & near).sum()) < near_ratio * size
+        if too_little or elsewhere:
             out[name] = p
             taken.append(name)
         else:

@@ -145,7 +145,8 @@ class SamNetPredictor:
                             f"localised by the anatomy prior; corrected {stack.modality} studies and a finetune "
                             f"round teach it")
             else:
-                masks, taken = fuse(masks, prior)
+                # one cell: LiteMedSAM's 64 cells span the slice's longest side, here max(rows, cols) pixels
+                masks, taken = fuse(masks, prior, max(rows, cols) / 64)
                 source = "medprompt+prior" if taken else source
         return Localization(masks={n: view_masks_to_work(m) for n, m in masks.items()},
                             frame=localisation_frame(stack, rows, cols), modality=stack.modality, source=source)
