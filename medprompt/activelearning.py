@@ -121,12 +121,13 @@ class ImageScore(ABC):
         """The score of one volume with the model file ``checkpoint``; higher = more worth correcting."""
 
     def score(self, volume: Volume, checkpoint: Path) -> float:
-        """``compute``, or UNLEARNT_SCORE for a study of a modality the model file says it never learnt."""
+        """``compute``, or UNLEARNT_SCORE for a study of a modality the model file says it never learnt (a missing
+        file is left to ``compute``, which says so)."""
         from medprompt.drafts import predictor
         from medprompt.model.sam_predictor import SamNetPredictor
         from medprompt.sam.preprocess import modality_of
 
-        net = predictor(checkpoint, self.model.text_encoder)
+        net = predictor(checkpoint, self.model.text_encoder) if Path(checkpoint).is_file() else None
         if isinstance(net, SamNetPredictor):
             modality = modality_of(volume.data, volume.modality)
             if net.unlearnt(modality):
