@@ -64,15 +64,15 @@ def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], cell_px: floa
     out, taken = {}, []
     for name, mask in net.items():
         p = prior.get(name)
+        out[name] = mask
+        if p is None or not p.any():
+            continue  # nothing of the prior's to fall back on
         size = int(mask.sum())
-        too_little = p is not None and p.any() and size < ratio * int(p.sum())
-        elsewhere = False
-        if p is not None and p.any() and size and not too_little:
+        take = size < ratio * int(p.sum())
+        if not take:  # enough of it: is it where the teacher taught it?
             near = ndi.binary_dilation(p, structure=np.ones((1, 3, 3), bool), iterations=reach)
-            elsewhere = int((mask & near).sum()) < near_ratio * size
-        if too_little or elsewhere:
+            take = int((mask & near).sum()) < near_ratio * size
+        if take:
             out[name] = p
             taken.append(name)
-        else:
-            out[name] = mask
     return out, taken

@@ -131,9 +131,9 @@ class ClassIndex:
     vectors: np.ndarray         # (phrases, dim) unit vectors
     others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
     other_vectors: np.ndarray   # (others, dim) unit vectors
+    phrase_sides: tuple[frozenset[str], ...]  # body sides each row of ``vectors`` names (``scores``)
     words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
     class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
-    phrase_sides: tuple[frozenset[str], ...] = ()  # body sides each row of ``vectors`` names (``scores``)
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -165,7 +165,7 @@ class ClassIndex:
         class_words = {w for e in entries for t in (e.name.replace("_", " "), *e.aliases)
                        for w in words(t)} - set(SIDES) - GENERIC_WORDS
         return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
-                   known_words(entries, encoder), frozenset(class_words), tuple(frozenset(sides(t)) for t in texts))
+                   tuple(frozenset(sides(t)) for t in texts), known_words(entries, encoder), frozenset(class_words))
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
@@ -184,8 +184,7 @@ class ClassIndex:
         sims = self.vectors @ vector
         best: dict[str, float] = {}
         opposite = set(SIDES.values()) - set(named) if len(named) == 1 else set()
-        for row, (name, s) in enumerate(zip(self.names, sims.tolist())):
-            own = self.phrase_sides[row] if row < len(self.phrase_sides) else frozenset()
+        for name, s, own in zip(self.names, sims.tolist(), self.phrase_sides):
             if own and own <= opposite:
                 continue
             if s > best.get(name, -2.0):
@@ -464,7 +463,7 @@ def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIn
     if findings_only_as_landmarks(texts):
         aside |= {n for n in allowed if is_finding(n)}
     allowed = [n for n in allowed if n not in aside] or allowed
-    return sorted(((n, scores.get(n, -1.0)) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
+    return sorted(((n, scores[n]) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
 
 
 def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,

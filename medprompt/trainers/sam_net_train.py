@@ -117,12 +117,14 @@ def process_draws(study_p: np.ndarray, held_by: np.ndarray, ctx: "DistContext") 
     return p / p.sum(), float(scale)
 
 
-def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device) -> tuple[SamPromptNet, dict]:
-    """A network to train and its model file's record: from ``init`` (its architecture wins) or new from the preset."""
+def warm_net(init: Path | None, text_dim: int, model_config: str, device: torch.device
+             ) -> tuple[SamPromptNet, dict | None]:
+    """A network to train and its model file's record: from ``init`` (its architecture wins), or new from the
+    preset with no record (None)."""
     if init is not None and Path(init).is_file():
         net, meta = load_net(Path(init), device)
         return net.train(), meta
-    return SamPromptNet(SamNetConfig.preset(model_config, text_dim)).to(device), {}
+    return SamPromptNet(SamNetConfig.preset(model_config, text_dim)).to(device), None
 
 
 def learnt_modalities(modalities: Sequence[str | None], init_meta: dict | None) -> list[str] | None:
@@ -176,8 +178,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     meta = {"text_encoder": encoder_key, "classes": list(cfg.classes),
             "class_vectors": {c: vectors[i].tolist() for i, c in enumerate(cfg.classes)},
             "trained_on": trained_on, "steps": cfg.steps, **cfg.meta}
-    modalities = learnt_modalities(gathered([s.modality for s in studies], ctx),
-                                   init_meta if init is not None and Path(init).is_file() else None)
+    modalities = learnt_modalities(gathered([s.modality for s in studies], ctx), init_meta)
     if modalities is not None:
         meta["modalities"] = modalities
     if balance is not None:
