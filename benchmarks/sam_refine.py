@@ -6,7 +6,8 @@ classes present in each reference.
 
     .venv/bin/python benchmarks/sam_refine.py                         # the defaults
     .venv/bin/python benchmarks/sam_refine.py --margin 0 3 6 --keep 5 10 20 --step 3
-    .venv/bin/python benchmarks/sam_refine.py --model medprompt
+    .venv/bin/python benchmarks/sam_refine.py --model medprompt              # adapted to each study, as drafts are
+    .venv/bin/python benchmarks/sam_refine.py --model medprompt --no-adapt   # the model as it is
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medprompt.catalog import SYNAPSE8, default_catalog  # noqa: E402
-from medprompt.drafts import predictor  # noqa: E402
+from medprompt.drafts import predictor, study_localiser  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
 from medprompt.io.volume import load_volume, read_label_names  # noqa: E402
 from medprompt.prior import geometry  # noqa: E402
@@ -40,6 +41,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="prior", help="localiser: prior or medprompt")
     p.add_argument("--checkpoint", type=Path, default=None, help="--model medprompt: the model file (default: the shipped one)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="--model medprompt: draw with the model as it is, not adapted to each study first")
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--margin", nargs="+", type=float, default=[RefineSettings.margin_mm])
     p.add_argument("--keep", nargs="+", type=float, default=[RefineSettings.keep_within_mm])
@@ -71,6 +74,8 @@ def main() -> None:
         else:
             localiser = predictor(args.checkpoint)
         t = time.perf_counter()
+        if not args.no_adapt:
+            localiser = study_localiser(localiser, volume, make)
         loc = localiser.localize(volume, entries)
         t_loc = time.perf_counter() - t
         names = {e.name: i + 1 for i, e in enumerate(entries)}

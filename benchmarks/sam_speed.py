@@ -9,6 +9,7 @@ cached. Peak memory is the process's maximum RSS.
 
     .venv/bin/python benchmarks/sam_speed.py [--clicks 5]      # uses the GPU when there is one
     .venv/bin/python benchmarks/sam_speed.py --threads 1       # a busy machine: compare CPU seconds
+    .venv/bin/python benchmarks/sam_speed.py --model medprompt # the shipped model, as drafted and adapted to the study
 
 Each stage prints wall seconds and the process's CPU seconds: on a machine shared with other jobs
 the wall time measures the others too, the CPU time (one thread) much less so.
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200])
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    p.add_argument("--model", default="prior", choices=["prior", "medprompt"],
+                   help="medprompt: the shipped model's draft, as it is and adapted to the study (its extra cost)")
     args = p.parse_args()
     if not CASE.exists():
         sys.exit(f"error: {CASE} not found (../shared/data/real beside the checkout)")
@@ -62,6 +65,8 @@ def main() -> None:
     alone = draft(vol, refine="none")
     t_prior, c_prior = time.perf_counter() - t, time.process_time() - c
     clear_all()  # the prior's per-study work from the run above: a cold draft starts from nothing
+    if args.model == "medprompt":
+        return medprompt_times(vol, t_prior)
     t, c = time.perf_counter(), time.process_time()
     cold = draft(vol)
     t_cold, c_cold = time.perf_counter() - t, time.process_time() - c
@@ -90,6 +95,41 @@ def main() -> None:
     print("stages:", cold.stages)
     print("voxels per class (alone -> refined):",
           {n: (int(np.sum(alone.labels == v)), int(np.sum(cold.labels == v))) for n, v in cold.names.items()})
+
+
+def medprompt_times(vol, t_prior: float) -> None:
+    """The shipped model's drafts: as it is (cold, then with the embeddings on disk) and adapted to the study
+    (embeddings on disk: the difference is the adaptation), then a re-prompt of the adapted study."""
+    import torch
+
+    from medprompt.drafts import draft
+    from medprompt.memo import clear_all
+
+    def timed(**kw):
+        t, c = time.perf_counter(), time.process_time()
+        seg = draft(vol, model="medprompt", **kw)
+        return seg, time.perf_counter() - t, time.process_time() - c
+
+    clear_all()
+    _, t_cold, c_cold = timed(adapt=False)
+    clear_all()
+    as_is, t_warm, c_warm = timed(adapt=False)
+    clear_all()
+    adapted, t_adapt, c_adapt = timed()
+    again, t_again, c_again = timed()
+    assert np.array_equal(adapted.labels, again.labels), "a re-prompt must reuse the adapted network"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"torch threads {torch.get_num_threads()}")
+    print(f"prior alone (refine none):                 {t_prior:6.1f} s")
+    print(f"cold draft, model as it is:                {t_cold:6.1f} s  (CPU {c_cold:.1f} s)")
+    print(f"same, embeddings on disk:                  {t_warm:6.1f} s  (CPU {c_warm:.1f} s)")
+    print(f"adapted to the study, embeddings on disk:  {t_adapt:6.1f} s  (CPU {c_adapt:.1f} s; "
+          f"adaptation {t_adapt - t_warm:.1f} s)")
+    print(f"re-prompt of the adapted study:            {t_again:6.1f} s  (CPU {c_again:.1f} s)")
+    print(f"peak RSS {peak:.0f} MiB")
+    print("stages:", adapted.stages)
+    print("voxels per class (as it is -> adapted):",
+          {n: (int(np.sum(as_is.labels == v)), int(np.sum(adapted.labels == v))) for n, v in adapted.names.items()})
 
 
 if __name__ == "__main__":

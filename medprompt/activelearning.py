@@ -212,10 +212,11 @@ class Disagreement(ImageScore):
                               f"{', '.join(self.model.prompts)} cannot be")
         # The drafts an annotator would see from each model, on the image's own grid.
         # The localisers' own masks: LiteMedSAM would draw both inside the same boxes, hiding where
-        # they disagree, and costs seconds per study.
+        # they disagree, and costs seconds per study. The model as served, not adapted to the study: adapting
+        # teaches it the prior + LiteMedSAM teacher there, which would hide the disagreement this looks for.
         prior = draft(volume, prompts, model="prior", refine="none")
         learned = draft(volume, prompts, model="medprompt", checkpoint=checkpoint, text_encoder=self.model.text_encoder,
-                        refine="none")
+                        refine="none", adapt=False)
         return label_disagreement(learned.labels, prior.labels, learned.names)
 
 

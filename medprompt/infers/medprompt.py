@@ -31,10 +31,12 @@ class MedPromptInfer(DraftInfer):
         description: str,
         refine: str = "sam",
         sam_checkpoint: str | None = None,
+        adapt: bool = True,
     ) -> None:
         super().__init__(labels, default_prompts, description, refine=refine, sam_checkpoint=sam_checkpoint)
         self.checkpoints = checkpoints
         self.text_encoder = text_encoder
+        self.adapt = adapt  # a zero-shot model learns each study first (medprompt.trainers.study_adaptation)
 
     def is_valid(self) -> bool:
         # Listed in /info even without weights: choosing it in a client shows why it cannot draft
@@ -45,7 +47,7 @@ class MedPromptInfer(DraftInfer):
         path = self.checkpoints.served()
         modified = path.stat().st_mtime
         seg = draft(volume, prompts, model="medprompt", checkpoint=path, text_encoder=self.text_encoder,
-                    refine=refine, sam_checkpoint=self.sam_checkpoint)
+                    refine=refine, sam_checkpoint=self.sam_checkpoint, adapt=self.adapt)
         return seg, {"checkpoint": {"path": str(path), "mtime": modified}}
 
     def problems(self) -> list[str]:

@@ -43,8 +43,9 @@ class SamNetPredictor:
 
     def __init__(self, net: SamPromptNet, meta: dict, device: torch.device, text_encoder: str | None = None,
                  sam_checkpoint: str | Path | None = None, fuse_prior: bool = True,
-                 catalog: PromptCatalog | None = None):
+                 catalog: PromptCatalog | None = None, source: str = "medprompt"):
         self.net = net
+        self.source = source  # what a draft's stages name (trainers.study_adaptation: "... adapted to the study")
         self.fuse_prior = fuse_prior  # 3D drafts: the prior's region where the network finds too little
         self.catalog = catalog
         self.meta = meta
@@ -129,7 +130,7 @@ class SamNetPredictor:
         stack = study_stack(volume, self.segmenter_for(segmenter_for), progress)
         prob, (rows, cols) = self.view_probabilities(stack, entries)
         masks = network_regions(prob, entries)
-        source = "medprompt"
+        source = self.source
         # Also for classes annotators corrected: one corrected CT taught the network too little for
         # another study (ct_abdomen_b_dicom's corrections -> ct_abdomen_a: 0.703 without the fallback
         # for its classes, 0.764 with it; BENCHMARKS.md).
@@ -147,7 +148,7 @@ class SamNetPredictor:
             else:
                 # one cell: LiteMedSAM's 64 cells span the slice's longest side, here max(rows, cols) pixels
                 masks, taken = fuse(masks, prior, max(rows, cols) / 64)
-                source = "medprompt+prior" if taken else source
+                source = f"{source}+prior" if taken else source
         return Localization(masks={n: view_masks_to_work(m) for n, m in masks.items()},
                             frame=localisation_frame(stack, rows, cols), modality=stack.modality, source=source)
 

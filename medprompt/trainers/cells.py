@@ -49,6 +49,7 @@ class CellStudy:
     labelled: bool = False
     slices: list[int] | None = None  # the view slice of each embedding
     modality: str | None = None  # CT, MR, ...: a model records the modalities it learnt (sam_predictor's gate)
+    digest: str | None = None  # the study's Volume.digest: a model records the studies it learnt (study_adaptation)
 
     def subset(self, keep: Sequence[int]) -> "CellStudy":
         """The same study with only slices ``keep`` (e.g. the ones not held out for validation)."""
@@ -59,7 +60,7 @@ class CellStudy:
         emb = self.embeddings.select(keep) if isinstance(self.embeddings, DiskEmbeddings) else self.embeddings[idx]
         return CellStudy(self.name, emb, nb, self.coords, self.target[idx], self.weight[idx],
                          self.known, self.labelled, [self.slices[i] for i in keep] if self.slices else None,
-                         self.modality)
+                         self.modality, self.digest)
 
 
 def from_labels(name: str, stack: SliceStack, labels_view: np.ndarray, names: dict[str, int],
@@ -129,17 +130,18 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
         blob = torch.load(cached, map_location="cpu", weights_only=True)
         target, prior = blob["target"], blob["prior"]
     else:
-        target, prior = _teach(volume, stack, classes, catalog, segmenter_for)
+        target, prior = teach(volume, stack, classes, catalog, segmenter_for)
         from medprompt.model.checkpoint import atomic_torch_save
 
         atomic_torch_save({"target": target, "prior": prior}, cached)
     weight = teacher_weights(target, prior).half()
     return CellStudy(path.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target, weight,
-                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices), stack.modality)
+                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices), stack.modality,
+                     volume.digest)
 
 
-def _teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,
-           segmenter_for: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+def teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,
+          segmenter_for: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's (prior + LiteMedSAM) and the prior's own per-cell class fractions (K, 1 + C, 64, 64)."""
     from medprompt.prior import geometry
     from medprompt.prior.engine import AnatomyPrior

@@ -30,6 +30,7 @@ from medprompt.trainers.resume import NOT_THE_RUN, TrainingRun, digest, file_sta
 
 if TYPE_CHECKING:
     from medprompt.distributed import DistContext
+    from medprompt.trainers.disk_embeddings import DiskEmbeddings
 
 
 @dataclass
@@ -68,14 +69,13 @@ def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cel
     xs, tgts, wts, known = [], [], [], []
     for s, k in picks:
         st = studies[s]
-        emb = st.embeddings[st.neighbours[k]]  # (S, 256, h, w)
-        n_cells = emb.shape[-2] * emb.shape[-1]
+        n_cells = st.embeddings.shape[-2] * st.embeddings.shape[-1]
         idx = (torch.from_numpy(rng.choice(n_cells, size=cells, replace=False)) if cells is not None and rng is not None
                else torch.arange(n_cells))
         coords = st.coords.reshape(3, -1)[:, idx].clone()
         if rng is not None and jitter:
             coords[:2] += torch.from_numpy(rng.uniform(-jitter, jitter, (2, 1))).float() * coords[2:3]
-        x = torch.cat([emb.reshape(-1, n_cells)[:, idx].float(), coords], 0).T  # as cell_inputs lays them out
+        x = torch.cat([cell_embeddings(st.embeddings, st.neighbours[k], idx).float(), coords], 0).T  # as cell_inputs
         xs.append(x)
         tgts.append(st.target[k].float().flatten(1)[:, idx])
         wts.append(st.weight[k].float().flatten()[idx])
@@ -87,6 +87,18 @@ def batch_of(studies: Sequence[CellStudy], picks: Sequence[tuple[int, int]], cel
     if class_weight is not None:
         weight = weight * torch.einsum("bkn,k->bn", target, class_weight.to(target))
     return x, target, weight, torch.stack(known)
+
+
+def cell_embeddings(embeddings: "torch.Tensor | DiskEmbeddings", rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(S * 256, N): slices ``rows``' embeddings at cells ``idx``, slice by slice as cell_inputs lays them out.
+    A tensor in memory is read at those cells only: copying whole slices (6 MB for three) to keep 256 of
+    their 4096 cells was most of a training step on the CPU; a study on disk is read in whole rows."""
+    if isinstance(embeddings, torch.Tensor):
+        flat = embeddings.flatten(2)  # (K, 256, h * w), a view
+        at = idx[None].expand(flat.shape[1], -1)
+        return torch.cat([flat[r].gather(1, at) for r in rows.tolist()])
+    emb = embeddings[rows]
+    return emb.reshape(-1, emb.shape[-2] * emb.shape[-1])[:, idx]
 
 
 def cell_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, known: torch.Tensor,
@@ -181,6 +193,10 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     modalities = learnt_modalities(gathered([s.modality for s in studies], ctx), init_meta)
     if modalities is not None:
         meta["modalities"] = modalities
+    learnt = sorted({*(d for d in gathered([s.digest for s in studies], ctx) if d),
+                     *(init_meta or {}).get("learnt_studies", [])})
+    if learnt:
+        meta["learnt_studies"] = learnt  # Volume.digest of each study it learnt: not adapted to again (study_adaptation)
     if balance is not None:
         meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",

@@ -157,8 +157,7 @@ def self_trained(cells: list[CellStudy], model: Path, vectors: np.ndarray, devic
         take = sure & (weight == 0)
         new_w = torch.where(take, torch.full_like(weight, SELF_WEIGHT), new_w)
         target = torch.where(take[:, None], most_probable(p), st.target.float())
-        out.append(CellStudy(st.name, st.embeddings, st.neighbours, st.coords, target.half(), new_w.half(),
-                             st.known, False, st.slices, st.modality))
+        out.append(replace(st, target=target.half(), weight=new_w.half(), labelled=False))
     return out
 
 
@@ -278,8 +277,7 @@ def agreeing(st: CellStudy, model: Path, vectors: np.ndarray, device: str) -> Ce
     p = student_cells(model, st, vectors, device)
     agree = p.argmax(1) == st.target.float().argmax(1)
     weight = torch.where(agree, st.weight.float(), torch.zeros_like(st.weight.float()))
-    return CellStudy(st.name, st.embeddings, st.neighbours, st.coords, st.target, weight.half(), st.known,
-                     False, st.slices, st.modality)
+    return replace(st, weight=weight.half(), labelled=False)
 
 
 def study_draws(n_corrected: int, n_unlabelled: int, labelled_share: float) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""A zero-shot model adapted to the study it is about to draft: the zero-shot round, run on that study.
+
+A zero-shot round is transductive: its student learns each training study's own look from the
+teacher's trusted cells (prior + LiteMedSAM where they agree, trainers.cells) and then draws those
+studies better than the teacher does (ct_abdomen_a 0.783 against 0.761). A study it never saw gets
+none of that: a model taught on one CT drew the other at or below the teacher (leave-one-out 0.736 and
+0.707 against prior + LiteMedSAM's 0.761 and 0.709). Running the same round on the study being drafted,
+from the model's own weights for ``ADAPT_STEPS`` steps, brings the gain back (0.779 and 0.730; 0.770
+after 100 steps, 0.784 after 400: BENCHMARKS.md "A study the model never saw"). It reads no label.
+
+The adapted network is kept in memory only (the last few studies, for re-prompts); the model file is
+never touched. Not for a study the model's round learnt (the model file records their digests), nor for
+a model annotators taught (its corrections outrank the teacher, and its round already taught it the
+datastore's studies), nor for a study of a modality the model never learnt (the anatomy prior localises
+those, model.sam_predictor), nor for 2D images (the teacher's prior is 3D).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from medprompt.catalog import default_catalog
+from medprompt.memo import Memo
+from medprompt.model.sam_checkpoint import load_net
+from medprompt.model.sam_features import study_stack
+from medprompt.model.sam_predictor import SamNetPredictor
+from medprompt.trainers.cells import CellStudy, teach, teacher_weights
+from medprompt.trainers.defaults import ZERO_SHOT
+from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
+
+if TYPE_CHECKING:
+    from medprompt.io.volume import Volume
+
+ADAPT_STEPS = 200  # the zero-shot round's batch and learning rate; a third of its steps, on one study
+_ADAPTED: Memo[SamNetPredictor] = Memo(entries=4)
+
+
+def adaptable(pred: SamNetPredictor) -> bool:
+    """Whether ``pred`` is a zero-shot model (taught by prior + LiteMedSAM alone) loaded from a file."""
+    meta = pred.meta
+    return meta.get("teacher") == "prior+LiteMedSAM" and not meta.get("labelled") and "path" in meta
+
+
+def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, steps: int | None = None,
+            progress: bool = False) -> SamNetPredictor:
+    """``pred`` with its network adapted to ``volume`` (the same predictor where adaptation does not apply);
+    ``steps``: default ``ADAPT_STEPS``."""
+    steps = ADAPT_STEPS if steps is None else steps
+    if steps <= 0 or not adaptable(pred) or volume.digest in pred.meta.get("learnt_studies", ()):
+        return pred  # a study its round learnt is drawn as that round left it
+    catalog = pred.catalog or default_catalog()
+    classes = list(pred.meta["classes"])
+    if any(c not in catalog for c in classes):
+        return pred  # a class the teacher cannot draw
+    path = Path(pred.meta["path"])
+    key = (str(path), path.stat().st_mtime_ns, volume.digest, steps, str(pred.sam_checkpoint))
+
+    def make() -> SamNetPredictor:
+        stack = study_stack(volume, segmenter_for)
+        if pred.unlearnt(stack.modality):
+            return pred
+        target, prior = teach(volume, stack, classes, catalog, segmenter_for)
+        study = CellStudy(volume.source, stack.embeddings, stack.neighbours(pred.net.cfg.reach), stack.coords(),
+                          target, teacher_weights(target, prior).half(), torch.ones(len(classes), dtype=torch.bool),
+                          False, list(stack.slices), stack.modality)
+        vectors = np.stack([np.asarray(pred.meta["class_vectors"][c], np.float32) for c in classes])
+        with tempfile.TemporaryDirectory(prefix="medprompt-adapt-") as tmp:
+            out = Path(tmp) / "adapted.pt"
+            cfg = SamNetTrainConfig(out=out, classes=classes, steps=steps, batch_size=ZERO_SHOT["sam"].batch_size,
+                                    lr=ZERO_SHOT["sam"].lr, device=str(pred.device), resume=False,
+                                    save_every=steps, balance=True, meta={"adapted_from": str(path)})
+            train_cells(cfg, [study], vectors, pred.meta["text_encoder"], init=path, study_p=np.ones(1),
+                        progress=progress, desc="adapting to this study")
+            net, meta = load_net(out, pred.device)
+        meta = {**meta, "path": str(path), "adapted_to": volume.source}
+        return SamNetPredictor(net, meta, pred.device, pred.text_encoder, pred.sam_checkpoint, pred.fuse_prior,
+                               pred.catalog, source="medprompt adapted to the study")
+
+    return _ADAPTED.get_or_make(key, make)

@@ -1,0 +1,135 @@
+"""A zero-shot model adapted to the study it drafts (medprompt.trainers.study_adaptation).
+
+LiteMedSAM is the pixel stand-in of test_sam_net and the teacher is the study's own box label, so the
+test checks the adaptation's logic in seconds; its effect on real CTs is in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medprompt.model import sam_features as sf
+from tests.test_sam_net import pixel_segmenters
+
+
+def _study(path: Path) -> tuple:
+    from medprompt.io.volume import load_volume
+
+    shape, box = (40, 44, 16), np.s_[20:32, 6:20, 4:13]
+    data = np.full(shape, -1000.0, np.float32)
+    data[2:-2, 2:-2, :] = 40.0
+    data[box] = 250.0
+    label = np.zeros(shape, np.uint8)
+    label[box] = 1
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 4.0, 1.0])), path)
+    return load_volume(path), label
+
+
+@pytest.fixture
+def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread):
+    """A study, an untrained zero-shot model file of one class, and a teacher that draws the study's box."""
+    import medprompt.model.prior_fusion as fusion
+    import medprompt.sam
+    import medprompt.trainers.study_adaptation as sa
+    from medprompt.catalog import default_catalog
+    from medprompt.model.sam_checkpoint import save_net
+    from medprompt.model.sam_net import SamNetConfig, SamPromptNet
+    from medprompt.trainers.zero_shot import class_vectors
+
+    volume, label = _study(tmp_path / "study.nii.gz")
+    vectors, key = class_vectors(["liver"], default_catalog(), None)
+    torch.manual_seed(0)
+    net = SamPromptNet(SamNetConfig.preset("tiny", vectors.shape[1]))
+    meta = {"text_encoder": key, "classes": ["liver"], "class_vectors": {"liver": vectors[0].tolist()},
+            "teacher": "prior+LiteMedSAM", "modalities": ["CT"]}
+    model = save_net(tmp_path / "zero_shot.pt", net, meta)
+    taught: list[str] = []
+
+    def teach(volume, stack, classes, catalog, segmenter_for):
+        taught.append(volume.source)
+        cells = sf.to_cells(sf.label_view(label, stack.frame)[stack.slices], stack.geometry, [1]).half()
+        return cells, cells  # teacher and prior agree everywhere: every pure cell is trusted
+
+    monkeypatch.setattr(sa, "teach", teach)
+    monkeypatch.setattr(sa, "ADAPT_STEPS", 150)
+    monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(fusion, "prior_view_masks", lambda *a, **k: {})  # the network's own regions
+    sa._ADAPTED.clear()
+    return volume, label, model, meta, taught
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def test_a_zero_shot_model_learns_the_study_it_drafts_and_keeps_it_for_re_prompts(setting) -> None:
+    from medprompt.drafts import draft, predictor, study_localiser
+
+    volume, label, model, _, taught = setting
+    before = model.read_bytes()
+    as_is = draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none", adapt=False)
+    adapted = draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
+    assert _dice(as_is.labels == 1, label == 1) < 0.3  # an untrained network finds little of the box
+    assert _dice(adapted.labels == 1, label == 1) > 0.7  # the adapted one draws it
+    assert taught == [volume.source]
+    again = draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
+    assert taught == [volume.source] and np.array_equal(again.labels, adapted.labels)  # kept, not re-taught
+    assert model.read_bytes() == before  # the model file is never touched
+    assert study_localiser(predictor(model), volume).source == "medprompt adapted to the study"  # as stages say
+
+
+def test_a_model_annotators_taught_or_of_another_modality_is_not_adapted(setting, tmp_path: Path) -> None:
+    from medprompt.drafts import predictor, study_localiser
+    from medprompt.model.sam_checkpoint import load_net, save_net
+
+    volume, _, model, meta, taught = setting
+    net, _ = load_net(model)
+    finetuned = save_net(tmp_path / "finetuned.pt", net, {**meta, "labelled": ["a.nii.gz"]})
+    mr_only = save_net(tmp_path / "mr_only.pt", net, {**meta, "modalities": ["MR"]})
+    for path in (finetuned, mr_only):
+        pred = predictor(path)
+        assert study_localiser(pred, volume) is pred
+    assert taught == []  # neither asked the teacher
+
+
+def test_a_study_the_models_round_learnt_is_not_adapted_to_again(setting, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import medprompt.trainers.study_adaptation as sa
+    from medprompt.drafts import predictor, study_localiser
+    from medprompt.model.sam_checkpoint import load_net, save_net
+
+    monkeypatch.setattr(sa, "ADAPT_STEPS", 2)  # whether it adapts, not how well
+
+    volume, _, model, meta, taught = setting
+    net, _ = load_net(model)
+    learnt = save_net(tmp_path / "learnt.pt", net, {**meta, "learnt_studies": ["0" * 64, volume.digest]})
+    pred = predictor(learnt)
+    assert study_localiser(pred, volume) is pred and taught == []
+    other = save_net(tmp_path / "other.pt", net, {**meta, "learnt_studies": ["0" * 64]})
+    assert study_localiser(predictor(other), volume) is not predictor(other) and taught == [volume.source]
+
+
+def test_a_round_records_the_studies_it_learnt_and_those_of_its_starting_model(tmp_path: Path,
+                                                                              one_torch_thread) -> None:
+    from dataclasses import replace
+
+    from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
+    from tests.test_sam_net import _planted_study
+
+    vectors = np.random.default_rng(1).normal(size=(2, 12)).astype(np.float32)
+
+    def run(out: Path, studies, init=None) -> dict:
+        cfg = SamNetTrainConfig(out=out, classes=["a", "b"], steps=2, batch_size=2, model_config="tiny", device="cpu")
+        train_cells(cfg, studies, vectors, "test", init=init, progress=False)
+        return torch.load(out, weights_only=False)
+
+    first = run(tmp_path / "first.pt", [replace(_planted_study(0), digest="b" * 64), _planted_study(1)])
+    assert first["learnt_studies"] == ["b" * 64]  # a study without a digest (an image, a test) is not recorded
+    second = run(tmp_path / "second.pt", [replace(_planted_study(2), digest="a" * 64)], init=tmp_path / "first.pt")
+    assert second["learnt_studies"] == ["a" * 64, "b" * 64]
+    assert "learnt_studies" not in run(tmp_path / "none.pt", [_planted_study(3)])
