@@ -36,6 +36,15 @@ class Memo(Generic[T]):
         self.misses = 0
         _ALL.add(self)
 
+    def get(self, key: Hashable) -> T | None:
+        """The kept value of ``key`` (counted as a hit), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+
     def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
         with self._lock:
             if key in self._items:

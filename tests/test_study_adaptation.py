@@ -80,7 +80,7 @@ def test_a_zero_shot_model_learns_the_study_it_drafts_and_keeps_it_for_re_prompt
     again = draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
     assert taught == [volume.source] and np.array_equal(again.labels, adapted.labels)  # kept, not re-taught
     assert model.read_bytes() == before  # the model file is never touched
-    assert study_localiser(predictor(model), volume).source == "medprompt adapted to the study"  # as stages say
+    assert study_localiser(predictor(model), volume).source == "adapted medprompt"  # as stages say
 
 
 def test_a_model_annotators_taught_or_of_another_modality_is_not_adapted(setting, tmp_path: Path) -> None:
@@ -133,3 +133,25 @@ def test_a_round_records_the_studies_it_learnt_and_those_of_its_starting_model(t
     second = run(tmp_path / "second.pt", [replace(_planted_study(2), digest="a" * 64)], init=tmp_path / "first.pt")
     assert second["learnt_studies"] == ["a" * 64, "b" * 64]
     assert "learnt_studies" not in run(tmp_path / "none.pt", [_planted_study(3)])
+
+
+def test_next_samples_prefetch_adapts_the_served_model_so_the_first_draft_finds_it_ready(
+        setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import medprompt.sam.refine as refine
+    from medprompt.configs.medprompt import Checkpoints, MedPromptConfig
+    from medprompt.drafts import draft
+
+    volume, _, model, _, taught = setting
+    prepared: list[str] = []
+    monkeypatch.setattr(refine, "precompute", lambda vol, make, stop=None: prepared.append(vol.source) or 3)
+    config = MedPromptConfig.__new__(MedPromptConfig)  # the fields prefetch reads; init needs a running app
+    config.checkpoints, config.text_encoder, config.sam_checkpoint = Checkpoints(tmp_path / "rounds", model), None, None
+    config.adapt = False
+    assert config.prefetch(str(volume.source), threading.Event()) == 3 and taught == []  # --conf adapt false
+    config.adapt = True
+    config.prefetch(str(volume.source), threading.Event())
+    assert prepared == [volume.source] * 2 and taught == [volume.source]
+    draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
+    assert taught == [volume.source]  # the draft found the adapted network ready

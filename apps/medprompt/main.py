@@ -56,7 +56,7 @@ import medprompt  # noqa: E402
 from medprompt.access import auth_enabled, enable_token_check, exposure_warning, host_from_argv  # noqa: E402
 from medprompt.activelearning import ScoreMethod, ScoreStrategy, image_scores  # noqa: E402
 from medprompt.configs import task_configs  # noqa: E402
-from medprompt.configs.medprompt import FINETUNE_TRAINER  # noqa: E402
+from medprompt.configs.medprompt import FINETUNE_TRAINER, MedPromptConfig  # noqa: E402
 from medprompt.cpu_sharing import WAIT_POLICY, shares_cpu  # noqa: E402
 from medprompt.errors import PacsError, shown  # noqa: E402
 from medprompt.sam.prefetch import Prefetcher  # noqa: E402
@@ -87,7 +87,10 @@ class MedPromptApp(MONAILabelApp):
         # Next Sample starts on the study's LiteMedSAM embeddings in the background, when drafts use it.
         drawing = [c for c in self.task_configs.values() if getattr(c, "refine", None) == "sam"]
         prefetch = drawing and strtobool(conf.get("sam_prefetch", "true"))
-        self.prefetcher = Prefetcher(drawing[0].sam_checkpoint, logger=logger) if prefetch else None
+        # ... and the served zero-shot model is adapted to it (MedPromptConfig.prefetch), unless --conf adapt false
+        adapting = [c for c in drawing if isinstance(c, MedPromptConfig) and c.adapt]
+        run = (lambda path, _weights, stop: adapting[0].prefetch(path, stop)) if adapting else None
+        self.prefetcher = Prefetcher(drawing[0].sam_checkpoint, run=run, logger=logger) if prefetch else None
         self.finetune_schedule: FinetuneSchedule | None = None  # made at server start, not in training's child
         served = sys.modules.get("monailabel.app")  # the FastAPI app, when this runs inside the server
         if served is not None and hasattr(served, "app"):

@@ -12,6 +12,7 @@ App options (``--conf KEY VALUE``) read here:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,22 @@ class MedPromptConfig(DraftConfig):
             sam_checkpoint=self.sam_checkpoint,
             adapt=self.adapt,
         )
+
+    def prefetch(self, image_path: str, stop: threading.Event) -> int:
+        """Next Sample's background work for this model (medprompt.sam.prefetch): the study's LiteMedSAM
+        embeddings, then, with ``adapt``, the served zero-shot model adapted to the study, so the annotator's
+        first draft finds both ready; returns the slices prepared."""
+        from medprompt.drafts import predictor, study_localiser
+        from medprompt.io.volume import load_volume
+        from medprompt.sam import segmenter_factory
+        from medprompt.sam.refine import precompute
+
+        volume = load_volume(image_path)
+        make = segmenter_factory(self.sam_checkpoint)
+        n = precompute(volume, make, stop=stop)
+        if self.adapt and not stop.is_set():
+            study_localiser(predictor(self.checkpoints.served(), self.text_encoder, self.sam_checkpoint), volume, make)
+        return n
 
     def trainer(self) -> dict[str, TrainTask]:
         # MONAI Label names a single trainer after its config; a dict names them as the issues ask.

@@ -45,7 +45,7 @@ class SamNetPredictor:
                  sam_checkpoint: str | Path | None = None, fuse_prior: bool = True,
                  catalog: PromptCatalog | None = None, source: str = "medprompt"):
         self.net = net
-        self.source = source  # what a draft's stages name (trainers.study_adaptation: "... adapted to the study")
+        self.source = source  # what a draft's stages name (trainers.study_adaptation: "adapted medprompt")
         self.fuse_prior = fuse_prior  # 3D drafts: the prior's region where the network finds too little
         self.catalog = catalog
         self.meta = meta

@@ -3,7 +3,9 @@
 A cold draft of a 512x512x200 CT spends most of its ~50 s on the CPU in LiteMedSAM's encoder. The
 annotator needs some seconds to open the study and type a prompt anyway, so the server starts on
 the embeddings the draft will ask for first (``refine.precompute``) as soon as active learning
-hands out the study. One study at a time: a new request while one runs is skipped, never queued.
+hands out the study (and, for the MedPrompt model, adapts it to the study next:
+configs.medprompt.MedPromptConfig.prefetch). One study at a time: a new request while one runs is
+skipped, never queued.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class Prefetcher:
             if self._stop.is_set():
                 self.log.info(f"LiteMedSAM embeddings for {image_path}: stopped after {n} slices (shutting down)")
             else:
-                self.log.info(f"LiteMedSAM embeddings ready for {image_path}: {n} slices in {time.time() - begin:.1f} s")
+                self.log.info(f"LiteMedSAM embeddings ready for {image_path}: {n} slices; background work done in "
+                              f"{time.time() - begin:.1f} s")
         except Exception as e:  # a background optimisation: never fatal, the draft computes what it needs
             self.log.warning(f"LiteMedSAM embeddings for {image_path} not precomputed: {type(e).__name__}: {e}")
         finally:

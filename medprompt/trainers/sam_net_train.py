@@ -196,7 +196,7 @@ def train_cells(cfg: SamNetTrainConfig, studies: list[CellStudy], vectors: np.nd
     learnt = sorted({*(d for d in gathered([s.digest for s in studies], ctx) if d),
                      *(init_meta or {}).get("learnt_studies", [])})
     if learnt:
-        meta["learnt_studies"] = learnt  # Volume.digest of each study it learnt: not adapted to again (study_adaptation)
+        meta["learnt_studies"] = learnt  # their Volume.digest: not adapted to again (trainers.study_adaptation)
     if balance is not None:
         meta["class_balance"] = dict(zip(["background", *cfg.classes], balance.tolist()))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, unit="step",

@@ -18,6 +18,7 @@ those, model.sam_predictor), nor for 2D images (the teacher's prior is 3D).
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 ADAPT_STEPS = 200  # the zero-shot round's batch and learning rate; a third of its steps, on one study
 _ADAPTED: Memo[SamNetPredictor] = Memo(entries=4)
+_ONE_AT_A_TIME = threading.Lock()  # adaptations are CPU-bound: two at once take as long as both in turn
 
 
 def adaptable(pred: SamNetPredictor) -> bool:
@@ -79,6 +81,10 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
             net, meta = load_net(out, pred.device)
         meta = {**meta, "path": str(path), "adapted_to": volume.source}
         return SamNetPredictor(net, meta, pred.device, pred.text_encoder, pred.sam_checkpoint, pred.fuse_prior,
-                               pred.catalog, source="medprompt adapted to the study")
+                               pred.catalog, source="adapted medprompt")
 
-    return _ADAPTED.get_or_make(key, make)
+    kept = _ADAPTED.get(key)
+    if kept is not None:
+        return kept
+    with _ONE_AT_A_TIME:  # a draft asked while Next Sample's prefetch adapts the study waits for it, not redoes it
+        return _ADAPTED.get_or_make(key, make)
