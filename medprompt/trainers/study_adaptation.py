@@ -60,7 +60,7 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
     if any(c not in catalog for c in classes):
         return pred  # a class the teacher cannot draw
     path = Path(pred.meta["path"])
-    key = (str(path), path.stat().st_mtime_ns, volume.digest, steps, str(pred.sam_checkpoint))
+    key = (str(path), path.stat().st_mtime_ns, volume.digest, steps, str(pred.sam_checkpoint), pred.text_encoder)
 
     def make() -> SamNetPredictor:
         stack = study_stack(volume, segmenter_for)
