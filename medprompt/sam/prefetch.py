@@ -60,7 +60,8 @@ class Prefetcher:
                 self.log.info(f"LiteMedSAM embeddings ready for {image_path}: {n} slices; background work done in "
                               f"{time.time() - begin:.1f} s")
         except Exception as e:  # a background optimisation: never fatal, the draft computes what it needs
-            self.log.warning(f"LiteMedSAM embeddings for {image_path} not precomputed: {type(e).__name__}: {e}")
+            self.log.warning(f"background work for {image_path} stopped: {type(e).__name__}: {e}; the first draft "
+                             f"will do what is missing")
         finally:
             self._busy.release()
 
