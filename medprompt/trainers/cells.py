@@ -134,10 +134,15 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
         from medprompt.model.checkpoint import atomic_torch_save
 
         atomic_torch_save({"target": target, "prior": prior}, cached)
-    weight = teacher_weights(target, prior).half()
-    return CellStudy(path.name, stack.embeddings, stack.neighbours(reach), stack.coords(), target, weight,
-                     torch.ones(len(classes), dtype=torch.bool), False, list(stack.slices), stack.modality,
-                     volume.digest)
+    return taught_study(path.name, volume, stack, target, prior, reach)
+
+
+def taught_study(name: str, volume, stack: SliceStack, target: torch.Tensor, prior: torch.Tensor,
+                 reach: int) -> CellStudy:
+    """An unlabelled study with its teacher's and prior's cells (:func:`teach`), trusted by :func:`teacher_weights`."""
+    return CellStudy(name, stack.embeddings, stack.neighbours(reach), stack.coords(), target,
+                     teacher_weights(target, prior).half(), torch.ones(target.shape[1] - 1, dtype=torch.bool), False,
+                     list(stack.slices), stack.modality, volume.digest)
 
 
 def teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from medprompt.catalog import default_catalog
 from medprompt.memo import Memo
 from medprompt.model.sam_checkpoint import load_net
 from medprompt.model.sam_features import study_stack
 from medprompt.model.sam_predictor import SamNetPredictor
-from medprompt.trainers.cells import CellStudy, teach, teacher_weights
+from medprompt.trainers.cells import taught_study, teach
 from medprompt.trainers.defaults import ZERO_SHOT
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
@@ -67,9 +66,7 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
         if pred.unlearnt(stack.modality):
             return pred
         target, prior = teach(volume, stack, classes, catalog, segmenter_for)
-        study = CellStudy(volume.source, stack.embeddings, stack.neighbours(pred.net.cfg.reach), stack.coords(),
-                          target, teacher_weights(target, prior).half(), torch.ones(len(classes), dtype=torch.bool),
-                          False, list(stack.slices), stack.modality)
+        study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach)
         vectors = np.stack([np.asarray(pred.meta["class_vectors"][c], np.float32) for c in classes])
         with tempfile.TemporaryDirectory(prefix="medprompt-adapt-") as tmp:
             out = Path(tmp) / "adapted.pt"
