@@ -10,10 +10,14 @@
     Every rotation of the patients is run (``--rotations`` fewer for a quick look).
 (b) 3D: one real CT's reference as corrections (ct_abdomen_b_dicom -> score ct_abdomen_a, and
     ct_abdomen_a -> score ct_abdomen_b_dicom and mr_abdomen), starting from a zero-shot model, scored
-    with LiteMedSAM drawing the network's regions, against the zero-shot model on the same case.
+    with LiteMedSAM drawing the network's regions, against the zero-shot model on the same case. Both
+    models draft as `medprompt infer` does: adapted to a study their rounds did not learn
+    (trainers.study_adaptation; ``--no-adapt``: as they are). ``--corrected`` runs one source only, so
+    each fold of a held-out check can start from a model that never saw its scored CT.
 
     .venv/bin/python benchmarks/label_efficiency_real.py --part curvas --ks 0 1 2 4
     .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot models/medprompt_sam.pt [--with-unlabelled]
+    .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot ONLY_B.pt --corrected ct_abdomen_b_dicom --tag held_out_a
 
 Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/ (``--no-augment``: beside
 the default run's, with ``_no_augment`` in the name). Each CURVAS rotation prints its own line too.
@@ -122,12 +126,14 @@ def curvas(ks: list[int], rotations: int, steps: int, init: Path | None, first: 
     return rows
 
 
-def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False) -> list[dict]:
+def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False, adapt: bool = True,
+            corrected: str | None = None) -> list[dict]:
     """``with_unlabelled``: the scored studies sit in the datastore unlabelled too, as in a real one
     (the round's semi-supervised term reads them; transductive)."""
     import nibabel as nib
 
     from medprompt.catalog import SYNAPSE8
+    from medprompt.drafts import study_localiser
     from medprompt.evaluation import evaluate
     from medprompt.io.volume import load_volume, read_label_names
     from medprompt.model.sam_predictor import load_sam_predictor
@@ -137,6 +143,8 @@ def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False) -> list[
 
     cases = {"ct_abdomen_a": "image.nii.gz", "ct_abdomen_b_dicom": "dicom", "mr_abdomen": "image.nii.gz"}
     plans = {"ct_abdomen_b_dicom": ["ct_abdomen_a"], "ct_abdomen_a": ["ct_abdomen_b_dicom", "mr_abdomen"]}
+    if corrected is not None:
+        plans = {corrected: plans[corrected]}
     catalog = default_catalog()
     make = segmenter_factory()
 
@@ -147,7 +155,8 @@ def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False) -> list[
         present = [n for n in SYNAPSE8 if n in ref_names]
         entries = [catalog[n] for n in present]
         volume = load_volume(folder / cases[case])
-        loc = load_sam_predictor(model).localize(volume, entries, segmenter_for=make)
+        pred = load_sam_predictor(model)
+        loc = (study_localiser(pred, volume, make) if adapt else pred).localize(volume, entries, segmenter_for=make)
         out = refine(volume, loc, entries, make)
         ev = evaluate(out.labels, volume.affine, {e.name: i + 1 for i, e in enumerate(entries)},
                       np.asarray(ref_img.dataobj), ref_img.affine, ref_names)
@@ -182,7 +191,10 @@ def three_d(zero_shot: Path, steps: int, with_unlabelled: bool = False) -> list[
         for target in targets:
             before, per_before = score(zero_shot, target)
             after, per_after = score(served, target)
+            both = [n for n in per_before if n in read_label_names(src / "labels.json")]  # organs both references hold
             row = {"corrected": source, "scored": target, "zero_shot": before, "finetuned": after,
+                   "both": both, "zero_shot_both": float(np.mean([per_before[n] for n in both])),
+                   "finetuned_both": float(np.mean([per_after[n] for n in both])),
                    "accepted": result.accepted, "validation": [result.previous_score, result.candidate_score],
                    "per_class_before": per_before, "per_class_after": per_after,
                    "seconds": time.perf_counter() - t0}
@@ -235,6 +247,11 @@ def main() -> None:
                    help="3D: the zero-shot model on LiteMedSAM features a round starts from")
     p.add_argument("--with-unlabelled", action="store_true",
                    help="3D: the scored studies are in the datastore unlabelled too (as in a real datastore)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="3D: draft with the models as they are, not adapted to each study they never learnt")
+    p.add_argument("--corrected", choices=["ct_abdomen_b_dicom", "ct_abdomen_a"],
+                   help="3D: only this study's correction (default: both)")
+    p.add_argument("--tag", default="", help="3D: results file label_efficiency_3d_TAG.md instead of the default's")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "curvas":
@@ -257,10 +274,13 @@ def main() -> None:
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
         plot(rows, RESULTS / f"{stem}.png")
     else:
-        rows = three_d(args.zero_shot, args.steps, args.with_unlabelled)
-        lines = ["| corrected | scored | zero-shot + SAM | finetuned + SAM |", "|---|---|---|---|"]
-        lines += [f"| {r['corrected']} | {r['scored']} | {r['zero_shot']:.3f} | {r['finetuned']:.3f} |" for r in rows]
-        (RESULTS / "label_efficiency_3d.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
+        rows = three_d(args.zero_shot, args.steps, args.with_unlabelled, not args.no_adapt, args.corrected)
+        lines = ["| corrected | scored | zero-shot + SAM | finetuned + SAM | on the organs both references hold |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['corrected']} | {r['scored']} | {r['zero_shot']:.3f} | {r['finetuned']:.3f} | "
+                  f"{r['zero_shot_both']:.3f} -> {r['finetuned_both']:.3f} ({', '.join(r['both'])}) |" for r in rows]
+        name = "label_efficiency_3d" + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
     print("\n".join(lines))
 
 

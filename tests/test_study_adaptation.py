@@ -83,18 +83,45 @@ def test_a_zero_shot_model_learns_the_study_it_drafts_and_keeps_it_for_re_prompt
     assert study_localiser(predictor(model), volume).source == "adapted medprompt"  # as stages say
 
 
-def test_a_model_annotators_taught_or_of_another_modality_is_not_adapted(setting, tmp_path: Path) -> None:
+def test_a_model_of_another_modality_is_not_adapted(setting, tmp_path: Path) -> None:
     from medprompt.drafts import predictor, study_localiser
     from medprompt.model.sam_checkpoint import load_net, save_net
 
     volume, _, model, meta, taught = setting
     net, _ = load_net(model)
-    finetuned = save_net(tmp_path / "finetuned.pt", net, {**meta, "labelled": ["a.nii.gz"]})
-    mr_only = save_net(tmp_path / "mr_only.pt", net, {**meta, "modalities": ["MR"]})
-    for path in (finetuned, mr_only):
-        pred = predictor(path)
-        assert study_localiser(pred, volume) is pred
-    assert taught == []  # neither asked the teacher
+    pred = predictor(save_net(tmp_path / "mr_only.pt", net, {**meta, "modalities": ["MR"]}))
+    assert study_localiser(pred, volume) is pred and taught == []  # the teacher was not asked
+
+
+def test_a_model_annotators_taught_learns_a_new_study_only_where_it_agrees_with_the_teacher(
+        setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finetuned model that draws the box, and a teacher that draws a wrong block beside it: adapted as a
+    finetune round treats an unlabelled study, the model keeps its box; the zero-shot recipe (the teacher
+    trusted wherever it agrees with the prior) unlearns it."""
+    import medprompt.trainers.study_adaptation as sa
+    from medprompt.drafts import draft, predictor, study_localiser
+    from medprompt.model.sam_checkpoint import save_net
+
+    volume, label, model, meta, taught = setting
+    knows_box = study_localiser(predictor(model), volume).net  # the setting's teacher draws the true box
+    wrong = np.zeros_like(label)
+    wrong[8:18, 24:40, 4:13] = 1  # a block of the study's soft tissue beside the box
+
+    def wrong_teacher(volume, stack, classes, catalog, segmenter_for):
+        taught.append(volume.source)
+        cells = sf.to_cells(sf.label_view(wrong, stack.frame)[stack.slices], stack.geometry, [1]).half()
+        return cells, cells
+
+    monkeypatch.setattr(sa, "teach", wrong_teacher)
+    finetuned = save_net(tmp_path / "finetuned.pt", knows_box, {**meta, "labelled": ["other.nii.gz"]})
+    zero_shot = save_net(tmp_path / "zero_shot_too.pt", knows_box, meta)
+    taught.clear()
+    kept = draft(volume, ["liver"], model="medprompt", checkpoint=finetuned, refine="none")
+    followed = draft(volume, ["liver"], model="medprompt", checkpoint=zero_shot, refine="none")
+    assert taught == [volume.source] * 2  # both were adapted
+    assert study_localiser(predictor(finetuned), volume).source == "adapted medprompt"  # kept for re-prompts
+    assert _dice(kept.labels == 1, label == 1) > 0.7
+    assert _dice(followed.labels == 1, label == 1) < 0.5  # taught the wrong block, it unlearnt the box
 
 
 def test_a_study_the_models_round_learnt_is_not_adapted_to_again(setting, tmp_path: Path,
@@ -155,3 +182,15 @@ def test_next_samples_prefetch_adapts_the_served_model_so_the_first_draft_finds_
     assert prepared == [volume.source] * 2 and taught == [volume.source]
     draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
     assert taught == [volume.source]  # the draft found the adapted network ready
+
+
+def test_a_corrected_study_is_recorded_as_learnt(tmp_path: Path, one_torch_thread) -> None:
+    """A finetune round learnt its corrected volumes: its model file records them, so drafting one again
+    does not adapt the model to what the teacher draws there."""
+    from medprompt.trainers.sam_rounds import labelled_cells
+
+    volume, label = _study(tmp_path / "corrected.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.diag([2.0, 2.0, 4.0, 1.0])), tmp_path / "label.nii.gz")
+    study = labelled_cells(tmp_path / "corrected.nii.gz", tmp_path / "label.nii.gz", {"liver": 1}, ["liver"],
+                           pixel_segmenters, 1)
+    assert study.labelled and study.digest == volume.digest

@@ -87,7 +87,7 @@ class MedPromptApp(MONAILabelApp):
         # Next Sample starts on the study's LiteMedSAM embeddings in the background, when drafts use it.
         drawing = [c for c in self.task_configs.values() if getattr(c, "refine", None) == "sam"]
         prefetch = drawing and strtobool(conf.get("sam_prefetch", "true"))
-        # ... and the served zero-shot model is adapted to it (MedPromptConfig.prefetch), unless --conf adapt false
+        # ... and the served model is adapted to it (MedPromptConfig.prefetch), unless --conf adapt false
         adapting = [c for c in drawing if isinstance(c, MedPromptConfig) and c.adapt]
         run = (lambda path, _weights, stop: adapting[0].prefetch(path, stop)) if adapting else None
         self.prefetcher = Prefetcher(drawing[0].sam_checkpoint, run=run, logger=logger) if prefetch else None

@@ -5,8 +5,9 @@ App options (``--conf KEY VALUE``) read here:
                 models/medprompt_sam.pt)
   text_encoder  the frozen text encoder for prompts the checkpoint holds no vector for, and for
                 training rounds (default: minilm, the offline MiniLM; see medprompt.text)
-  adapt         true (default): a zero-shot model first learns each study it drafts from its teacher
-                (medprompt.trainers.study_adaptation; kept in memory for that study's re-prompts);
+  adapt         true (default): the model first learns each study its rounds never saw from its teacher
+                (a finetuned model only where it agrees with the teacher; medprompt.trainers.study_adaptation;
+                kept in memory for that study's re-prompts);
                 false: it drafts as it is
 """
 
@@ -93,7 +94,7 @@ class MedPromptConfig(DraftConfig):
 
     def prefetch(self, image_path: str, stop: threading.Event) -> int:
         """Next Sample's background work for this model (medprompt.sam.prefetch): the study's LiteMedSAM
-        embeddings, then, with ``adapt``, the served zero-shot model adapted to the study, so the annotator's
+        embeddings, then, with ``adapt``, the served model adapted to the study, so the annotator's
         first draft finds both ready; returns the slices prepared."""
         from medprompt.drafts import predictor, study_localiser
         from medprompt.io.volume import load_volume

@@ -36,7 +36,7 @@ class MedPromptInfer(DraftInfer):
         super().__init__(labels, default_prompts, description, refine=refine, sam_checkpoint=sam_checkpoint)
         self.checkpoints = checkpoints
         self.text_encoder = text_encoder
-        self.adapt = adapt  # a zero-shot model learns each study first (medprompt.trainers.study_adaptation)
+        self.adapt = adapt  # the model learns each new study first (medprompt.trainers.study_adaptation)
 
     def is_valid(self) -> bool:
         # Listed in /info even without weights: choosing it in a client shows why it cannot draft

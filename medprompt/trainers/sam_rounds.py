@@ -187,7 +187,8 @@ def labelled_cells(image: Path, label: Path, names: dict[str, int], classes: Seq
     labels, label_affine, _ = load_labelmap(label)
     labels, _ = align_to_reference(labels, label_affine, volume.data.shape, volume.affine)
     stack = study_stack(volume, segmenter_for)
-    return from_labels(image.name, stack, label_view(labels, stack.frame), names, classes, reach)
+    study = from_labels(image.name, stack, label_view(labels, stack.frame), names, classes, reach)
+    return replace(study, digest=volume.digest)  # recorded: a corrected study is not adapted to (study_adaptation)
 
 
 def one_image(views: list[CellStudy]) -> CellStudy:

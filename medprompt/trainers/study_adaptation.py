@@ -1,4 +1,4 @@
-"""A zero-shot model adapted to the study it is about to draft: the zero-shot round, run on that study.
+"""A model adapted to the study it is about to draft: its own round's recipe, run on that study.
 
 A zero-shot round is transductive: its student learns each training study's own look from the
 teacher's trusted cells (prior + LiteMedSAM where they agree, trainers.cells) and then draws those
@@ -8,11 +8,17 @@ none of that: a model taught on one CT drew the other at or below the teacher (l
 from the model's own weights for ``ADAPT_STEPS`` steps, brings the gain back (0.779 and 0.730; 0.770
 after 100 steps, 0.784 after 400: BENCHMARKS.md "A study the model never saw"). It reads no label.
 
+A model annotators taught (a finetune round's) learnt the studies of its datastore, but not one added
+since. It is adapted as its round treats an unlabelled study: the teacher's cells count only where the
+model agrees with them (sam_rounds.agreeing), at the finetune round's learning rate, so the teacher
+cannot undo what the corrections taught. Without it, a model finetuned on one corrected CT drew a CT
+it never saw below the zero-shot model adapted to it (0.763 against 0.779, 0.709 against 0.731); with it
+0.772 and 0.726 (BENCHMARKS.md "A corrected model on a study added after its round").
+
 The adapted network is kept in memory only (the last few studies, for re-prompts); the model file is
 never touched. Not for a study the model's round learnt (the model file records their digests), nor for
-a model annotators taught (its corrections outrank the teacher, and its round already taught it the
-datastore's studies), nor for a study of a modality the model never learnt (the anatomy prior localises
-those, model.sam_predictor), nor for 2D images (the teacher's prior is 3D).
+a study of a modality the model never learnt (the anatomy prior localises those, model.sam_predictor),
+nor for 2D images (the teacher's prior is 3D).
 """
 
 from __future__ import annotations
@@ -30,21 +36,22 @@ from medprompt.model.sam_checkpoint import load_net
 from medprompt.model.sam_features import study_stack
 from medprompt.model.sam_predictor import SamNetPredictor
 from medprompt.trainers.cells import taught_study, teach
-from medprompt.trainers.defaults import ZERO_SHOT
+from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
+from medprompt.trainers.sam_rounds import agreeing
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
 
 if TYPE_CHECKING:
     from medprompt.io.volume import Volume
 
-ADAPT_STEPS = 200  # the zero-shot round's batch and learning rate; a third of its steps, on one study
+ADAPT_STEPS = 200  # the round's batch and learning rate; a third of a zero-shot round's steps, on one study
 _ADAPTED: Memo[SamNetPredictor] = Memo(entries=4)
 _ONE_AT_A_TIME = threading.Lock()  # adaptations are CPU-bound: two at once take as long as both in turn
 
 
 def adaptable(pred: SamNetPredictor) -> bool:
-    """Whether ``pred`` is a zero-shot model (taught by prior + LiteMedSAM alone) loaded from a file."""
+    """Whether ``pred`` was made by one of our rounds (zero-shot or finetune) and loaded from a file."""
     meta = pred.meta
-    return meta.get("teacher") == "prior+LiteMedSAM" and not meta.get("labelled") and "path" in meta
+    return meta.get("teacher") == "prior+LiteMedSAM" and "path" in meta
 
 
 def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, steps: int | None = None,
@@ -68,10 +75,14 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
         target, prior = teach(volume, stack, classes, catalog, segmenter_for)
         study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach)
         vectors = np.stack([np.asarray(pred.meta["class_vectors"][c], np.float32) for c in classes])
+        recipe = ZERO_SHOT["sam"]
+        if pred.meta.get("labelled"):  # corrections taught it: the teacher counts where the model agrees
+            study = agreeing(study, path, vectors, str(pred.device))
+            recipe = FINETUNE["sam"]
         with tempfile.TemporaryDirectory(prefix="medprompt-adapt-") as tmp:
             out = Path(tmp) / "adapted.pt"
-            cfg = SamNetTrainConfig(out=out, classes=classes, steps=steps, batch_size=ZERO_SHOT["sam"].batch_size,
-                                    lr=ZERO_SHOT["sam"].lr, device=str(pred.device), resume=False,
+            cfg = SamNetTrainConfig(out=out, classes=classes, steps=steps, batch_size=recipe.batch_size,
+                                    lr=recipe.lr, device=str(pred.device), resume=False,
                                     save_every=steps, balance=True, meta={"adapted_from": str(path)})
             train_cells(cfg, [study], vectors, pred.meta["text_encoder"], init=path, study_p=np.ones(1),
                         progress=progress, desc="adapting to this study")
