@@ -54,8 +54,10 @@ ORGAN_WORDS: dict[str, str] = {
     "esophageal": "esophagus", "oesophageal": "esophagus", "oesophagus": "esophagus",
     # skeleton
     "osseous": "bone", "skeletal": "bone",
-    # anatomy no shipped prompt file describes, read as a noun so it can be refused by name
-    "cardiac": "heart",
+    # anatomy no shipped prompt file describes, read as a noun so it can be refused by name; lay names are
+    # read as their anatomical noun too ("windpipe" read like the oesophagus)
+    "cardiac": "heart", "windpipe": "trachea", "voice box": "larynx", "small intestine": "small bowel",
+    "gullet": "esophagus",
 }
 
 

@@ -178,6 +178,23 @@ def test_shorthand_for_anatomy_no_class_describes_is_refused_by_name(minilm: Pro
         minilm.resolve(text)
 
 
+@pytest.mark.parametrize("text, named", [
+    ("the windpipe", "trachea"),  # drafted as the oesophagus before
+    ("the voice box", "larynx"), ("the small intestine", "small bowel"),
+])
+def test_lay_names_of_anatomy_no_class_describes_are_refused_by_their_anatomical_name(minilm: PromptCatalog,
+                                                                                      text: str, named: str):
+    with pytest.raises(PromptError, match=f"reads like {named} .*which no prompt file describes"):
+        minilm.resolve(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("the gullet", "esophagus"), ("GULLET", "esophagus"),
+])
+def test_lay_names_with_a_class_resolve_to_it(minilm: PromptCatalog, text: str, expected: str):
+    assert minilm.resolve(text).name == expected
+
+
 @pytest.mark.parametrize("text, expected", [
     ("liver segmentation", "liver"),  # the whole reads like a liver tumour to the embedding
     ("segment the spleen, please", "spleen"),
