@@ -124,6 +124,47 @@ def test_a_model_annotators_taught_learns_a_new_study_only_where_it_agrees_with_
     assert _dice(followed.labels == 1, label == 1) < 0.5  # taught the wrong block, it unlearnt the box
 
 
+def test_classes_the_teacher_cannot_draw_go_untaught_not_the_whole_adaptation(
+        setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model finetuned on liver tumours too: the anatomy prior draws no tumour (and refuses to be asked), so
+    the teacher is asked for the liver only, the study states the liver only, and the draft goes on."""
+    import medprompt.trainers.study_adaptation as sa
+    from medprompt.catalog import default_catalog
+    from medprompt.drafts import draft, predictor, study_localiser
+    from medprompt.model.sam_checkpoint import load_net, save_net
+    from medprompt.trainers.zero_shot import class_vectors
+
+    volume, label, model, meta, _ = setting
+    asked: list[list[str]] = []
+
+    def teach(volume, stack, classes, catalog, segmenter_for):
+        asked.append(list(classes))
+        cells = sf.to_cells(sf.label_view(label, stack.frame)[stack.slices], stack.geometry, [1]).half()
+        return cells, cells
+
+    monkeypatch.setattr(sa, "teach", teach)
+    vectors, _ = class_vectors(["liver", "liver_tumour"], default_catalog(), None)
+    net, _ = load_net(model)
+    two = {**meta, "classes": ["liver", "liver_tumour"], "labelled": ["a.nii.gz"],
+           "class_vectors": {"liver": vectors[0].tolist(), "liver_tumour": vectors[1].tolist()}}
+    path = save_net(tmp_path / "with_tumour.pt", net, two)
+    out = draft(volume, ["liver"], model="medprompt", checkpoint=path, refine="none")
+    assert asked == [["liver"]] and out.labels.shape == label.shape
+    assert study_localiser(predictor(path), volume).source == "adapted medprompt"
+    only_tumour = save_net(tmp_path / "only_tumour.pt", net, {**two, "classes": ["liver_tumour"]})
+    pred = predictor(only_tumour)
+    assert study_localiser(pred, volume) is pred and asked == [["liver"]]  # nothing the teacher draws
+
+
+def test_widened_cells_keep_each_taught_class_in_its_channel() -> None:
+    from medprompt.trainers.study_adaptation import widened
+
+    cells = torch.arange(3.0)[None, :, None, None].expand(2, 3, 4, 4)  # background 0, "b" 1, "d" 2
+    out = widened(cells, ["a", "b", "c", "d"], ["b", "d"])
+    assert out.shape == (2, 5, 4, 4)
+    assert [float(out[0, i, 0, 0]) for i in range(5)] == [0.0, 0.0, 1.0, 0.0, 2.0]
+
+
 def test_a_study_the_models_round_learnt_is_not_adapted_to_again(setting, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import medprompt.trainers.study_adaptation as sa
