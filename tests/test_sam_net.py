@@ -753,3 +753,56 @@ def test_the_priors_regions_land_on_the_networks_grid_where_they_are_in_the_inpu
                                                                                                 cols // 2)) == 1
     dice = 2 * (back & label).sum() / (back.sum() + label.sum())
     assert dice > 0.9, dice
+
+
+def test_a_3d_round_with_a_class_the_prior_cannot_draw_teaches_the_unlabelled_studies_the_others(
+        tmp_path: Path, one_torch_thread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Corrections that name a lesion (an annotator's class, which the anatomy prior does not draw) beside the
+    liver and spleen, and an unlabelled volume: the teacher draws the liver and spleen there and states
+    nothing about the lesion (asking the prior for it stopped the whole round), so the round runs and serves a
+    model that knows the lesion. A zero-shot round asked for such a class says so."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import medprompt.sam
+    import medprompt.sam.refine
+    from medprompt.catalog import catalog_with, default_catalog
+    from medprompt.errors import InputError
+    from medprompt.model.sam_checkpoint import load_net
+    from medprompt.phantoms import write_sample_data
+    from medprompt.prior import geometry
+    from medprompt.trainers import sam_rounds
+    from medprompt.trainers.cells import teacher_studies
+
+    def prior_masks(volume, loc, entries, segmenter_for, *a, **k):  # the teacher without LiteMedSAM's refinement
+        return SimpleNamespace(labels=geometry.paint_input_labels(
+            [(i + 1, loc.masks[e.name]) for i, e in enumerate(entries) if e.name in loc.masks], loc.frame))
+
+    monkeypatch.setattr(sam_rounds, "_segmenter_for", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
+    monkeypatch.setattr(medprompt.sam.refine, "refine", prior_masks)
+    store = tmp_path / "store"
+    write_sample_data(store, n=2, seed=11, shape=(48, 48, 24))
+    final = store / "labels" / "final"
+    final.mkdir(parents=True)
+    shutil.copy(store / "reference" / "phantom_000.nii.gz", final / "phantom_000.nii.gz")
+    names = json.loads((store / "reference" / "phantom_000.json").read_text())["labels"]
+    labels = {"liver": names["liver"], "spleen": names["spleen"], "lesion": names["bone"]}
+    (final / "phantom_000.json").write_text(json.dumps({"labels": labels}))
+    shutil.rmtree(store / "reference")
+
+    classes = ["liver", "spleen", "lesion"]
+    catalog = catalog_with(classes, default_catalog())
+    (study,) = teacher_studies([store / "phantom_001.nii.gz"], classes, catalog, pixel_segmenters, 1,
+                               tmp_path / "cache", progress=False)
+    assert study.known.tolist() == [True, True, False]
+    assert float(study.target[:, 1].sum()) > 0 and float(study.target[:, 3].sum()) == 0  # liver drawn, no lesion
+
+    served = tmp_path / "model" / "medprompt.pt"
+    result = sam_rounds.finetune_sam(store, served, None, None, steps=5, device="cpu", model_config="tiny",
+                                     progress=False)
+    assert result.accepted and load_net(served)[1]["classes"] == ["lesion", "liver", "spleen"]
+    with pytest.raises(InputError, match="cannot draw liver_tumour"):
+        sam_rounds.zero_shot_sam([store / "phantom_001.nii.gz"], tmp_path / "zs.pt", ["liver", "liver_tumour"],
+                                 steps=1, model_config="tiny", device="cpu", progress=False)

@@ -157,7 +157,7 @@ def test_classes_the_teacher_cannot_draw_go_untaught_not_the_whole_adaptation(
 
 
 def test_widened_cells_keep_each_taught_class_in_its_channel() -> None:
-    from medprompt.trainers.study_adaptation import widened
+    from medprompt.trainers.cells import widened
 
     cells = torch.arange(3.0)[None, :, None, None].expand(2, 3, 4, 4)  # background 0, "b" 1, "d" 2
     out = widened(cells, ["a", "b", "c", "d"], ["b", "d"])

@@ -125,24 +125,46 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
 
     volume = load_volume(path)
     stack = study_stack(volume, segmenter_for)
+    taught = teachable(classes, catalog)
     cached = cache_dir / f"cells_{_key(path, classes, catalog)}.pt"
     if cached.exists():
         blob = torch.load(cached, map_location="cpu", weights_only=True)
         target, prior = blob["target"], blob["prior"]
     else:
-        target, prior = teach(volume, stack, classes, catalog, segmenter_for)
+        target, prior = (widened(t, classes, taught) for t in teach(volume, stack, taught, catalog, segmenter_for))
         from medprompt.model.checkpoint import atomic_torch_save
 
         atomic_torch_save({"target": target, "prior": prior}, cached)
-    return taught_study(path.name, volume, stack, target, prior, reach)
+    return taught_study(path.name, volume, stack, target, prior, reach, [c in taught for c in classes])
+
+
+def teachable(classes: Sequence[str], catalog: PromptCatalog) -> list[str]:
+    """The classes of ``classes`` the teacher draws: those the anatomy prior supports. A finetune round's
+    other classes (a tumour, an annotator's own class) go unstated in a taught study (sam_net.channel_owner):
+    the corrections teach them, and asking the prior for them would stop the round."""
+    return [c for c in classes if c in catalog and catalog[c].prior_supported]
+
+
+def widened(cells: torch.Tensor, classes: Sequence[str], taught: Sequence[str]) -> torch.Tensor:
+    """Cells (K, 1 + len(taught), h, w) over background + ``taught`` as (K, 1 + len(classes), h, w), the
+    untaught classes' channels empty."""
+    if list(taught) == list(classes):
+        return cells
+    out = cells.new_zeros(cells.shape[0], 1 + len(classes), *cells.shape[2:])
+    out[:, 0] = cells[:, 0]
+    for i, c in enumerate(taught):
+        out[:, 1 + list(classes).index(c)] = cells[:, 1 + i]
+    return out
 
 
 def taught_study(name: str, volume, stack: SliceStack, target: torch.Tensor, prior: torch.Tensor,
-                 reach: int) -> CellStudy:
-    """An unlabelled study with its teacher's and prior's cells (:func:`teach`), trusted by :func:`teacher_weights`."""
+                 reach: int, known: Sequence[bool] | None = None) -> CellStudy:
+    """An unlabelled study with its teacher's and prior's cells (:func:`teach`), trusted by :func:`teacher_weights`;
+    ``known``: the classes the teacher drew (default all)."""
+    stated = torch.ones(target.shape[1] - 1, dtype=torch.bool) if known is None else torch.tensor(list(known))
     return CellStudy(name, stack.embeddings, stack.neighbours(reach), stack.coords(), target,
-                     teacher_weights(target, prior).half(), torch.ones(target.shape[1] - 1, dtype=torch.bool), False,
-                     list(stack.slices), stack.modality, volume.digest)
+                     teacher_weights(target, prior).half(), stated, False, list(stack.slices), stack.modality,
+                     volume.digest)
 
 
 def teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,

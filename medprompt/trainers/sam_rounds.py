@@ -45,6 +45,7 @@ from medprompt.catalog import PromptCatalog, default_catalog
 from medprompt.distributed import init_distributed, shard, which_process
 from medprompt.errors import InputError
 from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
+from medprompt.trainers.cells import teachable as teachable_classes
 from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.disk_embeddings import spill_folder, spilled
 from medprompt.trainers.resume import TrainingRun
@@ -78,6 +79,10 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
     unknown = [c for c in classes if c not in catalog]
     if unknown:
         raise InputError(f"unknown training classes: {', '.join(unknown)}")
+    undrawn = [c for c in classes if c not in teachable_classes(classes, catalog)]
+    if undrawn:  # nothing would teach them: a zero-shot round learns only what its teacher draws
+        raise InputError(f"the anatomy prior, the zero-shot round's teacher, cannot draw {', '.join(undrawn)}; "
+                         f"leave them out, or teach them from corrections with train-finetune")
     out = Path(out)
     cache = out.parent / "teacher_cache"
     seg = _segmenter_for(sam_checkpoint, device)
@@ -360,13 +365,15 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         # Across processes (torchrun) each teaches and holds its share of the unlabelled studies
         # (distributed.shard); every process keeps all the corrections.
         ctx = init_distributed(device)
-        teachable = _teachable(unlabelled)
+        volumes = _teachable(unlabelled)
+        # The teacher draws the classes the anatomy prior supports (cells.teachable); with none, it has nothing to say.
+        teachable = volumes if teachable_classes(classes, catalog) else []
         teach, teach_held = shard(teachable, ctx)
         unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress, spill_to=spill,
                               desc=f"teacher (prior + LiteMedSAM){which_process(ctx)}") if teach else []
         if unl and init is not None and Path(init).is_file():
             unl = [agreeing(u, Path(init), vectors, device) for u in unl]
-        blank_all = [p for p in unlabelled if p not in teachable] if semi else []
+        blank_all = [p for p in unlabelled if p not in volumes] if semi else []
         blank_paths, blank_held = shard(blank_all, ctx)
         blank = [spilled(blank_cells(p, classes, seg, reach), spill) for p in blank_paths]
         meta = {"teacher": "prior+LiteMedSAM", "labelled": [s.image.name for s in labelled], "semi_supervised": semi}

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from medprompt.catalog import default_catalog
 from medprompt.memo import Memo
 from medprompt.model.sam_checkpoint import load_net
 from medprompt.model.sam_features import study_stack
 from medprompt.model.sam_predictor import SamNetPredictor
-from medprompt.trainers.cells import taught_study, teach
+from medprompt.trainers.cells import taught_study, teach, teachable, widened
 from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.sam_rounds import agreeing
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
@@ -68,7 +66,7 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
     # The teacher draws what the anatomy prior can; a finetuned model's other classes (a tumour, a user's
     # class) go untaught: the study does not state them (sam_net.channel_owner), and agreement keeps the
     # model's own cells of them out of the loss.
-    taught = [c for c in classes if c in catalog and catalog[c].prior_supported]
+    taught = teachable(classes, catalog)
     if not taught:
         return pred
     path = Path(pred.meta["path"])
@@ -79,8 +77,8 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
         if pred.unlearnt(stack.modality):
             return pred
         target, prior = (widened(t, classes, taught) for t in teach(volume, stack, taught, catalog, segmenter_for))
-        study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach)
-        study = replace(study, known=torch.tensor([c in taught for c in classes]))
+        study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach,
+                             [c in taught for c in classes])
         vectors = np.stack([np.asarray(pred.meta["class_vectors"][c], np.float32) for c in classes])
         recipe = ZERO_SHOT["sam"]
         if pred.meta.get("labelled"):  # corrections taught it: the teacher counts where the model agrees
@@ -104,14 +102,3 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
     with _ONE_AT_A_TIME:  # a draft asked while Next Sample's prefetch adapts the study waits for it, not redoes it
         return _ADAPTED.get_or_make(key, make)
 
-
-def widened(cells: torch.Tensor, classes: list[str], taught: list[str]) -> torch.Tensor:
-    """Cells (K, 1 + len(taught), h, w) over background + ``taught`` as (K, 1 + len(classes), h, w): the
-    untaught classes' channels empty."""
-    if taught == classes:
-        return cells
-    out = cells.new_zeros(cells.shape[0], 1 + len(classes), *cells.shape[2:])
-    out[:, 0] = cells[:, 0]
-    for i, c in enumerate(taught):
-        out[:, 1 + classes.index(c)] = cells[:, 1 + i]
-    return out
