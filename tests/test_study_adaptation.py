@@ -203,24 +203,35 @@ def test_a_round_records_the_studies_it_learnt_and_those_of_its_starting_model(t
     assert "learnt_studies" not in run(tmp_path / "none.pt", [_planted_study(3)])
 
 
-def test_next_samples_prefetch_adapts_the_served_model_so_the_first_draft_finds_it_ready(
+def test_next_samples_prefetch_adapts_a_model_in_use_so_the_first_draft_finds_it_ready(
         setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
     import medprompt.sam.refine as refine
+    import medprompt.trainers.study_adaptation as sa
     from medprompt.configs.medprompt import Checkpoints, MedPromptConfig
     from medprompt.drafts import draft
+    from medprompt.infers.medprompt import MedPromptInfer
 
     volume, _, model, _, taught = setting
     prepared: list[str] = []
     monkeypatch.setattr(refine, "precompute", lambda vol, make, stop=None: prepared.append(vol.source) or 3)
     config = MedPromptConfig.__new__(MedPromptConfig)  # the fields prefetch reads; init needs a running app
     config.checkpoints, config.text_encoder, config.sam_checkpoint = Checkpoints(tmp_path / "rounds", model), None, None
-    config.adapt = False
+    config.adapt, config.in_use = False, threading.Event()
+    config.in_use.set()
     assert config.prefetch(str(volume.source), threading.Event()) == 3 and taught == []  # --conf adapt false
-    config.adapt = True
+    config.adapt, config.in_use = True, threading.Event()
     config.prefetch(str(volume.source), threading.Event())
-    assert prepared == [volume.source] * 2 and taught == [volume.source]
+    assert taught == []  # nobody has drafted with the model yet: annotators may be using the prior alone
+    task = MedPromptInfer(labels={"liver": 1}, default_prompts=["liver"], checkpoints=config.checkpoints,
+                          text_encoder=None, description="", refine="none", in_use=config.in_use)
+    task.segment(volume, ["liver"], "none")  # the server's first draft with the model
+    assert config.in_use.is_set() and taught == [volume.source]
+    sa._ADAPTED.clear()
+    taught.clear()
+    config.prefetch(str(volume.source), threading.Event())
+    assert prepared == [volume.source] * 3 and taught == [volume.source]
     draft(volume, ["liver"], model="medprompt", checkpoint=model, refine="none")
     assert taught == [volume.source]  # the draft found the adapted network ready
 

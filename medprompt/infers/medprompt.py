@@ -8,6 +8,7 @@ command that makes it; the other models keep serving.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
 from medprompt.drafts import Segmentation, draft, predictor
@@ -32,11 +33,14 @@ class MedPromptInfer(DraftInfer):
         refine: str = "sam",
         sam_checkpoint: str | None = None,
         adapt: bool = True,
+        in_use: threading.Event | None = None,
     ) -> None:
         super().__init__(labels, default_prompts, description, refine=refine, sam_checkpoint=sam_checkpoint)
         self.checkpoints = checkpoints
         self.text_encoder = text_encoder
         self.adapt = adapt  # the model learns each new study first (medprompt.trainers.study_adaptation)
+        # Set by the first draft: from then on Next Sample's prefetch adapts the model too (MedPromptConfig.prefetch).
+        self.in_use = in_use if in_use is not None else threading.Event()
 
     def is_valid(self) -> bool:
         # Listed in /info even without weights: choosing it in a client shows why it cannot draft
@@ -44,6 +48,7 @@ class MedPromptInfer(DraftInfer):
         return True
 
     def segment(self, volume: Volume, prompts: list[str], refine: str) -> tuple[Segmentation, dict[str, Any]]:
+        self.in_use.set()
         path = self.checkpoints.served()
         modified = path.stat().st_mtime
         seg = draft(volume, prompts, model="medprompt", checkpoint=path, text_encoder=self.text_encoder,
