@@ -101,4 +101,3 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
         return kept
     with _ONE_AT_A_TIME:  # a draft asked while Next Sample's prefetch adapts the study waits for it, not redoes it
         return _ADAPTED.get_or_make(key, make)
-
