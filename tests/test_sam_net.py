@@ -722,6 +722,28 @@ def test_a_region_mostly_beyond_a_cell_of_the_priors_takes_the_priors_region() -
     assert taken == ["aorta"] and np.array_equal(out["aorta"], prior["aorta"])
 
 
+def test_a_zero_shot_model_takes_the_priors_tube_and_a_corrected_one_keeps_its_own_region() -> None:
+    """The aorta is found by the prior as a tube (method: vessel): a zero-shot network, which learnt it from that
+    tube, takes the tube even where its own region lies right beside it; a corrected model keeps its region."""
+    from medprompt.catalog import default_catalog
+    from medprompt.model.prior_fusion import fuse, tubes
+
+    catalog = default_catalog()
+    entries = [catalog["aorta"], catalog["liver"], catalog["esophagus"]]
+    assert tubes(entries, {"teacher": "prior+LiteMedSAM"}) == {"aorta", "esophagus"}
+    assert tubes(entries, {"teacher": "prior+LiteMedSAM", "labelled": ["a.nii.gz"]}) == set()
+    prior = {"aorta": np.zeros((4, 16, 16), bool), "liver": np.zeros((4, 16, 16), bool)}
+    prior["aorta"][:, 6:9, 6:9] = True
+    prior["liver"][:, 0:5, 0:12] = True
+    net = {"aorta": np.zeros((4, 16, 16), bool), "liver": prior["liver"].copy()}
+    net["aorta"][:, 6:9, 7:10] = True  # one pixel off the tube: kept by every other rule
+    net["liver"][:, 5, 0:12] = True
+    assert fuse(net, prior, cell_px=2)[1] == []
+    out, taken = fuse(net, prior, cell_px=2, shaped=tubes(entries, {}))
+    assert taken == ["aorta"] and np.array_equal(out["aorta"], prior["aorta"])
+    assert np.array_equal(out["liver"], net["liver"])  # an organ keeps the network's region
+
+
 def test_the_priors_regions_land_on_the_networks_grid_where_they_are_in_the_input(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An oblique-free but flipped, anisotropic study: the prior's mask, brought onto the network's

@@ -119,7 +119,8 @@ def test_a_model_annotators_taught_learns_a_new_study_only_where_it_agrees_with_
     kept = draft(volume, ["liver"], model="medprompt", checkpoint=finetuned, refine="none")
     followed = draft(volume, ["liver"], model="medprompt", checkpoint=zero_shot, refine="none")
     assert taught == [volume.source] * 2  # both were adapted
-    assert study_localiser(predictor(finetuned), volume).source == "adapted medprompt"  # kept for re-prompts
+    again = study_localiser(predictor(finetuned), volume)  # kept for re-prompts
+    assert again.source == "adapted medprompt" and again.meta["labelled"] == ["other.nii.gz"]  # its record kept
     assert _dice(kept.labels == 1, label == 1) > 0.7
     assert _dice(followed.labels == 1, label == 1) < 0.5  # taught the wrong block, it unlearnt the box
 

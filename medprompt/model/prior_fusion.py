@@ -16,6 +16,13 @@ cell of the prior's. The network learnt each class from teacher cells trusted on
 cell of the prior's mask: medprompt.trainers.cells), so a region mostly elsewhere is not something it
 was taught: a network taught on one CT put another CT's aorta and stomach in the wrong place
 (Dice 0.000 each, BENCHMARKS.md "A region the teacher never taught").
+
+A zero-shot model takes the prior's region of a class the prior finds by its shape (``method: vessel``:
+a tube of plausible radius along a smooth centre line, the aorta) whenever the prior found one. The
+network learnt that class from the prior's tube, four to six of its cells across; on the study itself
+the tube is the more exact of the two (the aorta drawn by LiteMedSAM from the prior's region scored at
+or above the network's in every measurement: BENCHMARKS.md "Tubes from the prior"). A model annotators
+corrected keeps its own region: a correction outranks a shape model (an aneurysm wider than its tube).
 """
 
 from __future__ import annotations
@@ -53,11 +60,20 @@ def prior_view_masks(volume: "Volume", entries: Sequence[PromptEntry], stack: Sl
     return {e.name: grid == i + 1 for i, e in enumerate(supported)}
 
 
+def tubes(entries: Sequence[PromptEntry], meta: dict) -> frozenset[str]:
+    """The classes whose region a model with record ``meta`` takes from the prior's tube (module docstring):
+    those the prior finds by shape, unless annotators corrected the model."""
+    if meta.get("labelled"):
+        return frozenset()
+    return frozenset(e.name for e in entries if e.prior.get("method") == "vessel")
+
+
 def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], cell_px: float, ratio: float = FALLBACK_RATIO,
-         near_ratio: float = NEAR_RATIO) -> tuple[dict[str, np.ndarray], list[str]]:
+         near_ratio: float = NEAR_RATIO, shaped: frozenset[str] = frozenset()
+         ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per class the network's mask (Z, rows, cols), or the prior's where the network's holds less than ``ratio``
     of the prior's volume or has less than ``near_ratio`` of itself within one cell (``cell_px`` pixels in plane)
-    of the prior's; also the classes that took the prior's."""
+    of the prior's, and for every class of ``shaped`` (the prior's tubes); also the classes that took the prior's."""
     from scipy import ndimage as ndi
 
     reach = max(1, round(cell_px))
@@ -68,7 +84,7 @@ def fuse(net: dict[str, np.ndarray], prior: dict[str, np.ndarray], cell_px: floa
         if p is None or not p.any():
             continue  # nothing of the prior's to fall back on
         size = int(mask.sum())
-        take = size < ratio * int(p.sum())
+        take = name in shaped or size < ratio * int(p.sum())
         if not take:  # enough of it: is it where the teacher taught it?
             near = ndi.binary_dilation(p, structure=np.ones((1, 3, 3), bool), iterations=reach)
             take = int((mask & near).sum()) < near_ratio * size

@@ -135,7 +135,7 @@ class SamNetPredictor:
         # another study (ct_abdomen_b_dicom's corrections -> ct_abdomen_a: 0.703 without the fallback
         # for its classes, 0.764 with it; BENCHMARKS.md).
         if self.fuse_prior:
-            from medprompt.model.prior_fusion import fuse, prior_view_masks
+            from medprompt.model.prior_fusion import fuse, prior_view_masks, tubes
 
             prior = prior_view_masks(volume, entries, stack, (rows, cols), self.catalog)
             if self.unlearnt(stack.modality):
@@ -147,7 +147,7 @@ class SamNetPredictor:
                             f"round teach it")
             else:
                 # one cell: LiteMedSAM's 64 cells span the slice's longest side, here max(rows, cols) pixels
-                masks, taken = fuse(masks, prior, max(rows, cols) / 64)
+                masks, taken = fuse(masks, prior, max(rows, cols) / 64, shaped=tubes(entries, self.meta))
                 source = f"{source}+prior" if taken else source
         return Localization(masks={n: view_masks_to_work(m) for n, m in masks.items()},
                             frame=localisation_frame(stack, rows, cols), modality=stack.modality, source=source)

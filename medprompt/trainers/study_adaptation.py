@@ -91,8 +91,8 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
                                     save_every=steps, balance=True, meta={"adapted_from": str(path)})
             train_cells(cfg, [study], vectors, pred.meta["text_encoder"], init=path, study_p=np.ones(1),
                         progress=progress, desc="adapting to this study")
-            net, meta = load_net(out, pred.device)
-        meta = {**meta, "path": str(path), "adapted_to": volume.source}
+            net, _ = load_net(out, pred.device)
+        meta = {**pred.meta, "adapted_to": volume.source}  # the served model's record: what it learnt, who taught it
         return SamNetPredictor(net, meta, pred.device, pred.text_encoder, pred.sam_checkpoint, pred.fuse_prior,
                                pred.catalog, source="adapted medprompt")
 
