@@ -1,13 +1,17 @@
-"""Benchmark: drafts of a real CT made to look as if another scanner or protocol had taken it.
+"""Benchmark: drafts of a real CT or MR made to look as if another scanner or protocol had taken it.
 
 The held-out cases a release is judged on come from other patients, scanners and protocols; two
-development CTs cannot show how each localiser copes with that. This takes ct_abdomen_a (its own
-reference stays valid) and changes one acquisition property at a time, as physics would:
+development CTs and one MR cannot show how each localiser copes with that. This takes ct_abdomen_a (or,
+with ``--case mr_abdomen``, the MR; each reference stays valid) and changes one acquisition property at a
+time, as physics would:
 
 - ``noise20`` / ``noise40``: white noise of 20 / 40 HU added (a low-dose or thin-slice scan; routine 3 mm
   abdominal CT measures about 10-18 HU in soft tissue, so 40 is an extreme case);
 - ``thick6mm``: slices twice as thick, neighbours averaged (a 5-6 mm reconstruction);
-- ``contrast``: soft tissue 0-100 HU raised by 50 HU (a crude enhanced phase: organs and vessels brighter).
+- ``contrast``: soft tissue 0-100 HU raised by 50 HU (a crude enhanced phase: organs and vessels brighter);
+- MR: ``bias_lr30`` / ``bias_ap30``: a receive coil's smooth sensitivity, +-30 % from one side to the other
+  (left-right / front-back); ``bias_radial``: 30 % brighter at the centre than at the edges (a body coil at
+  3 T); ``noise5``: white noise of 5 % of the 95th percentile.
 
 Each variant is drafted by the anatomy prior + LiteMedSAM and by a MedPrompt model + LiteMedSAM, as it is and
 adapted to the study (trainers.study_adaptation, as drafts are); mDice over the Synapse 8 organs.
@@ -42,8 +46,9 @@ from medprompt.sam import segmenter_factory  # noqa: E402
 from medprompt.sam.refine import refine  # noqa: E402
 from provenance import footer  # noqa: E402
 
-CASE = REPO.parent / "shared" / "data" / "real" / "ct_abdomen_a"
-VARIANTS = ("original", "noise20", "noise40", "thick6mm", "contrast")
+REAL = REPO.parent / "shared" / "data" / "real"
+VARIANTS = {"ct_abdomen_a": ("original", "noise20", "noise40", "thick6mm", "contrast"),
+            "mr_abdomen": ("original", "bias_lr30", "bias_ap30", "bias_radial", "noise5")}
 
 
 def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray
@@ -62,19 +67,34 @@ def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray
     if name == "contrast":
         soft = (data > 0) & (data < 100)
         return np.where(soft, data + 50, data).astype(np.float32), affine, label
+    gx = np.linspace(-1, 1, data.shape[0])[:, None, None]
+    gy = np.linspace(-1, 1, data.shape[1])[None, :, None]
+    if name == "bias_lr30":
+        return data * (1 + 0.3 * gx).astype(np.float32), affine, label
+    if name == "bias_ap30":
+        return data * (1 + 0.3 * gy).astype(np.float32), affine, label
+    if name == "bias_radial":
+        return data * (1.3 - 0.5 * (gx ** 2 + gy ** 2)).astype(np.float32), affine, label
+    if name == "noise5":
+        return data + rng.normal(0, 0.05 * np.percentile(data, 95), data.shape).astype(np.float32), affine, label
     return data, affine, label
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="the MedPrompt model (default: the shipped one)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--case", choices=list(VARIANTS), default="ct_abdomen_a")
+    p.add_argument("--variants", nargs="+", help="default: every variant of the case")
     args = p.parse_args()
-    if not CASE.exists():
-        sys.exit(f"error: {CASE} not found (../shared/data/real beside the repository)")
+    case = REAL / args.case
+    if not case.exists():
+        sys.exit(f"error: {case} not found (../shared/data/real beside the repository)")
+    unknown = set(args.variants or ()) - set(VARIANTS[args.case])
+    if unknown:
+        sys.exit(f"error: no variant {', '.join(sorted(unknown))} of {args.case}; choose from {', '.join(VARIANTS[args.case])}")
     print(footer())
-    src, ref = nib.load(CASE / "image.nii.gz"), nib.load(CASE / "label.nii.gz")
-    names = read_label_names(CASE / "labels.json")
+    src, ref = nib.load(case / "image.nii.gz"), nib.load(case / "label.nii.gz")
+    names = read_label_names(case / "labels.json")
     data, label = np.asarray(src.dataobj, np.float32), np.asarray(ref.dataobj)
     catalog = default_catalog()
     entries = [catalog[n] for n in SYNAPSE8]
@@ -82,7 +102,7 @@ def main() -> None:
     make = segmenter_factory()
     rows = ["| variant | prior + LiteMedSAM | model as it is | model adapted | adapted - prior |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="scanner-shift-") as tmp:
-        for name in args.variants:
+        for name in args.variants or VARIANTS[args.case]:
             image, affine, reference = variant(name, data, src.affine, label)
             path = Path(tmp) / f"{name}.nii.gz"
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
