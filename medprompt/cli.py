@@ -495,6 +495,10 @@ def _train_finetune(args: argparse.Namespace) -> int:
     verdict = f"replaced {result.served} (kept as {result.version})" if result.accepted else \
         f"kept {result.served}: the candidate was worse"
     print(f"validation Dice on {', '.join(result.validation)}: {before} -> {result.candidate_score:.3f}; {verdict}")
+    undrawn = result.details.get("teacher_cannot_draw")
+    if undrawn:
+        print(f"learnt from the corrections only (the anatomy prior, which teaches the unlabelled volumes, cannot "
+              f"draw them): {', '.join(undrawn)}")
     return 0
 
 

@@ -825,6 +825,7 @@ def test_a_3d_round_with_a_class_the_prior_cannot_draw_teaches_the_unlabelled_st
     result = sam_rounds.finetune_sam(store, served, None, None, steps=5, device="cpu", model_config="tiny",
                                      progress=False)
     assert result.accepted and load_net(served)[1]["classes"] == ["lesion", "liver", "spleen"]
+    assert result.details["teacher_cannot_draw"] == ["lesion"]  # said in the round's report
     with pytest.raises(InputError, match="cannot draw liver_tumour"):
         sam_rounds.zero_shot_sam([store / "phantom_001.nii.gz"], tmp_path / "zs.pt", ["liver", "liver_tumour"],
                                  steps=1, model_config="tiny", device="cpu", progress=False)

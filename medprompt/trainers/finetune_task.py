@@ -65,6 +65,7 @@ class FinetuneTrainTask(RoundTask):
             "validation_dice_after": result.candidate_score,
             "validation_images": result.validation,
             "classes": result.classes,
+            "teacher_cannot_draw": result.details.get("teacher_cannot_draw", []),  # learnt from corrections only
             "checkpoint": str(self.checkpoints.served()),
             "version": str(result.version) if result.version else None,
             "steps": steps,

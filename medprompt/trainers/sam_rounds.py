@@ -403,8 +403,11 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         old = None
         if base is not None:
             old = cell_dice(Path(base), val, vectors, device, part_of)  # the same prompts as the candidate
+        # Said in the round's report: on the unlabelled volumes these classes were left to the corrections.
+        undrawn = [c for c in classes if c not in teachable_classes(classes, catalog)] if volumes else []
         result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
-                                previous_score=old, validation=where, classes=classes)
+                                previous_score=old, validation=where, classes=classes,
+                                details={"teacher_cannot_draw": undrawn} if undrawn else {})
         if result.accepted:
             versions = served.parent / "versions"
             versions.mkdir(exist_ok=True)
