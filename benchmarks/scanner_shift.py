@@ -14,7 +14,8 @@ time, as physics would:
   3 T); ``noise5``: white noise of 5 % of the 95th percentile.
 
 Each variant is drafted by the anatomy prior + LiteMedSAM and by a MedPrompt model + LiteMedSAM, as it is and
-adapted to the study (trainers.study_adaptation, as drafts are); mDice over the Synapse 8 organs.
+adapted to the study (trainers.study_adaptation, as drafts are); mDice over the Synapse 8 organs. The table
+goes to benchmarks/results/scanner_shift_CASE_MODEL.md.
 
     .venv/bin/python benchmarks/scanner_shift.py                                   # the shipped model
     .venv/bin/python benchmarks/scanner_shift.py --checkpoint ONLY_B.pt            # a model that never saw ct_a
@@ -124,6 +125,11 @@ def main() -> None:
             rows.append(f"| {name} | {scores['prior']:.3f} | {scores['model']:.3f} | {scores['adapted']:.3f} | "
                         f"{scores['adapted'] - scores['prior']:+.3f} |")
     print("\n".join(rows))
+    model = args.checkpoint.name if args.checkpoint else "shipped"
+    out = REPO / "benchmarks" / "results" / f"scanner_shift_{args.case}_{Path(model).stem}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(rows) + "\n\n" + footer() + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
