@@ -79,7 +79,8 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
     unknown = [c for c in classes if c not in catalog]
     if unknown:
         raise InputError(f"unknown training classes: {', '.join(unknown)}")
-    undrawn = [c for c in classes if c not in teachable_classes(classes, catalog)]
+    drawn = teachable_classes(classes, catalog)
+    undrawn = [c for c in classes if c not in drawn]
     if undrawn:  # nothing would teach them: a zero-shot round learns only what its teacher draws
         raise InputError(f"the anatomy prior, the zero-shot round's teacher, cannot draw {', '.join(undrawn)}; "
                          f"leave them out, or teach them from corrections with train-finetune")
@@ -367,7 +368,8 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         ctx = init_distributed(device)
         volumes = _teachable(unlabelled)
         # The teacher draws the classes the anatomy prior supports (cells.teachable); with none, it has nothing to say.
-        teachable = volumes if teachable_classes(classes, catalog) else []
+        drawn = teachable_classes(classes, catalog)
+        teachable = volumes if drawn else []
         teach, teach_held = shard(teachable, ctx)
         unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress, spill_to=spill,
                               desc=f"teacher (prior + LiteMedSAM){which_process(ctx)}") if teach else []
@@ -404,7 +406,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         if base is not None:
             old = cell_dice(Path(base), val, vectors, device, part_of)  # the same prompts as the candidate
         # Said in the round's report: on the unlabelled volumes these classes were left to the corrections.
-        undrawn = [c for c in classes if c not in teachable_classes(classes, catalog)] if volumes else []
+        undrawn = [c for c in classes if c not in drawn] if volumes else []
         result = FinetuneResult(accepted=old is None or new >= old, served=served, candidate_score=new,
                                 previous_score=old, validation=where, classes=classes,
                                 details={"teacher_cannot_draw": undrawn} if undrawn else {})
