@@ -35,6 +35,7 @@ def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread):
     """A study, an untrained zero-shot model file of one class, and a teacher that draws the study's box."""
     import medprompt.model.prior_fusion as fusion
     import medprompt.sam
+    import medprompt.trainers.cells as cells
     import medprompt.trainers.study_adaptation as sa
     from medprompt.catalog import default_catalog
     from medprompt.model.sam_checkpoint import save_net
@@ -55,7 +56,7 @@ def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread):
         cells = sf.to_cells(sf.label_view(label, stack.frame)[stack.slices], stack.geometry, [1]).half()
         return cells, cells  # teacher and prior agree everywhere: every pure cell is trusted
 
-    monkeypatch.setattr(sa, "teach", teach)
+    monkeypatch.setattr(cells, "teach", teach)
     monkeypatch.setattr(sa, "ADAPT_STEPS", 150)
     monkeypatch.setattr(medprompt.sam, "segmenter_factory", lambda *a, **k: pixel_segmenters)
     monkeypatch.setattr(fusion, "prior_view_masks", lambda *a, **k: {})  # the network's own regions
@@ -98,7 +99,7 @@ def test_a_model_annotators_taught_learns_a_new_study_only_where_it_agrees_with_
     """A finetuned model that draws the box, and a teacher that draws a wrong block beside it: adapted as a
     finetune round treats an unlabelled study, the model keeps its box; the zero-shot recipe (the teacher
     trusted wherever it agrees with the prior) unlearns it."""
-    import medprompt.trainers.study_adaptation as sa
+    import medprompt.trainers.cells as cells
     from medprompt.drafts import draft, predictor, study_localiser
     from medprompt.model.sam_checkpoint import save_net
 
@@ -112,7 +113,7 @@ def test_a_model_annotators_taught_learns_a_new_study_only_where_it_agrees_with_
         cells = sf.to_cells(sf.label_view(wrong, stack.frame)[stack.slices], stack.geometry, [1]).half()
         return cells, cells
 
-    monkeypatch.setattr(sa, "teach", wrong_teacher)
+    monkeypatch.setattr(cells, "teach", wrong_teacher)
     finetuned = save_net(tmp_path / "finetuned.pt", knows_box, {**meta, "labelled": ["other.nii.gz"]})
     zero_shot = save_net(tmp_path / "zero_shot_too.pt", knows_box, meta)
     taught.clear()
@@ -129,7 +130,7 @@ def test_classes_the_teacher_cannot_draw_go_untaught_not_the_whole_adaptation(
         setting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model finetuned on liver tumours too: the anatomy prior draws no tumour (and refuses to be asked), so
     the teacher is asked for the liver only, the study states the liver only, and the draft goes on."""
-    import medprompt.trainers.study_adaptation as sa
+    import medprompt.trainers.cells as cells
     from medprompt.catalog import default_catalog
     from medprompt.drafts import draft, predictor, study_localiser
     from medprompt.model.sam_checkpoint import load_net, save_net
@@ -143,7 +144,7 @@ def test_classes_the_teacher_cannot_draw_go_untaught_not_the_whole_adaptation(
         cells = sf.to_cells(sf.label_view(label, stack.frame)[stack.slices], stack.geometry, [1]).half()
         return cells, cells
 
-    monkeypatch.setattr(sa, "teach", teach)
+    monkeypatch.setattr(cells, "teach", teach)
     vectors, _ = class_vectors(["liver", "liver_tumour"], default_catalog(), None)
     net, _ = load_net(model)
     two = {**meta, "classes": ["liver", "liver_tumour"], "labelled": ["a.nii.gz"],

@@ -125,17 +125,18 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
 
     volume = load_volume(path)
     stack = study_stack(volume, segmenter_for)
-    taught = teachable(classes, catalog)
     cached = cache_dir / f"cells_{_key(path, classes, catalog)}.pt"
     if cached.exists():
         blob = torch.load(cached, map_location="cpu", weights_only=True)
         target, prior = blob["target"], blob["prior"]
+        drawn = set(teachable(classes, catalog))
+        known = [c in drawn for c in classes]
     else:
-        target, prior = (widened(t, classes, taught) for t in teach(volume, stack, taught, catalog, segmenter_for))
+        target, prior, known = taught_cells(volume, stack, classes, catalog, segmenter_for)
         from medprompt.model.checkpoint import atomic_torch_save
 
         atomic_torch_save({"target": target, "prior": prior}, cached)
-    return taught_study(path.name, volume, stack, target, prior, reach, [c in taught for c in classes])
+    return taught_study(path.name, volume, stack, target, prior, reach, known)
 
 
 def teachable(classes: Sequence[str], catalog: PromptCatalog) -> list[str]:
@@ -159,12 +160,22 @@ def widened(cells: torch.Tensor, classes: Sequence[str], taught: Sequence[str]) 
 
 def taught_study(name: str, volume, stack: SliceStack, target: torch.Tensor, prior: torch.Tensor,
                  reach: int, known: Sequence[bool] | None = None) -> CellStudy:
-    """An unlabelled study with its teacher's and prior's cells (:func:`teach`), trusted by :func:`teacher_weights`;
-    ``known``: the classes the teacher drew (default all)."""
+    """An unlabelled study with its teacher's and prior's cells (:func:`taught_cells`), trusted by
+    :func:`teacher_weights`; ``known``: the classes the teacher drew (default all)."""
     stated = torch.ones(target.shape[1] - 1, dtype=torch.bool) if known is None else torch.tensor(list(known))
     return CellStudy(name, stack.embeddings, stack.neighbours(reach), stack.coords(), target,
                      teacher_weights(target, prior).half(), stated, False, list(stack.slices), stack.modality,
                      volume.digest)
+
+
+def taught_cells(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,
+                 segmenter_for: Callable) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """The teacher's and the prior's cells (K, 1 + C, 64, 64) over background + every class of ``classes``, and
+    which classes the teacher drew: :func:`teach` asked for the :func:`teachable` ones only, the others' channels
+    left empty (a taught study does not state them)."""
+    drawn = teachable(classes, catalog)
+    target, prior = (widened(t, classes, drawn) for t in teach(volume, stack, drawn, catalog, segmenter_for))
+    return target, prior, [c in drawn for c in classes]
 
 
 def teach(volume, stack: SliceStack, classes: Sequence[str], catalog: PromptCatalog,

@@ -35,7 +35,7 @@ from medprompt.memo import Memo
 from medprompt.model.sam_checkpoint import load_net
 from medprompt.model.sam_features import study_stack
 from medprompt.model.sam_predictor import SamNetPredictor
-from medprompt.trainers.cells import taught_study, teach, teachable, widened
+from medprompt.trainers.cells import taught_cells, taught_study, teachable
 from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.sam_rounds import agreeing
 from medprompt.trainers.sam_net_train import SamNetTrainConfig, train_cells
@@ -66,8 +66,7 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
     # The teacher draws what the anatomy prior can; a finetuned model's other classes (a tumour, a user's
     # class) go untaught: the study does not state them (sam_net.channel_owner), and agreement keeps the
     # model's own cells of them out of the loss.
-    taught = teachable(classes, catalog)
-    if not taught:
+    if not teachable(classes, catalog):
         return pred
     path = Path(pred.meta["path"])
     key = (str(path), path.stat().st_mtime_ns, volume.digest, steps, str(pred.sam_checkpoint), pred.text_encoder)
@@ -76,9 +75,8 @@ def adapted(pred: SamNetPredictor, volume: "Volume", segmenter_for: Callable, st
         stack = study_stack(volume, segmenter_for)
         if pred.unlearnt(stack.modality):
             return pred
-        target, prior = (widened(t, classes, taught) for t in teach(volume, stack, taught, catalog, segmenter_for))
-        study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach,
-                             [c in taught for c in classes])
+        target, prior, known = taught_cells(volume, stack, classes, catalog, segmenter_for)
+        study = taught_study(volume.source, volume, stack, target, prior, pred.net.cfg.reach, known)
         vectors = np.stack([np.asarray(pred.meta["class_vectors"][c], np.float32) for c in classes])
         recipe = ZERO_SHOT["sam"]
         if pred.meta.get("labelled"):  # corrections taught it: the teacher counts where the model agrees
