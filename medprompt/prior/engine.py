@@ -17,6 +17,7 @@ from medprompt.errors import InputError, PromptError
 from medprompt.localization import Localization
 from medprompt.memo import Memo
 from medprompt.prior import geometry
+from medprompt.prior.coil_field import coil_field
 from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality
 from medprompt.prior.rules import RULES
 
@@ -146,6 +147,10 @@ class AnatomyPrior:
         modality = guess_modality(work, volume.modality)
         median = ndi.median_filter(work, size=3)
         body = body_mask(median, modality)
+        if modality == "MR":  # one grey level per organ: the receive coil's shading divided out
+            field = coil_field(median, body, frame.work_spacing)
+            if field is not None:
+                work, median = work / field, median / field
         smooth = denoise(work, median, body, modality)
         # The body found for the noise estimate is the landmarks' body unless smoothing changed the image.
         lm = find_landmarks(smooth, frame.work_spacing, modality, body=body if smooth is median else None)

@@ -29,7 +29,7 @@ from medprompt.catalog import PromptCatalog
 from medprompt.model.sam_features import SliceStack, label_view, study_stack, to_cells
 from medprompt.trainers.disk_embeddings import DiskEmbeddings, spilled
 
-CACHE_VERSION = 3  # bump when the cached cells change meaning or the teacher changes (3: the MR vote per slice)
+CACHE_VERSION = 4  # bump when the cached cells change meaning or the teacher changes (3: the MR vote per slice; 4: an MR coil's shading divided out)
 PURE = 0.9  # a cell this much one class (or background) is a confident target
 MIXED_WEIGHT = 0.3  # boundary cells: their soft fractions still teach, less strongly
 BALANCE_CAP = 4.0  # the most a rare class's cells are up-weighted (see class_balance)
