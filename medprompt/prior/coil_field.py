@@ -32,6 +32,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from medprompt.histogram import otsu
+
 SHELL_MM = 30.0  # subcutaneous fat lies within this depth of the skin (with the abdominal wall's muscles)
 MIN_COVERAGE = 0.75  # of the directions around the body where the bright ring shows: fat rings the body;
 # organs against the wall (liver, spleen) on a fat-suppressed sequence cover a few sectors only
@@ -51,7 +53,7 @@ def coil_field(image: np.ndarray, body: np.ndarray, spacing: Sequence[float]) ->
                       for k in range(body.shape[2])], -1)
     ring = body & (depth < SHELL_MM)
     logs = np.log(np.maximum(image, 1e-3))
-    threshold = _otsu(logs[body])
+    threshold = otsu(logs[body])
     fat = ring & (logs > threshold)
     fat = ndi.binary_erosion(fat, structure=np.ones((3, 3, 1), bool))  # the fat's core: no partial volume
     if fat.sum() < MIN_FAT_VOXELS or _ring_coverage(fat, body) < MIN_COVERAGE:
@@ -88,15 +90,3 @@ def _ring_coverage(fat: np.ndarray, body: np.ndarray) -> float:
         hit = np.unique(((angle + np.pi) / (2 * np.pi) * SECTORS).astype(int) % SECTORS)
         shares.append(len(hit) / SECTORS)
     return float(np.median(shares))
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values``: the split of their histogram with the largest between-class variance."""
-    hist, edges = np.histogram(values, bins=bins)
-    mids = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * mids) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * mids) - np.cumsum(hist * mids)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(mids[int(np.argmax(between[:-1]))])

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from medprompt.errors import PromptError
+from medprompt.histogram import otsu
 from medprompt.sam.preprocess import HU_LIKE_MIN, sam_pixels
 
 if TYPE_CHECKING:
@@ -164,19 +165,6 @@ def _touches_border(labels: np.ndarray, n: int, margin: int = 1) -> np.ndarray:
     return touching
 
 
-def _otsu(values: np.ndarray) -> float:
-    """The threshold splitting ``values`` into two classes of least within-class variance."""
-    hist, edges = np.histogram(values, bins=128)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m = np.cumsum(hist * centres)
-    mean0 = m / np.maximum(w0, 1)
-    mean1 = (m[-1] - m) / np.maximum(w1, 1)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
-
-
 def _keep_components(candidate: np.ndarray, score: np.ndarray, area_range: tuple[float, float],
                      field_area: float, drop_border: bool) -> np.ndarray:
     """``score`` kept on the components of ``candidate`` whose area (fraction of ``field_area``) is in range
@@ -209,7 +197,7 @@ def _xray(g: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
     c = _contrast(s, attrs)
     # The body's outer few percent (thin soft tissue at the skin line, dark on the film) is no organ.
     inner = ndimage.distance_transform_edt(body) > 0.03 * max(g.shape)
-    candidate = (c > _otsu(c[body])) & inner
+    candidate = (c > otsu(c[body])) & inner
     # Thin dark bridges (the chest wall's thin soft tissue, the trachea) join the lungs to the edge; a
     # lung is a fifth of the film wide, so an opening of a few percent of it cuts them and keeps it.
     candidate = ndimage.binary_opening(candidate, structure=_disk(max(2, round(0.02 * max(g.shape)))))
@@ -220,7 +208,7 @@ def _xray(g: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
 
 def _outside(s: np.ndarray) -> np.ndarray:
     """The air around the patient on a radiograph: the darkest class, where it reaches the film's edge."""
-    dark = s < _otsu(s) * 0.6
+    dark = s < otsu(s) * 0.6
     labels, n = ndimage.label(dark)
     touching = _touches_border(labels, n)
     touching[0] = False
@@ -246,7 +234,7 @@ def _ultrasound(g: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
     score = score / max(float(np.percentile(score, 99.5)), 1e-6)
     # The two-class split of speckled tissue still takes in tissue planes and fat lobules; a lesion
     # lies in the dark tail, so the cut is placed a third of the way from the split to the maximum.
-    split = _otsu(score)
+    split = otsu(score)
     candidate = score > split + US_TAIL * (1.0 - split)
     candidate = ndimage.binary_opening(candidate, structure=_disk(2))
     candidate = ndimage.binary_fill_holes(candidate)
@@ -312,13 +300,13 @@ def _mr(g: np.ndarray, attrs: Mapping[str, Any], t1: np.ndarray | None = None) -
 def _ct(g: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
     """Soft tissue brighter than the fat around it, inside the body (air outside is the darkest class)."""
     s = ndimage.gaussian_filter(g, 1.0)
-    labels, n = ndimage.label(s > _otsu(s) * 0.5)
+    labels, n = ndimage.label(s > otsu(s) * 0.5)
     if n == 0:
         return np.zeros_like(g)
     body = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))  # not the table
     inside = s[body]
     c = _contrast(s, attrs)
-    threshold = _otsu(c[body]) if body.any() else _otsu(c)
+    threshold = otsu(c[body]) if body.any() else otsu(c)
     candidate = ndimage.binary_opening((c > threshold) & body, structure=_disk(max(2, round(0.01 * max(g.shape)))))
     if not inside.size or not body.any():
         return np.zeros_like(g)
