@@ -232,3 +232,15 @@ def test_bone_takes_marrow_inside_its_shell_but_not_tissue_of_that_density_elsew
     assert found["marrow"] > 0.9 and found["shell"] > 0.9, found
     assert found["vessel"] == 0.0, found  # 150 HU, but not within reach of dense bone
     assert found["organ"] < 0.1, found  # at most its partial-volume rim against the shell
+
+
+@pytest.mark.parametrize("value", [0.0, 7.0, -1000.0])
+def test_a_blank_study_drafts_nothing_instead_of_failing(value: float) -> None:
+    """A study of one value (a blank series, a scout gone wrong) has no body: every class comes back empty.
+    An all-zero or constant study reads as MR, whose windows placed in the body's intensity range (the
+    spleen's, the aorta's flow void) used to stop the draft with numpy's IndexError."""
+    study = Volume(data=np.full((40, 36, 12), value, np.float32), affine=np.diag([3.0, 3.0, 3.0, 1.0]),
+                   source=f"blank_{value}")
+    prompts = ["liver", "spleen", "aorta", "stomach", "pancreas", "kidneys", "gallbladder"]
+    seg = draft(study, prompts, refine="none")
+    assert seg.labels.shape == study.data.shape and not seg.labels.any()

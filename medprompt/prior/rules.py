@@ -65,6 +65,8 @@ def intensity_window(
         vals = smooth[like] if like is not None and like.any() else smooth[cand_region]
         if "rel" in mr:
             # rel: position of the organ in the body's intensity distribution (quantiles).
+            if not lm.body.any():
+                return None  # a blank study: no body, no distribution to place the organ in
             q = np.percentile(smooth[lm.body], [1, 99])
             lo, hi = q[0] + np.array(mr["rel"]) * (q[1] - q[0])
             vals = vals[(vals >= lo) & (vals <= hi)]
