@@ -820,6 +820,9 @@ def test_a_3d_round_with_a_class_the_prior_cannot_draw_teaches_the_unlabelled_st
                                tmp_path / "cache", progress=False)
     assert study.known.tolist() == [True, True, False]
     assert float(study.target[:, 1].sum()) > 0 and float(study.target[:, 3].sum()) == 0  # liver drawn, no lesion
+    (again,) = teacher_studies([store / "phantom_001.nii.gz"], classes, catalog, pixel_segmenters, 1,
+                               tmp_path / "cache", progress=False)  # from the teacher's cache: the same statement
+    assert again.known.tolist() == [True, True, False] and torch.equal(again.target, study.target)
 
     served = tmp_path / "model" / "medprompt.pt"
     result = sam_rounds.finetune_sam(store, served, None, None, steps=5, device="cpu", model_config="tiny",

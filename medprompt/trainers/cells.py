@@ -29,7 +29,8 @@ from medprompt.catalog import PromptCatalog
 from medprompt.model.sam_features import SliceStack, label_view, study_stack, to_cells
 from medprompt.trainers.disk_embeddings import DiskEmbeddings, spilled
 
-CACHE_VERSION = 4  # bump when the cached cells change meaning or the teacher changes (3: the MR vote per slice; 4: an MR coil's shading divided out)
+CACHE_VERSION = 5  # bump when the cached cells change meaning or the teacher changes (3: the MR vote per slice;
+# 4: an MR coil's shading divided out; 5: the classes the teacher drew are kept with its cells)
 PURE = 0.9  # a cell this much one class (or background) is a confident target
 MIXED_WEIGHT = 0.3  # boundary cells: their soft fractions still teach, less strongly
 BALANCE_CAP = 4.0  # the most a rare class's cells are up-weighted (see class_balance)
@@ -128,14 +129,12 @@ def teacher_study(path: Path, classes: Sequence[str], catalog: PromptCatalog, se
     cached = cache_dir / f"cells_{_key(path, classes, catalog)}.pt"
     if cached.exists():
         blob = torch.load(cached, map_location="cpu", weights_only=True)
-        target, prior = blob["target"], blob["prior"]
-        drawn = set(teachable(classes, catalog))
-        known = [c in drawn for c in classes]
+        target, prior, known = blob["target"], blob["prior"], blob["known"].tolist()
     else:
         target, prior, known = taught_cells(volume, stack, classes, catalog, segmenter_for)
         from medprompt.model.checkpoint import atomic_torch_save
 
-        atomic_torch_save({"target": target, "prior": prior}, cached)
+        atomic_torch_save({"target": target, "prior": prior, "known": torch.tensor(known)}, cached)
     return taught_study(path.name, volume, stack, target, prior, reach, known)
 
 

@@ -44,8 +44,7 @@ import torch
 from medprompt.catalog import PromptCatalog, default_catalog
 from medprompt.distributed import init_distributed, shard, which_process
 from medprompt.errors import InputError
-from medprompt.trainers.cells import CellStudy, from_labels, teacher_studies
-from medprompt.trainers.cells import teachable as teachable_classes
+from medprompt.trainers.cells import CellStudy, from_labels, teachable, teacher_studies
 from medprompt.trainers.defaults import FINETUNE, ZERO_SHOT
 from medprompt.trainers.disk_embeddings import spill_folder, spilled
 from medprompt.trainers.resume import TrainingRun
@@ -79,7 +78,7 @@ def zero_shot_sam(studies: Sequence[Path], out: Path, classes: Sequence[str], *,
     unknown = [c for c in classes if c not in catalog]
     if unknown:
         raise InputError(f"unknown training classes: {', '.join(unknown)}")
-    drawn = teachable_classes(classes, catalog)
+    drawn = teachable(classes, catalog)
     undrawn = [c for c in classes if c not in drawn]
     if undrawn:  # nothing would teach them: a zero-shot round learns only what its teacher draws
         raise InputError(f"the anatomy prior, the zero-shot round's teacher, cannot draw {', '.join(undrawn)}; "
@@ -368,9 +367,9 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
         ctx = init_distributed(device)
         volumes = _teachable(unlabelled)
         # The teacher draws the classes the anatomy prior supports (cells.teachable); with none, it has nothing to say.
-        drawn = teachable_classes(classes, catalog)
-        teachable = volumes if drawn else []
-        teach, teach_held = shard(teachable, ctx)
+        drawn = teachable(classes, catalog)
+        taught = volumes if drawn else []
+        teach, teach_held = shard(taught, ctx)
         unl = teacher_studies(teach, classes, catalog, seg, reach, work / "teacher_cache", progress, spill_to=spill,
                               desc=f"teacher (prior + LiteMedSAM){which_process(ctx)}") if teach else []
         if unl and init is not None and Path(init).is_file():
@@ -385,7 +384,7 @@ def finetune_sam(studies: Path, served: Path, init: Path | None, baseline: Path 
                     drafted_cells(b, path, candidate, classes, catalog, vectors, sam_checkpoint, device)
                     for b, path in zip(blank, blank_paths)]
             cells = train + unl
-            n_unl = len(teachable) + (len(blank_all) if r == 1 else 0)  # over all processes
+            n_unl = len(taught) + (len(blank_all) if r == 1 else 0)  # over all processes
             held_by = [ctx.world] * len(train) + [teach_held] * len(teach) + [blank_held] * (len(blank) if r == 1 else 0)
             p = study_draws(len(train), n_unl, labelled_share)
             p = np.concatenate([p[: len(train)], np.full(len(unl), p[-1] if n_unl else 0.0)])
