@@ -48,7 +48,7 @@ _IMAGE2D_MODALITIES = {"XR", "US", "MR", "CT", "MG"}
 _SAM_FIELDS = {"refine", "window"}
 _PRIOR_FIELDS = {
     "supported", "note", "method", "ct", "mr", "location", "volume_ml", "components", "parts", "erode_mm",
-    "near", "radius_mm", "exclude",
+    "near", "radius_mm", "exclude", "above_pelvis",
 }
 _WORD = re.compile(r"[a-z0-9]+")
 STOP_WORDS = frozenset(
@@ -349,8 +349,9 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
     unknown = _unknown(prior, _PRIOR_FIELDS)
     if unknown:
         raise PromptError(f"{path}: unknown field 'prior.{unknown}' (known: {', '.join(sorted(_PRIOR_FIELDS))})")
-    if not isinstance(prior.get("supported", False), bool):
-        raise PromptError(f"{path}: field 'prior.supported' must be true or false")
+    for flag in ("supported", "above_pelvis"):
+        if not isinstance(prior.get(flag, False), bool):
+            raise PromptError(f"{path}: field 'prior.{flag}' must be true or false")
     for mod in ("ct", "mr"):
         if mod in prior:
             block = prior[mod]

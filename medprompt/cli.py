@@ -279,11 +279,21 @@ def _infer(args: argparse.Namespace) -> int:
             failures += 1
             tqdm.write(f"error: {error}", file=sys.stderr)
             continue
-        tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
+        tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}{_nothing_drawn(result)}")
     if failures:
         print(f"error: {failures} of {len(jobs)} volumes failed (see above)", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _nothing_drawn(result) -> str:
+    """The classes a volume's draft left empty, said on its line: an empty class is not a file error,
+    but the reader should not have to open the file to learn of it (a pelvic CT has no liver)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(result.labels).ravel(), minlength=max(result.names.values(), default=0) + 1)
+    empty = [name for name, value in result.names.items() if counts[value] == 0]
+    return f"  (nothing drawn: {', '.join(empty)})" if empty else ""
 
 
 def _infer_jobs(source: Path, output: Path) -> list[tuple[Path, Path, bool]]:

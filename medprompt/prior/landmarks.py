@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from medprompt.io.volume import looks_like_hu
 
 TYPICAL_AP_MM = 240.0  # adult abdominal anterior-posterior diameter, to scale organ offsets
+LUNG_SLICE_MM2 = 500.0  # 5 cm^2 of lung makes a slice part of the chest
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Landmarks:
     spacing: tuple[float, float, float]
     upper_z: tuple[int, int] | None = None  # slices of the upper abdomen (where the liver is seeded)
     liver_tip_z: float | None = None  # slice index of the liver's inferior tip, when in the scan
+    below_abdomen: bool = False  # the study ends below the upper abdomen: within 60 mm above the hip bones
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,20 +163,69 @@ def lung_mask(data: np.ndarray, body: np.ndarray, modality: str, spacing) -> np.
     return out
 
 
-def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float = 75.0) -> tuple[int, int]:
+def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float = 75.0,
+                  hip_top: int | None = None) -> tuple[int, int]:
     """Slices where the liver should dominate the right upper quadrant: just below the lung bases
-    when lungs are in the scan, else the top of an abdominal scan (which starts at the diaphragm).
+    when lungs are in the scan, else the top of an abdominal scan (which starts at the diaphragm),
+    but not within 60 mm above the hip bones' top ``hip_top``: the iliac crests lie at L4, the liver's
+    tip one or two vertebrae higher and its bulk higher still (the top found may lie up to 30 mm below
+    the crest, where older patients' bone is less dense). Empty (lo == hi) when the study does not reach it.
     """
     nz = body.shape[2]
     span = int(round(depth_mm / spacing[2]))
     area = lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1]
-    with_lung = np.flatnonzero(area > 500.0)  # 5 cm^2 of lung in a slice
+    with_lung = np.flatnonzero(area > LUNG_SLICE_MM2)
     if len(with_lung):
         base = int(with_lung[0])
         return max(0, base - span), min(nz, base + int(round(30.0 / spacing[2])))
     has_body = np.flatnonzero(body.any(axis=(0, 1)))
     top = int(has_body[-1]) + 1 if len(has_body) else nz
-    return max(0, top - span), top
+    lo = max(0, top - span)
+    if hip_top is not None:
+        lo = max(lo, min(top, hip_top + int(round(60.0 / spacing[2]))))
+    return lo, top
+
+
+def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, spacing, scale: float) -> int | None:
+    """The top slice of the hip bones on a CT without lungs; None when they are not found.
+
+    Without lungs in the scan the upper abdomen is taken to begin at the top of the study
+    (:func:`upper_abdomen`), so a pelvic CT asked for the liver would find one among bowel and muscle.
+    The hip bones tell where the study lies: beside the spine on each side, one large piece of bone
+    density that is broad in the axial plane somewhere (the iliac wing) and wrapped in muscle
+    (iliacus within, the glutei without). Bone density is 150 HU, as the iliac wings of older patients
+    are not denser; what else reaches it beside the spine is told apart: a rib is small, an arm lies
+    further out, and an enhanced kidney (150-250 HU) lies in fat. Lungs in the study rule it out
+    first, so a scapula beside the chest is never taken for a hip bone.
+    """
+    px_mm2 = spacing[0] * spacing[1]
+    if (lungs.sum(axis=(0, 1)) * px_mm2 > LUNG_SLICE_MM2).any():
+        return None
+    x = (np.arange(data.shape[0], dtype=np.float32)[:, None] - spine_xy[0][None, :]) * spacing[0]  # (i, k)
+    lateral = np.abs(x) > 40.0  # the sacrum and the vertebrae stay out
+    in_plane = np.ones((3, 3, 1), bool)
+    bone = ndi.binary_opening((data >= 150.0) & body, structure=in_plane) & lateral[:, None, :]
+    lab, _ = ndi.label(bone, structure=np.ones((3, 3, 3), bool))
+    sizes_ml = np.bincount(lab.ravel()) * float(np.prod(spacing)) / 1000
+    tops: dict[int, list[int]] = {1: [], -1: []}  # side -> top slices of its hip bone pieces
+    for comp, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sizes_ml[comp] < 50.0 * scale**3:
+            continue
+        # The piece on its box grown by the 5 mm shell the wrapping is read in.
+        box = tuple(slice(max(0, a.start - 2), a.stop + 2) for a in sl[:2]) + (sl[2],)
+        piece = lab[box] == comp
+        side = float(np.median(np.broadcast_to(x[box[0], None, box[2]], piece.shape)[piece]))
+        if abs(side) > 150.0 * scale:  # an arm at the body's side
+            continue
+        broad = max(
+            float(np.hypot(*(np.ptp(np.argwhere(piece[:, :, k]), axis=0) * spacing[:2])))
+            for k in range(piece.shape[2]) if piece[:, :, k].any()
+        )
+        shell = ndi.binary_dilation(piece, structure=in_plane, iterations=2) & ~piece & body[box]
+        fat = float(np.mean(data[box][shell] < -30.0)) if shell.any() else 1.0
+        if broad >= 80.0 and fat <= 0.3:
+            tops[1 if side > 0 else -1].append(sl[2].stop - 1)
+    return min(max(tops[1]), max(tops[-1])) if tops[1] and tops[-1] else None
 
 
 def noise_sigma(data: np.ndarray, median3: np.ndarray, body: np.ndarray, modality: str) -> float:
@@ -191,12 +242,16 @@ def find_landmarks(data: np.ndarray, spacing, modality: str, body: np.ndarray | 
     body = body_mask(data, modality) if body is None else body
     spine = spine_centre(data, body, modality, spacing)
     lungs = lung_mask(data, body, modality, spacing)
+    scale = body_scale(body, spacing)
+    hip_top = hip_bones(data, body, spine, lungs, spacing, scale) if modality == "CT" else None
+    upper_z = upper_abdomen(lungs, body, spacing, hip_top=hip_top)
     return Landmarks(
         modality=modality,
         body=body,
         spine_xy=spine,
-        scale=body_scale(body, spacing),
+        scale=scale,
         lungs=lungs,
         spacing=tuple(spacing),
-        upper_z=upper_abdomen(lungs, body, spacing),
+        upper_z=upper_z,
+        below_abdomen=hip_top is not None and upper_z[0] >= upper_z[1],
     )

@@ -45,6 +45,12 @@ def spatial_weight(lm: Landmarks, shape, location: Mapping[str, Any]) -> np.ndar
     return w
 
 
+def absent_here(lm: Landmarks, attrs: Mapping[str, Any]) -> bool:
+    """A structure of the upper abdomen (``above_pelvis: true``) on a study that ends below it
+    (``Landmarks.below_abdomen``): not drawn, whatever of its intensity the pelvis holds at its place."""
+    return bool(attrs.get("above_pelvis")) and lm.below_abdomen
+
+
 def intensity_window(
     smooth: np.ndarray, cand_region: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]
 ) -> tuple[float, float] | None:
@@ -88,6 +94,8 @@ def intensity_window(
 def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
     """The generic organ rule (see module docstring)."""
     shape = smooth.shape
+    if absent_here(lm, attrs):
+        return np.zeros(shape, bool)
     w = spatial_weight(lm, shape, attrs.get("location", {}))
     region = lm.body & ~taken & ~lm.lungs
     seed = region & (w > 0.6)
@@ -292,6 +300,8 @@ def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: n
     from its surroundings wins.
     """
     shape = smooth.shape
+    if absent_here(lm, attrs):
+        return np.zeros(shape, bool)
     w = np.broadcast_to(spatial_weight(lm, shape, attrs.get("location", {})), shape)
     region = lm.body & ~lm.lungs
     seed = region & (w > 0.6)

@@ -1,0 +1,114 @@
+"""A CT of the pelvis alone: the upper abdomen's organs are not drafted in it.
+
+Without lungs in a study the prior takes its top for the diaphragm; on a pelvic CT that put a
+1.4 l "liver" among bowel and muscle. The hip bones (``landmarks.hip_bones``) say where the study
+ends; these tests check that they are found on a real pelvis and that what else is bone-dense
+beside the spine (enhanced kidneys, arms) is not taken for them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medprompt.catalog import default_catalog
+from medprompt.io.volume import Volume, load_volume
+from medprompt.prior.engine import AnatomyPrior
+from medprompt.prior.landmarks import find_landmarks
+
+UPPER_ABDOMEN = ["liver", "spleen", "stomach", "kidney_right", "kidney_left", "pancreas", "gallbladder", "aorta"]
+PELVIS_SLICES = 40  # ct_abdomen_a's bottom 12 cm (3 mm slices): femoral heads to below the iliac crests
+
+
+def _crop(volume: Volume, top: int) -> Volume:
+    return Volume(np.ascontiguousarray(np.asarray(volume.data)[:, :, :top]), volume.affine, f"{volume.source}[:{top}]")
+
+
+def test_a_pelvic_ct_drafts_no_upper_abdominal_organ_but_still_the_bladder(real_data: Path) -> None:
+    case = real_data / "ct_abdomen_a"
+    pelvis = _crop(load_volume(case / "image.nii.gz"), PELVIS_SLICES)
+    catalog = default_catalog()
+    result = AnatomyPrior(catalog).segment_work(pelvis, [catalog[n] for n in UPPER_ABDOMEN + ["urinary_bladder"]])
+    assert result.landmarks.below_abdomen
+    drawn = {n: int(result.masks[n].sum()) for n in UPPER_ABDOMEN if result.masks[n].any()}
+    assert not drawn, f"drafted on a pelvic CT: {drawn} voxels"
+    # The pelvis's own organ is still drafted where the reference has it.
+    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)[:, :, :PELVIS_SLICES]
+    value = json.loads((case / "labels.json").read_text())["labels"]["urinary_bladder"]
+    labels = AnatomyPrior(catalog).predict(pelvis, [catalog["urinary_bladder"]])
+    truth, found = ref == value, labels == 1
+    dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+    assert dice >= 0.6, dice
+
+
+@pytest.mark.parametrize("case, image", [("ct_abdomen_a", "image.nii.gz"), ("ct_abdomen_b_dicom", "dicom")])
+def test_studies_that_reach_the_upper_abdomen_are_not_read_as_pelvis(real_data: Path, case: str, image: str) -> None:
+    volume = load_volume(real_data / case / image)
+    studies = [volume]
+    if case == "ct_abdomen_a":  # without its lungs too: the top slice then is the upper abdomen's
+        studies.append(_crop(volume, 100))
+    for study in studies:
+        catalog = default_catalog()
+        result = AnatomyPrior(catalog).segment_work(study, [catalog["liver"]])
+        assert not result.landmarks.below_abdomen, study.source
+        assert result.masks["liver"].any(), study.source
+
+
+SPACING = (2.5, 2.5, 2.5)
+
+
+def _slab(parts: list[str], slices: int = 40) -> np.ndarray:
+    """A synthetic unenhanced CT slab, no lungs: a body, a spine and the bone-dense ``parts`` beside it."""
+    nx, ny = 170, 120
+    x = (np.arange(nx)[:, None] - nx / 2) * SPACING[0]  # mm, patient right positive
+    y = (np.arange(ny)[None, :] - ny / 2) * SPACING[1]  # mm, anterior positive
+    plane = np.full((nx, ny), -1000.0, np.float32)
+    plane[(x / 200) ** 2 + (y / 120) ** 2 <= 1] = 40.0
+    plane[x**2 + (y + 70) ** 2 <= 20**2] = 300.0  # a vertebral body
+    for side in (1, -1):
+        if "wings" in parts:  # iliac wings: 10 mm plates 115 mm long, from the sacrum to the front
+            t = np.linspace(0, 1, 200)
+            px, py = side * (60 + 70 * t), -60 + 90 * t
+            near = np.min((x[..., None] - px) ** 2 + (y[..., None] - py) ** 2, axis=-1) <= 5**2
+            plane[near] = 300.0
+        if "kidneys" in parts:  # enhanced kidneys (nephrographic phase, 180 HU), 7 x 5.5 cm across, in fat
+            plane[((x - side * 75) / 43) ** 2 + ((y + 20) / 36) ** 2 <= 1] = -100.0
+            plane[((x - side * 75) / 35) ** 2 + ((y + 20) / 28) ** 2 <= 1] = 180.0
+        if "arms" in parts:  # humeri beside the trunk, within the body outline
+            plane[(x - side * 170) ** 2 + y**2 <= 14**2] = 400.0
+    return np.repeat(plane[:, :, None], slices, axis=2)
+
+
+@pytest.mark.parametrize("parts, pelvis", [
+    (["wings"], True),
+    (["kidneys"], False),
+    (["arms"], False),
+    (["kidneys", "arms"], False),
+])
+def test_hip_bones_tell_a_pelvic_study_and_kidneys_or_arms_do_not(parts: list[str], pelvis: bool) -> None:
+    assert find_landmarks(_slab(parts), SPACING, "CT").below_abdomen is pelvis
+
+
+def test_a_study_with_lungs_is_never_read_as_pelvis() -> None:
+    data = _slab(["wings"])
+    data[60:110, 30:70, -8:] = -850.0  # lung bases in the top 2 cm (aerated lung density, posterior)
+    lm = find_landmarks(data, SPACING, "CT")
+    assert lm.lungs.any()
+    assert not lm.below_abdomen
+
+
+def test_the_cli_says_which_classes_a_draft_left_empty(real_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from medprompt.cli import main
+
+    pelvis = _crop(load_volume(real_data / "ct_abdomen_a" / "image.nii.gz"), PELVIS_SLICES)
+    image = tmp_path / "pelvis.nii.gz"
+    nib.save(nib.Nifti1Image(pelvis.data.astype(np.int16), pelvis.affine), image)
+    assert main(["infer", str(image), str(tmp_path / "draft.nii.gz"), "--prompts", "liver", "bladder",
+                 "--refine", "none"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith('{"liver": 1, "urinary_bladder": 2}  (nothing drawn: liver)'), line
