@@ -250,13 +250,19 @@ class PromptCatalog:
         if scores:
             ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
             if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
-                from medprompt.text.similarity import finding_of_organ
+                from medprompt.text.similarity import finding_of_organ, organ_asked_of_finding
 
-                mismatch = finding_of_organ(self.entries[ranked[0][0]], [text, nouns])
+                best = self.entries[ranked[0][0]]
+                mismatch = finding_of_organ(best, [text, nouns])
                 if mismatch is not None:
                     raise PromptError(f"unknown prompt '{quoted(text)}': {mismatch}; no prompt file describes this "
                                       f"finding. To segment it, add a prompt file (see 'Prompts: the class "
                                       f"catalog' in README.md)")
+                mismatch = organ_asked_of_finding(best, [text, nouns])
+                if mismatch is not None:
+                    raise PromptError(f"unknown prompt '{quoted(text)}': {mismatch}; no prompt file describes the "
+                                      f"organ. To segment it, add a prompt file (see 'Prompts: the class catalog' "
+                                      f"in README.md)")
                 return self.entries[ranked[0][0]]
             tied = [n for n, s in ranked if s == ranked[0][1]]
             raise PromptError(f"prompt '{quoted(text)}' is ambiguous between: {', '.join(tied)}; name one of them")

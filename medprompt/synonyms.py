@@ -57,7 +57,7 @@ ORGAN_WORDS: dict[str, str] = {
     # anatomy no shipped prompt file describes, read as a noun so it can be refused by name; lay names are
     # read as their anatomical noun too ("windpipe" read like the oesophagus)
     "cardiac": "heart", "windpipe": "trachea", "voice box": "larynx", "small intestine": "small bowel",
-    "gullet": "esophagus",
+    "large intestine": "colon", "large bowel": "colon", "gullet": "esophagus",
 }
 
 

@@ -56,15 +56,20 @@ def test_canonical_reading_replaces_whole_word_forms(text: str, plain: str):
 def test_every_noun_of_the_table_names_a_shipped_class_exactly(keywords: PromptCatalog):
     """The table maps forms to nouns; each noun must be spelt in some class's name or aliases, so
     a table entry can never point at nothing, and a form resolves as its noun does; or be an entry of the
-    anatomy no prompt file describes ("cardiac" -> "heart"), so a prompt using the form is refused by name."""
-    from medprompt.text.similarity import OTHER_ANATOMY
+    anatomy no prompt file describes ("cardiac" -> "heart"), so a prompt using the form is refused by name.
+    Such a noun may name the organ of a finding class ("colon" in colon_tumour), never a class of its own."""
+    from medprompt.text.similarity import OTHER_ANATOMY, is_finding
 
-    spelt = {" ".join(tokens) for e in keywords.entries.values() for a in (e.name.replace("_", " "), *e.aliases)
-             for tokens in [a.lower().split()] for tokens in [tokens[i:j] for i in range(len(tokens))
-                                                              for j in range(i + 1, len(tokens) + 1)]}
+    def spelt_in(entries) -> set[str]:
+        return {" ".join(tokens) for e in entries for a in (e.name.replace("_", " "), *e.aliases)
+                for tokens in [a.lower().split()] for tokens in [tokens[i:j] for i in range(len(tokens))
+                                                                 for j in range(i + 1, len(tokens) + 1)]}
+
+    spelt = spelt_in(keywords.entries.values())
+    spelt_by_organs = spelt_in(e for e in keywords.entries.values() if not is_finding(e.name))
     for form, noun in synonyms.ORGAN_WORDS.items():
         if noun in OTHER_ANATOMY:
-            assert noun not in spelt, (form, noun)
+            assert noun not in spelt_by_organs, (form, noun)
             continue
         assert noun in spelt, (form, noun)
         assert keywords.resolve(form).name == keywords.resolve(noun).name, form
@@ -178,9 +183,19 @@ def test_shorthand_for_anatomy_no_class_describes_is_refused_by_name(minilm: Pro
         minilm.resolve(text)
 
 
+@pytest.mark.parametrize("text", ["colon", "the large bowel", "large intestine", "the breast"])
+def test_without_a_text_encoder_an_organ_is_not_drawn_as_its_finding(keywords: PromptCatalog, text: str):
+    """The keywords resolver found colon_tumour for "the colon" (the organ's word is in the class name); the
+    prompt asks for no finding, so it is refused naming the organ. Its findings still resolve."""
+    with pytest.raises(PromptError, match="no finding, and .*_tumou?r would draw only the finding"):
+        keywords.resolve(text)
+    assert keywords.resolve(f"a tumour of {text}").name in ("colon_tumour", "breast_tumor")
+
+
 @pytest.mark.parametrize("text, named", [
     ("the windpipe", "trachea"),  # drafted as the oesophagus before
     ("the voice box", "larynx"), ("the small intestine", "small bowel"),
+    ("the large bowel", "colon"), ("large intestine", "colon"),  # read like the small bowel before
 ])
 def test_lay_names_of_anatomy_no_class_describes_are_refused_by_their_anatomical_name(minilm: PromptCatalog,
                                                                                       text: str, named: str):

@@ -316,6 +316,7 @@ def minilm_catalog(minilm_cache: str, monkeypatch: pytest.MonkeyPatch) -> Prompt
 @pytest.mark.parametrize("text, expected", [
     ("The kidney filters blood to produce urine", "kidneys"),
     ("bean-shaped organ on the left that makes urine", "kidney_left"),
+    ("the two bean-shaped organs", "kidneys"),  # read like the stomach ("J-shaped organ") before
     ("the right organ that makes urine", "kidney_right"),
     ("the glands on top of the kidneys", "adrenal_glands"),
     ("the hormone gland above the right kidney", "adrenal_gland_right"),

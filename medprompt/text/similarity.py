@@ -403,6 +403,20 @@ def finding_of_organ(entry: PromptEntry, texts: list[str]) -> str | None:
     return None
 
 
+def organ_asked_of_finding(entry: PromptEntry, texts: list[str]) -> str | None:
+    """Why ``entry``, a finding class, cannot be what the readings ask for, or None: they name its organ and
+    no finding ("the colon" is not colon_tumour). The keywords resolver's check; text similarity refuses such
+    a prompt as the organ's OTHER_ANATOMY entry."""
+    from medprompt.catalog import words
+
+    if not is_finding(entry.name) or finding_words(texts):
+        return None
+    organ = [w for w in words(entry.name.replace("_", " ")) if w not in FINDING_WORDS]
+    if organ and any(set(organ) <= set(words(t)) for t in texts):
+        return f"it names the {' '.join(organ)} and no finding, and {entry.name} would draw only the finding"
+    return None
+
+
 def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
     """The organ class the readings name when ``entry`` is that organ's finding class and they ask for no
     finding: "an abnormal liver", "steatosis of the liver" are the liver, not liver_tumour. The organ
