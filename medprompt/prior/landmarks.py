@@ -31,7 +31,8 @@ class Landmarks:
     spacing: tuple[float, float, float]
     upper_z: tuple[int, int] | None = None  # slices of the upper abdomen (where the liver is seeded)
     liver_tip_z: float | None = None  # slice index of the liver's inferior tip, when in the scan
-    below_abdomen: bool = False  # the study ends below the upper abdomen: within 60 mm above the hip bones
+    hip_top_z: int | None = None  # top slice of the hip bones, when the study reaches above them (CT)
+    below_abdomen: bool = False  # the study ends below the upper abdomen: within 85 mm above the hip bones
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +99,20 @@ def spine_centre(data: np.ndarray, body: np.ndarray, modality: str, spacing) -> 
     ci = np.full(nz, np.nan)
     cj = np.full(nz, np.nan)
     min_vox = 150.0 / (spacing[0] * spacing[1])  # a vertebral cross-section is several cm^2
+    depth = body.any(axis=0)  # (j, k): the body's anterior-posterior extent per slice
     for k in range(nz):
         pts = np.argwhere(bone[:, :, k] & window)
         if len(pts) < min_vox:
             continue
         c0 = np.median(pts[:, 0])
         near = pts[np.abs(pts[:, 0] - c0) < 30.0 / spacing[0]]
-        ci[k], cj[k] = np.median(near[:, 0]), np.median(near[:, 1])
+        rows = np.flatnonzero(depth[:, k])
+        centre_j = np.median(near[:, 1])
+        if centre_j > rows[0] + 0.5 * (rows[-1] - rows[0]):
+            # The column lies in the back half of the body: below the sacrum, midline bone in front of
+            # that is the pubic symphysis (in front of the bladder); the column is carried from above.
+            continue
+        ci[k], cj[k] = np.median(near[:, 0]), centre_j
     ok = np.isfinite(ci)
     if ok.sum() < max(1, nz // 10):
         return fallback
@@ -169,7 +177,8 @@ def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float 
     when lungs are in the scan, else the top of an abdominal scan (which starts at the diaphragm),
     but not within 60 mm above the hip bones' top ``hip_top``: the iliac crests lie at L4, the liver's
     tip one or two vertebrae higher and its bulk higher still (the top found may lie up to 30 mm below
-    the crest, where older patients' bone is less dense). Empty (lo == hi) when the study does not reach it.
+    the crest, where older patients' bone is less dense). Empty (lo == hi) when the study does not reach
+    it by 25 mm: the liver's grey is not learnt from a sliver at the study's edge.
     """
     nz = body.shape[2]
     span = int(round(depth_mm / spacing[2]))
@@ -183,11 +192,13 @@ def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float 
     lo = max(0, top - span)
     if hip_top is not None:
         lo = max(lo, min(top, hip_top + int(round(60.0 / spacing[2]))))
+        if (top - lo) * spacing[2] < 25.0:  # a sliver at the study's edge: no window to learn there
+            lo = top
     return lo, top
 
 
 def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, spacing, scale: float) -> int | None:
-    """The top slice of the hip bones on a CT without lungs; None when they are not found.
+    """The top slice of the hip bones on a CT, sought below the lungs; None when they are not found.
 
     Without lungs in the scan the upper abdomen is taken to begin at the top of the study
     (:func:`upper_abdomen`), so a pelvic CT asked for the liver would find one among bowel and muscle.
@@ -195,16 +206,18 @@ def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, s
     density that is broad in the axial plane somewhere (the iliac wing) and wrapped in muscle
     (iliacus within, the glutei without). Bone density is 150 HU, as the iliac wings of older patients
     are not denser; what else reaches it beside the spine is told apart: a rib is small, an arm lies
-    further out, and an enhanced kidney (150-250 HU) lies in fat. Lungs in the study rule it out
-    first, so a scapula beside the chest is never taken for a hip bone.
+    further out, and an enhanced kidney (150-250 HU) lies in fat. Only slices below the lungs are
+    searched, so a scapula beside the chest is never taken for a hip bone.
     """
-    px_mm2 = spacing[0] * spacing[1]
-    if (lungs.sum(axis=(0, 1)) * px_mm2 > LUNG_SLICE_MM2).any():
+    with_lung = np.flatnonzero(lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1] > LUNG_SLICE_MM2)
+    below_lungs = int(with_lung[0]) if len(with_lung) else data.shape[2]
+    if below_lungs < 2:
         return None
     x = (np.arange(data.shape[0], dtype=np.float32)[:, None] - spine_xy[0][None, :]) * spacing[0]  # (i, k)
     lateral = np.abs(x) > 40.0  # the sacrum and the vertebrae stay out
     in_plane = np.ones((3, 3, 1), bool)
     bone = ndi.binary_opening((data >= 150.0) & body, structure=in_plane) & lateral[:, None, :]
+    bone[:, :, below_lungs:] = False
     lab, _ = ndi.label(bone, structure=np.ones((3, 3, 3), bool))
     sizes_ml = np.bincount(lab.ravel()) * float(np.prod(spacing)) / 1000
     tops: dict[int, list[int]] = {1: [], -1: []}  # side -> top slices of its hip bone pieces
@@ -245,6 +258,10 @@ def find_landmarks(data: np.ndarray, spacing, modality: str, body: np.ndarray | 
     scale = body_scale(body, spacing)
     hip_top = hip_bones(data, body, spine, lungs, spacing, scale) if modality == "CT" else None
     upper_z = upper_abdomen(lungs, body, spacing, hip_top=hip_top)
+    has_body = np.flatnonzero(body.any(axis=(0, 1)))
+    # The hip bones' top anchors pelvic organs only when the study reaches above it: bones that run on
+    # to the study's top (within 25 mm: the top found may lie that far below the crest) end out of view.
+    seen = hip_top is not None and len(has_body) > 0 and hip_top < has_body[-1] - round(25.0 / spacing[2])
     return Landmarks(
         modality=modality,
         body=body,
@@ -253,5 +270,6 @@ def find_landmarks(data: np.ndarray, spacing, modality: str, body: np.ndarray | 
         lungs=lungs,
         spacing=tuple(spacing),
         upper_z=upper_z,
+        hip_top_z=hip_top if seen else None,
         below_abdomen=hip_top is not None and upper_z[0] >= upper_z[1],
     )

@@ -29,14 +29,16 @@ def spatial_weight(lm: Landmarks, shape, location: Mapping[str, Any]) -> np.ndar
     """Gaussian likelihood of the in-plane position, from the [low, high] mm ranges in the prompt file.
 
     The range is read as a ~95 % interval (mean +- 2 sd), scaled by the patient's body size.
-    ``z`` is millimetres above the liver's inferior tip, used only when the tip is in the scan.
+    ``z`` is millimetres above the liver's inferior tip, used only when the tip is in the scan;
+    ``z_hip`` (a pelvic organ's) millimetres above the hip bones' top, used instead when that is.
     """
     x, y = lm.offsets_mm(shape)
     w = np.ones((shape[0], shape[1], 1), np.float32)
     axes = [("x", x), ("y", y)]
-    if lm.liver_tip_z is not None:
-        z = (np.arange(shape[2], dtype=np.float32) - lm.liver_tip_z) * lm.spacing[2]
-        axes.append(("z", z[None, None, :]))
+    key, origin = ("z_hip", lm.hip_top_z) if "z_hip" in location and lm.hip_top_z is not None else ("z", lm.liver_tip_z)
+    if origin is not None:
+        z = (np.arange(shape[2], dtype=np.float32) - origin) * lm.spacing[2]
+        axes.append((key, z[None, None, :]))
     for key, grid in axes:
         if key in location:
             lo, hi = (v * lm.scale for v in location[key])
