@@ -200,8 +200,9 @@ def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float 
 def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, spacing, scale: float) -> int | None:
     """The top slice of the hip bones on a CT, sought below the lungs; None when they are not found.
 
-    Without lungs in the scan the upper abdomen is taken to begin at the top of the study
-    (:func:`upper_abdomen`), so a pelvic CT asked for the liver would find one among bowel and muscle.
+    Two uses. Without lungs in the scan the upper abdomen is taken to begin at the top of the study
+    (:func:`upper_abdomen`), so a pelvic CT asked for the liver would find one among bowel and muscle;
+    and the bladder's height is better read from the pelvis than from the liver's tip (``z_hip``).
     The hip bones tell where the study lies: beside the spine on each side, one large piece of bone
     density that is broad in the axial plane somewhere (the iliac wing) and wrapped in muscle
     (iliacus within, the glutei without). Bone density is 150 HU, as the iliac wings of older patients

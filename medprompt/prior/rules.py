@@ -35,10 +35,11 @@ def spatial_weight(lm: Landmarks, shape, location: Mapping[str, Any]) -> np.ndar
     x, y = lm.offsets_mm(shape)
     w = np.ones((shape[0], shape[1], 1), np.float32)
     axes = [("x", x), ("y", y)]
-    key, origin = ("z_hip", lm.hip_top_z) if "z_hip" in location and lm.hip_top_z is not None else ("z", lm.liver_tip_z)
+    by_hips = "z_hip" in location and lm.hip_top_z is not None
+    z_key, origin = ("z_hip", lm.hip_top_z) if by_hips else ("z", lm.liver_tip_z)
     if origin is not None:
         z = (np.arange(shape[2], dtype=np.float32) - origin) * lm.spacing[2]
-        axes.append((key, z[None, None, :]))
+        axes.append((z_key, z[None, None, :]))
     for key, grid in axes:
         if key in location:
             lo, hi = (v * lm.scale for v in location[key])
