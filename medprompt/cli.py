@@ -244,7 +244,7 @@ def _infer(args: argparse.Namespace) -> int:
 
                 result = draft_weak_file(source, target, args.prompts, args.model, refine=args.refine,
                                          sam_checkpoint=args.sam_checkpoint)
-                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
+                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}{_nothing_drawn(result)}")
                 continue
             if str(args.model).lower().startswith("weak:"):
                 raise InputError(f"{source}: --model weak:... drafts 2D images; this is a volume")
@@ -266,7 +266,7 @@ def _infer(args: argparse.Namespace) -> int:
                                      "a saliency method (--saliency), --model medprompt or --model weak:MODEL.pt")
                 result = draft2d_file(source, target, args.prompts, saliency=saliency, refine=args.refine,
                                       sam_checkpoint=args.sam_checkpoint, overlay_dir=args.overlay, catalog=catalog)
-                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}")
+                tqdm.write(f"{source} -> {target}  {json.dumps(result.names)}{_nothing_drawn(result)}")
                 continue
             volume = load_volume(source)
             result = draft(volume, args.prompts, model=args.model, progress=len(jobs) == 1,
@@ -287,7 +287,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _nothing_drawn(result) -> str:
-    """The classes a volume's draft left empty, said on its line: an empty class is not a file error,
+    """The classes a draft left empty, said on its line: an empty class is not a file error,
     but the reader should not have to open the file to learn of it (a pelvic CT has no liver)."""
     import numpy as np
 
