@@ -81,22 +81,28 @@ def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray
     return data, affine, label
 
 
+def load_case(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(image as float32, its affine, reference label map, class name -> value) of one real case, or exit
+    naming where the case should be."""
+    case = REAL / name
+    if not case.exists():
+        sys.exit(f"error: {case} not found (../shared/data/real beside the repository)")
+    src, ref = nib.load(case / "image.nii.gz"), nib.load(case / "label.nii.gz")
+    return (np.asarray(src.dataobj, np.float32), src.affine, np.asarray(ref.dataobj),
+            read_label_names(case / "labels.json"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="the MedPrompt model (default: the shipped one)")
     p.add_argument("--case", choices=list(VARIANTS), default="ct_abdomen_a")
     p.add_argument("--variants", nargs="+", help="default: every variant of the case")
     args = p.parse_args()
-    case = REAL / args.case
-    if not case.exists():
-        sys.exit(f"error: {case} not found (../shared/data/real beside the repository)")
     unknown = set(args.variants or ()) - set(VARIANTS[args.case])
     if unknown:
         sys.exit(f"error: no variant {', '.join(sorted(unknown))} of {args.case}; choose from {', '.join(VARIANTS[args.case])}")
+    data, src_affine, label, names = load_case(args.case)
     print(footer())
-    src, ref = nib.load(case / "image.nii.gz"), nib.load(case / "label.nii.gz")
-    names = read_label_names(case / "labels.json")
-    data, label = np.asarray(src.dataobj, np.float32), np.asarray(ref.dataobj)
     catalog = default_catalog()
     entries = [catalog[n] for n in SYNAPSE8]
     values = {e.name: i + 1 for i, e in enumerate(entries)}
@@ -104,7 +110,7 @@ def main() -> None:
     rows = ["| variant | prior + LiteMedSAM | model as it is | model adapted | adapted - prior |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="scanner-shift-") as tmp:
         for name in args.variants or VARIANTS[args.case]:
-            image, affine, reference = variant(name, data, src.affine, label)
+            image, affine, reference = variant(name, data, src_affine, label)
             path = Path(tmp) / f"{name}.nii.gz"
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
             volume = load_volume(path)

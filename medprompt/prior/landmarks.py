@@ -171,6 +171,11 @@ def lung_mask(data: np.ndarray, body: np.ndarray, modality: str, spacing) -> np.
     return out
 
 
+def lung_slices(lungs: np.ndarray, spacing) -> np.ndarray:
+    """Indices of the slices that are part of the chest (LUNG_SLICE_MM2 of lung or more)."""
+    return np.flatnonzero(lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1] > LUNG_SLICE_MM2)
+
+
 def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float = 75.0,
                   hip_top: int | None = None) -> tuple[int, int]:
     """Slices where the liver should dominate the right upper quadrant: just below the lung bases
@@ -182,8 +187,7 @@ def upper_abdomen(lungs: np.ndarray, body: np.ndarray, spacing, depth_mm: float 
     """
     nz = body.shape[2]
     span = int(round(depth_mm / spacing[2]))
-    area = lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1]
-    with_lung = np.flatnonzero(area > LUNG_SLICE_MM2)
+    with_lung = lung_slices(lungs, spacing)
     if len(with_lung):
         base = int(with_lung[0])
         return max(0, base - span), min(nz, base + int(round(30.0 / spacing[2])))
@@ -210,7 +214,7 @@ def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, s
     further out, and an enhanced kidney (150-250 HU) lies in fat. Only slices below the lungs are
     searched, so a scapula beside the chest is never taken for a hip bone.
     """
-    with_lung = np.flatnonzero(lungs.sum(axis=(0, 1)) * spacing[0] * spacing[1] > LUNG_SLICE_MM2)
+    with_lung = lung_slices(lungs, spacing)
     below_lungs = int(with_lung[0]) if len(with_lung) else data.shape[2]
     if below_lungs < 2:
         return None
