@@ -6,7 +6,8 @@ its top 36 mm is an abdominal CT that starts below the diaphragm (no lungs). Eac
 the acquisition changes of benchmarks/scanner_shift.py, is drafted by the anatomy prior + LiteMedSAM (the
 default) for the Synapse 8 organs and the bladder. Printed per crop: whether the prior read it as ending
 below the upper abdomen (within 85 mm above the hip bones' top, landmarks.hip_bones), the millilitres drawn of the organs of the upper abdomen against
-the reference's millilitres within the crop, and the bladder's Dice. Table:
+the reference's millilitres within the crop, the kidneys' Dice (both as one; nan where the crop holds none) and the
+bladder's Dice. Table:
 benchmarks/results/field_of_view.md.
 
     .venv/bin/python benchmarks/field_of_view.py                 # about 4 min on a 2-core CPU
@@ -32,7 +33,7 @@ from medprompt.sam.refine import refine  # noqa: E402
 from provenance import footer  # noqa: E402
 from scanner_shift import VARIANTS, load_case, variant  # noqa: E402
 
-TOPS_MM = (120, 165, 186, 210, 300, None)  # from the bottom slice; None: the whole study
+TOPS_MM = (120, 165, 186, 210, 240, 270, 300, None)  # from the bottom slice; None: the whole study
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     entries = [catalog[n] for n in classes]
     make = segmenter_factory()
     rows = ["| variant | crop (from the bottom) | read as below the upper abdomen | upper-abdomen organs drawn, ml | "
-            "in the reference, ml | bladder Dice |", "|---|---|---|---|---|---|"]
+            "in the reference, ml | kidneys Dice | bladder Dice |", "|---|---|---|---|---|---|---|"]
     for name in args.variants:
         image, affine, reference = variant(name, data, src_affine, label)
         step = float(np.linalg.norm(affine[:3, 2]))
@@ -63,10 +64,13 @@ def main() -> None:
             truth = sum(int((crop_ref == names[n]).sum()) for n in SYNAPSE8 if n in names) * voxel_ml
             t, f = crop_ref == names["urinary_bladder"], out == classes.index("urinary_bladder") + 1
             dice = 2 * (t & f).sum() / max(1, t.sum() + f.sum()) if t.any() else float("nan")
+            kt = np.isin(crop_ref, [names[n] for n in ("kidney_left", "kidney_right")])
+            kf = np.isin(out, [classes.index(n) + 1 for n in ("kidney_left", "kidney_right")])
+            kidneys = 2 * (kt & kf).sum() / max(1, kt.sum() + kf.sum()) if kt.any() else float("nan")
             crop = "whole" if top_mm is None else f"{round(top * step)} mm"
             print(f"{name:9s} {crop:>6s}  below the upper abdomen {below!s:5s}  upper abdomen drawn {drawn:6.0f} ml "
-                  f"(reference {truth:6.0f} ml)  bladder Dice {dice:.3f}", flush=True)
-            rows.append(f"| {name} | {crop} | {'yes' if below else 'no'} | {drawn:.0f} | {truth:.0f} | {dice:.3f} |")
+                  f"(reference {truth:6.0f} ml)  kidneys Dice {kidneys:.3f}  bladder Dice {dice:.3f}", flush=True)
+            rows.append(f"| {name} | {crop} | {'yes' if below else 'no'} | {drawn:.0f} | {truth:.0f} | {kidneys:.3f} | {dice:.3f} |")
     table = "\n".join(rows)
     print(table)
     out_path = REPO / "benchmarks" / "results" / "field_of_view.md"

@@ -68,6 +68,76 @@ def test_the_bladder_of_a_whole_abdominal_ct_is_placed_by_the_hip_bones(real_dat
     assert _study_landmarks(_crop(volume, PELVIS_SLICES)).hip_top_z is None
 
 
+def test_a_lower_abdominal_ct_finds_its_kidneys_and_no_liver_in_its_bowel(real_data: Path) -> None:
+    """ct_abdomen_a's bottom 240 mm: no lungs, the top 96 mm above the hip bones' top, holding the kidneys
+    and the liver's lowest 42 ml. The top was taken for the diaphragm: a 0.8 l "liver" grew from it down
+    into the pelvis, the kidneys were placed against its false tip (Dice 0) and the bladder lost to them.
+    An organ of the upper abdomen ends above the hip bones, and without the liver's tip the kidneys' height
+    is read from the hip bones (``z_hip``)."""
+    case = real_data / "ct_abdomen_a"
+    volume = _crop(load_volume(case / "image.nii.gz"), 80)
+    catalog = default_catalog()
+    names = UPPER_ABDOMEN + ["urinary_bladder"]
+    result = AnatomyPrior(catalog).segment_work(volume, [catalog[n] for n in names])
+    lm = result.landmarks
+    assert lm.hip_top_z is not None and not lm.below_abdomen
+    voxel_ml = float(np.prod(lm.spacing)) / 1000
+    for organ in ("liver", "spleen", "stomach", "kidney_left", "kidney_right"):
+        low = np.flatnonzero(result.masks[organ].any(axis=(0, 1)))
+        assert not len(low) or low[0] >= lm.hip_top_z, f"{organ} drawn below the hip bones' top"
+    drawn = sum(result.masks[n].sum() for n in ("liver", "spleen", "stomach")) * voxel_ml
+    assert drawn < 150, f"{drawn:.0f} ml of liver, spleen and stomach drawn (the reference has 42 ml of liver)"
+    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)[:, :, :80]
+    values = json.loads((case / "labels.json").read_text())["labels"]
+    order = [catalog[n] for n in names]
+    labels = AnatomyPrior(catalog).predict(volume, order)
+    for organ in ("kidney_left", "kidney_right", "urinary_bladder"):
+        truth, found = ref == values[organ], labels == names.index(organ) + 1
+        dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+        assert dice >= 0.6, (organ, dice)
+
+
+def test_height_is_read_from_the_nearer_landmark_in_the_study() -> None:
+    """The bladder from the hip bones, a kidney from the liver's tip, and a kidney from the hip bones
+    when the liver's tip is not in the study."""
+    from medprompt.prior.landmarks import Landmarks
+    from medprompt.prior.rules import spatial_weight
+
+    shape = (20, 20, 100)
+    lm = Landmarks(modality="CT", body=np.ones(shape, bool), spine_xy=(np.full(100, 10.0), np.full(100, 10.0)),
+                   scale=1.0, lungs=np.zeros(shape, bool), spacing=(2.5, 2.5, 2.5), liver_tip_z=60.0, hip_top_z=20)
+    kidney = {"z": [-40, 100], "z_hip": [0, 190]}
+    bladder = {"z": [-330, -80], "z_hip": [-170, -20]}
+
+    def peak(location) -> int:
+        return int(np.argmax(spatial_weight(lm, shape, location)[0, 0]))
+
+    assert peak(kidney) == 60 + 12  # 30 mm above the liver's tip
+    assert peak(bladder) == 0  # 95 mm below the hip bones' top lies below the study: its bottom slice
+    lm.liver_tip_z = None
+    assert peak(kidney) == 20 + 38  # 95 mm above the hip bones' top
+
+
+def test_an_organ_of_the_upper_abdomen_is_cut_at_the_hip_bones_or_dropped_when_mostly_below() -> None:
+    from medprompt.prior.landmarks import Landmarks
+    from medprompt.prior.rules import above_the_hips
+
+    shape = (10, 10, 50)
+    lm = Landmarks(modality="CT", body=np.ones(shape, bool), spine_xy=(np.zeros(50), np.zeros(50)),
+                   scale=1.0, lungs=np.zeros(shape, bool), spacing=(2.5, 2.5, 2.5), hip_top_z=20)
+    upper = {"above_pelvis": True}
+    mask = np.zeros(shape, bool)
+    mask[2:8, 2:8, 15:50] = True  # 5 of 35 slices below the hip bones' top
+    cut = above_the_hips(mask, lm, upper)
+    assert not cut[:, :, :20].any() and cut[:, :, 20:].sum() == mask[:, :, 20:].sum()
+    assert above_the_hips(mask, lm, {}) is mask  # a pelvic structure keeps what lies in the pelvis
+    mask[:, :, :] = False
+    mask[2:8, 2:8, 0:30] = True  # two thirds below: grown from the pelvis's grey
+    assert not above_the_hips(mask, lm, upper).any()
+    lm.hip_top_z = None  # hip bones not in view: nothing to cut at
+    assert above_the_hips(mask, lm, upper) is mask
+
+
 def _study_landmarks(volume: Volume):
     catalog = default_catalog()
     return AnatomyPrior(catalog).segment_work(volume, [catalog["liver"]]).landmarks

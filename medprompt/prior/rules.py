@@ -29,15 +29,18 @@ def spatial_weight(lm: Landmarks, shape, location: Mapping[str, Any]) -> np.ndar
     """Gaussian likelihood of the in-plane position, from the [low, high] mm ranges in the prompt file.
 
     The range is read as a ~95 % interval (mean +- 2 sd), scaled by the patient's body size.
-    ``z`` is millimetres above the liver's inferior tip, used only when the tip is in the scan;
-    ``z_hip`` (a pelvic organ's) millimetres above the hip bones' top, used instead when that is.
+    Height: ``z`` is millimetres above the liver's inferior tip, ``z_hip`` above the hip bones' top, each
+    usable when its landmark is in the study. Given both, the nearer landmark is read (the range whose
+    middle is closer to it): heights spread with distance, so the bladder is placed from the pelvis and
+    a kidney from the liver's tip, and a kidney still has a height when the liver is not in the study.
     """
     x, y = lm.offsets_mm(shape)
     w = np.ones((shape[0], shape[1], 1), np.float32)
     axes = [("x", x), ("y", y)]
-    by_hips = "z_hip" in location and lm.hip_top_z is not None
-    z_key, origin = ("z_hip", lm.hip_top_z) if by_hips else ("z", lm.liver_tip_z)
-    if origin is not None:
+    heights = [(key, origin) for key, origin in (("z", lm.liver_tip_z), ("z_hip", lm.hip_top_z))
+               if key in location and origin is not None]
+    if heights:
+        z_key, origin = min(heights, key=lambda h: abs(sum(location[h[0]])))
         z = (np.arange(shape[2], dtype=np.float32) - origin) * lm.spacing[2]
         axes.append((z_key, z[None, None, :]))
     for key, grid in axes:
@@ -52,6 +55,25 @@ def absent_here(lm: Landmarks, attrs: Mapping[str, Any]) -> bool:
     """A structure of the upper abdomen (``above_pelvis: true``) on a study that ends below it
     (``Landmarks.below_abdomen``): not drawn, whatever of its intensity the pelvis holds at its place."""
     return bool(attrs.get("above_pelvis")) and lm.below_abdomen
+
+
+def above_the_hips(mask: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]) -> np.ndarray:
+    """An organ of the upper abdomen (``above_pelvis: true``) cut at the hip bones' top, when the study
+    shows it (``Landmarks.hip_top_z``): the liver's tip, the kidneys' lower poles and the spleen all end
+    above the iliac crests, and the top found lies at or below the crest. What runs on below is bowel or
+    muscle of the organ's grey. When that is most of the mask, the organ's grey was learnt where the organ
+    is not (a study that starts below its bulk) and nothing of it is kept.
+    """
+    if not attrs.get("above_pelvis") or lm.hip_top_z is None or not mask.any():
+        return mask
+    below = int(np.count_nonzero(mask[:, :, : lm.hip_top_z]))
+    if below == 0:
+        return mask
+    if 2 * below >= int(np.count_nonzero(mask)):
+        return np.zeros_like(mask)
+    out = mask.copy()
+    out[:, :, : lm.hip_top_z] = False
+    return out
 
 
 def intensity_window(
@@ -135,6 +157,7 @@ def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np
         keep.append(c + 1)
     chosen = np.isin(lab, keep)
     mask = dilate(chosen, se) & cand if any(rad) else chosen
+    mask = above_the_hips(mask, lm, attrs)
     mask = trim_thin_ends(fill_holes(mask))
     if mask.sum() * voxel_ml > vmax:
         mask = trim_to_volume(mask, np.broadcast_to(w, shape), int(vmax / voxel_ml))
