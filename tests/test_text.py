@@ -322,6 +322,7 @@ def minilm_catalog(minilm_cache: str, monkeypatch: pytest.MonkeyPatch) -> Prompt
     ("the hormone gland above the right kidney", "adrenal_gland_right"),
     ("the big blood vessel carrying blood out of the heart", "aorta"),
     ("pouch under the liver that stores bile", "gallbladder"),
+    ("the organ that digests food", "stomach"),  # read like the gallbladder's "The organ that stores ..." before
 ])
 def test_free_text_resolves_by_meaning(minilm_catalog: PromptCatalog, text: str, expected: str):
     assert minilm_catalog.resolve(text).name == expected
