@@ -389,6 +389,24 @@ def test_anatomy_no_prompt_file_describes_is_refused_not_drafted_as_a_neighbour(
     assert minilm_catalog.resolve("the aorta in front of the spine").name == "aorta"
 
 
+def test_other_anatomy_asked_by_its_function_is_refused_by_name(minilm_catalog: PromptCatalog):
+    """A lay prompt says what an organ does ("the organ that pumps blood"); other anatomy known by name only
+    was drawn as the class nearest in meaning (the heart as the aorta, the womb as the stomach)."""
+    from medprompt.text.similarity import OTHER_ANATOMY, OTHER_FUNCTIONS
+
+    assert set(OTHER_FUNCTIONS) <= set(OTHER_ANATOMY)
+    for text, other in (("the organ that pumps blood", "heart"), ("the organ that thinks", "brain"),
+                        ("the organ where the baby grows", "uterus"),
+                        ("the tube that carries urine to the bladder", "ureter")):
+        with pytest.raises(PromptError, match=f"reads like {other} "):
+            minilm_catalog.resolve(text)
+    # The catalog's own organs asked the same way still resolve.
+    for text, name in (("the organ that digests food", "stomach"), ("the organ that stores urine", "urinary_bladder"),
+                       ("the organs that make urine", "kidneys"), ("the tube that carries food to the stomach", "esophagus"),
+                       ("the big blood vessel carrying blood out of the heart", "aorta")):
+        assert minilm_catalog.resolve(text).name == name, text
+
+
 def test_a_side_landmark_finding_and_vessel_do_not_pick_a_neighbour(minilm_catalog: PromptCatalog):
     """Faults of whole words, each once drawn as a neighbour: a phrase naming only the other side ("the spleen
     under the ribs on the left side") does not count for a prompt naming one side; findings named only as

@@ -85,6 +85,29 @@ OTHER_ANATOMY = (
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
 )
 
+# What lay prompts say of common other anatomy instead of naming it ("the organ that pumps blood"): a
+# bare name reads less like a function than a class's descriptions do, so without these such a prompt
+# was drawn as the class nearest in meaning (the heart as the aorta). Each phrase is one more vector
+# of its entry; the entry is refused by name.
+OTHER_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "brain": ("the organ that thinks, inside the skull",),
+    "eye": ("the organ of sight",),
+    "thyroid gland": ("the butterfly-shaped gland in the neck that makes thyroid hormone",),
+    "heart": ("the organ that pumps blood around the body",),
+    "trachea": ("the windpipe that carries air down to the lungs",),
+    "breast": ("the gland of the chest that makes milk",),
+    "small bowel": ("the long coiled tube between the stomach and the colon that absorbs nutrients from food",),
+    "colon": ("the large bowel that absorbs water and forms stool",),
+    "rectum": ("the last part of the bowel, where stool is held before it is passed",),
+    "appendix": ("the small finger-shaped pouch at the start of the colon",),
+    "ureter": ("the tube that carries urine down from a kidney to the bladder",),
+    "prostate": ("the male gland that makes fluid for semen",),
+    "uterus": ("the womb, the organ where a baby grows during pregnancy",),
+    "ovary": ("the female organ that makes eggs",),
+    "testis": ("the male organ that makes sperm",),
+    "spinal cord": ("the bundle of nerves running down inside the spine",),
+}
+
 # Words that ask for a finding in an organ, not the organ. A class is a finding when its name holds
 # one (breast_tumor, liver_tumour, a user's kidney_cyst). A prompt that asks for a finding is never
 # drawn as an organ ("a lesion of the spleen" is not the spleen) nor as another organ's finding
@@ -130,7 +153,8 @@ class ClassIndex:
     names: tuple[str, ...]      # class of each row of ``vectors``
     vectors: np.ndarray         # (phrases, dim) unit vectors
     others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
-    other_vectors: np.ndarray   # (others, dim) unit vectors
+    other_vectors: np.ndarray   # (rows, dim) unit vectors: each entry's name and its OTHER_FUNCTIONS phrases
+    other_rows: tuple[str, ...]  # the entry of each row of ``other_vectors``
     phrase_sides: tuple[frozenset[str], ...]  # body sides each row of ``vectors`` names (``scores``)
     words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
     class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
@@ -161,21 +185,29 @@ class ClassIndex:
                 if _opposed(other_words, words_j):
                     sims[i, j] = -1.0
         covered = sims.max(axis=1) >= COVERED if len(others) else np.zeros(0, bool)
-        keep = [i for i in range(len(others)) if not covered[i]]
+        kept = [o for o, c in zip(others, covered) if not c]
+        rows = [o for o in kept for _ in range(1 + len(OTHER_FUNCTIONS.get(o, ())))]
+        phrases = [p for o in kept for p in OTHER_FUNCTIONS.get(o, ())]
+        extra = encoder.encode(phrases) if phrases else np.zeros((0, vectors.shape[1]), np.float32)
+        by_name = dict(zip(others, other_vectors))
+        it = iter(extra)
+        row_vectors = [v for o in kept for v in (by_name[o], *(next(it) for _ in OTHER_FUNCTIONS.get(o, ())))]
         class_words = {w for e in entries for t in (e.name.replace("_", " "), *e.aliases)
                        for w in words(t)} - set(SIDES) - GENERIC_WORDS
-        return cls(tuple(owners), vectors, tuple(others[i] for i in keep), other_vectors[keep],
-                   tuple(frozenset(sides(t)) for t in texts), known_words(entries, encoder), frozenset(class_words))
+        return cls(tuple(owners), vectors, tuple(kept),
+                   np.stack(row_vectors) if row_vectors else np.zeros((0, vectors.shape[1]), np.float32),
+                   tuple(rows), tuple(frozenset(sides(t)) for t in texts), known_words(entries, encoder),
+                   frozenset(class_words))
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
         aside = set(aside)
-        keep = [i for i, o in enumerate(self.others) if o not in aside]
+        keep = [i for i, o in enumerate(self.other_rows) if o not in aside]
         if not keep:
             return None
         sims = self.other_vectors[keep] @ vector
         i = int(np.argmax(sims))
-        return self.others[keep[i]], float(sims[i])
+        return self.other_rows[keep[i]], float(sims[i])
 
     def scores(self, vector: np.ndarray, named: set[str] | frozenset[str] = frozenset()) -> dict[str, float]:
         """Best cosine similarity of ``vector`` to each class's phrases. When the prompt names one side,
