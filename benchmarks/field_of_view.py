@@ -50,7 +50,7 @@ def main() -> None:
     rows = ["| variant | crop (from the bottom) | read as below the upper abdomen | upper-abdomen organs drawn, ml | "
             "in the reference, ml | kidneys Dice | bladder Dice |", "|---|---|---|---|---|---|---|"]
     for name in args.variants:
-        image, affine, reference = variant(name, data, src_affine, label)
+        image, affine, reference = variant(name, data, src_affine, label, names)
         step = float(np.linalg.norm(affine[:3, 2]))
         for top_mm in TOPS_MM:
             top = image.shape[2] if top_mm is None else int(round(top_mm / step))

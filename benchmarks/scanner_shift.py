@@ -9,6 +9,10 @@ time, as physics would:
   abdominal CT measures about 10-18 HU in soft tissue, so 40 is an extreme case);
 - ``thick6mm``: slices twice as thick, neighbours averaged (a 5-6 mm reconstruction);
 - ``contrast``: soft tissue 0-100 HU raised by 50 HU (a crude enhanced phase: organs and vessels brighter);
+- ``portal`` / ``arterial``: the unenhanced study given a contrast phase organ by organ from its reference
+  (``PHASES``, typical enhancement in HU: portal venous at about 70 s, late arterial at about 35 s with the
+  renal cortex brighter than the medulla and the spleen's arciform pattern); fat within a label, bile,
+  urine and bone unchanged;
 - MR: ``bias_lr30`` / ``bias_ap30``: a receive coil's smooth sensitivity, +-30 % from one side to the other
   (left-right / front-back); ``bias_radial``: 30 % brighter at the centre than at the edges (a body coil at
   3 T); ``noise5``: white noise of 5 % of the 95th percentile.
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,13 +53,53 @@ from medprompt.sam.refine import refine  # noqa: E402
 from provenance import footer  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
-VARIANTS = {"ct_abdomen_a": ("original", "noise20", "noise40", "thick6mm", "contrast"),
+VARIANTS = {"ct_abdomen_a": ("original", "noise20", "noise40", "thick6mm", "contrast", "portal", "arterial"),
             "mr_abdomen": ("original", "bias_lr30", "bias_ap30", "bias_radial", "noise5")}
 
 
-def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, affine, reference) of ``name``; the reference follows the image's grid."""
+_MUSCLES = ("gluteus", "autochthon", "iliopsoas")
+# HU added to each reference structure (its voxels above -30 HU: a label's fat does not enhance); muscles
+# (names starting with _MUSCLES) and bowel as given under "muscle" and "bowel".
+PHASES: dict[str, dict[str, float]] = {
+    "portal": {"liver": 55, "spleen": 65, "pancreas": 50, "kidney_left": 120, "kidney_right": 120,
+               "adrenal_gland_left": 40, "adrenal_gland_right": 40, "aorta": 130, "inferior_vena_cava": 110,
+               "portal_vein_and_splenic_vein": 140, "iliac_artery_left": 130, "iliac_artery_right": 130,
+               "iliac_vena_left": 100, "iliac_vena_right": 100, "stomach": 15, "muscle": 10, "bowel": 15},
+    "arterial": {"liver": 15, "spleen": 60, "pancreas": 80, "kidney_left": 40, "kidney_right": 40,
+                 "adrenal_gland_left": 40, "adrenal_gland_right": 40, "aorta": 260, "inferior_vena_cava": 40,
+                 "portal_vein_and_splenic_vein": 70, "iliac_artery_left": 260, "iliac_artery_right": 260,
+                 "iliac_vena_left": 10, "iliac_vena_right": 10, "stomach": 10, "muscle": 5, "bowel": 10},
+}
+
+
+def phase(name: str, data: np.ndarray, label: np.ndarray, names: dict[str, int]) -> np.ndarray:
+    """The unenhanced ``data`` in contrast phase ``name`` (PHASES), from its reference ``label``."""
+    out = data.astype(np.float32).copy()
+    tissue = data > -30
+    groups = {"muscle": [n for n in names if n.startswith(_MUSCLES)],
+              "bowel": [n for n in ("small_bowel", "duodenum", "colon") if n in names]}
+    for key, hu in PHASES[name].items():
+        for structure in groups.get(key, [key]):
+            if structure in names:
+                out[(label == names[structure]) & tissue] += hu
+    if name == "arterial":
+        for kidney in ("kidney_left", "kidney_right"):  # corticomedullary: the outer 6 mm (cortex) far brighter
+            m = label == names[kidney]
+            out[m & ~ndi.binary_erosion(m, iterations=2) & tissue] += 130
+        texture = ndi.gaussian_filter(np.random.default_rng(0).normal(0, 1, data.shape), 2.0)
+        spleen = label == names["spleen"]  # arciform enhancement: +-30 HU, a few centimetres across
+        out[spleen] += (30 / texture.std() * texture[spleen]).astype(np.float32)
+    return out
+
+
+def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray,
+            names: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, affine, reference) of ``name``; the reference follows the image's grid. ``names`` (class ->
+    value of ``label``) is needed for the contrast phases."""
+    if name in PHASES:
+        if names is None:
+            raise ValueError(f"variant {name} needs the reference's class names")
+        return phase(name, data, label, names), affine, label
     rng = np.random.default_rng(0)
     if name.startswith("noise"):
         return data + rng.normal(0, float(name[5:]), data.shape).astype(np.float32), affine, label
@@ -110,7 +155,7 @@ def main() -> None:
     rows = ["| variant | prior + LiteMedSAM | model as it is | model adapted | adapted - prior |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="scanner-shift-") as tmp:
         for name in args.variants or VARIANTS[args.case]:
-            image, affine, reference = variant(name, data, src_affine, label)
+            image, affine, reference = variant(name, data, src_affine, label, names)
             path = Path(tmp) / f"{name}.nii.gz"
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
             volume = load_volume(path)

@@ -210,3 +210,4 @@ def test_the_cli_says_which_classes_a_draft_left_empty(real_data: Path, tmp_path
                  "--refine", "none"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.endswith('{"liver": 1, "urinary_bladder": 2}  (nothing drawn: liver)'), line
+
