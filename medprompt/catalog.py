@@ -368,6 +368,10 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
                     if val not in ("fast", "slow"):
                         raise PromptError(f"{path}: field 'prior.mr.flow' must be fast or slow")
                     continue
+                if mod == "ct" and key == "cortex":  # an enhancing cortex far brighter than the medulla
+                    if not isinstance(val, bool):
+                        raise PromptError(f"{path}: field 'prior.ct.cortex' must be true or false")
+                    continue
                 if mod == "mr" and key == "like":  # a class of the same MR intensity (same T1 and T2)
                     if not isinstance(val, str) or not val.strip():
                         raise PromptError(f"{path}: field 'prior.mr.like' must be a class name")

@@ -113,7 +113,26 @@ def intensity_window(
     tol = float(ct.get("tol", [2.5])[0]) if lm.modality == "CT" and "tol" in ct else 2.5
     min_half = 30.0 if lm.modality == "CT" else 0.08 * float(np.ptp(np.percentile(smooth[lm.body], [2, 98])))
     half = max(tol * sd, min_half)
-    return max(lo, mode - half), min(hi, mode + half)
+    top = mode + half
+    if lm.modality == "CT" and ct.get("cortex"):
+        cortex = cortex_grey(vals, hist, edges, mode, min_half)
+        if cortex is not None:
+            top = cortex + min_half
+    return max(lo, mode - half), min(hi, top)
+
+
+def cortex_grey(vals: np.ndarray, hist: np.ndarray, edges: np.ndarray, mode: float, half: float) -> float | None:
+    """The grey of an organ's enhancing cortex, when it shows one: the brightest peak of the (smoothed)
+    histogram ``hist`` at least two half-windows above the main ``mode`` with 15 % of ``vals`` within a
+    half-window of it. In the arterial phase a kidney's cortex (150-250 HU) is far brighter than its medulla
+    (60-110 HU), and the medulla (with the psoas beside it) holds the mode; a window about the mode alone
+    leaves the thin cortex out, and the kidney, once eroded, is lost. None when there is no such peak
+    (unenhanced, or a nephrographic phase: one grey)."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    peaks = [i for i in range(1, len(hist) - 1)
+             if hist[i] >= hist[i - 1] and hist[i] >= hist[i + 1] and centres[i] >= mode + 2 * half]
+    held = [centres[i] for i in peaks if np.mean(np.abs(vals - centres[i]) < half) >= 0.15]
+    return max(held) if held else None
 
 
 def organ(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: np.ndarray) -> np.ndarray:
