@@ -397,13 +397,17 @@ def test_other_anatomy_asked_by_its_function_is_refused_by_name(minilm_catalog: 
     assert set(OTHER_FUNCTIONS) <= set(OTHER_ANATOMY)
     for text, other in (("the organ that pumps blood", "heart"), ("the organ that thinks", "brain"),
                         ("the organ where the baby grows", "uterus"),
-                        ("the tube that carries urine to the bladder", "ureter")):
+                        ("the tube that carries urine to the bladder", "ureter"),
+                        # the prostate described by where it lies was drawn as the bladder it names
+                        ("the gland under a man's bladder", "prostate"),
+                        ("the small gland at the neck of the male bladder", "prostate")):
         with pytest.raises(PromptError, match=f"reads like {other} "):
             minilm_catalog.resolve(text)
     # The catalog's own organs asked the same way still resolve.
     for text, name in (("the organ that digests food", "stomach"), ("the organ that stores urine", "urinary_bladder"),
                        ("the organs that make urine", "kidneys"), ("the tube that carries food to the stomach", "esophagus"),
-                       ("the big blood vessel carrying blood out of the heart", "aorta")):
+                       ("the big blood vessel carrying blood out of the heart", "aorta"),
+                       ("the bladder in a man", "urinary_bladder"), ("the bladder neck", "urinary_bladder")):
         assert minilm_catalog.resolve(text).name == name, text
 
 
