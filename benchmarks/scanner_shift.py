@@ -13,6 +13,8 @@ time, as physics would:
   (``PHASES``, typical enhancement in HU: portal venous at about 70 s, late arterial at about 35 s with the
   renal cortex brighter than the medulla and the spleen's arciform pattern); fat within a label, bile,
   urine and bone unchanged;
+- ``portal6mm`` / ``arterial6mm``: a phase in 6 mm slices (the phase made first, then ``thick6mm``): the
+  common clinical enhanced CT;
 - MR: ``bias_lr30`` / ``bias_ap30``: a receive coil's smooth sensitivity, +-30 % from one side to the other
   (left-right / front-back); ``bias_radial``: 30 % brighter at the centre than at the edges (a body coil at
   3 T); ``noise5``: white noise of 5 % of the 95th percentile.
@@ -53,7 +55,8 @@ from medprompt.sam.refine import refine  # noqa: E402
 from provenance import footer  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
-VARIANTS = {"ct_abdomen_a": ("original", "noise20", "noise40", "thick6mm", "contrast", "portal", "arterial"),
+VARIANTS = {"ct_abdomen_a": ("original", "noise20", "noise40", "thick6mm", "contrast", "portal", "arterial",
+                             "portal6mm", "arterial6mm"),
             "mr_abdomen": ("original", "bias_lr30", "bias_ap30", "bias_radial", "noise5")}
 
 
@@ -96,6 +99,8 @@ def variant(name: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray,
             names: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, affine, reference) of ``name``; the reference follows the image's grid. ``names`` (class ->
     value of ``label``) is needed for the contrast phases."""
+    if name.endswith("6mm") and name != "thick6mm":  # a phase in 6 mm slices, the common clinical reconstruction
+        return variant("thick6mm", variant(name[:-3], data, affine, label, names)[0], affine, label)
     if name in PHASES:
         if names is None:
             raise ValueError(f"variant {name} needs the reference's class names")
