@@ -348,3 +348,59 @@ def test_an_arterial_phase_kidney_is_drawn_whole(real_data: Path) -> None:
     hist, edges = np.histogram(two, bins=64)
     hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
     assert abs(cortex_grey(two, hist, edges, 70.0, 30.0) - 190) < 10
+
+
+def test_a_liver_mask_that_reaches_the_hips_gives_no_tip() -> None:
+    """The liver ends well above the iliac crests. A liver mask whose lowest slice lies within 10 mm of the hip
+    bones' top took bowel or kidney of the liver's grey: its tip would place the kidneys in the pelvis, so it
+    is not read, and organs take their height from the hips."""
+    from medprompt.prior.engine import liver_tip
+    from medprompt.prior.landmarks import Landmarks
+
+    shape = (20, 20, 60)
+    lm = Landmarks(modality="CT", body=np.ones(shape, bool), spine_xy=(np.full(60, 10.0), np.full(60, 8.0)),
+                   scale=1.0, lungs=np.zeros(shape, bool), spacing=(3.0, 3.0, 3.0), hip_top_z=10)
+    liver = np.zeros(shape, bool)
+    liver[5:15, 5:15, 35:60] = True  # its tip 75 mm above the hips' top
+    assert liver_tip(liver, lm) == 35.0
+    liver[5:15, 5:15, 12:35] = True  # runs down to 6 mm above them
+    assert liver_tip(liver, lm) is None
+    lm.hip_top_z = None  # no hips in the study: the mask's lowest slice is all there is
+    assert liver_tip(liver, lm) == 12.0
+    liver[:, :, :12] = True  # reaching the bottom of the study: the tip is outside it
+    assert liver_tip(liver, lm) is None
+
+
+def test_an_enhanced_study_that_shows_only_the_livers_lowest_part_keeps_its_kidneys(real_data: Path) -> None:
+    """ct_abdomen_a in the arterial phase, cut 270 mm above its bottom: the field shows the bladder, the hip bones,
+    the kidneys and only the liver's lowest 164 ml. The liver's rule takes enhanced bowel and muscle of its grey
+    down to the hips; its lowest slice was read as the liver's tip and placed both kidneys in the pelvis
+    (Dice 0.00). A liver mask reaching the hips gives no tip; the kidneys are placed from the hips."""
+    from scipy import ndimage as ndi
+
+    case = real_data / "ct_abdomen_a"
+    volume = load_volume(case / "image.nii.gz")
+    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    values = json.loads((case / "labels.json").read_text())["labels"]
+    plain = np.asarray(volume.data, np.float32)
+    data = plain.copy()
+    tissue = plain > -30  # fat within a label does not enhance
+    late_arterial = {"aorta": 260, "iliac_artery": 260, "inferior_vena_cava": 40, "iliac_vena": 10,
+                     "portal_vein": 70, "kidney": 40, "adrenal": 40, "spleen": 60, "pancreas": 80, "liver": 15,
+                     "stomach": 10, "small_bowel": 10, "duodenum": 10, "colon": 10,
+                     "gluteus": 5, "autochthon": 5, "iliopsoas": 5}
+    for prefix, hu in late_arterial.items():
+        for name, value in values.items():
+            if name.startswith(prefix):
+                data[(ref == value) & tissue] += hu
+    for kidney in ("kidney_left", "kidney_right"):  # the cortex, the outer 6 mm: +170 in all
+        m = ref == values[kidney]
+        data[m & ~ndi.binary_erosion(m, iterations=2) & tissue] += 130
+    top = int(round(270 / float(np.linalg.norm(volume.affine[:3, 2]))))
+    crop = Volume(np.ascontiguousarray(data[:, :, :top]), volume.affine, "ct_abdomen_a, arterial, 270 mm", "CT")
+    catalog = default_catalog()
+    labels = AnatomyPrior(catalog).predict(crop, [catalog[n] for n in SYNAPSE8])
+    for kidney in ("kidney_left", "kidney_right"):
+        truth, found = ref[:, :, :top] == values[kidney], labels == SYNAPSE8.index(kidney) + 1
+        dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+        assert dice >= 0.8, (kidney, dice)

@@ -69,16 +69,24 @@ def denoise(work: np.ndarray, median: np.ndarray, body: np.ndarray, modality: st
     return median
 
 
-def liver_tip(liver: np.ndarray) -> float | None:
+def liver_tip(liver: np.ndarray, lm: Landmarks) -> float | None:
     """Slice of the liver's inferior tip: the craniocaudal anchor for organs below the diaphragm.
 
-    Unknown when the liver is absent or reaches the bottom of the scan (tip outside the field).
+    Unknown when the liver is absent or reaches the bottom of the scan (tip outside the field), and when it
+    lies within 10 mm of the hip bones' top or below it: the liver ends well above the iliac crests (a
+    Riedel's lobe rarely further), so a mask that ran down to them took bowel or kidney of the liver's
+    grey, and its lowest slice says nothing of the liver (an enhanced study that shows only the liver's
+    lowest part placed the kidneys from it: Dice 0.00). Organs then take their height from the hips.
     """
     per_slice = liver.sum(axis=(0, 1))
     if per_slice.sum() == 0:
         return None
     big = np.flatnonzero(per_slice > 0.05 * per_slice.max())
-    return None if big[0] <= 0 else float(big[0])
+    if big[0] <= 0:
+        return None
+    if lm.hip_top_z is not None and big[0] <= lm.hip_top_z + 10.0 / lm.spacing[2]:
+        return None
+    return float(big[0])
 
 
 class AnatomyPrior:
@@ -125,7 +133,7 @@ class AnatomyPrior:
             return lm.anchors[name]
 
         if self._needs_liver(order):
-            lm.liver_tip_z = liver_tip(anchor("liver"))
+            lm.liver_tip_z = liver_tip(anchor("liver"), lm)
         taken = empty.copy()
         masks: dict[str, np.ndarray] = {}
         for entry in tqdm(order, desc="anatomy prior", unit="class", disable=not progress, leave=False):
