@@ -74,9 +74,10 @@ def liver_tip(liver: np.ndarray, lm: Landmarks) -> float | None:
 
     Unknown when the liver is absent or reaches the bottom of the scan (tip outside the field), and when it
     lies within 10 mm of the hip bones' top or below it: the liver ends well above the iliac crests (a
-    Riedel's lobe rarely further), so a mask that ran down to them took bowel or kidney of the liver's
-    grey, and its lowest slice says nothing of the liver (an enhanced study that shows only the liver's
-    lowest part placed the kidneys from it: Dice 0.00). Organs then take their height from the hips.
+    Riedel's lobe reaches them, rarely further), so a mask that ran down to them took bowel or kidney of
+    the liver's grey, and its lowest slice says nothing of the liver (an enhanced study that shows only
+    the liver's lowest part placed the kidneys from it: Dice 0.00). Organs then take their height from
+    the hips.
     """
     per_slice = liver.sum(axis=(0, 1))
     if per_slice.sum() == 0:
