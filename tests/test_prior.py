@@ -35,6 +35,30 @@ def ct_a(real_data: Path) -> tuple[Volume, Path]:
 
 
 @pytest.fixture(scope="module")
+def ct_a_reference(ct_a) -> tuple[Volume, np.ndarray, dict[str, int]]:
+    """ct_abdomen_a, its reference label map and the reference's class values: what the synthetic contrast
+    phases below are made from."""
+    volume, case = ct_a
+    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    return volume, ref, json.loads((case / "labels.json").read_text())["labels"]
+
+
+def _dice(truth: np.ndarray, found: np.ndarray) -> float:
+    return float(2 * (truth & found).sum() / (truth.sum() + found.sum()))
+
+
+def _arterial_kidneys(data: np.ndarray, ref: np.ndarray, values: dict[str, int], tissue: np.ndarray) -> None:
+    """Enhance ``data``'s kidneys in place as in the late arterial phase: medulla +40 HU, cortex (the outer
+    6 mm) +170; ``tissue`` excludes the renal sinus fat, which does not enhance."""
+    from scipy import ndimage as ndi
+
+    for kidney in ("kidney_left", "kidney_right"):
+        m = ref == values[kidney]
+        data[m & tissue] += 40
+        data[m & ~ndi.binary_erosion(m, iterations=2) & tissue] += 130
+
+
+@pytest.fixture(scope="module")
 def ct_a_draft(ct_a):
     return draft(ct_a[0])
 
@@ -247,14 +271,11 @@ def test_a_blank_study_drafts_nothing_instead_of_failing(value: float) -> None:
     assert seg.labels.shape == study.data.shape and not seg.labels.any()
 
 
-def _portal_vessels(real_data: Path, thick: bool) -> tuple[Volume, Volume, np.ndarray]:
+def _portal_vessels(ct_a_reference, thick: bool) -> tuple[Volume, Volume, np.ndarray]:
     """ct_abdomen_a as stored and with its vessels enhanced as in the portal venous phase (aorta +130 HU, vena
     cava and iliac veins +100-110, portal vein +140); with ``thick``, both in 6 mm slices (neighbours averaged).
     Returns (plain, enhanced, the aorta's reference on their grid)."""
-    case = real_data / "ct_abdomen_a"
-    volume = load_volume(case / "image.nii.gz")
-    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)
-    values = json.loads((case / "labels.json").read_text())["labels"]
+    volume, ref, values = ct_a_reference
     plain = np.asarray(volume.data, np.float32)
     data = plain.copy()
     for vessel, hu in (("aorta", 130), ("iliac_artery_left", 130), ("iliac_artery_right", 130),
@@ -274,32 +295,32 @@ def _portal_vessels(real_data: Path, thick: bool) -> tuple[Volume, Volume, np.nd
 
 
 @pytest.mark.parametrize("thick", [False, True], ids=["3mm", "6mm"])
-def test_enhanced_vessels_do_not_move_the_spinal_column(real_data: Path, thick: bool) -> None:
+def test_enhanced_vessels_do_not_move_the_spinal_column(ct_a_reference, thick: bool) -> None:
     """ct_abdomen_a's vertebrae are osteoporotic: few voxels pass the 130 HU bone cut. With contrast in its
     vessels the aorta in front of the column had pulled the column's centre 13 mm forwards on average (45 mm at
     worst), and the aorta, placed from it, was not found. A vessel is one grey along its length; a vertebra is
     broken by its discs. In 6 mm slices the discs are averaged with bone and the test asks for a tighter grey
     (the column moved 3.4 voxels of 3 mm on average there, and the aorta was not found, before it acted on such
     slices). (Within 20 mm of the study's top and bottom that cannot be seen: the shift left is there.)"""
-    plain, enhanced, truth = _portal_vessels(real_data, thick)
+    plain, enhanced, truth = _portal_vessels(ct_a_reference, thick)
     catalog = default_catalog()
     before = AnatomyPrior(catalog).segment_work(plain, [catalog["aorta"]])
     result = AnatomyPrior(catalog).segment_work(enhanced, [catalog["aorta"]])
     shift = np.abs(result.landmarks.spine_xy[1] - before.landmarks.spine_xy[1])
     assert shift.mean() < 2.0, (shift.mean(), shift.max())  # 4.5 (3 mm) and 3.4 (6 mm) voxels before
     found = AnatomyPrior(catalog).predict(enhanced, [catalog["aorta"]]) == 1
-    dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+    dice = _dice(truth, found)
     assert dice >= 0.75, dice
 
 
-def test_the_vessel_test_leaves_an_osteoporotic_column_in_thick_slices(real_data: Path, monkeypatch) -> None:
+def test_the_vessel_test_leaves_an_osteoporotic_column_in_thick_slices(ct_a_reference, monkeypatch) -> None:
     """The vessel test must not take a vertebra for a vessel: on the unenhanced ct_abdomen_a in 6 mm slices
     (osteoporotic bone of 130-170 HU, whose discs the thick slices blur) the column is where it is without the
     test (to a third of a voxel). At the 40 HU of thin slices it moved by up to 4 voxels, and the right kidney
     fell from 0.90 to 0.78."""
     from medprompt.prior import landmarks
 
-    plain, _, _ = _portal_vessels(real_data, thick=True)
+    plain, _, _ = _portal_vessels(ct_a_reference, thick=True)
     study = AnatomyPrior(default_catalog())._study(plain)  # the working grid the landmarks are found on
     spacing = study.frame.work_spacing
     assert landmarks.tube_spread(float(spacing[2])) is not None  # the test acts on these slices
@@ -311,7 +332,7 @@ def test_the_vessel_test_leaves_an_osteoporotic_column_in_thick_slices(real_data
         assert d.mean() < 0.2 and d.max() < 2.0, (d.mean(), d.max())
 
 
-def test_an_arterial_phase_kidney_is_drawn_whole(real_data: Path) -> None:
+def test_an_arterial_phase_kidney_is_drawn_whole(ct_a_reference) -> None:
     """In the arterial (corticomedullary) phase a kidney shows two greys: its cortex far brighter than its
     medulla. The window learnt about the mode (the medulla, with the psoas beside it) left the cortex out and
     the left kidney was lost (Dice 0.00); the window of a class with ``ct.cortex`` reaches up to the cortex."""
@@ -319,25 +340,17 @@ def test_an_arterial_phase_kidney_is_drawn_whole(real_data: Path) -> None:
 
     from medprompt.prior.rules import cortex_grey
 
-    case = real_data / "ct_abdomen_a"
-    volume = load_volume(case / "image.nii.gz")
-    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)
-    values = json.loads((case / "labels.json").read_text())["labels"]
+    volume, ref, values = ct_a_reference
     plain = np.asarray(volume.data, np.float32)
     data = plain.copy()
-    tissue = plain > -30  # the renal sinus fat does not enhance
-    for kidney in ("kidney_left", "kidney_right"):
-        m = ref == values[kidney]
-        data[m & tissue] += 40  # medulla
-        data[m & ~ndi.binary_erosion(m, iterations=2) & tissue] += 130  # the outer 6 mm, the cortex: +170
+    _arterial_kidneys(data, ref, values, plain > -30)
     data[ref == values["aorta"]] += 260
     arterial = Volume(data, volume.affine, "ct_abdomen_a, arterial", "CT")
     catalog = default_catalog()
     names = ["liver", "kidney_left", "kidney_right"]  # the liver claims its voxels first, as in a draft of both
     labels = AnatomyPrior(catalog).predict(arterial, [catalog[n] for n in names])
     for i, kidney in list(enumerate(names, start=1))[1:]:
-        truth, found = ref == values[kidney], labels == i
-        dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+        dice = _dice(ref == values[kidney], labels == i)
         assert dice >= 0.8, (kidney, dice)
     # One grey (unenhanced, or the nephrographic phase): no cortex, the window is the mode's.
     rng = np.random.default_rng(0)
@@ -371,36 +384,28 @@ def test_a_liver_mask_that_reaches_the_hips_gives_no_tip() -> None:
     assert liver_tip(liver, lm) is None
 
 
-def test_an_enhanced_study_that_shows_only_the_livers_lowest_part_keeps_its_kidneys(real_data: Path) -> None:
+def test_an_enhanced_study_that_shows_only_the_livers_lowest_part_keeps_its_kidneys(ct_a_reference) -> None:
     """ct_abdomen_a in the arterial phase, cut 270 mm above its bottom: the field shows the bladder, the hip bones,
     the kidneys and only the liver's lowest 164 ml. The liver's rule takes enhanced bowel and muscle of its grey
     down to the hips; its lowest slice was read as the liver's tip and placed both kidneys in the pelvis
     (Dice 0.00). A liver mask reaching the hips gives no tip; the kidneys are placed from the hips."""
-    from scipy import ndimage as ndi
-
-    case = real_data / "ct_abdomen_a"
-    volume = load_volume(case / "image.nii.gz")
-    ref = np.asarray(nib.load(case / "label.nii.gz").dataobj)
-    values = json.loads((case / "labels.json").read_text())["labels"]
+    volume, ref, values = ct_a_reference
     plain = np.asarray(volume.data, np.float32)
     data = plain.copy()
     tissue = plain > -30  # fat within a label does not enhance
     late_arterial = {"aorta": 260, "iliac_artery": 260, "inferior_vena_cava": 40, "iliac_vena": 10,
-                     "portal_vein": 70, "kidney": 40, "adrenal": 40, "spleen": 60, "pancreas": 80, "liver": 15,
+                     "portal_vein": 70, "adrenal": 40, "spleen": 60, "pancreas": 80, "liver": 15,
                      "stomach": 10, "small_bowel": 10, "duodenum": 10, "colon": 10,
                      "gluteus": 5, "autochthon": 5, "iliopsoas": 5}
     for prefix, hu in late_arterial.items():
         for name, value in values.items():
             if name.startswith(prefix):
                 data[(ref == value) & tissue] += hu
-    for kidney in ("kidney_left", "kidney_right"):  # the cortex, the outer 6 mm: +170 in all
-        m = ref == values[kidney]
-        data[m & ~ndi.binary_erosion(m, iterations=2) & tissue] += 130
+    _arterial_kidneys(data, ref, values, tissue)
     top = int(round(270 / float(np.linalg.norm(volume.affine[:3, 2]))))
     crop = Volume(np.ascontiguousarray(data[:, :, :top]), volume.affine, "ct_abdomen_a, arterial, 270 mm", "CT")
     catalog = default_catalog()
     labels = AnatomyPrior(catalog).predict(crop, [catalog[n] for n in SYNAPSE8])
     for kidney in ("kidney_left", "kidney_right"):
-        truth, found = ref[:, :, :top] == values[kidney], labels == SYNAPSE8.index(kidney) + 1
-        dice = 2 * (truth & found).sum() / (truth.sum() + found.sum())
+        dice = _dice(ref[:, :, :top] == values[kidney], labels == SYNAPSE8.index(kidney) + 1)
         assert dice >= 0.8, (kidney, dice)
