@@ -131,7 +131,8 @@ def main() -> None:
             torch.manual_seed(0)
             rng = np.random.default_rng(0)
             layer3, neck = copy.deepcopy(encoder.layers[3]), copy.deepcopy(encoder.neck)
-            layer3.eval(), neck.eval()  # BatchNorm keeps LiteMedSAM's statistics
+            layer3.eval()  # BatchNorm keeps LiteMedSAM's statistics
+            neck.eval()
             tuned = [m for n, m in (("layer3", layer3), ("neck", neck)) if n in TUNED[arm]]
             for m in (layer3, neck):
                 m.requires_grad_(m in tuned)
