@@ -37,17 +37,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from label_efficiency_real import ORGANS, REAL2D as DATA, RESULTS, dice  # noqa: E402  (the same slices, scored the same way)
 from provenance import footer  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "real2d" / "curvas_ct2d"
-ORGANS = ("pancreas", "kidney", "liver")
-RESULTS = REPO / "benchmarks" / "results"
 TUNED = {"frozen": (), "tuned": ("layer3", "neck"), "neck": ("neck",)}
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / s if s else 1.0
 
 
 class CellHead(nn.Module):
@@ -78,9 +71,9 @@ def main() -> None:
     from medprompt.io.image2d import load_image2d, load_label2d
     from medprompt.model.sam_features import cell_coords, cells_to_slices, image_pixels, to_cells
     from medprompt.model.sam_predictor import perfect_map
-    from medprompt.sam import segmenter_factory
     from medprompt.sam.preprocess import SliceGeometry, model_input
     from medprompt.trainers.augment2d import COPIES, variants
+    from medprompt.sam.weights import load_sam
     from medprompt.trainers.finetune import catalog_with
 
     names = json.loads((DATA / "labels.json").read_text())["labels"]
@@ -89,8 +82,7 @@ def main() -> None:
     images = sorted((DATA / "images").glob("*.png"))
     patient = {q: q.stem.split("-")[1].split("_")[0] for q in images}
     patients = sorted(set(patient.values()))
-    encoder = segmenter_factory(device="cpu")(np.zeros((1, 8, 8), np.uint8), (1, 1)).sam.net.image_encoder
-    encoder = copy.deepcopy(encoder).float().eval()  # the served LiteMedSAM stays as it is
+    encoder = copy.deepcopy(load_sam(None, "cpu").net.image_encoder).float().eval()  # the shared one stays as it is
 
     @torch.no_grad()
     def stem(x: torch.Tensor) -> torch.Tensor:
@@ -165,18 +157,16 @@ def main() -> None:
                 sched.step()
             seconds.append(time.perf_counter() - t1)
             with torch.no_grad():
-                maps = {q: cells_to_slices(F.softmax(head(top(data[q][2][0][0], layer3, neck), coords), 1),
-                                           data[q][3])[0].numpy() for q in test}
-            current: list[Path] = []
+                maps = {str(q): cells_to_slices(F.softmax(head(top(data[q][2][0][0], layer3, neck), coords), 1),
+                                                data[q][3])[0].numpy() for q in test}
 
             def saliency(image, entry) -> np.ndarray:
-                return maps[current[0]][1 + ORGANS.index(entry.name)]
+                return maps[image.source][1 + ORGANS.index(entry.name)]
 
             saliency.probability = True  # a softmax, read as drafts2d reads MedPromptNet's
             saliency.perfect = perfect_map
             rot = {o: [] for o in ORGANS}
             for q in test:
-                current[:] = [q]
                 img, lab = data[q][0], data[q][1]
                 out = draft2d(img, list(ORGANS), saliency=saliency, catalog=catalog)
                 for o in ORGANS:
