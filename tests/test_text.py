@@ -413,7 +413,8 @@ def test_other_anatomy_asked_by_its_function_is_refused_by_name(minilm_catalog: 
 
 def test_a_side_landmark_finding_and_vessel_do_not_pick_a_neighbour(minilm_catalog: PromptCatalog):
     """Faults of whole words, each once drawn as a neighbour: a phrase naming only the other side ("the spleen
-    under the ribs on the left side") does not count for a prompt naming one side; findings named only as
+    under the ribs on the left side") does not count for a prompt naming one side; other anatomy named, in the
+    plural too, only as a landmark ("from the ureters") does not refuse the prompt; findings named only as
     landmarks set the finding classes aside; the abdomen's named vessels that no prompt file describes are
     refused, not drawn as the organ they supply; the trunk's named bones are the bone class."""
     for text, name in (("the ribs on the right", "bone"),  # had been the spleen
@@ -423,6 +424,7 @@ def test_a_side_landmark_finding_and_vessel_do_not_pick_a_neighbour(minilm_catal
                        ("the liver next to the mass", "liver"),
                        ("the spleen on the right", "spleen"),  # a class spelt keeps its own name's phrase
                        ("the gland above the right kidney", "adrenal_gland_right"),
+                       ("the sac that collects urine from the ureters", "urinary_bladder"),  # was a ureter
                        ("the lung on the right", "lungs")):
         assert minilm_catalog.resolve(text).name == name, text
     for text, vessel in (("the renal arteries", "renal artery"), ("the hepatic veins", "hepatic vein"),

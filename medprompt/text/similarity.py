@@ -302,14 +302,23 @@ def _after_relation(text: str, spelling: str) -> bool:
     from medprompt.catalog import tokens
 
     prompt, target = tokens(text), tokens(spelling)
-    return any(prompt[i:i + len(target)] == target and _relation_before(prompt, i)
+    return any(_spelt_at(prompt, i, target) and _relation_before(prompt, i)
                for i in range(len(prompt) - len(target) + 1))
 
 
 def _names_as_target(prompt: list[str], target: list[str]) -> bool:
     """Whether the prompt's tokens hold ``target`` somewhere not right after a spatial preposition."""
-    return any(prompt[i:i + len(target)] == target and not _relation_before(prompt, i)
+    return any(_spelt_at(prompt, i, target) and not _relation_before(prompt, i)
                for i in range(len(prompt) - len(target) + 1))
+
+
+def _spelt_at(prompt: list[str], i: int, target: list[str]) -> bool:
+    """Whether ``prompt[i:]`` starts with ``target``, its last word also in the plural ("from the ureters")."""
+    n = len(target)
+    if not n or i + n > len(prompt) or prompt[i:i + n - 1] != target[:-1]:
+        return False
+    last = prompt[i + n - 1]
+    return last in (target[-1], target[-1] + "s", target[-1] + "es")
 
 
 def _relation_before(prompt: list[str], i: int) -> bool:
