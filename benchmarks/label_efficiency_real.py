@@ -20,7 +20,8 @@
     .venv/bin/python benchmarks/label_efficiency_real.py --part 3d --zero-shot ONLY_B.pt --corrected ct_abdomen_b_dicom --tag held_out_a
 
 Writes a Markdown table (and for CURVAS a PNG plot) into benchmarks/results/ (``--no-augment``: beside
-the default run's, with ``_no_augment`` in the name). Each CURVAS rotation prints its own line too.
+the default run's, with ``_no_augment`` in the name; a CURVAS run of fewer k, rotations or modes than the
+whole protocol: with ``_partial``, which git ignores). Each CURVAS rotation prints its own line too.
 """
 
 from __future__ import annotations
@@ -271,6 +272,10 @@ def main() -> None:
                                for o in ORGANS)
                   + f" | {np.nanmean([r[o + '_held'] for o in ORGANS]):.3f} |" for r in rows]
         stem = "label_efficiency_curvas" + ("_no_augment" if args.no_augment else "")
+        # Only the whole protocol replaces the committed results; a quick look (fewer k, rotations or modes)
+        # goes beside them, ignored by git, instead of overwriting them.
+        if sorted(args.ks) != [0, 1, 2, 4] or args.rotations < 5 or args.first_rotation or len(args.modes) < 2:
+            stem += "_partial"
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
         plot(rows, RESULTS / f"{stem}.png")
     else:
