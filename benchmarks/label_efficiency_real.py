@@ -274,7 +274,8 @@ def main() -> None:
         stem = "label_efficiency_curvas" + ("_no_augment" if args.no_augment else "")
         # Only the whole protocol replaces the committed results; a quick look (fewer k, rotations or modes)
         # goes beside them, ignored by git, instead of overwriting them.
-        if sorted(args.ks) != [0, 1, 2, 4] or args.rotations < 5 or args.first_rotation or len(args.modes) < 2:
+        whole = sorted(args.ks) == [0, 1, 2, 4] and set(args.modes) == {"semi", "supervised"}
+        if not whole or args.rotations < 5 or args.first_rotation:
             stem += "_partial"
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + footer() + "\n")
         plot(rows, RESULTS / f"{stem}.png")
