@@ -6,6 +6,9 @@ each through the default catalog with the given text encoder (MiniLM by default)
 accuracy, the misses, the keyword resolver's accuracy for comparison, timing (cold: empty
 embedding cache, model load included; warm: cache filled) and a line for BENCHMARKS.md.
 
+It also scores ``tests/data/paraphrases_independent.yaml``: prompts by six writers who saw only the class
+list (each set's accuracy), and prompts for what no class describes, which must be refused.
+
 It also shows how the similarity floor is calibrated: the best similarity of every correctly
 resolved paraphrase against that of the ``unrelated`` prompts (nothing in the catalog). The floor
 in ``medprompt/text/similarity.py`` sits between the two. Prompts for anatomy that no prompt file
@@ -36,6 +39,7 @@ from medprompt.text import get_text_encoder  # noqa: E402
 from medprompt.text.similarity import OTHER_MARGIN, SIMILARITY_FLOORS, rank  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "paraphrases.yaml"
+INDEPENDENT = REPO / "tests" / "data" / "paraphrases_independent.yaml"
 
 
 def outcome(catalog: PromptCatalog, text: str, encoder) -> str:
@@ -98,12 +102,30 @@ def main() -> None:
           f"drafted anyway: {', '.join(repr(t) + ' -> ' + outcome(catalog, t, encoder) for t in ooc if t not in ooc_refused)}")
     print(f"margin calibration: largest lead of an other-anatomy entry over the class among correctly resolved "
           f"development paraphrases {leads[-1][0]:.3f} ({leads[-1][1]!r}); OTHER_MARGIN {OTHER_MARGIN}")
+    independent = yaml.safe_load(INDEPENDENT.read_text(encoding="utf-8"))
+    writers = {k: v for k, v in independent.items() if not k.startswith("refusals")}
+    hits_all = total = 0
+    for name, items in writers.items():
+        hits = sum(outcome(catalog, c["text"], encoder) == c["class"] for c in items)
+        hits_all, total = hits_all + hits, total + len(items)
+        print(f"{name} (independent writer): {hits}/{len(items)} = {hits / len(items):.1%}")
+    print(f"independent writers: {hits_all}/{total} = {hits_all / total:.1%}")
+    refusals = [c for k, v in independent.items() if k.startswith("refusals") for c in v]
+    refused = {}
+    for c in refusals:
+        r = refused.setdefault(c["kind"], [0, 0])
+        r[0] += outcome(catalog, c["text"], encoder).startswith("error")
+        r[1] += 1
+    n_refused = sum(a for a, _ in refused.values())
+    print(f"refused (independent writer): {n_refused}/{len(refusals)} "
+          f"({', '.join(f'{k} {a}/{b}' for k, (a, b) in refused.items())})")
     print(f"time: encoder load + {len(index.names)} class phrases {t_index:.2f} s (empty cache); "
           f"per prompt {cold * 1e3:.1f} ms (new text), {warm * 1e3:.2f} ms (cached)")
     print(f"BENCHMARKS.md: | {encoder.key} | {len(cases)} paraphrases ({len(sets['heldout'])} held out), "
           f"{len({w for _, w in cases})} classes | **{acc:.1%}** (held out "
           f"{sum(got[t] == w for t, w in sets['heldout']) / len(sets['heldout']):.1%}) | keywords {kw_all:.1%} | "
-          f"{rejected}/{len(unrelated)} unrelated rejected | {len(ooc_refused)}/{len(ooc)} | load + index {t_index:.1f} s, "
+          f"{rejected}/{len(unrelated)} unrelated rejected | {len(ooc_refused)}/{len(ooc)} | independent writers "
+          f"{hits_all / total:.1%}, {n_refused}/{len(refusals)} refused | load + index {t_index:.1f} s, "
           f"{cold * 1e3:.0f} ms/new prompt, {warm * 1e3:.1f} ms cached |")
 
 

@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 DATA = Path(__file__).parent / "data" / "paraphrases.yaml"
+INDEPENDENT = Path(__file__).parent / "data" / "paraphrases_independent.yaml"
 WORDS = "the a of left right kidney liver organ spleen blood urine bile makes filters gland big vessel".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -586,6 +587,77 @@ def test_paraphrases_written_elsewhere_resolve_at_least_90_percent(minilm_catalo
     assert len(doc["unrelated"]) >= 30
     for text in doc["unrelated"]:  # the floor was set just above the best of these (see similarity.py)
         with pytest.raises(PromptError, match="no class is similar enough"):
+            minilm_catalog.resolve(text)
+
+
+def test_paraphrases_by_independent_writers(minilm_catalog: PromptCatalog):
+    """Six writers who saw only the class list (tests/data/paraphrases_independent.yaml): 79.6 % of their
+    prompts resolved before the word tie-break, clinical relations and reasons (7 Dec), 88.0 % after; and
+    more prompts for what no class describes are refused (82 / 120 before, 95 / 120 after)."""
+    doc = yaml.safe_load(INDEPENDENT.read_text(encoding="utf-8"))
+    cases = [c for name, items in doc.items() if name.startswith("writer") for c in items]
+    refusals = [c for name, items in doc.items() if name.startswith("refusals") for c in items]
+    assert len(cases) >= 600 and {c["class"] for c in cases} == set(minilm_catalog.names)
+    right = 0
+    for case in cases:
+        try:
+            right += minilm_catalog.resolve(case["text"]).name == case["class"]
+        except PromptError:
+            pass
+    assert right / len(cases) >= 0.87, f"{right}/{len(cases)}"
+    refused = 0
+    for case in refusals:
+        try:
+            minilm_catalog.resolve(case["text"])
+        except PromptError:
+            refused += 1
+    assert refused / len(refusals) >= 0.75, f"{refused}/{len(refusals)}"
+
+
+def test_a_near_tie_is_told_apart_by_words(minilm_catalog: PromptCatalog):
+    """MiniLM reads "the organ that makes bile" 0.82 like the gallbladder's phrase about "the bile made by the
+    liver" and 0.80 like the liver's "makes bile": within WORD_TIE the class whose own phrases hold the
+    prompt's descriptive words wins (each of these four had resolved to the class named second)."""
+    for text, name in (("the organ that makes bile", "liver"),  # gallbladder
+                       ("the organ on the left side that recycles worn-out blood cells", "spleen"),  # kidney_left
+                       ("the big blood vessel in front of the spine", "aorta"),  # inferior_vena_cava
+                       ("the organ that goes wrong in diabetes and produces digestive juices", "pancreas")):  # liver
+        assert minilm_catalog.resolve(text).name == name, text
+    assert minilm_catalog.resolve("the organ that stores bile").name == "gallbladder"
+
+
+def test_clinical_wording_of_place_makes_landmarks():
+    """'posterior to', 'left of', 'from ... to', and the next item of a list of landmarks, as 'above' does."""
+    from medprompt.text.similarity import landmarks
+
+    catalog = default_catalog()
+    for text, named in (("the gland posterior to the pancreas", {"pancreas"}),
+                        ("the vessel left of the inferior vena cava", {"inferior_vena_cava"}),
+                        ("the veins from the splenic hilum to the liver", {"liver"}),
+                        ("the passage between the throat and the stomach", {"stomach"}),
+                        ("the organ near the left kidney and stomach", {"kidney_left", "kidneys", "stomach"}),
+                        ("the fat around the kidneys and the liver", {"kidneys"})):  # "and the liver" may be asked
+        assert landmarks(catalog, text) == named, text
+
+
+def test_a_reason_or_a_landmark_is_not_what_is_asked(minilm_catalog: PromptCatalog):
+    """A finding named as the reason ("for stones", "to check for metastases", in another sentence than the
+    request) does not make the prompt ask for a finding; other anatomy named as a landmark or as part of the
+    target is not refused; a finding asked of an organ that has a finding class is that class."""
+    for text, name in (("organ removed in cholecystectomy for stones", "gallbladder"),
+                       ("the entire skeleton, to check for lytic metastases", "bone"),
+                       ("the small pouch under the liver where stones can form", "gallbladder"),
+                       ("Lumpectomy planning for carcinoma; outline the mass on the ultrasound image", "breast_tumor"),
+                       ("look for lesions in the liver", "liver_tumour"),  # the request first: lesions are asked
+                       ("hypodense hepatic lesion on portal venous phase", "liver_tumour"),
+                       ("the spot they found on my liver", "liver_tumour"),
+                       ("the patient outline including skin and subcutaneous fat", "body"),
+                       ("the vessel left of the inferior vena cava", "aorta"),  # had read like the superior one
+                       ("the bean-shaped organ on the left that filters blood", "kidney_left")):  # like "pumps blood"
+        assert minilm_catalog.resolve(text).name == name, text
+    for text in ("the heart next to the left lung", "the prostate below the bladder",
+                 "the organ that pumps blood around the body", "kidney stones", "gallstones in the gallbladder"):
+        with pytest.raises(PromptError):
             minilm_catalog.resolve(text)
 
 

@@ -17,7 +17,9 @@ of the synonym table, of the other-anatomy list or of the encoder's own vocabula
 ("renal" is not a misspelt "adrenal"). Anatomy that no class describes ("prostate") is refused by
 comparing the prompt with a reference list of other anatomy (``OTHER_ANATOMY``), not drafted as
 the nearest class: by a margin, unless the prompt spells such anatomy and no class word ("the heart
-and its chambers"), when the nearer reading decides.
+and its chambers"), when the nearer reading decides. Where the embedding cannot tell neighbours apart
+(within ``WORD_TIE``), the words decide: the class whose own phrases hold the prompt's descriptive words.
+What a prompt gives as a reason ("removed for stones", "; outline the mass") is not what it asks for.
 """
 
 from __future__ import annotations
@@ -45,15 +47,41 @@ SIDES = synonyms.SIDE_WORDS
 NEAREST = 3
 # Words after which a class name is a landmark ("the gland above the left kidney"): spatial only;
 # "of"/"in" are left out because "wall of the stomach" and "tumour in the liver" name the target.
+# Clinical wording says the same with a direction and "to" ("posterior to the pancreas", "superomedial to
+# the upper pole": DIRECTIONS) or a side and "of" ("left of the IVC"); what a prompt includes or excludes
+# ("excluding the airways", "except the kidneys") and where an extent ends ("down to the iliac
+# bifurcation", "from the splenic hilum to the porta hepatis") are not the target either.
 RELATIONS = tuple(r.split() for r in (
     "next to", "in front of", "on top of", "close to", "after", "before", "near", "under", "underneath",
     "beneath", "below", "above", "over", "behind", "beside", "alongside", "between", "around", "from",
-    "into", "toward", "towards"))
-DETERMINERS = frozenset("the a an both its their his her patient s left right".split())
+    "into", "toward", "towards", "adjacent to", "abutting", "along", "down to", "up to",
+    "excluding", "except", "apart from"))
+# What a structure is said to take in with it ("the body outline including skin and subcutaneous fat"): other
+# anatomy named so is part of the target, not the target (``_other_as_landmark``).
+PART_RELATIONS = (["including"], ["with"], ["plus"])
+DIRECTIONS = re.compile(r"(?:antero|postero|supero|infero)?(?:anterior|posterior|superior|inferior|lateral|medial"
+                        r"|dorsal|ventral|cranial|caudal|deep|superficial)|(?:antero|postero|supero|infero)"
+                        r"(?:medial|lateral)")
+DETERMINERS = frozenset("the a an both its their his her my your our patient s left right".split())
 # How much closer to an OTHER_ANATOMY entry than to every class a prompt must be to be refused:
 # just above the largest such lead among the correctly resolved development paraphrases (0.046,
 # "HCC nodule" vs "pulmonary nodule"); benchmarks/paraphrases.py prints these leads.
 OTHER_MARGIN = 0.05
+# Below this lead of the nearest class over the next, a sentence embedding's order is noise on the verbs and
+# adjectives that tell neighbours apart (MiniLM reads "the organ that makes bile" 0.82 like the gallbladder's
+# "stores ... the bile made by the liver" and 0.80 like the liver's "makes bile"): the classes within it are
+# then told apart by which one's own phrases share the prompt's descriptive words, rarer words weighing more
+# (``word_evidence``; dense and word retrieval combined as search engines combine them). Set on the
+# development paraphrases (71 -> 74 of 76 from 0.05 to 0.09, 73 at 0.12, where a correct one broke); five
+# independently written sets peak at the same 0.05-0.09 (BENCHMARKS.md, "Paraphrases by writers who saw
+# only the class list").
+WORD_TIE = 0.07
+# Words that say nothing of which structure is meant: function words, and how it was imaged ("on CT").
+NOT_DESCRIPTIVE = frozenset(
+    "up down out off on at by with without within inside outside onto through this these those there here it they "
+    "them we you i me get gets got go goes going come comes can could may might will would should do does did have "
+    "has had be been being is are was were very so such also just only often usually then than one two each every "
+    "all any some other ct mr mri scan scans image images imaging ultrasound sonography radiograph x ray".split())
 COVERED = 0.9  # similarity at which a class phrase is taken to describe an OTHER_ANATOMY entry
 MISSPELLING = 0.8  # difflib ratio above which a non-word is taken as an attempt at a catalog word
 MIN_TYPO_CHARS = 4  # shorter tokens (ivc, lt, ct) are abbreviations, too short to correct
@@ -117,7 +145,16 @@ FINDING_WORDS = frozenset(
     "tumour tumor tumours tumors cancer cancers carcinoma carcinomas lesion lesions mass masses nodule nodules "
     "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts polyp polyps abscess abscesses "
     "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
-    "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural".split())
+    "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural spot spots "
+    "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites".split())
+
+# Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
+# and the words of a request itself ("look for lesions in the liver" asks for the lesions).
+CLAUSE_WORDS = frozenset("for to where which that who whose when while harbouring harboring containing "
+                         "because so".split())
+DRAWING_WORDS = frozenset("outline delineate mark highlight trace contour annotate label segment draw mask show".split())
+ASKING_WORDS = DRAWING_WORDS | frozenset("look looking search check checking find identify detect locate please need "
+                                         "needs want".split())
 
 # Words that name a part of whatever the rest of the phrase names: "stomach wall" is the stomach's wall, and
 # shares only "wall" with the abdominal wall that MiniLM reads it like (0.90). See ``part_of_class``.
@@ -159,6 +196,8 @@ class ClassIndex:
     phrase_sides: tuple[frozenset[str], ...]  # body sides each row of ``vectors`` names (``scores``)
     words: frozenset[str] = frozenset()  # never misspellings (``known_words``)
     class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
+    # each class phrase's (and keyword's) descriptive words and the sides it names (``described_words``)
+    described: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = ()
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -198,7 +237,9 @@ class ClassIndex:
         return cls(tuple(owners), vectors, tuple(kept),
                    np.stack(row_vectors) if row_vectors else np.zeros((0, vectors.shape[1]), np.float32),
                    tuple(rows), tuple(frozenset(sides(t)) for t in texts), known_words(entries, encoder),
-                   frozenset(class_words))
+                   frozenset(class_words),
+                   tuple((e.name, frozenset(descriptive_words(t, class_words)), frozenset(sides(t)))
+                         for e in entries for t in (*class_texts(e), *e.keywords)))
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
@@ -223,6 +264,101 @@ class ClassIndex:
             if s > best.get(name, -2.0):
                 best[name] = s
         return best
+
+
+def fold(word: str) -> str:
+    """A word without its inflection, so "makes" meets "make" and "filters" "filter" (no dictionary: the
+    same crude rule on both sides is all a comparison of words needs)."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+    if len(word) > 5 and word.endswith("ing"):
+        word = word[:-3]
+    elif len(word) > 4 and word.endswith("ed"):
+        word = word[:-2]
+    return word.rstrip("e") if len(word) > 3 else word
+
+
+def descriptive_words(text: str, class_words: Iterable[str]) -> set[str]:
+    """The folded words of ``text`` that describe rather than name: not stop, side or generic words, nor
+    words of any class's name or alias (names are the embedding's and the landmark rules' to read), nor
+    finding words ("lump" says a finding is asked, which the finding rules read, not whose), nor the words
+    of a request ("outline", "checking")."""
+    from medprompt.catalog import GENERIC_WORDS, REQUEST_WORDS, words
+
+    skip = (set(class_words) | set(SIDES) | GENERIC_WORDS | FINDING_WORDS | DETERMINERS | NOT_DESCRIPTIVE
+            | ASKING_WORDS | REQUEST_WORDS)
+    return {fold(w) for reading in readings(text) for w in words(reading) if w not in skip}
+
+
+def described_words(index: ClassIndex, text: str) -> dict[str, set[str]]:
+    """Each class's descriptive words, from the phrases that do not name only the side opposite to the one the
+    prompt names, as ``ClassIndex.scores`` reads them: "the curved organ in the upper left tucked against the
+    ribs" does not share "tucked" and "ribs" with the liver's "tucked under the right ribs"."""
+    named = sides(text)
+    opposite = set(SIDES.values()) - named if len(named) == 1 else set()
+    out: dict[str, set[str]] = {}
+    for name, phrase_words, phrase_sides in index.described:
+        bucket = out.setdefault(name, set())
+        if not (phrase_sides and phrase_sides <= opposite):
+            bucket |= phrase_words
+    return out
+
+
+def other_names(index: ClassIndex) -> set[str]:
+    """The descriptive words of the other-anatomy names (``descriptive_words``): a class's phrase that says
+    one names a landmark, not the class."""
+    return descriptive_words(" ".join(index.others), index.class_words)
+
+
+def word_evidence(index: ClassIndex, text: str, classes: Iterable[str]) -> dict[str, float]:
+    """How much of the prompt's descriptive wording each of ``classes`` own phrases hold: the sum over the
+    shared words of log(classes / classes whose phrases hold the word), so a word every class uses counts
+    nothing; other anatomy's names count for no class ("the cardiac part of the stomach": the aorta's phrases
+    say "heart" as where it starts)."""
+    import math
+
+    described = described_words(index, text)
+    asked = descriptive_words(text, index.class_words) - other_names(index)
+    n = len(described)
+    df = {w: sum(w in v for v in described.values()) for w in asked}
+    return {c: sum(math.log(n / df[w]) for w in asked if df[w] and w in described.get(c, ())) for c in classes}
+
+
+def words_favour_class(index: ClassIndex, text: str, name: str, other: str) -> bool:
+    """Whether the class ``name``'s phrases hold more of the prompt's descriptive words than the other-anatomy
+    entry's name and lay phrases (``OTHER_FUNCTIONS``) do: "the bean-shaped organ that filters blood" reads
+    0.73 like "the organ that pumps blood", and only the kidney's phrases say "bean-shaped" and "filters".
+    Never when the prompt spells the entry's own words outside a landmark: then it names that anatomy. A
+    word no class uses counts for the other entry as the rarest class word would, and a word of any other
+    anatomy's name counts for no class ("the chambers of the heart": the lungs' phrases say "heart" as a
+    landmark)."""
+    import math
+
+    from medprompt.catalog import tokens
+
+    own = set(tokens(other)) - index.class_words - set(SIDES)
+    prompt = tokens(text)
+    if any(w in own and not _in_landmark(prompt, i) for i, w in enumerate(prompt)):
+        return False  # it names that anatomy ("the heart beside the aorta")
+    asked = descriptive_words(text, index.class_words)
+    described = described_words(index, text)
+    n = len(described)
+    theirs = descriptive_words(" ".join([other, *OTHER_FUNCTIONS.get(other, ())]), index.class_words)
+    weight = {w: math.log(n / max(1, sum(w in v for v in described.values()))) for w in asked}
+    ours = sum(weight[w] for w in asked - other_names(index) if w in described.get(name, ()))
+    return ours > sum(weight[w] for w in asked if w in theirs)
+
+
+def word_tie_break(index: ClassIndex, text: str, ranked: list[tuple[str, float]]) -> str:
+    """The nearest class, or among those within ``WORD_TIE`` of it the one whose phrases share most of the
+    prompt's descriptive words (the nearest when none shares more)."""
+    head = [n for n, s in ranked if s >= ranked[0][1] - WORD_TIE]
+    if len(head) < 2:
+        return ranked[0][0]
+    evidence = word_evidence(index, text, head)
+    return max(head, key=lambda n: (evidence[n], -head.index(n)))
 
 
 def eligible(catalog: PromptCatalog, text: str) -> list[str]:
@@ -297,13 +433,41 @@ def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
             if any(_after_relation(text, spelling) for spelling in (entry.name.replace("_", " "), *entry.aliases))}
 
 
-def _after_relation(text: str, spelling: str) -> bool:
+def _after_relation(text: str, spelling: str, relations: tuple[list[str], ...] = RELATIONS) -> bool:
     """Whether ``text`` names ``spelling`` right after a spatial preposition ("... into the small bowel")."""
     from medprompt.catalog import tokens
 
     prompt, target = tokens(text), tokens(spelling)
-    return any(_spelt_at(prompt, i, target) and _relation_before(prompt, i)
+    return any(_spelt_at(prompt, i, target) and _relation_before(prompt, i, relations=relations)
                for i in range(len(prompt) - len(target) + 1))
+
+
+def _other_as_landmark(index: ClassIndex, text: str, other: str) -> bool:
+    """Whether ``text`` names the other-anatomy entry ``other`` only as a landmark: spelt whole after a
+    spatial preposition, or each of its words that the prompt spells within a landmark's phrase (``_in_landmark``)
+    — its own words (those no class name shares: "iliac" of "iliac vein") when it spells any ("venous channel
+    from the iliac confluence to the right atrium"), else the words it shares with a class ("the vessel left of
+    the inferior vena cava" reads like the superior vena cava through the landmark's "vena cava")."""
+    from medprompt.catalog import STOP_WORDS, tokens
+
+    if _after_relation(text, other, RELATIONS + PART_RELATIONS):
+        return True
+    prompt = tokens(text)
+    named = [w for w in tokens(other) if w not in STOP_WORDS and w not in SIDES]
+    own = [w for w in named if w not in index.class_words]
+    at = [i for i, w in enumerate(prompt) if w in own] or [i for i, w in enumerate(prompt) if w in named]
+    return bool(at) and all(_in_landmark(prompt, i) for i in at)
+
+
+def _in_landmark(prompt: list[str], i: int) -> bool:
+    """Whether ``prompt[i]`` lies in a landmark's phrase: at most three words after a spatial preposition,
+    with no clause between ("from the iliac confluence", "left of the inferior vena cava")."""
+    for k in range(i, max(-1, i - 4), -1):
+        if k < i and prompt[k] in CLAUSE_WORDS | {"and", "or"}:
+            return False
+        if _relation_before(prompt, k):
+            return True
+    return False
 
 
 def _names_as_target(prompt: list[str], target: list[str]) -> bool:
@@ -321,13 +485,29 @@ def _spelt_at(prompt: list[str], i: int, target: list[str]) -> bool:
     return last in (target[-1], target[-1] + "s", target[-1] + "es")
 
 
-def _relation_before(prompt: list[str], i: int) -> bool:
+def _relation_before(prompt: list[str], i: int, listed: bool = True,
+                     relations: tuple[list[str], ...] = RELATIONS) -> bool:
     """Whether the words before ``prompt[i]`` end in a spatial preposition, determiners and sides aside;
-    a part of a landmark is a landmark ("under the right lobe of the liver")."""
+    a part of a landmark is a landmark ("under the right lobe of the liver"), and so is the next item of a
+    list of landmarks ("posterior to the pancreas and splenic vessels", "near the left kidney and stomach":
+    up to three words back)."""
     ends = [_skip(prompt, i)]
     if ends[0] >= 2 and prompt[ends[0] - 1] == "of":
+        if prompt[ends[0] - 2] in SIDES or DIRECTIONS.fullmatch(prompt[ends[0] - 2]):
+            return True  # "left of the IVC", "anterior of the spine"
         ends.append(_skip(prompt, ends[0] - 2))
-    return any(prompt[max(0, j - len(r)):j] == r for j in ends for r in RELATIONS)
+    for j in ends:
+        if any(prompt[max(0, j - len(r)):j] == r for r in relations):
+            return True
+        if j >= 2 and prompt[j - 1] == "to" and (DIRECTIONS.fullmatch(prompt[j - 2]) or "from" in prompt[:j - 1]):
+            return True  # "posterior to the pancreas"; the end of "from the hilum to the porta hepatis"
+    j = ends[0]
+    if listed and j >= 2 and prompt[j - 1] in ("and", "or"):
+        # An item with a determiner of its own may start a phrase of its own ("the fat around the kidneys
+        # and the liver"), unless the preposition takes two ("between the throat and the stomach").
+        if j == i or "between" in prompt[max(0, j - 6):j - 1]:
+            return any(_relation_before(prompt, k, False, relations) for k in range(max(0, j - 4), j - 1))
+    return False
 
 
 def _skip(prompt: list[str], j: int) -> int:
@@ -413,12 +593,43 @@ def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
     return False
 
 
-def finding_words(texts: Iterable[str]) -> set[str]:
-    """The finding words (``FINDING_WORDS``) the readings ask for, leaving out landmarks ("the kidney
-    beside the mass")."""
+def asked_part(prompt: list[str]) -> list[str]:
+    """The tokens of the phrase that names what is asked: up to the first ``CLAUSE_WORDS`` when what comes
+    before names something; what follows says why it is asked or what it holds ("the organ removed in
+    cholecystectomy for stones", "the skeleton, to check for metastases", "the pouch where stones form")."""
+    from medprompt.catalog import REQUEST_WORDS
+
+    for i, w in enumerate(prompt):
+        if w in CLAUSE_WORDS:
+            if i == 0 and w == "where":
+                return []  # "where gallstones form" asks for the place
+            if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
+                return prompt[:i]
+            break  # "look for lesions in the liver": the request comes first, the rest is what is asked
+    return prompt
+
+
+def asked_sentence(text: str) -> str:
+    """Of a prompt of several sentences, the one that asks for a drawing ("Lumpectomy planning for carcinoma;
+    outline the mass"), else the first ("The vessel in front of the spine; checking for an aneurysm")."""
     from medprompt.catalog import tokens
 
-    return {w for t in texts for w in tokens(t) if w in FINDING_WORDS and not _after_relation(t, w)}
+    parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
+    drawing = [p for p in parts if set(tokens(p)) & DRAWING_WORDS]
+    return (drawing or parts or [text])[0]
+
+
+def finding_words(texts: Iterable[str]) -> set[str]:
+    """The finding words (``FINDING_WORDS``) the readings ask for, leaving out landmarks ("the kidney
+    beside the mass") and reasons ("the organ removed for stones": ``asked_sentence``, ``asked_part``)."""
+    from medprompt.catalog import tokens
+
+    out = set()
+    for t in texts:
+        prompt = tokens(asked_sentence(t))
+        head = asked_part(prompt)
+        out |= {w for i, w in enumerate(head) if w in FINDING_WORDS and not _relation_before(prompt, i)}
+    return out
 
 
 def findings_only_as_landmarks(texts: list[str]) -> bool:
@@ -457,6 +668,20 @@ def organ_asked_of_finding(entry: PromptEntry, texts: list[str]) -> str | None:
     if organ and any(set(organ) <= set(words(t)) for t in texts):
         return f"it names the {' '.join(organ)} and no finding, and {entry.name} would draw only the finding"
     return None
+
+
+def finding_of_named_organ(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
+    """The catalog's one finding class of ``entry``'s organ when the readings ask for a finding and read
+    closest to the organ itself: "a hypodense hepatic lesion" reads like the liver and asks for liver_tumour
+    (the reverse of ``organ_of_finding``)."""
+    from medprompt.catalog import words
+
+    if is_finding(entry.name) or not finding_words(texts):
+        return None
+    organ = set(stem(entry.name))
+    found = [c for c in catalog.entries.values() if is_finding(c.name)
+             and {w for w in words(c.name.replace("_", " ")) if w not in FINDING_WORDS} == organ]
+    return found[0] if len(found) == 1 else None
 
 
 def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
@@ -531,7 +756,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     ranked = rank(catalog, text, encoder, index, vectors)
     if not ranked:
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
-    best, score = ranked[0]
+    score = ranked[0][1]  # the floor and the other-anatomy margin read the nearest similarity
+    best = word_tie_break(index, text, ranked)
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
     aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
     nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
@@ -541,7 +767,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
     margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
     if (above_floor and other is not None and other[1] > score + margin
-            and not any(_after_relation(t, other[0]) for t in texts)
+            and not (other[1] - score <= WORD_TIE and words_favour_class(index, text, best, other[0]))
+            and not any(_other_as_landmark(index, t, other[0]) for t in texts)
             and not part_of_class(catalog[best], other[0], texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
@@ -560,6 +787,9 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if floor is not None and score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
+    finding = finding_of_named_organ(catalog, catalog[best], texts)
+    if finding is not None:
+        best = finding.name
     mismatch = finding_mismatch(index, catalog[best], texts)
     if mismatch is not None:
         raise PromptError(f"unknown prompt '{text}': {mismatch}; no prompt file describes this finding (closest "
