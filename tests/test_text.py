@@ -591,9 +591,9 @@ def test_paraphrases_written_elsewhere_resolve_at_least_90_percent(minilm_catalo
 
 
 def test_paraphrases_by_independent_writers(minilm_catalog: PromptCatalog):
-    """Six writers who saw only the class list (tests/data/paraphrases_independent.yaml): 79.6 % of their
-    prompts resolved before the word tie-break, clinical relations and reasons (7 Dec), 88.0 % after; and
-    more prompts for what no class describes are refused (82 / 120 before, 95 / 120 after)."""
+    """Seven writers who saw only the class list (tests/data/paraphrases_independent.yaml): 80.0 % of their
+    prompts resolved before the word tie-break, clinical relations and reasons (7 Dec), 89.5 % after; and
+    more prompts for what no class describes are refused (82 / 120 before, 96 / 120 after)."""
     doc = yaml.safe_load(INDEPENDENT.read_text(encoding="utf-8"))
     cases = [c for name, items in doc.items() if name.startswith("writer") for c in items]
     refusals = [c for name, items in doc.items() if name.startswith("refusals") for c in items]
@@ -604,7 +604,7 @@ def test_paraphrases_by_independent_writers(minilm_catalog: PromptCatalog):
             right += minilm_catalog.resolve(case["text"]).name == case["class"]
         except PromptError:
             pass
-    assert right / len(cases) >= 0.87, f"{right}/{len(cases)}"
+    assert right / len(cases) >= 0.88, f"{right}/{len(cases)}"
     refused = 0
     for case in refusals:
         try:
@@ -626,17 +626,28 @@ def test_a_near_tie_is_told_apart_by_words(minilm_catalog: PromptCatalog):
     assert minilm_catalog.resolve("the organ that stores bile").name == "gallbladder"
 
 
+def test_where_a_prompt_places_it_is_evidence_too(minilm_catalog: PromptCatalog):
+    """"on top of each kidney" shares "above:kidney" with the adrenals' "on top of the left kidney": with the
+    kidneys set aside as the place, the words of place decide among the near classes (both had resolved to
+    the kidneys or the liver)."""
+    for text in ("the two tiny triangular shapes sitting on top of each kidney", "the soft tissue just above both kidneys"):
+        assert minilm_catalog.resolve(text).name == "adrenal_glands", text
+
+
 def test_clinical_wording_of_place_makes_landmarks():
-    """'posterior to', 'left of', 'from ... to', and the next item of a list of landmarks, as 'above' does."""
+    """'posterior to', 'left of', 'from ... to', 'the upper pole of', and the next item of a list of landmarks,
+    as 'above' does; a kidney named as the place makes every kidney class a landmark."""
     from medprompt.text.similarity import landmarks
 
     catalog = default_catalog()
+    kidneys = {"kidney_left", "kidney_right", "kidneys"}
     for text, named in (("the gland posterior to the pancreas", {"pancreas"}),
                         ("the vessel left of the inferior vena cava", {"inferior_vena_cava"}),
                         ("the veins from the splenic hilum to the liver", {"liver"}),
                         ("the passage between the throat and the stomach", {"stomach"}),
-                        ("the organ near the left kidney and stomach", {"kidney_left", "kidneys", "stomach"}),
-                        ("the fat around the kidneys and the liver", {"kidneys"})):  # "and the liver" may be asked
+                        ("the gland superomedial to the upper pole of the left kidney", kidneys),
+                        ("the organ near the left kidney and stomach", kidneys | {"stomach"}),
+                        ("the fat around the kidneys and the liver", kidneys)):  # "and the liver" may be asked
         assert landmarks(catalog, text) == named, text
 
 

@@ -62,7 +62,7 @@ PART_RELATIONS = (["including"], ["with"], ["plus"])
 DIRECTIONS = re.compile(r"(?:antero|postero|supero|infero)?(?:anterior|posterior|superior|inferior|lateral|medial"
                         r"|dorsal|ventral|cranial|caudal|deep|superficial)|(?:antero|postero|supero|infero)"
                         r"(?:medial|lateral)")
-DETERMINERS = frozenset("the a an both its their his her my your our patient s left right".split())
+DETERMINERS = frozenset("the a an both each its their his her my your our patient s left right".split())
 # How much closer to an OTHER_ANATOMY entry than to every class a prompt must be to be refused:
 # just above the largest such lead among the correctly resolved development paraphrases (0.046,
 # "HCC nodule" vs "pulmonary nodule"); benchmarks/paraphrases.py prints these leads.
@@ -76,6 +76,13 @@ OTHER_MARGIN = 0.05
 # independently written sets peak at the same 0.05-0.09 (BENCHMARKS.md, "Paraphrases by writers who saw
 # only the class list").
 WORD_TIE = 0.07
+# The direction each place word gives (``relation_words``); compounds ("superomedial") by their first part.
+PLACE_WORDS = {
+    **dict.fromkeys("above over top atop superior cranial superomedial superolateral capping".split(), "above"),
+    **dict.fromkeys("below under underneath beneath inferior caudal inferomedial inferolateral".split(), "below"),
+    **dict.fromkeys("behind posterior dorsal posteromedial posterolateral".split(), "behind"),
+    **dict.fromkeys("front anterior ventral anteromedial anterolateral".split(), "front"),
+}
 # Words that say nothing of which structure is meant: function words, and how it was imaged ("on CT").
 NOT_DESCRIPTIVE = frozenset(
     "up down out off on at by with without within inside outside onto through this these those there here it they "
@@ -198,6 +205,7 @@ class ClassIndex:
     class_words: frozenset[str] = frozenset()  # content words of the class names and aliases (``names_other``)
     # each class phrase's (and keyword's) descriptive words and the sides it names (``described_words``)
     described: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = ()
+    stems: tuple[tuple[str, ...], ...] = ()  # every class name without its side (``relation_words``)
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -234,12 +242,14 @@ class ClassIndex:
         row_vectors = [v for o in kept for v in (by_name[o], *(next(it) for _ in OTHER_FUNCTIONS.get(o, ())))]
         class_words = {w for e in entries for t in (e.name.replace("_", " "), *e.aliases)
                        for w in words(t)} - set(SIDES) - GENERIC_WORDS
+        stems = tuple(sorted({stem(e.name) for e in entries if stem(e.name)}))
         return cls(tuple(owners), vectors, tuple(kept),
                    np.stack(row_vectors) if row_vectors else np.zeros((0, vectors.shape[1]), np.float32),
                    tuple(rows), tuple(frozenset(sides(t)) for t in texts), known_words(entries, encoder),
                    frozenset(class_words),
-                   tuple((e.name, frozenset(descriptive_words(t, class_words)), frozenset(sides(t)))
-                         for e in entries for t in (*class_texts(e), *e.keywords)))
+                   tuple((e.name, frozenset(descriptive_words(t, class_words) | relation_words(t, stems)),
+                          frozenset(sides(t))) for e in entries for t in (*class_texts(e), *e.keywords)),
+                   stems)
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
@@ -306,6 +316,25 @@ def described_words(index: ClassIndex, text: str) -> dict[str, set[str]]:
     return out
 
 
+def relation_words(text: str, stems: Iterable[tuple[str, ...]]) -> set[str]:
+    """Where a text places something, as words ("above:kidney" for "on top of the left kidney", "superomedial
+    to each kidney"): each class name, sides aside (``stems``), spelt as a landmark, with the direction of the
+    nearest place word before it (``PLACE_WORDS``); "beside" when none says more."""
+    from medprompt.catalog import tokens
+
+    out = set()
+    for reading in readings(text):
+        prompt = tokens(reading)
+        for stem_words in stems:
+            target = list(stem_words)
+            for i in range(len(prompt) - len(target) + 1):
+                if _spelt_at(prompt, i, target) and _relation_before(prompt, i):
+                    near = [PLACE_WORDS.get(w) for w in prompt[max(0, i - 7):i]]
+                    direction = next((d for d in reversed(near) if d), "beside")
+                    out.add(f"{direction}:{' '.join(target)}")
+    return out
+
+
 def other_names(index: ClassIndex) -> set[str]:
     """The descriptive words of the other-anatomy names (``descriptive_words``): a class's phrase that says
     one names a landmark, not the class."""
@@ -320,7 +349,7 @@ def word_evidence(index: ClassIndex, text: str, classes: Iterable[str]) -> dict[
     import math
 
     described = described_words(index, text)
-    asked = descriptive_words(text, index.class_words) - other_names(index)
+    asked = (descriptive_words(text, index.class_words) | relation_words(text, index.stems)) - other_names(index)
     n = len(described)
     df = {w: sum(w in v for v in described.values()) for w in asked}
     return {c: sum(math.log(n / df[w]) for w in asked if df[w] and w in described.get(c, ())) for c in classes}
@@ -351,14 +380,17 @@ def words_favour_class(index: ClassIndex, text: str, name: str, other: str) -> b
     return ours > sum(weight[w] for w in asked if w in theirs)
 
 
-def word_tie_break(index: ClassIndex, text: str, ranked: list[tuple[str, float]]) -> str:
+def word_tie_break(index: ClassIndex, text: str, ranked: list[tuple[str, float]],
+                   preferred: Iterable[str] = ()) -> str:
     """The nearest class, or among those within ``WORD_TIE`` of it the one whose phrases share most of the
-    prompt's descriptive words (the nearest when none shares more)."""
+    prompt's descriptive words (the nearest when none shares more); ``preferred`` classes first (those that
+    can draw the finding a prompt asks for)."""
     head = [n for n, s in ranked if s >= ranked[0][1] - WORD_TIE]
     if len(head) < 2:
         return ranked[0][0]
     evidence = word_evidence(index, text, head)
-    return max(head, key=lambda n: (evidence[n], -head.index(n)))
+    preferred = set(preferred)
+    return max(head, key=lambda n: (n in preferred, evidence[n], -head.index(n)))
 
 
 def eligible(catalog: PromptCatalog, text: str) -> list[str]:
@@ -428,9 +460,11 @@ def readings(text: str) -> list[str]:
 
 
 def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
-    """Classes the prompt names right after a spatial preposition (determiners and sides skipped)."""
+    """Classes the prompt names right after a spatial preposition (determiners and sides skipped), by name,
+    alias or their name without its side ("above the kidney on the left": every kidney class is the place)."""
     return {entry.name for entry in catalog.entries.values()
-            if any(_after_relation(text, spelling) for spelling in (entry.name.replace("_", " "), *entry.aliases))}
+            if any(_after_relation(text, spelling)
+                   for spelling in (entry.name.replace("_", " "), " ".join(stem(entry.name)), *entry.aliases))}
 
 
 def _after_relation(text: str, spelling: str, relations: tuple[list[str], ...] = RELATIONS) -> bool:
@@ -495,7 +529,9 @@ def _relation_before(prompt: list[str], i: int, listed: bool = True,
     if ends[0] >= 2 and prompt[ends[0] - 1] == "of":
         if prompt[ends[0] - 2] in SIDES or DIRECTIONS.fullmatch(prompt[ends[0] - 2]):
             return True  # "left of the IVC", "anterior of the spine"
-        ends.append(_skip(prompt, ends[0] - 2))
+        ends.append(_skip(prompt, ends[0] - 2))  # "under the right lobe of the liver"
+        if ends[0] >= 3:
+            ends.append(_skip(prompt, ends[0] - 3))  # "anteromedial to the upper pole of the left kidney"
     for j in ends:
         if any(prompt[max(0, j - len(r)):j] == r for r in relations):
             return True
@@ -670,6 +706,25 @@ def organ_asked_of_finding(entry: PromptEntry, texts: list[str]) -> str | None:
     return None
 
 
+def findable(catalog: PromptCatalog, texts: list[str], names: Iterable[str]) -> set[str]:
+    """Of ``names``, those that can draw the finding the readings ask for in the organ they spell: the organ's
+    finding class and the organ that has one ("the hypodense lesions in the liver on portal venous phase" is
+    not the portal vein, which reads as near)."""
+    from medprompt.catalog import tokens, words
+
+    if not finding_words(texts):
+        return set()
+    out = set()
+    for name in names:
+        organ = [w for w in words(name.replace("_", " ")) if w not in FINDING_WORDS and w not in SIDES]
+        entry = catalog[name]
+        if not organ or not (is_finding(name) or finding_of_named_organ(catalog, entry, texts)):
+            continue
+        if any(_names_as_target(tokens(t), organ) for t in texts):
+            out.add(name)
+    return out
+
+
 def finding_of_named_organ(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
     """The catalog's one finding class of ``entry``'s organ when the readings ask for a finding and read
     closest to the organ itself: "a hypodense hepatic lesion" reads like the liver and asks for liver_tumour
@@ -757,7 +812,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if not ranked:
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     score = ranked[0][1]  # the floor and the other-anatomy margin read the nearest similarity
-    best = word_tie_break(index, text, ranked)
+    best = word_tie_break(index, text, ranked, findable(catalog, texts, [n for n, _ in ranked]))
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
     aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
     nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
