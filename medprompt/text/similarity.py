@@ -206,6 +206,8 @@ class ClassIndex:
     # each class phrase's (and keyword's) descriptive words and the sides it names (``described_words``)
     described: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = ()
     stems: tuple[tuple[str, ...], ...] = ()  # every class name without its side (``relation_words``)
+    # descriptive words of the other-anatomy names: a class's phrase that says one names a landmark, not the class
+    other_words: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, entries: list[PromptEntry], encoder: TextEncoder) -> "ClassIndex":
@@ -249,7 +251,7 @@ class ClassIndex:
                    frozenset(class_words),
                    tuple((e.name, frozenset(descriptive_words(t, class_words) | relation_words(t, stems)),
                           frozenset(sides(t))) for e in entries for t in (*class_texts(e), *e.keywords)),
-                   stems)
+                   stems, frozenset(descriptive_words(" ".join(others), class_words)))
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
@@ -335,10 +337,13 @@ def relation_words(text: str, stems: Iterable[tuple[str, ...]]) -> set[str]:
     return out
 
 
-def other_names(index: ClassIndex) -> set[str]:
-    """The descriptive words of the other-anatomy names (``descriptive_words``): a class's phrase that says
-    one names a landmark, not the class."""
-    return descriptive_words(" ".join(index.others), index.class_words)
+def word_weights(described: dict[str, set[str]], asked: Iterable[str]) -> dict[str, float]:
+    """log(classes / classes whose phrases hold the word) of each asked word: a word every class uses weighs
+    nothing, one that no class uses weighs as the rarest class word does."""
+    import math
+
+    n = len(described)
+    return {w: math.log(n / max(1, sum(w in v for v in described.values()))) for w in asked}
 
 
 def word_evidence(index: ClassIndex, text: str, classes: Iterable[str]) -> dict[str, float]:
@@ -346,13 +351,10 @@ def word_evidence(index: ClassIndex, text: str, classes: Iterable[str]) -> dict[
     shared words of log(classes / classes whose phrases hold the word), so a word every class uses counts
     nothing; other anatomy's names count for no class ("the cardiac part of the stomach": the aorta's phrases
     say "heart" as where it starts)."""
-    import math
-
     described = described_words(index, text)
-    asked = (descriptive_words(text, index.class_words) | relation_words(text, index.stems)) - other_names(index)
-    n = len(described)
-    df = {w: sum(w in v for v in described.values()) for w in asked}
-    return {c: sum(math.log(n / df[w]) for w in asked if df[w] and w in described.get(c, ())) for c in classes}
+    asked = (descriptive_words(text, index.class_words) | relation_words(text, index.stems)) - index.other_words
+    weight = word_weights(described, asked)
+    return {c: sum(weight[w] for w in asked if w in described.get(c, ())) for c in classes}
 
 
 def words_favour_class(index: ClassIndex, text: str, name: str, other: str) -> bool:
@@ -363,8 +365,6 @@ def words_favour_class(index: ClassIndex, text: str, name: str, other: str) -> b
     word no class uses counts for the other entry as the rarest class word would, and a word of any other
     anatomy's name counts for no class ("the chambers of the heart": the lungs' phrases say "heart" as a
     landmark)."""
-    import math
-
     from medprompt.catalog import tokens
 
     own = set(tokens(other)) - index.class_words - set(SIDES)
@@ -373,10 +373,9 @@ def words_favour_class(index: ClassIndex, text: str, name: str, other: str) -> b
         return False  # it names that anatomy ("the heart beside the aorta")
     asked = descriptive_words(text, index.class_words)
     described = described_words(index, text)
-    n = len(described)
     theirs = descriptive_words(" ".join([other, *OTHER_FUNCTIONS.get(other, ())]), index.class_words)
-    weight = {w: math.log(n / max(1, sum(w in v for v in described.values()))) for w in asked}
-    ours = sum(weight[w] for w in asked - other_names(index) if w in described.get(name, ()))
+    weight = word_weights(described, asked)
+    ours = sum(weight[w] for w in asked - index.other_words if w in described.get(name, ()))
     return ours > sum(weight[w] for w in asked if w in theirs)
 
 
@@ -710,33 +709,37 @@ def findable(catalog: PromptCatalog, texts: list[str], names: Iterable[str]) -> 
     """Of ``names``, those that can draw the finding the readings ask for in the organ they spell: the organ's
     finding class and the organ that has one ("the hypodense lesions in the liver on portal venous phase" is
     not the portal vein, which reads as near)."""
-    from medprompt.catalog import tokens, words
+    from medprompt.catalog import tokens
 
     if not finding_words(texts):
         return set()
     out = set()
     for name in names:
-        organ = [w for w in words(name.replace("_", " ")) if w not in FINDING_WORDS and w not in SIDES]
-        entry = catalog[name]
-        if not organ or not (is_finding(name) or finding_of_named_organ(catalog, entry, texts)):
+        organ = [w for w in stem(name) if w not in FINDING_WORDS]  # liver_tumour -> liver
+        if not organ or not (is_finding(name) or _finding_class(catalog, name)):
             continue
         if any(_names_as_target(tokens(t), organ) for t in texts):
             out.add(name)
     return out
 
 
+def _finding_class(catalog: PromptCatalog, name: str) -> PromptEntry | None:
+    """The catalog's one finding class of the organ class ``name`` (liver -> liver_tumour), or None."""
+    from medprompt.catalog import words
+
+    organ = set(stem(name))
+    found = [c for c in catalog.entries.values() if is_finding(c.name)
+             and {w for w in words(c.name.replace("_", " ")) if w not in FINDING_WORDS} == organ]
+    return found[0] if len(found) == 1 else None
+
+
 def finding_of_named_organ(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
     """The catalog's one finding class of ``entry``'s organ when the readings ask for a finding and read
     closest to the organ itself: "a hypodense hepatic lesion" reads like the liver and asks for liver_tumour
     (the reverse of ``organ_of_finding``)."""
-    from medprompt.catalog import words
-
     if is_finding(entry.name) or not finding_words(texts):
         return None
-    organ = set(stem(entry.name))
-    found = [c for c in catalog.entries.values() if is_finding(c.name)
-             and {w for w in words(c.name.replace("_", " ")) if w not in FINDING_WORDS} == organ]
-    return found[0] if len(found) == 1 else None
+    return _finding_class(catalog, entry.name)
 
 
 def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str]) -> PromptEntry | None:
