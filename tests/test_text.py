@@ -591,9 +591,10 @@ def test_paraphrases_written_elsewhere_resolve_at_least_90_percent(minilm_catalo
 
 
 def test_paraphrases_by_independent_writers(minilm_catalog: PromptCatalog):
-    """Eight writers who saw only the class list (tests/data/paraphrases_independent.yaml): 80.6 % of their
-    prompts resolved before the word tie-break, clinical relations and reasons (7 Dec), 89.9 % after; and
-    more prompts for what no class describes are refused (105 / 160 before, 123 / 160 after)."""
+    """Nine writers who saw only the class list (tests/data/paraphrases_independent.yaml): 80.6 % of the first
+    eight's prompts resolved before the word tie-break, clinical relations and reasons (7 Dec), 89.9 % after;
+    and prompts for what no class describes are refused: 105 / 160 before, 123 / 160 after, and with the
+    first noun phrase rule and the devices and artefacts 211 / 220 of four sets (refusals_d blind 41 -> 51 / 60)."""
     doc = yaml.safe_load(INDEPENDENT.read_text(encoding="utf-8"))
     cases = [c for name, items in doc.items() if name.startswith("writer") for c in items]
     refusals = [c for name, items in doc.items() if name.startswith("refusals") for c in items]
@@ -611,7 +612,7 @@ def test_paraphrases_by_independent_writers(minilm_catalog: PromptCatalog):
             minilm_catalog.resolve(case["text"])
         except PromptError:
             refused += 1
-    assert refused / len(refusals) >= 0.75, f"{refused}/{len(refusals)}"
+    assert refused / len(refusals) >= 0.90, f"{refused}/{len(refusals)}"
 
 
 def test_a_near_tie_is_told_apart_by_words(minilm_catalog: PromptCatalog):
@@ -692,3 +693,24 @@ def test_infer_passes_text_encoder_to_draft(tmp_path: Path, monkeypatch):
     assert cli.main(["infer", str(image), str(out), "--prompts", "liver", "--model", "medprompt",
                      "--text-encoder", "biomedclip"]) == 0
     assert seen["text_encoder"] == "biomedclip" and seen["model"] == "medprompt" and out.is_file()
+
+
+def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: PromptCatalog):
+    """Anatomy no class describes, or no anatomy at all (a device, the table, an artefact), spelt as the first
+    noun phrase of the request is refused by name however near a class the whole sentence reads; spelt as the
+    reason, a landmark or a modifier it is not what is asked."""
+    for text, named in (("outline the duodenum lying around the pancreatic head", "duodenum"),
+                        ("the right renal artery running behind the IVC", "renal artery"),
+                        ("the heart resting on the diaphragm above the liver", "heart"),
+                        ("contour the endotracheal tube down to the lungs", "endotracheal tube"),
+                        ("the scanner table under the patient's body", "scanner table"),
+                        ("mark the catheter in the bladder", "catheter"),
+                        ("metal artefact from the spinal rods over the kidneys", "artefact")):
+        with pytest.raises(PromptError, match=f"asks for the {named}|reads like {named}"):
+            minilm_catalog.resolve(text)
+    for text, name in (("the breathing organs inside the rib cage", "lungs"),
+                       ("the muscular tube between the throat and the stomach where we may place a stent", "esophagus"),
+                       ("the breast imaging lesion seen before a core needle biopsy", "breast_tumor"),
+                       ("the gland sitting on top of the left kidney", "adrenal_gland_left"),
+                       ("the vein draining the spleen into the liver", "portal_vein_and_splenic_vein")):
+        assert minilm_catalog.resolve(text).name == name, text

@@ -20,6 +20,9 @@ the nearest class: by a margin, unless the prompt spells such anatomy and no cla
 and its chambers"), when the nearer reading decides. Where the embedding cannot tell neighbours apart
 (within ``WORD_TIE``), the words decide: the class whose own phrases hold the prompt's descriptive words.
 What a prompt gives as a reason ("removed for stones", "; outline the mass") is not what it asks for.
+What its first noun phrase names is: anatomy no class describes, or what is no anatomy at all
+(``OTHER_CONTENT``: a catheter, the CT table, an artefact), spelt there is refused by name however near a
+class the whole sentence reads ("the left renal vein crossing in front of the aorta" is not the left kidney).
 """
 
 from __future__ import annotations
@@ -115,9 +118,21 @@ OTHER_ANATOMY = (
     "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
     "gallbladder cancer",
+    "urethra", "pancreatic duct", "cystic duct", "hepatic duct", "celiac trunk", "hepatic flexure",
+    "splenic flexure",
     # muscles, nerves, fat
     "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
+)
+# What else an image shows (devices, the scanner, artefacts, burnt-in text): annotators ask for it when they mean
+# to hide or exclude it, and no class may be drafted in its place. Refused as other anatomy is, but its words
+# ("tube", "line") stay evidence for the classes they also describe (``ClassIndex.other_words``).
+OTHER_CONTENT = (
+    "ct table", "scanner table", "catheter", "central line", "iv line", "cannula", "needle", "stent",
+    "pacemaker", "surgical clip", "clip", "staples", "ivc filter", "hardware", "screw", "prosthesis", "implant",
+    "nasogastric tube", "ng tube", "endotracheal tube", "breathing tube", "feeding tube", "surgical drain",
+    "artefact", "artifact", "motion blur", "blurring", "ghosting", "image noise", "text annotation", "caliper",
+    "ruler",
 )
 
 # What lay prompts say of common other anatomy instead of naming it ("the organ that pumps blood"): a
@@ -153,7 +168,8 @@ FINDING_WORDS = frozenset(
     "metastasis metastases neoplasm neoplasms malignancy lump lumps cyst cysts polyp polyps abscess abscesses "
     "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
     "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural spot spots "
-    "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites".split())
+    "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
+    "pseudocysts".split())
 
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
@@ -197,7 +213,7 @@ class ClassIndex:
 
     names: tuple[str, ...]      # class of each row of ``vectors``
     vectors: np.ndarray         # (phrases, dim) unit vectors
-    others: tuple[str, ...]     # OTHER_ANATOMY entries the catalog does not cover
+    others: tuple[str, ...]     # OTHER_ANATOMY and OTHER_CONTENT entries the catalog does not cover
     other_vectors: np.ndarray   # (rows, dim) unit vectors: each entry's name and its OTHER_FUNCTIONS phrases
     other_rows: tuple[str, ...]  # the entry of each row of ``other_vectors``
     phrase_sides: tuple[frozenset[str], ...]  # body sides each row of ``vectors`` names (``scores``)
@@ -223,7 +239,7 @@ class ClassIndex:
             owners += [entry.name] * len(phrases)
         vectors = encoder.encode(texts)
         spelt = {normalise(t) for e in entries for t in (e.name, *e.aliases)}
-        others = [o for o in OTHER_ANATOMY if normalise(o) not in spelt]
+        others = [o for o in OTHER_ANATOMY + OTHER_CONTENT if normalise(o) not in spelt]
         other_vectors = encoder.encode(others) if others else np.zeros((0, vectors.shape[1]), np.float32)
         # A class phrase that says the same thing (a user's own "thyroid" file) covers the entry, unless
         # the two name opposite ends ("inferior vena cava" reads 0.91 like "superior vena cava").
@@ -251,7 +267,8 @@ class ClassIndex:
                    frozenset(class_words),
                    tuple((e.name, frozenset(descriptive_words(t, class_words) | relation_words(t, stems)),
                           frozenset(sides(t))) for e in entries for t in (*class_texts(e), *e.keywords)),
-                   stems, frozenset(descriptive_words(" ".join(others), class_words)))
+                   stems, frozenset(descriptive_words(" ".join(o for o in others if o in OTHER_ANATOMY),
+                                                      class_words)))
 
     def nearest_other(self, vector: np.ndarray, aside: Iterable[str] = ()) -> tuple[str, float] | None:
         """The other-anatomy entry closest to ``vector`` and its similarity, entries in ``aside`` left out."""
@@ -415,7 +432,7 @@ def known_words(entries: Iterable[PromptEntry], encoder: TextEncoder | None = No
     from medprompt.catalog import STOP_WORDS, tokens
 
     texts = [t for e in entries for t in (e.name, *e.aliases, *e.keywords, *e.descriptions)]
-    out = {w for t in (*texts, *OTHER_ANATOMY) for w in tokens(t.replace("_", " "))}
+    out = {w for t in (*texts, *OTHER_ANATOMY, *OTHER_CONTENT) for w in tokens(t.replace("_", " "))}
     out |= synonyms.vocabulary() | STOP_WORDS
     vocabulary = getattr(encoder, "vocabulary", None)
     return frozenset(out | (vocabulary() if callable(vocabulary) else frozenset()))
@@ -510,12 +527,13 @@ def _names_as_target(prompt: list[str], target: list[str]) -> bool:
 
 
 def _spelt_at(prompt: list[str], i: int, target: list[str]) -> bool:
-    """Whether ``prompt[i:]`` starts with ``target``, its last word also in the plural ("from the ureters")."""
+    """Whether ``prompt[i:]`` starts with ``target``, its last word also in the plural ("from the ureters",
+    "renal arteries")."""
     n = len(target)
     if not n or i + n > len(prompt) or prompt[i:i + n - 1] != target[:-1]:
         return False
-    last = prompt[i + n - 1]
-    return last in (target[-1], target[-1] + "s", target[-1] + "es")
+    last, word = prompt[i + n - 1], target[-1]
+    return last in (word, word + "s", word + "es") or (word.endswith("y") and last == word[:-1] + "ies")
 
 
 def _relation_before(prompt: list[str], i: int, listed: bool = True,
@@ -609,6 +627,80 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
         if covered and not index.class_words & {w for i, w in enumerate(prompt) if i not in covered}:
             return True
     return False
+
+
+# Words that end the first noun phrase of a request: prepositions and conjunctions, negation, and the verbs and
+# adverbs that start what is said of it ("the heart *sitting just above* the liver", ``head_phrase``).
+HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just "
+                      "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
+HEAD_FILLERS = frozenset("just only can could you i we please kindly now also".split())
+ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling".split())
+
+
+def head_phrase(prompt: list[str], class_words: frozenset[str] = frozenset()) -> list[str]:
+    """The first noun phrase of what ``prompt`` asks for, request and determiners skipped: "segment the duodenum
+    wrapping around the pancreatic head" -> [duodenum]. It ends where a preposition, a spatial relation, a
+    clause, a pronoun or a verb ending in -ing starts (one that comes first, or before a class or finding word,
+    describes: "the breathing tube", "an enhancing tumour"); after a possessive ("the heart's big artery") it
+    starts again. Everything after it says where or why, which the landmark and reason rules read."""
+    from medprompt.catalog import REQUEST_WORDS, words
+
+    i = 0
+    while i < len(prompt) and prompt[i] in ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS:
+        i += 1
+    head: list[str] = []
+    for j in range(i, len(prompt)):
+        w, after = prompt[j], prompt[j + 1] if j + 1 < len(prompt) else ""
+        if w in HEAD_ENDS | CLAUSE_WORDS or any(prompt[j:j + len(r)] == r for r in RELATIONS + PART_RELATIONS):
+            break
+        if (w.endswith("ing") and len(w) > 5 and head and w not in ING_NOUNS and after not in FINDING_WORDS
+                and not set(words(after)) & class_words):
+            break  # "the heart sitting above", not "the breast imaging lesion" nor "the brain enhancing tumour"
+        if DIRECTIONS.fullmatch(w) and after == "to":
+            break
+        head = [] if w == "s" and head else head + [w]  # "the heart's big artery": the artery is asked
+    return head
+
+
+def asked_other(index: ClassIndex, texts: list[str]) -> str | None:
+    """The other-anatomy entry (or non-anatomical content: a catheter, the CT table) that a reading's first noun
+    phrase (``head_phrase``) spells, when it ends that phrase (its noun) or no other word of the phrase names a
+    class or a finding: the prompt then says in words that it asks for something no prompt file describes,
+    however near a class its whole sentence reads ("the left renal vein crossing in front of the aorta" reads
+    0.77 like the left kidney)."""
+    from medprompt.catalog import GENERIC_WORDS, tokens, words
+
+    for text in texts:
+        head = head_phrase(tokens(asked_sentence(text)), index.class_words)
+        found = [(len(tokens(o)), i, o) for o in index.others for i in range(len(head))
+                 if _spelt_at(head, i, tokens(o))]
+        if not found:
+            continue
+        n, i, other = max(found)
+        rest = head[:i] + head[i + n:]
+        if i + n == len(head):
+            return other  # its last word is the phrase's noun: "the bladder catheter" is a catheter
+        if head[-1] in GENERIC_WORDS | PART_WORDS:
+            continue  # "the heart part of the stomach" (read from "cardiac part"): a part of what follows
+        if not any(w in FINDING_WORDS or set(words(w)) & index.class_words for w in rest):
+            return other
+    return None
+
+
+def content_not_asked(index: ClassIndex, texts: list[str]) -> list[str]:
+    """The ``OTHER_CONTENT`` entries the readings spell outside their first noun phrase: a device named as the
+    reason or the means ("the lesion where we might place a stent", "targeting for a core needle biopsy") is not
+    what is asked, however much of the sentence's embedding it takes."""
+    from medprompt.catalog import tokens
+
+    read = [(tokens(t), head_phrase(tokens(asked_sentence(t)), index.class_words)) for t in texts]
+    out = []
+    for other in index.others:
+        target = tokens(other) if other in OTHER_CONTENT else []
+        if any(target and any(_spelt_at(prompt, i, target) for i in range(len(prompt)))
+               and not any(_spelt_at(head, i, target) for i in range(len(head))) for prompt, head in read):
+            out.append(other)
+    return out
 
 
 def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
@@ -776,6 +868,8 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
     finding = sorted(asked)[0]
     vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
     for other in index.others:
+        if other in OTHER_CONTENT:
+            continue  # a finding is of anatomy, not of a needle
         target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland
         if FINDING_WORDS & set(target) or set(target) <= vocabulary:
             continue
@@ -818,6 +912,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     best = word_tie_break(index, text, ranked, findable(catalog, texts, [n for n, _ in ranked]))
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
     aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
+    aside += content_not_asked(index, texts)
     nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
     other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
@@ -831,6 +926,11 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
                           f"(see 'Prompts: the class catalog' in README.md)")
+    named = asked_other(index, texts)
+    if named is not None:
+        raise PromptError(f"unknown prompt '{text}': it asks for the {named}, which no prompt file describes; "
+                          f"closest known classes: {nearest}. To segment it, add a prompt file (see 'Prompts: "
+                          f"the class catalog' in README.md)")
     fixes = spelling_fixes(catalog, text, index.words)
     if fixes:
         try:  # the corrected text has no typos left: this recursion ends at once
