@@ -634,6 +634,7 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
 HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just "
                       "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
 HEAD_FILLERS = frozenset("just only can could you i we please kindly now also".split())
+POINTING_WORDS = frozenset("it them that this those these one ones there where is are".split())
 ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling".split())
 
 
@@ -738,12 +739,19 @@ def asked_part(prompt: list[str]) -> list[str]:
 
 def asked_sentence(text: str) -> str:
     """Of a prompt of several sentences, the one that asks for a drawing ("Lumpectomy planning for carcinoma;
-    outline the mass"), else the first ("The vessel in front of the spine; checking for an aneurysm")."""
-    from medprompt.catalog import tokens
+    outline the mass"), else the first ("The vessel in front of the spine; checking for an aneurysm"); the one
+    before it when the request only points back ("... on my spleen? Please highlight it.")."""
+    from medprompt.catalog import REQUEST_WORDS, tokens
 
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
-    drawing = [p for p in parts if set(tokens(p)) & DRAWING_WORDS]
-    return (drawing or parts or [text])[0]
+    drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
+    if not drawing:
+        return (parts or [text])[0]
+    i = drawing[0]
+    # "Is there a cyst on my spleen? Please highlight it.": a request that names nothing points back
+    if i and set(tokens(parts[i])) <= ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS | POINTING_WORDS:
+        return parts[i - 1]
+    return parts[i]
 
 
 def finding_words(texts: Iterable[str]) -> set[str]:
@@ -855,8 +863,8 @@ def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str
 
 def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) -> str | None:
     """Why ``entry`` cannot be what the readings ask for, or None: a finding asked of a class that is an
-    organ (``finding_of_organ``), or of anatomy (an OTHER_ANATOMY entry spelt in the prompt) that the
-    finding class's own phrases never mention."""
+    organ (``finding_of_organ``), or of anatomy (an OTHER_ANATOMY entry or a catalog organ spelt in the prompt)
+    that the finding class's own phrases never mention."""
     from medprompt.catalog import tokens
 
     asked = finding_words(texts)
@@ -875,6 +883,11 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
             continue
         if any(_names_as_target(tokens(t), target) for t in texts):
             return f"it asks for a finding ({finding}) of the {other}, and {entry.name} is another organ's"
+    for organ in index.stems:  # or of a catalog organ: "the cyst on my spleen" read 0.001 nearer breast_tumor
+        if FINDING_WORDS & set(organ) or set(organ) <= vocabulary:
+            continue
+        if any(_names_as_target(tokens(t), list(organ)) for t in texts):
+            return f"it asks for a finding ({finding}) of the {' '.join(organ)}, and {entry.name} is another organ's"
     return None
 
 
