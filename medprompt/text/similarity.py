@@ -694,14 +694,12 @@ def content_not_asked(index: ClassIndex, texts: list[str]) -> list[str]:
     what is asked, however much of the sentence's embedding it takes."""
     from medprompt.catalog import tokens
 
+    def spells(words: list[str], target: list[str]) -> bool:
+        return any(_spelt_at(words, i, target) for i in range(len(words)))
+
     read = [(tokens(t), head_phrase(tokens(asked_sentence(t)), index.class_words)) for t in texts]
-    out = []
-    for other in index.others:
-        target = tokens(other) if other in OTHER_CONTENT else []
-        if any(target and any(_spelt_at(prompt, i, target) for i in range(len(prompt)))
-               and not any(_spelt_at(head, i, target) for i in range(len(head))) for prompt, head in read):
-            out.append(other)
-    return out
+    return [other for other in index.others if other in OTHER_CONTENT
+            and any(spells(prompt, tokens(other)) and not spells(head, tokens(other)) for prompt, head in read)]
 
 
 def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
