@@ -110,3 +110,23 @@ def test_a_coils_left_right_shading_does_not_split_the_mr_organs_windows(real_da
         dice[tag] = {s.name: s.dice for s in ev.scores}
     for name in names:
         assert dice["shaded"][name] >= dice["original"][name] - 0.1, (name, dice)
+
+
+def test_like_finds_the_named_class_first_even_when_nothing_else_needs_it(tmp_path: Path) -> None:
+    """``mr: {like: a}`` reads class a's mask; a must be found even when no other rule anchors on it (the
+    pancreas's ``like: liver`` worked only because the liver anchors heights). Class b's own place holds mostly
+    muscle-grey tissue (40) and reaches the organ of a's grey (100): with a's window b is drawn in that organ,
+    without it b took the muscle's grey."""
+    from medprompt.io.volume import Volume
+
+    image, _, _ = _shaded_abdomen()
+    prior = "prior: {supported: true, method: organ, %s location: {x: %s, y: [-60, 60]}, volume_ml: [5, 5000]}\n"
+    (tmp_path / "organ_a.yaml").write_text("name: organ_a\ndescriptions: [an organ]\n" + prior % ("", "[-140, -40]"))
+    (tmp_path / "organ_b.yaml").write_text("name: organ_b\ndescriptions: [another organ]\n"
+                                           + prior % ("mr: {like: organ_a},", "[-60, 20]"))
+    catalog = PromptCatalog.load([tmp_path])
+    volume = Volume(data=image, affine=np.diag([3.0, 3.0, 3.0, 1.0]), modality="MR", source="phantom")
+    loc = AnatomyPrior(catalog).localize(volume, [catalog["organ_b"]])
+    labels = geometry.paint_input_labels([(1, loc.masks["organ_b"])], loc.frame)
+    drawn = image[labels == 1]
+    assert drawn.size > 50 and np.median(drawn) > 80, (drawn.size, np.median(drawn) if drawn.size else None)

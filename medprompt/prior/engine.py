@@ -126,6 +126,9 @@ class AnatomyPrior:
             # (the liver and the non-contrast vena cava); they are found first, as anchors.
             for other in entry.prior.get("exclude", []):
                 taken = taken | anchor(other)
+            like = entry.prior.get("mr", {}).get("like")
+            if modality == "MR" and like:
+                anchor(like)  # the class whose grey it shares (rules.intensity_window reads its mask) is found first
             return RULES[entry.prior.get("method", "organ")](smooth, lm, entry.prior, taken)
 
         def anchor(name: str) -> np.ndarray:
