@@ -663,18 +663,25 @@ def head_phrase(prompt: list[str], class_words: frozenset[str] = frozenset()) ->
     return head
 
 
-def asked_other(index: ClassIndex, texts: list[str]) -> str | None:
+def heads(index: ClassIndex, texts: list[str]) -> list[list[str]]:
+    """Each reading's first noun phrase (``head_phrase`` of its ``asked_sentence``), found once per prompt for
+    ``asked_other`` and ``content_not_asked``."""
+    from medprompt.catalog import tokens
+
+    return [head_phrase(tokens(asked_sentence(t)), index.class_words) for t in texts]
+
+
+def asked_other(index: ClassIndex, heads: list[list[str]]) -> str | None:
     """The other-anatomy entry (or non-anatomical content: a catheter, the CT table) that a reading's first noun
-    phrase (``head_phrase``) spells, when it ends that phrase (its noun) or no other word of the phrase names a
+    phrase (``heads``) spells, when it ends that phrase (its noun) or no other word of the phrase names a
     class or a finding: the prompt then says in words that it asks for something no prompt file describes,
     however near a class its whole sentence reads ("the left renal vein crossing in front of the aorta" reads
     0.77 like the left kidney)."""
     from medprompt.catalog import GENERIC_WORDS, tokens, words
 
-    for text in texts:
-        head = head_phrase(tokens(asked_sentence(text)), index.class_words)
-        found = [(len(tokens(o)), i, o) for o in index.others for i in range(len(head))
-                 if _spelt_at(head, i, tokens(o))]
+    targets = [(o, tokens(o)) for o in index.others]
+    for head in heads:
+        found = [(len(target), i, o) for o, target in targets for i in range(len(head)) if _spelt_at(head, i, target)]
         if not found:
             continue
         n, i, other = max(found)
@@ -688,16 +695,16 @@ def asked_other(index: ClassIndex, texts: list[str]) -> str | None:
     return None
 
 
-def content_not_asked(index: ClassIndex, texts: list[str]) -> list[str]:
-    """The ``OTHER_CONTENT`` entries the readings spell outside their first noun phrase: a device named as the
-    reason or the means ("the lesion where we might place a stent", "targeting for a core needle biopsy") is not
-    what is asked, however much of the sentence's embedding it takes."""
+def content_not_asked(index: ClassIndex, texts: list[str], heads: list[list[str]]) -> list[str]:
+    """The ``OTHER_CONTENT`` entries the readings spell outside their first noun phrase (``heads``, one per
+    reading): a device named as the reason or the means ("the lesion where we might place a stent", "targeting
+    for a core needle biopsy") is not what is asked, however much of the sentence's embedding it takes."""
     from medprompt.catalog import tokens
 
     def spells(words: list[str], target: list[str]) -> bool:
         return any(_spelt_at(words, i, target) for i in range(len(words)))
 
-    read = [(tokens(t), head_phrase(tokens(asked_sentence(t)), index.class_words)) for t in texts]
+    read = [(tokens(t), head) for t, head in zip(texts, heads)]
     return [other for other in index.others if other in OTHER_CONTENT
             and any(spells(prompt, tokens(other)) and not spells(head, tokens(other)) for prompt, head in read)]
 
@@ -873,19 +880,15 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
         return organ
     finding = sorted(asked)[0]
     vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
-    for other in index.others:
-        if other in OTHER_CONTENT:
-            continue  # a finding is of anatomy, not of a needle
-        target = [w for w in tokens(other) if w != "gland"] or tokens(other)  # "thyroid nodule" names the gland
+    # Other anatomy ("thyroid nodule" names the gland: "gland" is left out; a finding is of anatomy, not of a
+    # needle), then the catalog's organs ("the cyst on my spleen" read 0.001 nearer breast_tumor).
+    anatomy = [(o, [w for w in tokens(o) if w != "gland"] or tokens(o)) for o in index.others if o not in OTHER_CONTENT]
+    anatomy += [(" ".join(organ), list(organ)) for organ in index.stems]
+    for name, target in anatomy:
         if FINDING_WORDS & set(target) or set(target) <= vocabulary:
             continue
         if any(_names_as_target(tokens(t), target) for t in texts):
-            return f"it asks for a finding ({finding}) of the {other}, and {entry.name} is another organ's"
-    for organ in index.stems:  # or of a catalog organ: "the cyst on my spleen" read 0.001 nearer breast_tumor
-        if FINDING_WORDS & set(organ) or set(organ) <= vocabulary:
-            continue
-        if any(_names_as_target(tokens(t), list(organ)) for t in texts):
-            return f"it asks for a finding ({finding}) of the {' '.join(organ)}, and {entry.name} is another organ's"
+            return f"it asks for a finding ({finding}) of the {name}, and {entry.name} is another organ's"
     return None
 
 
@@ -923,7 +926,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     best = word_tie_break(index, text, ranked, findable(catalog, texts, [n for n, _ in ranked]))
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
     aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
-    aside += content_not_asked(index, texts)
+    first_phrases = heads(index, texts)
+    aside += content_not_asked(index, texts, first_phrases)
     nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
     other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
     above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
@@ -937,7 +941,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
                           f"(see 'Prompts: the class catalog' in README.md)")
-    named = asked_other(index, texts)
+    named = asked_other(index, first_phrases)
     if named is not None:
         raise PromptError(f"unknown prompt '{text}': it asks for the {named}, which no prompt file describes; "
                           f"closest known classes: {nearest}. To segment it, add a prompt file (see 'Prompts: "
