@@ -368,6 +368,10 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
                     if val not in ("fast", "slow"):
                         raise PromptError(f"{path}: field 'prior.mr.flow' must be fast or slow")
                     continue
+                if mod == "mr" and key == "vs_liver":  # T1 and T2 both longer or both shorter than the liver's
+                    if val not in ("longer", "shorter"):
+                        raise PromptError(f"{path}: field 'prior.mr.vs_liver' must be longer or shorter")
+                    continue
                 if mod == "ct" and key == "cortex":  # an enhancing cortex far brighter than the medulla
                     if not isinstance(val, bool):
                         raise PromptError(f"{path}: field 'prior.ct.cortex' must be true or false")

@@ -17,11 +17,15 @@ lowest order the ring can tell apart from anatomy: a shading brighter at the bod
 edge is the same at every point of the ring and is left alone.
 
 Fat is found as the brighter of the body's two intensity classes (Otsu, in log intensity) within 3 cm of
-the skin; only where that bright tissue shows in most directions around the body (a ring) is a field
-measured at all. On a fat-suppressed sequence the bright tissue near the skin is the organs against the
-wall, a few sectors of it, and nothing is corrected. A field that stays within 10 % of its median is not
-applied either: that much the organs' windows absorb, and it is as much fat's own variation (partial volume
-in a thin ring, a fold of skin) as shading. On mr_abdomen as stored the fitted field spans 0.95-1.06 and the
+the skin; only where that bright tissue shows in most directions around the body (a ring) in the layer right
+under the skin (2-12 mm) is a field measured at all. On a fat-suppressed sequence the bright tissue near the
+skin is the organs against the wall, behind its muscles, and nothing is corrected: on a T2 with fat
+suppressed made from mr_abdomen (``medprompt.mr_contrasts``), bright organs showed in 85 % of the directions
+within 3 cm of the skin, and a field of 0.55-2.0 fitted to them made the spleen darker than the liver; right
+under the skin they show in 46 %, and fat rings on T1 and T2 without suppression in 93-97 %.
+
+A field that stays within 10 % of its median is not applied either: that much the organs' windows absorb, and
+it is as much fat's own variation (partial volume in a thin ring, a fold of skin) as shading. On mr_abdomen as stored the fitted field spans 0.95-1.06 and the
 image is drawn as before; with a +-30 % gradient added it spans 0.76-1.31 and is divided out.
 """
 
@@ -33,6 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from medprompt.histogram import otsu
+from medprompt.prior.landmarks import UNDER_SKIN_MM, skin_depth
 
 SHELL_MM = 30.0  # subcutaneous fat lies within this depth of the skin (with the abdominal wall's muscles)
 MIN_COVERAGE = 0.75  # of the directions around the body where the bright ring shows: fat rings the body;
@@ -49,14 +54,14 @@ def coil_field(image: np.ndarray, body: np.ndarray, spacing: Sequence[float]) ->
     ``spacing``: its voxel size in mm."""
     if not body.any() or image.ndim != 3:
         return None
-    depth = np.stack([ndi.distance_transform_edt(body[:, :, k], sampling=spacing[:2])
-                      for k in range(body.shape[2])], -1)
+    depth = skin_depth(body, spacing)
     ring = body & (depth < SHELL_MM)
     logs = np.log(np.maximum(image, 1e-3))
     threshold = otsu(logs[body])
     fat = ring & (logs > threshold)
     fat = ndi.binary_erosion(fat, structure=np.ones((3, 3, 1), bool))  # the fat's core: no partial volume
-    if fat.sum() < MIN_FAT_VOXELS or _ring_coverage(fat, body) < MIN_COVERAGE:
+    under_skin = (depth > UNDER_SKIN_MM[0]) & (depth <= UNDER_SKIN_MM[1])
+    if fat.sum() < MIN_FAT_VOXELS or _ring_coverage(fat & under_skin, body) < MIN_COVERAGE:
         return None
     idx = np.argwhere(fat)
     centre = np.array([(n - 1) / 2 for n in image.shape])

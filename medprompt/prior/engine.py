@@ -18,7 +18,7 @@ from medprompt.localization import Localization
 from medprompt.memo import Memo
 from medprompt.prior import geometry
 from medprompt.prior.coil_field import coil_field
-from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality
+from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality, mr_weighting
 from medprompt.prior.rules import RULES
 
 if TYPE_CHECKING:
@@ -126,9 +126,11 @@ class AnatomyPrior:
             # (the liver and the non-contrast vena cava); they are found first, as anchors.
             for other in entry.prior.get("exclude", []):
                 taken = taken | anchor(other)
-            like = entry.prior.get("mr", {}).get("like")
-            if modality == "MR" and like:
-                anchor(like)  # the class whose grey it shares (rules.intensity_window reads its mask) is found first
+            mr = entry.prior.get("mr", {})
+            if modality == "MR" and mr.get("like"):
+                anchor(mr["like"])  # the class whose grey it shares (rules.intensity_window reads its mask) is found first
+            if modality == "MR" and "vs_liver" in mr and lm.weighting is None:
+                lm.weighting = mr_weighting(smooth, lm, anchor("liver"))
             return RULES[entry.prior.get("method", "organ")](smooth, lm, entry.prior, taken)
 
         def anchor(name: str) -> np.ndarray:

@@ -34,6 +34,7 @@ class Landmarks:
     hip_top_z: int | None = None  # top slice of the hip bones, when the study reaches above them (CT)
     below_abdomen: bool = False  # the study ends below the upper abdomen: within 85 mm above the hip bones
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
+    weighting: str | None = None  # MR: "T1" or "T2", read from the image when a rule needs it (engine)
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Per-voxel (x right, y anterior) millimetre offsets from the spine, as broadcastable grids."""
@@ -273,6 +274,45 @@ def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, s
         if broad >= 80.0 and fat <= 0.3:
             tops[1 if side > 0 else -1].append(sl[2].stop - 1)
     return min(max(tops[1]), max(tops[-1])) if tops[1] and tops[-1] else None
+
+
+UNDER_SKIN_MM = (2.0, 12.0)  # the layer right under the skin: subcutaneous fat, thin patients' included; organs
+# against the abdominal wall lie behind its muscles
+DEEP_MM = 20.0  # deeper than the abdominal wall
+FLUID_OVER_LIVER = 2.0  # fluid (T2 500-4000 ms) against the liver (46 ms) on T2: 3-10 times; nothing reaches 2 on T1
+
+
+def skin_depth(body: np.ndarray, spacing) -> np.ndarray:
+    """Per voxel of ``body``, millimetres in-plane to the nearest skin in view (0 outside; the image's edge, where
+    a field of view cuts the body, is no skin)."""
+    return np.stack([ndi.distance_transform_edt(body[:, :, k], sampling=spacing[:2])
+                     for k in range(body.shape[2])], axis=-1)
+
+
+def mr_weighting(smooth: np.ndarray, lm: Landmarks, liver: np.ndarray) -> str:
+    """"T2" when an MR series is T2-weighted, else "T1", read from what its brightest tissue is.
+
+    On a T2-weighted series the brightest tissue deep in the body is fluid (spinal fluid, bile, urine, gastric
+    fluid: T2 of 500-4000 ms against the liver's 46), several times the liver's grey and brighter than the fat
+    under the skin, suppressed or not. On a T1-weighted one it is fat, no brighter deep in the body than under
+    the skin, or, with fat suppressed, enhancing or short-T1 tissue within twice the liver's grey. The brightest
+    deep tissue: the 99th percentile of voxels over ``DEEP_MM`` under the skin; the fat under the skin: the 90th
+    percentile of the ``UNDER_SKIN_MM`` layer (fat a tenth of it thick counts), depths from the skin in view
+    (``skin_depth``). T1 when the liver, the body or the skin is missing: the rules' assumption before they
+    read the weighting. DICOM headers do not settle it: sequence names and echo times vary by vendor and are
+    lost on conversion.
+    """
+    if not liver.any() or not lm.body.any():
+        return "T1"
+    depth = skin_depth(lm.body, lm.spacing)
+    deep = lm.body & (depth > DEEP_MM)
+    shell = lm.body & (depth > UNDER_SKIN_MM[0]) & (depth <= UNDER_SKIN_MM[1])
+    if deep.sum() < 100 or shell.sum() < 100:
+        return "T1"
+    brightest = float(np.percentile(smooth[deep], 99))
+    fat = float(np.percentile(smooth[shell], 90))
+    liver_grey = float(np.median(smooth[liver]))
+    return "T2" if brightest >= FLUID_OVER_LIVER * liver_grey and brightest > fat else "T1"
 
 
 def noise_sigma(data: np.ndarray, median3: np.ndarray, body: np.ndarray, modality: str) -> float:

@@ -94,15 +94,11 @@ def intensity_window(
         # like: an organ of the same relaxation times (the pancreas has the liver's T1 and T2 at 1.5
         # and 3 T), so of the same intensity on any unenhanced sequence: its window is that organ's.
         vals = smooth[like] if like is not None and like.any() else smooth[cand_region]
-        if "rel" in mr:
-            # rel: position of the organ in the body's intensity distribution (quantiles).
-            if not lm.body.any():
-                return None  # a blank study: no body, no distribution to place the organ in
-            q = np.percentile(smooth[lm.body], [1, 99])
-            lo, hi = q[0] + np.array(mr["rel"]) * (q[1] - q[0])
-            vals = vals[(vals >= lo) & (vals <= hi)]
-        else:
-            lo, hi = -np.inf, np.inf
+        band = mr_band(smooth, lm, mr)
+        if band is None:
+            return None
+        lo, hi = band
+        vals = vals[(vals >= lo) & (vals <= hi)]
     if vals.size < 20:
         return None
     hist, edges = np.histogram(vals, bins=64)
@@ -119,6 +115,34 @@ def intensity_window(
         if cortex is not None:
             top = cortex + min_half
     return max(lo, mode - half), min(hi, top)
+
+
+LIVER_MARGIN = 0.1  # greys within 10 % of the liver's are the liver's, not those of an organ that differs from it
+
+
+def mr_band(smooth: np.ndarray, lm: Landmarks, mr: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The greys an MR organ's window is searched in; None when the study has no body to place it in.
+
+    ``vs_liver: longer``: T1 and T2 longer than the liver's (the spleen, fluid), so darker than the liver on a
+    T1-weighted series and brighter on a T2-weighted one (``Landmarks.weighting``); ``shorter`` the other way
+    round. The liver (``lm.anchors``, found first by the engine) holds its place on either. ``rel``: a fixed band
+    of the body's intensity distribution (quantiles), for a grey that does not depend on the weighting (flow
+    voids, bright inflow). Neither: any grey.
+    """
+    if "rel" in mr or "vs_liver" in mr:
+        if not lm.body.any():
+            return None  # a blank study: no body, no distribution to place the organ in
+    if "rel" in mr:
+        q = np.percentile(smooth[lm.body], [1, 99])
+        lo, hi = q[0] + np.array(mr["rel"]) * (q[1] - q[0])
+        return float(lo), float(hi)
+    liver = lm.anchors.get("liver")
+    if "vs_liver" in mr and liver is not None and liver.any():
+        grey = float(np.median(smooth[liver]))
+        if (lm.weighting == "T2") == (mr["vs_liver"] == "longer"):
+            return grey * (1 + LIVER_MARGIN), np.inf
+        return -np.inf, grey * (1 - LIVER_MARGIN)
+    return -np.inf, np.inf
 
 
 def cortex_grey(vals: np.ndarray, hist: np.ndarray, edges: np.ndarray, mode: float, half: float) -> float | None:

@@ -1,0 +1,133 @@
+"""The prior on MR of either weighting: the series' weighting is read from its brightest tissue, and organs whose
+T1 and T2 are longer than the liver's (``mr: {vs_liver: longer}``: the spleen, the stomach's fluid) are searched
+darker than the liver on T1 and brighter on T2.
+
+Before, the spleen and stomach took a band of the darkest greys, fixed for T1: on a T2-weighted series (CHAOS
+T2-SPIR, many AMOS MRs) they drew muscle and suppressed fat. No labelled T2 abdomen is here, so the real-data
+tests use contrasts made from mr_abdomen by spin-echo physics (``medprompt.mr_contrasts``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medprompt.catalog import PromptCatalog, default_catalog
+from medprompt.errors import PromptError
+from medprompt.evaluation import evaluate
+from medprompt.io.volume import Volume, load_volume
+from medprompt.mr_contrasts import CONTRASTS, CSF, FAT, SOFT, TISSUE, made_contrast, signal
+from medprompt.prior import geometry
+from medprompt.prior.engine import AnatomyPrior
+from medprompt.prior.landmarks import find_landmarks, mr_weighting
+
+
+def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """An axial MR slab (3 mm voxels) on ``contrast``: a body ringed by 12 mm of subcutaneous fat, muscle-grey
+    inside, a liver, a spleen, fat around the kidneys and the spinal canal's fluid, each at its spin-echo grey; ``crop`` widens the body
+    past the image's sides and front; ``fat_gain`` brightens fat (mr_abdomen's T1: six times the liver). Returns the image and the liver's mask."""
+    _, tr, te, fat_kept = CONTRASTS[contrast]
+    fat_kept *= fat_gain
+    shape = (110, 84, 10)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    size, centre = ((90.0, 56.0), 58) if crop else ((50.0, 38.0), 42)
+    r = np.sqrt(((i - 55) / size[0]) ** 2 + ((j - centre) / size[1]) ** 2)
+    grey = np.where(r <= 1.0, signal(*SOFT, tr, te), 0.01)
+    grey[(r > 1.0 - 4 / size[1]) & (r <= 1.0)] = signal(*FAT, tr, te) * fat_kept
+    liver = ((i - 30) / 16.0) ** 2 + ((j - 45) / 15.0) ** 2 <= 1.0
+    grey[liver] = signal(*TISSUE["liver"], tr, te)
+    grey[((i - 82) / 8.0) ** 2 + ((j - 38) / 10.0) ** 2 <= 1.0] = signal(*TISSUE["spleen"], tr, te)
+    for side in (-1, 1):  # fat around the kidneys
+        grey[((i - 55 - 22 * side) / 9.0) ** 2 + ((j - 26) / 7.0) ** 2 <= 1.0] = signal(*FAT, tr, te) * fat_kept
+    grey[(i - 55) ** 2 + (j - 16) ** 2 <= 9] = signal(*CSF, tr, te)  # the canal, 18 mm across
+    rng = np.random.default_rng(1)
+    image = np.repeat(grey[:, :, None], shape[2], 2) * (1 + 0.03 * rng.standard_normal(shape))
+    return (1000 * image).astype(np.float32), np.repeat(liver[:, :, None], shape[2], 2)
+
+
+@pytest.mark.parametrize("contrast, expected", [("t1se", "T1"), ("t1fs", "T1"), ("t2", "T2"), ("t2fs", "T2")])
+def test_the_weighting_is_read_from_the_brightest_tissue(contrast: str, expected: str) -> None:
+    """Fluid brighter than twice the liver and than the fat under the skin: T2. Fat as bright deep as under the
+    skin, or with fat suppressed nothing twice the liver: T1."""
+    image, liver = _slab(contrast)
+    lm = find_landmarks(image, (3.0, 3.0, 3.0), "MR")
+    assert mr_weighting(image, lm, liver) == expected
+
+
+@pytest.mark.parametrize("contrast, expected", [("t1se", "T1"), ("t2fs", "T2")])
+def test_a_body_cut_by_the_field_of_view_reads_its_weighting_from_the_skin_in_view(contrast: str,
+                                                                                   expected: str) -> None:
+    """A large patient fills the image but for the back: the layer under the image's edge is no fat, and the
+    depth under the skin is measured from the skin in view, not from the image's edge."""
+    image, liver = _slab(contrast, crop=True, fat_gain=3.0)
+    lm = find_landmarks(image, (3.0, 3.0, 3.0), "MR")
+    assert lm.body[0, 60, :].all() and lm.body[-1, 60, :].all() and lm.body[55, -1, :].all()  # cut but for the back
+    assert mr_weighting(image, lm, liver) == expected
+
+
+def _dice_on(volume: Volume, case: Path, names: list[str]) -> tuple[dict[str, float], str | None]:
+    catalog = default_catalog()
+    prior = AnatomyPrior(catalog)
+    loc = prior.localize(volume, [catalog[n] for n in names])
+    labels = geometry.paint_input_labels([(k + 1, loc.masks[n]) for k, n in enumerate(names)], loc.frame)
+    ref_img = nib.load(case / "label.nii.gz")
+    ref_names = json.loads((case / "labels.json").read_text())["labels"]
+    ev = evaluate(labels, volume.affine, {n: k + 1 for k, n in enumerate(names)}, np.asarray(ref_img.dataobj),
+                  ref_img.affine, ref_names)
+    weighting = prior.segment_work(volume, [catalog["spleen"]]).landmarks.weighting
+    return {s.name: s.dice for s in ev.scores}, weighting
+
+
+def test_the_spleen_and_stomach_are_found_on_t1_and_on_a_t2_made_from_it(real_data: Path, tmp_path: Path) -> None:
+    """mr_abdomen as scanned (T1) and on a fat-suppressed T2 made from it: before, the spleen and stomach scored
+    0.000 on the T2 (a band of the darkest greys), and 0.81 / 0.80 on T1."""
+    case = real_data / "mr_abdomen"
+    scan = nib.load(case / "image.nii.gz")
+    label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    ref_names = json.loads((case / "labels.json").read_text())["labels"]
+    t2 = made_contrast(np.asarray(scan.dataobj), label, ref_names, "t2fs", scan.header.get_zooms()[:3])
+    nib.save(nib.Nifti1Image(t2, scan.affine, scan.header), tmp_path / "t2fs.nii.gz")
+    names = ["liver", "spleen", "stomach"]
+    dice_t1, read_t1 = _dice_on(load_volume(case / "image.nii.gz"), case, names)
+    dice_t2, read_t2 = _dice_on(load_volume(tmp_path / "t2fs.nii.gz"), case, names)
+    assert (read_t1, read_t2) == ("T1", "T2")
+    assert min(dice_t1.values()) >= 0.75, dice_t1  # 0.87, 0.81, 0.80
+    assert min(dice_t2.values()) >= 0.65, dice_t2  # 0.87, 0.76, 0.84
+
+
+def test_no_coil_field_is_fitted_to_organs_against_the_wall_of_a_fat_suppressed_series(real_data: Path) -> None:
+    """With fat suppressed, the bright tissue within 3 cm of the skin is organs (liver, spleen, bowel) behind the
+    wall's muscles, not a ring of fat: a field fitted to them (0.55-2.0 on this T2) made the spleen darker than
+    the liver. Right under the skin they do not ring the body; fat does, on T1 and T2 alike."""
+    from scipy import ndimage as ndi
+
+    from medprompt.prior.coil_field import coil_field
+    from medprompt.prior.landmarks import body_mask
+
+    case = real_data / "mr_abdomen"
+    scan = nib.load(case / "image.nii.gz")
+    label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    ref_names = json.loads((case / "labels.json").read_text())["labels"]
+    spacing = tuple(float(v) for v in scan.header.get_zooms()[:3])
+    for contrast in ("t2fs", "t2"):
+        made = ndi.median_filter(made_contrast(np.asarray(scan.dataobj), label, ref_names, contrast, spacing)
+                                 .astype(np.float32), size=3)
+        body = body_mask(made, "MR")
+        assert coil_field(made, body, spacing) is None, contrast
+        # A shading the coil would make is still measured where fat rings the body (T2 without suppression).
+        if contrast == "t2":
+            x = np.linspace(-1, 1, made.shape[0])[:, None, None]
+            field = coil_field(made * (1 + 0.3 * x), body, spacing)
+            assert field is not None and field[body].max() / field[body].min() > 1.5
+
+
+def test_vs_liver_must_say_longer_or_shorter(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[1] / "prompts" / "spleen.yaml").read_text()
+    assert "vs_liver: longer" in text
+    (tmp_path / "spleen.yaml").write_text(text.replace("vs_liver: longer", "vs_liver: darker"))
+    with pytest.raises(PromptError, match="prior.mr.vs_liver"):
+        PromptCatalog.load([tmp_path])
