@@ -1,10 +1,11 @@
-"""Benchmark: the anatomy prior (and prior + LiteMedSAM) on mr_abdomen as scanned (T1-weighted) and on
-contrasts made from it by spin-echo physics (``medprompt.mr_contrasts``: T2 with and without fat suppression,
-T1 spin echo, T1 with fat suppressed), to show whether the prior's MR rules follow the series' weighting or
-assume one contrast. No labelled T2 abdomen is in ../shared/data, and held-out MRs may be T2 (CHAOS T2-SPIR,
-many AMOS MRs). The boundaries are the reference's own, so Dice on a made contrast is no quality figure.
+"""Benchmark: the anatomy prior (and prior + LiteMedSAM) on mr_abdomen as scanned (T1-weighted) and on MR
+contrasts made by spin-echo physics (``medprompt.mr_contrasts``: T2 with and without fat suppression, T1 spin
+echo, T1 with fat suppressed) from mr_abdomen and from ct_abdomen_a (another patient, abdomen and pelvis; and
+its pelvis alone), to show whether the prior's MR rules follow the series' weighting or assume one contrast.
+No labelled T2 abdomen is in ../shared/data, and held-out MRs may be T2 (CHAOS T2-SPIR, many AMOS MRs). The
+boundaries are the reference's own, so Dice on a made contrast is no quality figure.
 
-    .venv/bin/python benchmarks/mr_weighting.py [--refine none sam] [--contrasts t1 t2fs t2 t1se t1fs]
+    .venv/bin/python benchmarks/mr_weighting.py [--refine none sam] [--cases ...] [--contrasts t1 t2fs ...]
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from medprompt.catalog import SYNAPSE8  # noqa: E402
 from medprompt.drafts import draft  # noqa: E402
 from medprompt.evaluation import evaluate  # noqa: E402
 from medprompt.io.volume import load_volume  # noqa: E402
-from medprompt.mr_contrasts import CONTRASTS, made_contrast  # noqa: E402
+from medprompt.mr_contrasts import CONTRASTS, made_contrast, made_from_ct  # noqa: E402
 from medprompt.prior.engine import AnatomyPrior  # noqa: E402
 
-CASE = REPO.parent / "shared" / "data" / "real" / "mr_abdomen"
+DATA = REPO.parent / "shared" / "data" / "real"
 
 
 def weighting_read(volume) -> str:
@@ -38,36 +39,54 @@ def weighting_read(volume) -> str:
     return result.landmarks.weighting or "?"
 
 
+def made_cases(case: str, contrasts: list[str], tmp: Path):
+    """(title, image path) of each contrast of ``case``: mr_abdomen as scanned ("t1") and made from its reference;
+    ct_abdomen_a (abdomen and pelvis, another patient) made from its CT and reference, and its pelvis alone
+    (the slices below the hip bones' top: no organ of the eight is there)."""
+    folder = DATA / case.removesuffix("_pelvis")
+    ref = nib.load(folder / "label.nii.gz")
+    label = np.asarray(ref.dataobj)
+    names = json.loads((folder / "labels.json").read_text())["labels"]
+    scan = nib.load(folder / "image.nii.gz")
+    data, spacing = np.asarray(scan.dataobj), scan.header.get_zooms()[:3]
+    if case.endswith("_pelvis"):
+        hips = np.isin(label, [names["hip_left"], names["hip_right"]])
+        top = int(np.flatnonzero(hips.any(axis=(0, 1)))[-1])
+        data, label = data[:, :, :top], label[:, :, :top]
+    for name in contrasts:
+        if name == "t1":
+            if case == "mr_abdomen":
+                yield "T1 (as scanned)", folder / "image.nii.gz", label, ref.affine, names
+            continue
+        make = made_contrast if case == "mr_abdomen" else made_from_ct
+        path = tmp / f"{case}_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(make(data, label, names, name, spacing), scan.affine, scan.header), path)
+        yield CONTRASTS[name][0], path, label, ref.affine, names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--refine", nargs="+", default=["none", "sam"], choices=["none", "sam"])
+    p.add_argument("--cases", nargs="+", default=["mr_abdomen", "ct_abdomen_a", "ct_abdomen_a_pelvis"],
+                   choices=["mr_abdomen", "ct_abdomen_a", "ct_abdomen_a_pelvis"])
     p.add_argument("--contrasts", nargs="+", default=["t1", *CONTRASTS], choices=["t1", *CONTRASTS],
-                   help="t1: mr_abdomen as scanned; the others are made from it")
+                   help="t1: mr_abdomen as scanned; the others are made")
     args = p.parse_args()
-    if not CASE.exists():
-        sys.exit(f"error: {CASE} not found")
-    ref = nib.load(CASE / "label.nii.gz")
-    label = np.asarray(ref.dataobj)
-    names = json.loads((CASE / "labels.json").read_text())["labels"]
-    t1 = nib.load(CASE / "image.nii.gz")
+    for case in args.cases:
+        if not (DATA / case.removesuffix("_pelvis")).exists():
+            sys.exit(f"error: {DATA / case.removesuffix('_pelvis')} not found")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.contrasts:
-            if name == "t1":
-                contrast, path = "T1 (as scanned)", CASE / "image.nii.gz"
-            else:
-                contrast, path = CONTRASTS[name][0], Path(tmp) / f"{name}.nii.gz"
-                made = made_contrast(np.asarray(t1.dataobj), label, names, name, t1.header.get_zooms()[:3])
-                nib.save(nib.Nifti1Image(made, t1.affine, t1.header), path)
-            volume = load_volume(path)
-            data = np.asarray(volume.data)
-            grey = {n: float(np.median(data[label == names[n]])) for n in ("liver", "spleen", "kidney_left")}
-            print(f"\n## {contrast}: median grey liver {grey['liver']:.0f}, spleen {grey['spleen']:.0f}, "
-                  f"left kidney {grey['kidney_left']:.0f}; read as {weighting_read(volume)}-weighted")
-            for refine in args.refine:
-                seg = draft(volume, list(SYNAPSE8), model="prior", refine=refine)
-                ev = evaluate(seg.labels, volume.affine, seg.names, label, ref.affine, names)
-                cells = ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores)
-                print(f"prior{' + LiteMedSAM' if refine == 'sam' else ''}: mDice {ev.mdice:.3f}: {cells}", flush=True)
+        for case in args.cases:
+            for contrast, path, label, affine, names in made_cases(case, args.contrasts, Path(tmp)):
+                volume = load_volume(path)
+                print(f"\n## {case}, {contrast}: read as {weighting_read(volume)}-weighted")
+                for refine in args.refine:
+                    seg = draft(volume, list(SYNAPSE8), model="prior", refine=refine)
+                    ev = evaluate(seg.labels, volume.affine, seg.names, label, affine, names)
+                    cells = ", ".join(f"{s.name} {s.dice:.3f}" for s in ev.scores)
+                    drawn = sum(int(np.count_nonzero(seg.labels == v)) for v in seg.names.values())
+                    print(f"prior{' + LiteMedSAM' if refine == 'sam' else ''}: mDice {ev.mdice:.3f}: {cells}; "
+                          f"{drawn} voxels drawn", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,14 @@ TISSUE = {
     "autochthon_left": (0.70, 856, 27), "autochthon_right": (0.70, 856, 27),
     "iliopsoas_left": (0.70, 856, 27), "iliopsoas_right": (0.70, 856, 27), "lung_right": (0.10, 1200, 40),
 }
-FLOW_VOID = {"aorta": 0.02, "inferior_vena_cava": 0.02, "portal_vein_and_splenic_vein": 0.08}  # slow flow greyer
+URINE = (1.00, 3000, 1200)
+# TotalSegmentator classes that share a tissue above (CT references name muscles, bones and vessels one by one)
+ALSO = {"urinary_bladder": URINE, "prostate": (0.75, 1400, 90), "gluteus": TISSUE["autochthon_left"],
+        "lung": TISSUE["lung_right"], "costal_cartilages": (0.70, 1000, 30)}
+FLOW_VOID = {"aorta": 0.02, "inferior_vena_cava": 0.02, "portal_vein_and_splenic_vein": 0.08,  # slow flow greyer
+             "iliac_artery": 0.02, "iliac_vena": 0.04}
+BONES = ("vertebrae", "sacrum", "hip", "femur", "rib")
+CT_TEXTURE = 0.003  # of the liver's made grey per HU: CT's 10-15 HU of noise become 3-5 %
 FAT = (0.90, 343, 58)
 SOFT = (0.70, 856, 35)  # unlabelled soft tissue: muscle-like
 CSF = (1.00, 4000, 2000)
@@ -56,8 +63,8 @@ def made_contrast(image: np.ndarray, label: np.ndarray, names: dict[str, int], c
     tissue's own, whichever is less: MR noise is additive, so a tissue dark on the scan (the spleen at a quarter
     of the liver's grey) must not carry its deviations multiplied into a bright tissue of the made contrast, and
     a tissue bright on the scan (fat, whose grey spans 300-700 with partial volume) must not spread wider than
-    its own grey. Unlabelled voxels are fat, soft tissue or,
-    next to the spinal cord, spinal fluid, by their grey on the T1 scan.
+    its own grey. Unlabelled voxels are fat, soft tissue or, next to the spinal cord, spinal fluid, by their
+    grey on the T1 scan.
     """
     _, tr, te, fat_kept = CONTRASTS[contrast]
     a = image.astype(float)
@@ -84,5 +91,47 @@ def made_contrast(image: np.ndarray, label: np.ndarray, names: dict[str, int], c
     if "spinal_cord" in names:
         near_cord = ndi.distance_transform_edt(label != names["spinal_cord"], sampling=spacing) <= CSF_MM
         put(free & near_cord & (a <= SOFT_T1_ABOVE), signal(*CSF, tr, te))
+    noise = np.abs(np.random.default_rng(seed).normal(0, 8, out.shape))
+    return (out / out.max() * 800 + noise).astype(np.int16)
+
+
+def made_from_ct(hu: np.ndarray, label: np.ndarray, names: dict[str, int], contrast: str,
+                 spacing: tuple[float, float, float] = (3.0, 3.0, 3.0), seed: int = 0) -> np.ndarray:
+    """The MR image on ``contrast`` of a CT (``hu``) and its TotalSegmentator reference (class -> value
+    ``names``): a second anatomy, with the pelvis, for the MR rules. Each class gets its tissue's spin-echo grey
+    (``TISSUE``, ``ALSO``; vessels flow voids; bones half-fat marrow), unlabelled voxels fat (-200 to -30 HU),
+    air (below -500) or soft tissue, and spinal fluid next to the cord; the texture is the CT's deviation from each
+    tissue's median (``CT_TEXTURE``). Scaled to 0-800."""
+    _, tr, te, fat_kept = CONTRASTS[contrast]
+    a = hu.astype(float)
+    out = np.zeros_like(a)
+    gain = CT_TEXTURE * signal(*TISSUE["liver"], tr, te)
+
+    def put(mask: np.ndarray, s: float) -> None:
+        if mask.any():
+            out[mask] = np.maximum(s + (a[mask] - float(np.median(a[mask]))) * gain, 0.0)
+
+    def tissue_of(name: str) -> float | None:
+        for table in (TISSUE, ALSO):
+            for key, params in table.items():
+                if name == key or name.startswith(key + "_"):
+                    return signal(*params, tr, te)
+        for key, grey in FLOW_VOID.items():
+            if name == key or name.startswith(key + "_"):
+                return grey
+        if any(name == b or name.startswith(b + "_") for b in BONES):
+            return MARROW_FAT * fat + (1 - MARROW_FAT) * soft
+        return None
+
+    fat, soft = signal(*FAT, tr, te) * fat_kept, signal(*SOFT, tr, te)
+    for name, value in names.items():
+        grey = tissue_of(name)
+        put(label == value, soft if grey is None else grey)
+    free = label == 0
+    put(free & (a >= -200) & (a < -30), fat)
+    put(free & (a >= -30), soft)
+    if "spinal_cord" in names:
+        near_cord = ndi.distance_transform_edt(label != names["spinal_cord"], sampling=spacing) <= CSF_MM
+        put(free & near_cord & (a >= -30) & (a < 25), signal(*CSF, tr, te))
     noise = np.abs(np.random.default_rng(seed).normal(0, 8, out.shape))
     return (out / out.max() * 800 + noise).astype(np.int16)

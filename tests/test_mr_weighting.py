@@ -20,7 +20,7 @@ from medprompt.catalog import PromptCatalog, default_catalog
 from medprompt.errors import PromptError
 from medprompt.evaluation import evaluate
 from medprompt.io.volume import Volume, load_volume
-from medprompt.mr_contrasts import CONTRASTS, CSF, FAT, SOFT, TISSUE, made_contrast, signal
+from medprompt.mr_contrasts import CONTRASTS, CSF, FAT, SOFT, TISSUE, made_contrast, made_from_ct, signal
 from medprompt.prior import geometry
 from medprompt.prior.engine import AnatomyPrior
 from medprompt.prior.landmarks import find_landmarks, mr_weighting
@@ -84,7 +84,7 @@ def _dice_on(volume: Volume, case: Path, names: list[str]) -> tuple[dict[str, fl
 
 def test_the_spleen_and_stomach_are_found_on_t1_and_on_a_t2_made_from_it(real_data: Path, tmp_path: Path) -> None:
     """mr_abdomen as scanned (T1) and on a fat-suppressed T2 made from it: before, the spleen and stomach scored
-    0.000 on the T2 (a band of the darkest greys), and 0.81 / 0.80 on T1."""
+    0.000 on the T2 (a band of the darkest greys fixed for T1), and 0.81 / 0.80 on T1."""
     case = real_data / "mr_abdomen"
     scan = nib.load(case / "image.nii.gz")
     label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
@@ -96,7 +96,23 @@ def test_the_spleen_and_stomach_are_found_on_t1_and_on_a_t2_made_from_it(real_da
     dice_t2, read_t2 = _dice_on(load_volume(tmp_path / "t2fs.nii.gz"), case, names)
     assert (read_t1, read_t2) == ("T1", "T2")
     assert min(dice_t1.values()) >= 0.75, dice_t1  # 0.87, 0.81, 0.80
-    assert min(dice_t2.values()) >= 0.65, dice_t2  # 0.87, 0.76, 0.84
+    assert min(dice_t2.values()) >= 0.7, dice_t2  # 0.92, 0.85, 0.85
+
+
+@pytest.mark.parametrize("contrast, weighting", [("t1se", "T1"), ("t2fs", "T2")])
+def test_on_another_patient_made_mr_the_spleen_and_stomach_follow_the_weighting(
+        real_data: Path, tmp_path: Path, contrast: str, weighting: str) -> None:
+    """ct_abdomen_a (another patient) made into MR from its CT and reference: spleen and stomach 0.000 on both
+    contrasts before (T1: the darkest band held muscle, T2: it held suppressed fat)."""
+    case = real_data / "ct_abdomen_a"
+    scan = nib.load(case / "image.nii.gz")
+    label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    ref_names = json.loads((case / "labels.json").read_text())["labels"]
+    made = made_from_ct(np.asarray(scan.dataobj), label, ref_names, contrast, scan.header.get_zooms()[:3])
+    nib.save(nib.Nifti1Image(made, scan.affine, scan.header), tmp_path / "made.nii.gz")
+    dice, read = _dice_on(load_volume(tmp_path / "made.nii.gz"), case, ["liver", "spleen", "stomach"])
+    assert read == weighting
+    assert min(dice.values()) >= 0.7, dice  # T1 SE 0.82, 0.85, 0.85; T2 fat-suppressed 0.93, 0.84, 0.91
 
 
 def test_no_coil_field_is_fitted_to_organs_against_the_wall_of_a_fat_suppressed_series(real_data: Path) -> None:
