@@ -6,6 +6,7 @@ No labelled T2 abdomen is in ../shared/data, and held-out MRs may be T2 (CHAOS T
 boundaries are the reference's own, so Dice on a made contrast is no quality figure.
 
     .venv/bin/python benchmarks/mr_weighting.py [--refine none sam] [--cases ...] [--contrasts t1 t2fs ...]
+    .venv/bin/python benchmarks/mr_weighting.py --sweep
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ def made_cases(case: str, contrasts: list[str], tmp: Path):
         yield CONTRASTS[name][0], path, label, ref.affine, names
 
 
+SWEEP = [("T1", tr, te, kept) for tr in (300.0, 600.0) for te in (8.0, 15.0) for kept in (1.0, 0.1)] + [
+    ("T2", tr, te, kept) for tr in (1500.0, 4000.0) for te in (60.0, 90.0, 120.0) for kept in (1.0, 0.1)]
+
+
+def sweep(tmp: Path) -> None:
+    """The weighting read on spin-echo contrasts over ``SWEEP`` (weighting, TR, TE, fat's signal kept), made
+    from both patients: how far from the default contrasts the read holds."""
+    wrong = 0
+    for expected, tr, te, kept in SWEEP:
+        CONTRASTS["sweep"] = (f"TR {tr:.0f} TE {te:.0f}", tr, te, kept)
+        read = [weighting_read(load_volume(path)) for case in ("mr_abdomen", "ct_abdomen_a")
+                for _, path, *_ in made_cases(case, ["sweep"], tmp)]
+        wrong += sum(r != expected for r in read)
+        print(f"{expected} TR {tr:.0f} TE {te:.0f} fat kept {kept}: read mr_abdomen {read[0]}, ct_abdomen_a {read[1]}",
+              flush=True)
+    del CONTRASTS["sweep"]
+    print(f"misread {wrong} of {2 * len(SWEEP)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--refine", nargs="+", default=["none", "sam"], choices=["none", "sam"])
@@ -71,11 +91,15 @@ def main() -> None:
                    choices=["mr_abdomen", "ct_abdomen_a", "ct_abdomen_a_pelvis"])
     p.add_argument("--contrasts", nargs="+", default=["t1", *CONTRASTS], choices=["t1", *CONTRASTS],
                    help="t1: mr_abdomen as scanned; the others are made")
+    p.add_argument("--sweep", action="store_true", help="only the weighting read over a grid of TR, TE and fat")
     args = p.parse_args()
     for case in args.cases:
         if not (DATA / case.removesuffix("_pelvis")).exists():
             sys.exit(f"error: {DATA / case.removesuffix('_pelvis')} not found")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.sweep:
+            sweep(Path(tmp))
+            return
         for case in args.cases:
             for contrast, path, label, affine, names in made_cases(case, args.contrasts, Path(tmp)):
                 volume = load_volume(path)

@@ -49,11 +49,14 @@ def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0) -> tuple[np.
     return (1000 * image).astype(np.float32), np.repeat(liver[:, :, None], shape[2], 2)
 
 
-@pytest.mark.parametrize("contrast, expected", [("t1se", "T1"), ("t1fs", "T1"), ("t2", "T2"), ("t2fs", "T2")])
-def test_the_weighting_is_read_from_the_brightest_tissue(contrast: str, expected: str) -> None:
-    """Fluid brighter than twice the liver and than the fat under the skin: T2. Fat as bright deep as under the
-    skin, or with fat suppressed nothing twice the liver: T1."""
-    image, liver = _slab(contrast)
+@pytest.mark.parametrize("contrast, fat_gain, expected",
+                         [("t1se", 1.0, "T1"), ("t1se", 3.0, "T1"), ("t1fs", 1.0, "T1"), ("t2", 1.0, "T2"),
+                          ("t2fs", 1.0, "T2")])
+def test_the_weighting_is_read_from_the_brightest_tissue(contrast: str, fat_gain: float, expected: str) -> None:
+    """Fluid brighter than twice the liver and clearly brighter than the fat under the skin: T2. Fat as bright
+    deep as under the skin (its brightest voxels a little above the layer's 90th percentile), even at six times
+    the liver's grey, or with fat suppressed nothing twice the liver: T1."""
+    image, liver = _slab(contrast, fat_gain=fat_gain)
     lm = find_landmarks(image, (3.0, 3.0, 3.0), "MR")
     assert mr_weighting(image, lm, liver) == expected
 

@@ -280,6 +280,8 @@ UNDER_SKIN_MM = (2.0, 12.0)  # the layer right under the skin: subcutaneous fat,
 # against the abdominal wall lie behind its muscles
 DEEP_MM = 20.0  # deeper than the abdominal wall
 FLUID_OVER_LIVER = 2.0  # fluid (T2 500-4000 ms) against the liver (46 ms) on T2: 3-10 times; nothing reaches 2 on T1
+FLUID_OVER_FAT = 1.15  # deep fat against the fat under the skin, one tissue: 0.7-1.05 (brightest deep voxels against
+# the layer's 90th percentile); fluid against fat on T2 without fat suppression: 1.2-3
 
 
 def skin_depth(body: np.ndarray, spacing) -> np.ndarray:
@@ -293,10 +295,10 @@ def mr_weighting(smooth: np.ndarray, lm: Landmarks, liver: np.ndarray) -> str:
     """"T2" when an MR series is T2-weighted, else "T1", read from what its brightest tissue is.
 
     On a T2-weighted series the brightest tissue deep in the body is fluid (spinal fluid, bile, urine, gastric
-    fluid: T2 of 500-4000 ms against the liver's 46), several times the liver's grey and brighter than the fat
-    under the skin, suppressed or not. On a T1-weighted one it is fat, no brighter deep in the body than under
+    fluid: T2 of 500-4000 ms against the liver's 46), several times the liver's grey and clearly brighter than the
+    fat under the skin, suppressed or not. On a T1-weighted one it is fat, no brighter deep in the body than under
     the skin, or, with fat suppressed, enhancing or short-T1 tissue within twice the liver's grey. The brightest
-    deep tissue: the 99th percentile of voxels over ``DEEP_MM`` under the skin; the fat under the skin: the 90th
+    deep tissue: the 99.5th percentile of voxels over ``DEEP_MM`` under the skin; the fat under the skin: the 90th
     percentile of the ``UNDER_SKIN_MM`` layer (fat a tenth of it thick counts), depths from the skin in view
     (``skin_depth``). T1 when the liver, the body or the skin is missing: the rules' assumption before they
     read the weighting. DICOM headers do not settle it: sequence names and echo times vary by vendor and are
@@ -309,10 +311,10 @@ def mr_weighting(smooth: np.ndarray, lm: Landmarks, liver: np.ndarray) -> str:
     shell = lm.body & (depth > UNDER_SKIN_MM[0]) & (depth <= UNDER_SKIN_MM[1])
     if deep.sum() < 100 or shell.sum() < 100:
         return "T1"
-    brightest = float(np.percentile(smooth[deep], 99))
+    brightest = float(np.percentile(smooth[deep], 99.5))
     fat = float(np.percentile(smooth[shell], 90))
     liver_grey = float(np.median(smooth[liver]))
-    return "T2" if brightest >= FLUID_OVER_LIVER * liver_grey and brightest > fat else "T1"
+    return "T2" if brightest >= FLUID_OVER_LIVER * liver_grey and brightest >= FLUID_OVER_FAT * fat else "T1"
 
 
 def noise_sigma(data: np.ndarray, median3: np.ndarray, body: np.ndarray, modality: str) -> float:
