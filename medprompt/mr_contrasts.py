@@ -54,6 +54,41 @@ def signal(pd: float, t1: float, t2: float, tr: float, te: float) -> float:
     return pd * (1 - exp(-tr / t1)) * exp(-te / t2)
 
 
+def _greys(names: dict[str, int], tr: float, te: float, fat_kept: float) -> tuple[dict[int, float], float, float]:
+    """Each class value's grey (a class of no tissue above: soft tissue), and the greys of fat and soft tissue."""
+    fat, soft = signal(*FAT, tr, te) * fat_kept, signal(*SOFT, tr, te)
+
+    def named(name: str, key: str) -> bool:
+        return name == key or name.startswith(key + "_")
+
+    def grey(name: str) -> float:
+        for table in (TISSUE, ALSO):
+            for key, params in table.items():
+                if named(name, key):
+                    return signal(*params, tr, te)
+        for key, value in FLOW_VOID.items():
+            if named(name, key):
+                return value
+        if any(named(name, b) for b in BONES):
+            return MARROW_FAT * fat + (1 - MARROW_FAT) * soft
+        return soft
+
+    return {value: grey(name) for name, value in names.items()}, fat, soft
+
+
+def _near_cord(label: np.ndarray, names: dict[str, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """Where the spinal canal's fluid may be: within ``CSF_MM`` of the cord (nowhere without one)."""
+    if "spinal_cord" not in names:
+        return np.zeros(label.shape, bool)
+    return ndi.distance_transform_edt(label != names["spinal_cord"], sampling=spacing) <= CSF_MM
+
+
+def _scaled(out: np.ndarray, seed: int) -> np.ndarray:
+    """``out`` scaled to 0-800 with the magnitude image's noise floor."""
+    noise = np.abs(np.random.default_rng(seed).normal(0, 8, out.shape))
+    return (out / out.max() * 800 + noise).astype(np.int16)
+
+
 def made_contrast(image: np.ndarray, label: np.ndarray, names: dict[str, int], contrast: str,
                   spacing: tuple[float, float, float] = (3.0, 3.0, 3.0), seed: int = 0) -> np.ndarray:
     """The image of the tissues in ``label`` (a T1 scan's reference, class -> value ``names``) on the spin-echo
@@ -69,30 +104,21 @@ def made_contrast(image: np.ndarray, label: np.ndarray, names: dict[str, int], c
     _, tr, te, fat_kept = CONTRASTS[contrast]
     a = image.astype(float)
     out = np.zeros_like(a)
-    liver = label == names["liver"]
-    scale = signal(*TISSUE["liver"], tr, te) / (float(np.median(a[liver])) or 1.0)
+    scale = signal(*TISSUE["liver"], tr, te) / (float(np.median(a[label == names["liver"]])) or 1.0)
 
     def put(mask: np.ndarray, s: float) -> None:
         if mask.any():
             med = float(np.median(a[mask]))
             out[mask] = np.maximum(s + (a[mask] - med) * min(scale, s / (med or 1.0)), 0.0)
 
-    fat, soft = signal(*FAT, tr, te) * fat_kept, signal(*SOFT, tr, te)
-    for name, value in names.items():
-        if name in TISSUE:
-            put(label == value, signal(*TISSUE[name], tr, te))
-        elif name in FLOW_VOID:
-            put(label == value, FLOW_VOID[name])
-        elif name == "vertebrae":
-            put(label == value, MARROW_FAT * fat + (1 - MARROW_FAT) * soft)
+    greys, fat, soft = _greys(names, tr, te, fat_kept)
+    for value, grey in greys.items():
+        put(label == value, grey)
     free = label == 0
     put(free & (a > FAT_T1_ABOVE), fat)
     put(free & (a > SOFT_T1_ABOVE) & (a <= FAT_T1_ABOVE), soft)
-    if "spinal_cord" in names:
-        near_cord = ndi.distance_transform_edt(label != names["spinal_cord"], sampling=spacing) <= CSF_MM
-        put(free & near_cord & (a <= SOFT_T1_ABOVE), signal(*CSF, tr, te))
-    noise = np.abs(np.random.default_rng(seed).normal(0, 8, out.shape))
-    return (out / out.max() * 800 + noise).astype(np.int16)
+    put(free & _near_cord(label, names, spacing) & (a <= SOFT_T1_ABOVE), signal(*CSF, tr, te))
+    return _scaled(out, seed)
 
 
 def made_from_ct(hu: np.ndarray, label: np.ndarray, names: dict[str, int], contrast: str,
@@ -100,7 +126,7 @@ def made_from_ct(hu: np.ndarray, label: np.ndarray, names: dict[str, int], contr
     """The MR image on ``contrast`` of a CT (``hu``) and its TotalSegmentator reference (class -> value
     ``names``): a second anatomy, with the pelvis, for the MR rules. Each class gets its tissue's spin-echo grey
     (``TISSUE``, ``ALSO``; vessels flow voids; bones half-fat marrow), unlabelled voxels fat (-200 to -30 HU),
-    air (below -500) or soft tissue, and spinal fluid next to the cord; the texture is the CT's deviation from each
+    air (below -200) or soft tissue, and spinal fluid next to the cord; the texture is the CT's deviation from each
     tissue's median (``CT_TEXTURE``). Scaled to 0-800."""
     _, tr, te, fat_kept = CONTRASTS[contrast]
     a = hu.astype(float)
@@ -111,27 +137,11 @@ def made_from_ct(hu: np.ndarray, label: np.ndarray, names: dict[str, int], contr
         if mask.any():
             out[mask] = np.maximum(s + (a[mask] - float(np.median(a[mask]))) * gain, 0.0)
 
-    def tissue_of(name: str) -> float | None:
-        for table in (TISSUE, ALSO):
-            for key, params in table.items():
-                if name == key or name.startswith(key + "_"):
-                    return signal(*params, tr, te)
-        for key, grey in FLOW_VOID.items():
-            if name == key or name.startswith(key + "_"):
-                return grey
-        if any(name == b or name.startswith(b + "_") for b in BONES):
-            return MARROW_FAT * fat + (1 - MARROW_FAT) * soft
-        return None
-
-    fat, soft = signal(*FAT, tr, te) * fat_kept, signal(*SOFT, tr, te)
-    for name, value in names.items():
-        grey = tissue_of(name)
-        put(label == value, soft if grey is None else grey)
+    greys, fat, soft = _greys(names, tr, te, fat_kept)
+    for value, grey in greys.items():
+        put(label == value, grey)
     free = label == 0
     put(free & (a >= -200) & (a < -30), fat)
     put(free & (a >= -30), soft)
-    if "spinal_cord" in names:
-        near_cord = ndi.distance_transform_edt(label != names["spinal_cord"], sampling=spacing) <= CSF_MM
-        put(free & near_cord & (a >= -30) & (a < 25), signal(*CSF, tr, te))
-    noise = np.abs(np.random.default_rng(seed).normal(0, 8, out.shape))
-    return (out / out.max() * 800 + noise).astype(np.int16)
+    put(free & _near_cord(label, names, spacing) & (a >= -30) & (a < 25), signal(*CSF, tr, te))
+    return _scaled(out, seed)
