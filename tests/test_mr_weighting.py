@@ -28,8 +28,9 @@ from medprompt.prior.landmarks import find_landmarks, mr_weighting
 
 def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """An axial MR slab (3 mm voxels) on ``contrast``: a body ringed by 12 mm of subcutaneous fat, muscle-grey
-    inside, a liver, a spleen, fat around the kidneys and the spinal canal's fluid, each at its spin-echo grey; ``crop`` widens the body
-    past the image's sides and front; ``fat_gain`` brightens fat (mr_abdomen's T1: six times the liver). Returns the image and the liver's mask."""
+    inside, a liver, a spleen, fat around the kidneys and the spinal canal's fluid, each at its spin-echo grey.
+    ``crop`` widens the body past the image's sides and front; ``fat_gain`` brightens fat (mr_abdomen's T1: six
+    times the liver). Returns the image and the liver's mask."""
     _, tr, te, fat_kept = CONTRASTS[contrast]
     fat_kept *= fat_gain
     shape = (110, 84, 10)

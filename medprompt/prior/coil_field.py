@@ -25,8 +25,9 @@ within 3 cm of the skin, and a field of 0.55-2.0 fitted to them made the spleen 
 under the skin they show in 46 %, and fat rings on T1 and T2 without suppression in 93-97 %.
 
 A field that stays within 10 % of its median is not applied either: that much the organs' windows absorb, and
-it is as much fat's own variation (partial volume in a thin ring, a fold of skin) as shading. On mr_abdomen as stored the fitted field spans 0.95-1.06 and the
-image is drawn as before; with a +-30 % gradient added it spans 0.76-1.31 and is divided out.
+it is as much fat's own variation (partial volume in a thin ring, a fold of skin) as shading. On mr_abdomen as
+stored the fitted field spans 0.95-1.06 and the image is drawn as before; with a +-30 % gradient added it spans
+0.76-1.31 and is divided out.
 """
 
 from __future__ import annotations

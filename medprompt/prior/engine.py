@@ -127,8 +127,10 @@ class AnatomyPrior:
             for other in entry.prior.get("exclude", []):
                 taken = taken | anchor(other)
             mr = entry.prior.get("mr", {})
+            # On MR, what rules.intensity_window reads is found first: the class whose grey it shares (like), and
+            # the series' weighting, read against the liver, for a class that lies on one side of the liver's grey.
             if modality == "MR" and mr.get("like"):
-                anchor(mr["like"])  # the class whose grey it shares (rules.intensity_window reads its mask) is found first
+                anchor(mr["like"])
             if modality == "MR" and "vs_liver" in mr and lm.weighting is None:
                 lm.weighting = mr_weighting(smooth, lm, anchor("liver"))
             return RULES[entry.prior.get("method", "organ")](smooth, lm, entry.prior, taken)

@@ -279,7 +279,7 @@ def hip_bones(data: np.ndarray, body: np.ndarray, spine_xy, lungs: np.ndarray, s
 UNDER_SKIN_MM = (2.0, 12.0)  # the layer right under the skin: subcutaneous fat, thin patients' included; organs
 # against the abdominal wall lie behind its muscles
 DEEP_MM = 20.0  # deeper than the abdominal wall
-FLUID_OVER_LIVER = 2.0  # fluid (T2 500-4000 ms) against the liver (46 ms) on T2: 3-10 times; nothing reaches 2 on T1
+FLUID_OVER_LIVER = 2.0  # fluid (T2 500-4000 ms) against the liver (46 ms) on T2: 3-10 times; on T1 only fat reaches 2
 FLUID_OVER_FAT = 1.15  # deep fat against the fat under the skin, one tissue: 0.7-1.05 (brightest deep voxels against
 # the layer's 90th percentile); fluid against fat on T2 without fat suppression: 1.2-3
 
