@@ -93,7 +93,7 @@ def test_a_prompt_listing_classes_is_an_error_not_one_of_them(catalog, text, lis
     ("portal vein and splenic vein", "portal_vein_and_splenic_vein"),  # the class's own name
     ("gastric body and fundus", "stomach"),  # "body" next to "gastric" is no list
     ("left and right kidney", "kidneys"),
-    ("the fat around the kidneys and the liver", "liver"),  # the kidneys are a landmark
+    ("the gland between the kidneys and the liver", "adrenal_glands"),  # both are landmarks
     ("liver tumour", "liver_tumour"),  # "liver" inside a longer name
 ])
 def test_names_that_are_no_list_still_resolve(catalog, text, expected):

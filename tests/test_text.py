@@ -708,12 +708,21 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
                         ("contour the endotracheal tube down to the lungs", "endotracheal tube"),
                         ("the scanner table under the patient's body", "scanner table"),
                         ("mark the catheter in the bladder", "catheter"),
-                        ("metal artefact from the spinal rods over the kidneys", "artefact")):
+                        ("metal artefact from the spinal rods over the kidneys", "artefact"),
+                        ("the fat surrounding the right kidney", "fat"),
+                        ("the tiny duct draining the gallbladder into the bile duct", "duct"),
+                        ("the muscles under the skin of the belly", "muscle"),
+                        ("the ghosting from breathing over the liver", "ghosting")):
         with pytest.raises(PromptError, match=f"asks for the {named}|reads like {named}"):
             minilm_catalog.resolve(text)
+    with pytest.raises(PromptError, match="asks for a finding"):
+        minilm_catalog.resolve("the intimal flap of the dissection in the abdominal aorta")
     for text, name in (("the breathing organs inside the rib cage", "lungs"),
                        ("the muscular tube between the throat and the stomach where we may place a stent", "esophagus"),
                        ("the breast imaging lesion seen before a core needle biopsy", "breast_tumor"),
                        ("the gland sitting on top of the left kidney", "adrenal_gland_left"),
-                       ("the vein draining the spleen into the liver", "portal_vein_and_splenic_vein")):
+                       ("the vein draining the spleen into the liver", "portal_vein_and_splenic_vein"),
+                       ("the abdominal aorta, checking for a dissection", "aorta"),
+                       ("the fatty liver before a transplant", "liver"),
+                       ("the muscular sac that stores urine", "urinary_bladder")):
         assert minilm_catalog.resolve(text).name == name, text

@@ -118,11 +118,11 @@ OTHER_ANATOMY = (
     "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
     "gallbladder cancer",
-    "urethra", "pancreatic duct", "cystic duct", "hepatic duct", "celiac trunk", "hepatic flexure",
+    "urethra", "pancreatic duct", "cystic duct", "hepatic duct", "duct", "celiac trunk", "hepatic flexure",
     "splenic flexure",
     # muscles, nerves, fat
-    "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
-    "spinal cord", "intervertebral disc", "cartilage", "subcutaneous fat", "visceral fat",
+    "muscle", "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
+    "spinal cord", "intervertebral disc", "cartilage", "fat", "subcutaneous fat", "visceral fat",
 )
 # What else an image shows (devices, the scanner, artefacts, burnt-in text): annotators ask for it when they mean
 # to hide or exclude it, and no class may be drafted in its place. Refused as other anatomy is, but its words
@@ -169,7 +169,7 @@ FINDING_WORDS = frozenset(
     "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
     "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural spot spots "
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
-    "pseudocysts".split())
+    "pseudocysts dissection dissections".split())
 
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
@@ -635,7 +635,7 @@ HEAD_ENDS = frozenset("of in on at by with within inside and or but not no witho
                       "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
 HEAD_FILLERS = frozenset("just only can could you i we please kindly now also".split())
 POINTING_WORDS = frozenset("it them that this those these one ones there where is are".split())
-ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling".split())
+ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling ghosting blurring".split())
 
 
 def head_phrase(prompt: list[str], class_words: frozenset[str] = frozenset()) -> list[str]:
