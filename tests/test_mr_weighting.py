@@ -145,6 +145,23 @@ def test_no_coil_field_is_fitted_to_organs_against_the_wall_of_a_fat_suppressed_
             assert field is not None and field[body].max() / field[body].min() > 1.5
 
 
+@pytest.mark.parametrize("weighting", ["T1", "T2"])
+def test_an_organ_is_searched_on_its_side_of_the_livers_grey(weighting: str) -> None:
+    """Longer T1 and T2 than the liver's: darker on T1, brighter on T2; shorter: the other way round; beyond 10 %
+    of the liver's grey either way (``rules.LIVER_MARGIN``)."""
+    from medprompt.prior.rules import mr_band
+
+    image, liver = _slab("t1se")
+    lm = find_landmarks(image, (3.0, 3.0, 3.0), "MR")
+    lm.anchors["liver"], lm.weighting = liver, weighting
+    grey = float(np.median(image[liver]))
+    below, above = (-np.inf, 0.9 * grey), (1.1 * grey, np.inf)
+    longer, shorter = mr_band(image, lm, {"vs_liver": "longer"}), mr_band(image, lm, {"vs_liver": "shorter"})
+    assert longer == pytest.approx(below if weighting == "T1" else above)
+    assert shorter == pytest.approx(above if weighting == "T1" else below)
+    assert mr_band(image, lm, {}) == (-np.inf, np.inf)
+
+
 def test_vs_liver_must_say_longer_or_shorter(tmp_path: Path) -> None:
     text = (Path(__file__).parents[1] / "prompts" / "spleen.yaml").read_text()
     assert "vs_liver: longer" in text
