@@ -49,13 +49,14 @@ MIN_SHADING = 0.1  # a field nowhere further than 10 % from its median is not ap
 MAX_GAIN = 2.0  # the field is clipped to 1/2..2: a coil's shading, not a change of tissue
 
 
-def coil_field(image: np.ndarray, body: np.ndarray, spacing: Sequence[float]) -> np.ndarray | None:
+def coil_field(image: np.ndarray, body: np.ndarray, spacing: Sequence[float],
+               depth: np.ndarray | None = None) -> np.ndarray | None:
     """The multiplicative field (``image``'s shape, median 1 over ``body``) that shades ``image``, or None where
     no subcutaneous fat ring shows it (see the module docstring). ``image``: a denoised MR volume (i, j, k),
-    ``spacing``: its voxel size in mm."""
+    ``spacing``: its voxel size in mm; ``depth``: ``skin_depth(body, spacing)`` when the caller has it."""
     if not body.any() or image.ndim != 3:
         return None
-    depth = skin_depth(body, spacing)
+    depth = skin_depth(body, spacing) if depth is None else depth
     ring = body & (depth < SHELL_MM)
     logs = np.log(np.maximum(image, 1e-3))
     threshold = otsu(logs[body])

@@ -18,7 +18,8 @@ from medprompt.localization import Localization
 from medprompt.memo import Memo
 from medprompt.prior import geometry
 from medprompt.prior.coil_field import coil_field
-from medprompt.prior.landmarks import Landmarks, body_mask, find_landmarks, guess_modality, mr_weighting
+from medprompt.prior.landmarks import (Landmarks, body_mask, find_landmarks, guess_modality, mr_weighting,
+                                       skin_depth)
 from medprompt.prior.rules import RULES
 
 if TYPE_CHECKING:
@@ -163,13 +164,17 @@ class AnatomyPrior:
         modality = guess_modality(work, volume.modality)
         median = ndi.median_filter(work, size=3)
         body = body_mask(median, modality)
+        depth = None
         if modality == "MR":  # one grey level per organ: the receive coil's shading divided out
-            field = coil_field(median, body, frame.work_spacing)
+            depth = skin_depth(body, frame.work_spacing)  # read again by landmarks.mr_weighting
+            field = coil_field(median, body, frame.work_spacing, depth)
             if field is not None:
                 work, median = work / field, median / field
         smooth = denoise(work, median, body, modality)
         # The body found for the noise estimate is the landmarks' body unless smoothing changed the image.
-        lm = find_landmarks(smooth, frame.work_spacing, modality, body=body if smooth is median else None)
+        same_body = smooth is median
+        lm = find_landmarks(smooth, frame.work_spacing, modality, body=body if same_body else None)
+        lm.depth = depth if same_body else None
         return _Study(smooth=smooth, landmarks=lm, frame=frame, modality=modality)
 
     def _needs_liver(self, entries: Sequence[PromptEntry]) -> bool:

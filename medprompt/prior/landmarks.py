@@ -35,6 +35,7 @@ class Landmarks:
     below_abdomen: bool = False  # the study ends below the upper abdomen: within 85 mm above the hip bones
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
     weighting: str | None = None  # MR: "T1" or "T2", read from the image when a rule needs it (engine)
+    depth: np.ndarray | None = None  # MR: ``skin_depth(body, spacing)``, kept from the coil field's reading
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Per-voxel (x right, y anterior) millimetre offsets from the spine, as broadcastable grids."""
@@ -306,7 +307,7 @@ def mr_weighting(smooth: np.ndarray, lm: Landmarks, liver: np.ndarray) -> str:
     """
     if not liver.any() or not lm.body.any():
         return "T1"
-    depth = skin_depth(lm.body, lm.spacing)
+    depth = skin_depth(lm.body, lm.spacing) if lm.depth is None else lm.depth
     deep = lm.body & (depth > DEEP_MM)
     shell = lm.body & (depth > UNDER_SKIN_MM[0]) & (depth <= UNDER_SKIN_MM[1])
     if deep.sum() < 100 or shell.sum() < 100:
