@@ -43,11 +43,16 @@ def test_mr_pancreas_takes_the_livers_window_not_the_fat_around_it(real_data: Pa
     assert lo <= np.median(data[pancreas]) <= hi
 
 
-def test_like_must_name_a_class(tmp_path: Path) -> None:
-    text = (Path(__file__).parents[1] / "prompts" / "pancreas.yaml").read_text()
-    assert "like: liver" in text
-    (tmp_path / "pancreas.yaml").write_text(text.replace("like: liver", "like: [1, 2]"))
-    with pytest.raises(PromptError, match="prior.mr.like"):
+@pytest.mark.parametrize("file, shipped, bad, field", [
+    ("pancreas", "like: liver", "like: [1, 2]", "prior.mr.like"),  # like must name a class
+    ("spleen", "vs_liver: longer", "vs_liver: darker", "prior.mr.vs_liver"),  # longer or shorter
+])
+def test_an_mr_attribute_of_the_wrong_kind_is_refused_by_name(tmp_path: Path, file: str, shipped: str, bad: str,
+                                                              field: str) -> None:
+    text = (Path(__file__).parents[1] / "prompts" / f"{file}.yaml").read_text()
+    assert shipped in text
+    (tmp_path / f"{file}.yaml").write_text(text.replace(shipped, bad))
+    with pytest.raises(PromptError, match=field):
         PromptCatalog.load([tmp_path])
 
 
