@@ -178,6 +178,23 @@ class PromptCatalog:
                 return entry
         return None
 
+    def leading_name(self, text: str) -> PromptEntry | None:
+        """The class a prompt names before its first comma, colon, semicolon, dash or bracket, when what follows
+        only describes it: "left adrenal, the inverted-Y structure lateral to the crus" is the left adrenal,
+        however near the kidney its description reads. Not when the prompt asks for a finding ("liver, outline
+        the lesions") or names a side the class does not have ("kidney, the left one"): those read as a whole."""
+        from medprompt.text.similarity import finding_words, readings, sides
+
+        head = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
+        if len(head) < 2:
+            return None
+        nouns = synonyms.canonical(head[0])
+        entry = next((e for e in (self.lookup(t) for t in (head[0], nouns, " ".join(
+            w for w in tokens(nouns) if w not in REQUEST_WORDS))) if e is not None), None)
+        if entry is None or finding_words(readings(text)) or sides(text) != sides(entry.name):
+            return None
+        return entry
+
     def keyword_scores(self, text: str) -> dict[str, float]:
         """Score every class by the prompt's content words found in its names, aliases and keywords.
 
@@ -228,6 +245,9 @@ class PromptCatalog:
         if listed:
             raise PromptError(f"prompt '{quoted(text)}' names {len(listed)} classes ({', '.join(listed)}); "
                               f"one prompt draws one class: give each as its own prompt")
+        leading = self.leading_name(text)
+        if leading is not None:
+            return leading
         plain = words(nouns)
         if all(w in synonyms.SIDE_WORDS or w in GENERIC_WORDS for w in plain):
             side = {synonyms.SIDE_WORDS[w] for w in plain if w in synonyms.SIDE_WORDS}

@@ -105,7 +105,7 @@ OTHER_ANATOMY = (
     "brain", "cerebrum", "cerebellum", "brainstem", "brain tumour", "brain metastasis", "pituitary gland",
     "eye", "orbit", "optic nerve", "inner ear", "nasal cavity", "paranasal sinus", "teeth", "tongue",
     "parotid gland", "submandibular gland", "thyroid gland", "larynx", "pharynx", "carotid artery",
-    "jugular vein", "lymph node",
+    "jugular vein", "lymph node", "hippocampus", "thalamus", "basal ganglia", "corpus callosum",
     # chest
     "heart", "myocardium", "left ventricle", "atrium", "pericardium", "coronary artery",
     "pulmonary artery", "superior vena cava", "trachea", "bronchus", "thymus", "breast",
@@ -169,12 +169,24 @@ FINDING_WORDS = frozenset(
     "haematoma hematoma haematomas hematomas infarct infarcts infarction stone stones calculus calculi "
     "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural spot spots "
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
-    "pseudocysts dissection dissections".split())
+    "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
+    "hemorrhages".split())
+
+# The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
+# (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
+TUMOUR_WORDS = frozenset(
+    "tumour tumor tumours tumors cancer cancers carcinoma carcinomas adenocarcinoma adenocarcinomas lesion lesions "
+    "mass masses nodule nodules metastasis metastases metastatic neoplasm neoplasms neoplastic malignancy malignant "
+    "lump lumps growth growths cancerous tumorous tumoural spot spots adenoma adenomas polyp polyps cyst cysts".split())
+# Other anatomy that is part of an organ some finding class is named by: a tumour of the sigmoid colon is a colon
+# tumour, a mass in the cerebellum a brain tumour (``finding_class_of_other``).
+PART_OF = {"sigmoid colon": "colon", "hepatic flexure": "colon", "splenic flexure": "colon", "cerebrum": "brain",
+           "cerebellum": "brain", "brainstem": "brain"}
 
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
 CLAUSE_WORDS = frozenset("for to where which that who whose when while harbouring harboring containing "
-                         "because so".split())
+                         "because so full".split())  # "the one full of stones" says what it holds
 DRAWING_WORDS = frozenset("outline delineate mark highlight trace contour annotate label segment draw mask show".split())
 ASKING_WORDS = DRAWING_WORDS | frozenset("look looking search check checking find identify detect locate please need "
                                          "needs want".split())
@@ -483,6 +495,16 @@ def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
                    for spelling in (entry.name.replace("_", " "), " ".join(stem(entry.name)), *entry.aliases))}
 
 
+def named_in(catalog: PromptCatalog, phrases: list[list[str]]) -> set[str]:
+    """Classes whose name or an alias ``phrases`` (first noun phrases, ``heads``) spell: what a prompt asks for is
+    no landmark, even when it names the class again as a place ("the whole patient outline, down to the skin")."""
+    from medprompt.catalog import tokens
+
+    return {entry.name for entry in catalog.entries.values()
+            for spelling in (entry.name.replace("_", " "), *entry.aliases)
+            if any(_spelt_at(head, i, tokens(spelling)) for head in phrases for i in range(len(head)))}
+
+
 def _after_relation(text: str, spelling: str, relations: tuple[list[str], ...] = RELATIONS) -> bool:
     """Whether ``text`` names ``spelling`` right after a spatial preposition ("... into the small bowel")."""
     from medprompt.catalog import tokens
@@ -586,7 +608,9 @@ def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
         low = reading.lower()
         spans: list[tuple[int, int, str]] = []
         for entry in catalog.entries.values():
-            for spelling in (entry.name.replace("_", " "), *entry.aliases):
+            # Each spelling also in plain nouns, as the second reading is: "splenic vein" is "spleen vein" there.
+            spellings = (entry.name.replace("_", " "), *entry.aliases)
+            for spelling in dict.fromkeys((*spellings, *map(synonyms.canonical, spellings))):
                 parts = tokens(spelling)
                 if not parts:
                     continue
@@ -733,7 +757,7 @@ def asked_part(prompt: list[str]) -> list[str]:
     from medprompt.catalog import REQUEST_WORDS
 
     for i, w in enumerate(prompt):
-        if w in CLAUSE_WORDS:
+        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"]:  # not "a fluid-filled lesion"
             if i == 0 and w == "where":
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
@@ -753,9 +777,13 @@ def asked_sentence(text: str) -> str:
     if not drawing:
         return (parts or [text])[0]
     i = drawing[0]
-    # "Is there a cyst on my spleen? Please highlight it.": a request that names nothing points back
-    if i and set(tokens(parts[i])) <= ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS | POINTING_WORDS:
-        return parts[i - 1]
+    # "Is there a cyst on my spleen? Please highlight it.": a request that names nothing points back, or, first,
+    # forward ("Label: primary colorectal adenocarcinoma, ...")
+    if set(tokens(parts[i])) <= ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS | POINTING_WORDS:
+        if i:
+            return parts[i - 1]
+        if len(parts) > 1:
+            return parts[1]
     return parts[i]
 
 
@@ -868,9 +896,10 @@ def organ_of_finding(catalog: PromptCatalog, entry: PromptEntry, texts: list[str
 
 def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) -> str | None:
     """Why ``entry`` cannot be what the readings ask for, or None: a finding asked of a class that is an
-    organ (``finding_of_organ``), or of anatomy (an OTHER_ANATOMY entry or a catalog organ spelt in the prompt)
-    that the finding class's own phrases never mention."""
-    from medprompt.catalog import tokens
+    organ (``finding_of_organ``), a finding other than a tumour asked of a tumour class, or a finding of anatomy
+    (an OTHER_ANATOMY entry or a catalog organ spelt in the prompt) that the finding class's own phrases never
+    mention."""
+    from medprompt.catalog import tokens, words
 
     asked = finding_words(texts)
     if not asked:
@@ -879,24 +908,42 @@ def finding_mismatch(index: ClassIndex, entry: PromptEntry, texts: list[str]) ->
     if organ is not None:
         return organ
     finding = sorted(asked)[0]
+    if set(words(entry.name.replace("_", " "))) & TUMOUR_WORDS and not asked & TUMOUR_WORDS:
+        return f"it asks for a finding ({finding}) that is no tumour, and {entry.name} draws a tumour"
     vocabulary = {w for t in class_texts(entry) for w in tokens(t)}
     # Other anatomy ("thyroid nodule" names the gland: "gland" is left out; a finding is of anatomy, not of a
     # needle), then the catalog's organs ("the cyst on my spleen" read 0.001 nearer breast_tumor).
     anatomy = [(o, [w for w in tokens(o) if w != "gland"] or tokens(o)) for o in index.others if o not in OTHER_CONTENT]
     anatomy += [(" ".join(organ), list(organ)) for organ in index.stems]
+    own = {w for w in words(entry.name.replace("_", " ")) if w not in FINDING_WORDS}
     for name, target in anatomy:
-        if FINDING_WORDS & set(target) or set(target) <= vocabulary:
+        if FINDING_WORDS & set(target) or set(target) <= vocabulary or set(words(PART_OF.get(name, ""))) == own:
             continue
         if any(_names_as_target(tokens(t), target) for t in texts):
             return f"it asks for a finding ({finding}) of the {name}, and {entry.name} is another organ's"
     return None
 
 
+def finding_class_of_other(catalog: PromptCatalog, other: str, texts: list[str]) -> PromptEntry | None:
+    """The catalog's finding class of the organ that the other-anatomy entry ``other`` is or is part of
+    (``PART_OF``), when the readings ask for a tumour there: "the sigmoid cancer" reads like the sigmoid colon, and
+    asks for colon_tumour. None otherwise."""
+    from medprompt.catalog import words
+
+    if not finding_words(texts) & TUMOUR_WORDS:
+        return None
+    organ = set(words(PART_OF.get(other, other)))
+    found = [c for c in catalog.entries.values() if is_finding(c.name)
+             and {w for w in words(c.name.replace("_", " ")) if w not in FINDING_WORDS} == organ]
+    return found[0] if len(found) == 1 else None
+
+
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
-         vectors: np.ndarray | None = None) -> list[tuple[str, float]]:
+         vectors: np.ndarray | None = None, findings_aside: bool = True) -> list[tuple[str, float]]:
     """Eligible classes that are not landmarks, with their similarity to ``text``, best first.
 
-    ``vectors`` are the embeddings of ``readings(text)``; a class scores its best over them.
+    ``vectors`` are the embeddings of ``readings(text)``; a class scores its best over them. Finding classes are
+    left out when the prompt names findings only as landmarks or reasons, unless ``findings_aside`` is False.
     """
     texts = readings(text)
     vectors = encoder.encode(texts) if vectors is None else vectors
@@ -906,8 +953,8 @@ def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIn
         for name, s in index.scores(vector, named).items():
             scores[name] = max(s, scores.get(name, -2.0))
     allowed = eligible(catalog, texts[-1])
-    aside = set().union(*(landmarks(catalog, t) for t in texts))
-    if findings_only_as_landmarks(texts):
+    aside = set().union(*(landmarks(catalog, t) for t in texts)) - named_in(catalog, heads(index, texts))
+    if findings_aside and findings_only_as_landmarks(texts):
         aside |= {n for n in allowed if is_finding(n)}
     allowed = [n for n in allowed if n not in aside] or allowed
     return sorted(((n, scores[n]) for n in allowed), key=lambda kv: (-kv[1], kv[0]))
@@ -923,6 +970,10 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     if not ranked:
         raise PromptError(f"prompt '{text}' matches no class in the catalog")
     score = ranked[0][1]  # the floor and the other-anatomy margin read the nearest similarity
+    if findings_only_as_landmarks(texts):  # a finding named as the reason still says the prompt is about anatomy
+        floor_score = rank(catalog, text, encoder, index, vectors, findings_aside=False)[0][1]
+    else:
+        floor_score = score
     best = word_tie_break(index, text, ranked, findable(catalog, texts, [n for n, _ in ranked]))
     nearest = ", ".join(f"{n} ({s:.2f})" for n, s in ranked[:NEAREST])
     aside = [o for o in index.others if is_finding(o)] if findings_only_as_landmarks(texts) else []
@@ -930,11 +981,14 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     aside += content_not_asked(index, texts, first_phrases)
     nearest_others = [o for o in (index.nearest_other(v, aside) for v in vectors) if o is not None]
     other = max(nearest_others, key=lambda o: o[1]) if nearest_others else None
-    above_floor = floor is None or score >= floor  # below it, nothing is close: said as such below
+    above_floor = floor is None or floor_score >= floor  # below it, nothing is close: said as such below
     # The margin guards against embedding noise; a prompt that spells other anatomy and no class
     # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
     margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
-    if (above_floor and other is not None and other[1] > score + margin
+    home = finding_class_of_other(catalog, other[0], texts) if other is not None else None
+    if above_floor and home is not None and other[1] > score:
+        best, score = home.name, other[1]  # a tumour of a part of the organ its finding class is named by
+    elif (above_floor and other is not None and other[1] > score + margin
             and not (other[1] - score <= WORD_TIE and words_favour_class(index, text, best, other[0]))
             and not any(_other_as_landmark(index, t, other[0]) for t in texts)
             and not part_of_class(catalog[best], other[0], texts)):
@@ -957,8 +1011,8 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
             typos = ", ".join(f"'{t}' -> '{c}'" for t, c in fixes.items())
             raise PromptError(f"unknown prompt '{text}': it looks like a misspelling of {spelt} ({typos}) but reads "
                               f"like {best}; closest known classes: {spelt}, {others}")
-    if floor is not None and score < floor:
-        raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {score:.2f} < {floor:.2f} "
+    if floor is not None and floor_score < floor:
+        raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {floor_score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
     finding = finding_of_named_organ(catalog, catalog[best], texts)
     if finding is not None:
