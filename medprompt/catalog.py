@@ -392,6 +392,10 @@ def _validate_prior(prior: Any, path: Path) -> dict[str, Any]:
                     if val not in ("longer", "shorter"):
                         raise PromptError(f"{path}: field 'prior.mr.vs_liver' must be longer or shorter")
                     continue
+                if mod == "mr" and key == "weightings":  # where vs_liver is read: its contrast clears the margin
+                    if not isinstance(val, list) or not val or not set(val) <= {"T1", "T2"}:
+                        raise PromptError(f"{path}: field 'prior.mr.weightings' must be a list of T1 and T2")
+                    continue
                 if mod == "ct" and key == "cortex":  # an enhancing cortex far brighter than the medulla
                     if not isinstance(val, bool):
                         raise PromptError(f"{path}: field 'prior.ct.cortex' must be true or false")

@@ -87,19 +87,21 @@ def _dice_on(volume: Volume, case: Path, names: list[str]) -> tuple[dict[str, fl
 
 def test_the_spleen_and_stomach_are_found_on_t1_and_on_a_t2_made_from_it(real_data: Path, tmp_path: Path) -> None:
     """mr_abdomen as scanned (T1) and on a fat-suppressed T2 made from it: before, the spleen and stomach scored
-    0.000 on the T2 (a band of the darkest greys fixed for T1), and 0.81 / 0.80 on T1."""
+    0.000 on the T2 (a band of the darkest greys fixed for T1), and 0.81 / 0.80 on T1. The kidneys too: the left
+    one scored 0.000 on the T2 until its window was searched above the liver's grey there (its seed held more
+    suppressed fat than kidney)."""
     case = real_data / "mr_abdomen"
     scan = nib.load(case / "image.nii.gz")
     label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
     ref_names = json.loads((case / "labels.json").read_text())["labels"]
     t2 = made_contrast(np.asarray(scan.dataobj), label, ref_names, "t2fs", scan.header.get_zooms()[:3])
     nib.save(nib.Nifti1Image(t2, scan.affine, scan.header), tmp_path / "t2fs.nii.gz")
-    names = ["liver", "spleen", "stomach"]
+    names = ["liver", "spleen", "stomach", "kidney_left", "kidney_right"]
     dice_t1, read_t1 = _dice_on(load_volume(case / "image.nii.gz"), case, names)
     dice_t2, read_t2 = _dice_on(load_volume(tmp_path / "t2fs.nii.gz"), case, names)
     assert (read_t1, read_t2) == ("T1", "T2")
-    assert min(dice_t1.values()) >= 0.75, dice_t1  # 0.87, 0.81, 0.80
-    assert min(dice_t2.values()) >= 0.7, dice_t2  # 0.92, 0.85, 0.85
+    assert min(dice_t1.values()) >= 0.75, dice_t1  # 0.87, 0.81, 0.80, 0.86, 0.85
+    assert min(dice_t2.values()) >= 0.7, dice_t2  # 0.92, 0.85, 0.85, 0.84, 0.87
 
 
 @pytest.mark.parametrize("contrast, weighting", [("t1se", "T1"), ("t2fs", "T2")])
@@ -159,3 +161,6 @@ def test_an_organ_is_searched_on_its_side_of_the_livers_grey(weighting: str) -> 
     assert longer == pytest.approx(below if weighting == "T1" else above)
     assert shorter == pytest.approx(above if weighting == "T1" else below)
     assert mr_band(image, lm, {}) == (-np.inf, np.inf)
+    # Read on T2 only (the kidneys: 0.8 of the liver's grey on T1, within the margin): any grey on T1.
+    t2_only = mr_band(image, lm, {"vs_liver": "longer", "weightings": ["T2"]})
+    assert t2_only == pytest.approx((-np.inf, np.inf) if weighting == "T1" else above)

@@ -46,6 +46,7 @@ def test_mr_pancreas_takes_the_livers_window_not_the_fat_around_it(real_data: Pa
 @pytest.mark.parametrize("file, shipped, bad, field", [
     ("pancreas", "like: liver", "like: [1, 2]", "prior.mr.like"),  # like must name a class
     ("spleen", "vs_liver: longer", "vs_liver: darker", "prior.mr.vs_liver"),  # longer or shorter
+    ("kidney_left", "weightings: [T2]", "weightings: [PD]", "prior.mr.weightings"),  # of T1 and T2
 ])
 def test_an_mr_attribute_of_the_wrong_kind_is_refused_by_name(tmp_path: Path, file: str, shipped: str, bad: str,
                                                               field: str) -> None:

@@ -125,7 +125,9 @@ def mr_band(smooth: np.ndarray, lm: Landmarks, mr: Mapping[str, Any]) -> tuple[f
 
     ``vs_liver: longer``: T1 and T2 longer than the liver's (the spleen, fluid), so darker than the liver on a
     T1-weighted series and brighter on a T2-weighted one (``Landmarks.weighting``); ``shorter`` the other way
-    round. The liver (``lm.anchors``, found first by the engine) holds its place on either. ``rel``: a fixed band
+    round. The liver (``lm.anchors``, found first by the engine) holds its place on either. ``weightings`` (default
+    both) names where the band is read: a kidney is 2-3 times the liver's grey on T2 but 0.8 of it on T1, within
+    ``LIVER_MARGIN`` of the band's edge, which would cut it. ``rel``: a fixed band
     of the body's intensity distribution (quantiles), for a grey that does not depend on the weighting (flow
     voids, bright inflow). Neither: any grey.
     """
@@ -137,7 +139,7 @@ def mr_band(smooth: np.ndarray, lm: Landmarks, mr: Mapping[str, Any]) -> tuple[f
         lo, hi = q[0] + np.array(mr["rel"]) * (q[1] - q[0])
         return float(lo), float(hi)
     liver = lm.anchors.get("liver")
-    if "vs_liver" in mr and liver is not None and liver.any():
+    if "vs_liver" in mr and lm.weighting in mr.get("weightings", ["T1", "T2"]) and liver is not None and liver.any():
         grey = float(np.median(smooth[liver]))
         if (lm.weighting == "T2") == (mr["vs_liver"] == "longer"):
             return grey * (1 + LIVER_MARGIN), np.inf
