@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import yaml
 
 from medprompt import synonyms
+from medprompt.negation import without_negated
 from medprompt.errors import PromptError, shown
 
 if TYPE_CHECKING:
@@ -234,6 +235,15 @@ class PromptCatalog:
         keywords; an unresolvable prompt names the closest classes."""
         if not isinstance(text, str) or not text.strip():
             raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
+        asked, excluded = without_negated(text)
+        if excluded:  # "the liver without the tumour": what it says not to draw is left out, then it is read
+            said = "; ".join(f"'{quoted(e)}'" for e in excluded)
+            if not words(asked):
+                raise PromptError(f"prompt '{quoted(text)}' only says what not to draw ({said}); name what to draw")
+            try:
+                return self.resolve(asked, encoder)
+            except PromptError as error:
+                raise PromptError(f"{error} (read without {said})") from None
         nouns = synonyms.canonical(text)
         exact = (self.lookup(text) or self.lookup(nouns)
                  or self.lookup(" ".join(w for w in tokens(nouns) if w not in REQUEST_WORDS)))

@@ -775,3 +775,17 @@ def test_a_request_that_names_nothing_points_to_what_follows(minilm_catalog: Pro
     had been set aside as named only as a landmark once "adenocarcinoma" was a finding word)."""
     text = "Label: primary colorectal adenocarcinoma, circumferential wall thickening of the colon on portal venous CT."
     assert minilm_catalog.resolve(text).name == "colon_tumour"
+
+
+def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatalog):
+    """Read whole, each of these resolved to what it excludes (liver_tumour, kidneys, adrenal_glands,
+    gallbladder) or was refused (the spleen with "no tumour", the stomach "without the duodenum")."""
+    for text, name in (("liver without the tumour", "liver"), ("the right kidney, not the left one", "kidney_right"),
+                       ("kidneys but not the adrenals", "kidneys"), ("whole liver but not the gallbladder", "liver"),
+                       ("the spleen, no tumour", "spleen"), ("non-tumorous liver", "liver"),
+                       ("stomach without the duodenum", "stomach"), ("liver parenchyma sparing the tumour", "liver")):
+        assert minilm_catalog.resolve(text).name == name, text
+    with pytest.raises(PromptError, match="only says what not to draw"):
+        minilm_catalog.resolve("not the liver")
+    with pytest.raises(PromptError, match=r"only a side .*\(read without 'not the left kidney'\)"):
+        minilm_catalog.resolve("not the left kidney but the right one")
