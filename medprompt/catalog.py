@@ -64,6 +64,9 @@ REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmen
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
+# Words around a class's name in a request's first noun phrase that do not change what it names ("the whole liver
+# mask", "the spleen volume"): left out when the phrase is looked up as a name (``PromptCatalog.leading_name``).
+HEAD_NOISE = REQUEST_WORDS | frozenset("whole entire complete full total volume volumes outline".split())
 
 
 QUOTE_CHARS = 80  # of a prompt quoted in an error message
@@ -180,21 +183,30 @@ class PromptCatalog:
         return None
 
     def leading_name(self, text: str) -> PromptEntry | None:
-        """The class a prompt names before its first comma, colon, semicolon, dash or bracket, when what follows
-        only describes it: "left adrenal, the inverted-Y structure lateral to the crus" is the left adrenal,
-        however near the kidney its description reads. Not when the prompt asks for a finding ("liver, outline
-        the lesions") or names a side the class does not have ("kidney, the left one"): those read as a whole."""
-        from medprompt.text.similarity import finding_words, readings, sides
+        """The class a prompt names before its first comma, colon, semicolon, dash or bracket, or as its whole
+        first noun phrase, when what follows only describes it: "left adrenal, the inverted-Y structure lateral to
+        the crus" is the left adrenal, however near the kidney its description reads, and "the inferior vena cava
+        on the portal venous phase" the vena cava. Not when the prompt asks for a finding ("liver, outline the
+        lesions") or names a side the class does not have ("kidney, the left one"): those read as a whole."""
+        from medprompt.text.similarity import asked_sentence, finding_words, head_phrase, readings, sides
 
-        head = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
-        if len(head) < 2:
+        texts = readings(text)
+        if finding_words(texts):
             return None
-        nouns = synonyms.canonical(head[0])
-        entry = next((e for e in (self.lookup(t) for t in (head[0], nouns, " ".join(
-            w for w in tokens(nouns) if w not in REQUEST_WORDS))) if e is not None), None)
-        if entry is None or finding_words(readings(text)) or sides(text) != sides(entry.name):
-            return None
-        return entry
+        named = sides(text)
+        candidates = []
+        lead = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
+        if len(lead) == 2:
+            candidates += [w for w in tokens(synonyms.canonical(lead[0])) if w not in REQUEST_WORDS]
+            candidates = [" ".join(candidates)]
+        for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
+            head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
+            candidates += [" ".join([*sorted(named), *head]), " ".join(head)] if len(named) == 1 else [" ".join(head)]
+        for candidate in candidates:
+            entry = self.lookup(candidate) if candidate else None
+            if entry is not None and named == sides(entry.name):
+                return entry
+        return None
 
     def keyword_scores(self, text: str) -> dict[str, float]:
         """Score every class by the prompt's content words found in its names, aliases and keywords.

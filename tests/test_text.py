@@ -728,13 +728,19 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
         assert minilm_catalog.resolve(text).name == name, text
 
 
-def test_a_name_before_a_comma_is_what_is_asked(minilm_catalog: PromptCatalog):
-    """A prompt that names a class and then describes it after a comma, colon or dash is that class, however near
-    another class its description reads ("... lateral to the left diaphragmatic crus" read like the left kidney);
+def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(minilm_catalog: PromptCatalog):
+    """A prompt that names a class and then describes it after a comma, colon or dash, or whose first noun phrase
+    is the class's name, is that class, however near another class its description reads ("... lateral to the
+    left diaphragmatic crus" read like the left kidney, "... on the portal venous phase" like the portal vein);
     not when it lists classes, asks for a finding or names a side the class lacks."""
     for text, name in (("left adrenal, the inverted-Y shaped structure lateral to the left diaphragmatic crus",
                         "adrenal_gland_left"),
+                       ("segment the inferior vena cava on the portal venous phase", "inferior_vena_cava"),
+                       ("segment the spleen volume in cirrhosis", "spleen"),
+                       ("whole-liver mask including all Couinaud segments", "liver"),
                        ("GB please, the one full of stones", "gallbladder"),  # "full of": what it holds
+                       ("my left kidney, the one with the stone", "kidney_left"),  # "the one with": what it holds
+                       ("please segment the gallbladder, patient has gallstones", "gallbladder"),  # "patient": no list
                        ("kidney, the left one", "kidney_left"),  # a side the name lacks: read whole
                        ("liver, outline the lesions", "liver_tumour")):  # a finding: read whole
         assert minilm_catalog.resolve(text).name == name, text

@@ -186,7 +186,7 @@ PART_OF = {"sigmoid colon": "colon", "hepatic flexure": "colon", "splenic flexur
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
 CLAUSE_WORDS = frozenset("for to where which that who whose when while harbouring harboring containing "
-                         "because so full".split())  # "the one full of stones" says what it holds
+                         "because so full has".split())  # "the one full of stones", "patient has gallstones"
 DRAWING_WORDS = frozenset("outline delineate mark highlight trace contour annotate label segment draw mask show".split())
 ASKING_WORDS = DRAWING_WORDS | frozenset("look looking search check checking find identify detect locate please need "
                                          "needs want".split())
@@ -612,8 +612,8 @@ def listed_classes(catalog: PromptCatalog, text: str) -> list[str]:
             spellings = (entry.name.replace("_", " "), *entry.aliases)
             for spelling in dict.fromkeys((*spellings, *map(synonyms.canonical, spellings))):
                 parts = tokens(spelling)
-                if not parts:
-                    continue
+                if not parts or set(parts) <= DETERMINERS:
+                    continue  # "patient" (the body's alias) in "the gallbladder, patient has gallstones" is no item
                 pattern = r"\b" + r"[\s_-]+".join(map(re.escape, parts)) + r"(?:e?s)?\b"
                 for m in re.finditer(pattern, low):
                     before = tokens(low[:m.start()])
@@ -757,7 +757,8 @@ def asked_part(prompt: list[str]) -> list[str]:
     from medprompt.catalog import REQUEST_WORDS
 
     for i, w in enumerate(prompt):
-        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"]:  # not "a fluid-filled lesion"
+        # not "a fluid-filled lesion" nor "the mass with calcification", but "the one with the stone"
+        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"] or prompt[i - 1:i + 1] == ["one", "with"]:
             if i == 0 and w == "where":
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
