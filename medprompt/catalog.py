@@ -197,8 +197,7 @@ class PromptCatalog:
         candidates = []
         lead = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
         if len(lead) == 2:
-            candidates += [w for w in tokens(synonyms.canonical(lead[0])) if w not in REQUEST_WORDS]
-            candidates = [" ".join(candidates)]
+            candidates = [" ".join(w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE)]
         for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
             candidates += [" ".join([*sorted(named), *head]), " ".join(head)] if len(named) == 1 else [" ".join(head)]

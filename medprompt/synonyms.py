@@ -69,7 +69,8 @@ ABBREVIATIONS: dict[str, str] = {
     "gb": "gallbladder", "pv": "portal vein", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
-    "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder", "mets": "metastases",
+    "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",
+    "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder", "mets": "metastases",
 }
 
 

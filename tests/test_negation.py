@@ -15,14 +15,17 @@ from medprompt.negation import without_negated
     ("the left adrenal (not the kidney)", "the left adrenal", ["not the kidney"]),
     ("non-tumorous liver", "liver", ["non-tumorous"]),
     ("the liver, not the tumour, and not the gallbladder", "the liver", ["not the tumour", "and not the gallbladder"]),
+    ("right kidney mask, exclude the left", "right kidney mask", ["exclude the left"]),  # its side goes with it
+    ("the lungs, excluding the heart and airways.", "the lungs", ["excluding the heart and airways"]),
+    ("left suprarenal, don't include the right one", "left suprarenal", ["don't include the right one"]),
 ])
 def test_a_negated_phrase_runs_from_its_cue_to_the_next_punctuation(text: str, kept: str, excluded: list[str]):
     assert without_negated(text) == (kept, excluded)
 
 
-@pytest.mark.parametrize("text", ["the knot in the liver", "a nodule", "note the liver", "the liver excluding the lesions",
-                                  "kidneys except the adrenals", "Outline the patient, ignoring the table."])
-def test_words_that_only_contain_a_cue_and_landmark_words_are_kept(text: str):
-    """"knot", "nodule", "note" hold a cue's letters; "excluding" and "except" are read as landmarks
-    (``medprompt.text.similarity.RELATIONS``), where what they name stays as context."""
+@pytest.mark.parametrize("text", ["the knot in the liver", "a nodule", "note the liver", "nothing but the spleen",
+                                  "Outline the patient, ignoring the table."])
+def test_words_that_only_contain_a_cue_are_kept(text: str):
+    """"knot", "nodule", "note", "nothing" hold a cue's letters; "ignoring the table" is read where what else an
+    image shows is (``medprompt.text.similarity.OTHER_CONTENT``)."""
     assert without_negated(text) == (text, [])

@@ -789,9 +789,19 @@ def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatal
     for text, name in (("liver without the tumour", "liver"), ("the right kidney, not the left one", "kidney_right"),
                        ("kidneys but not the adrenals", "kidneys"), ("whole liver but not the gallbladder", "liver"),
                        ("the spleen, no tumour", "spleen"), ("non-tumorous liver", "liver"),
-                       ("stomach without the duodenum", "stomach"), ("liver parenchyma sparing the tumour", "liver")):
+                       ("stomach without the duodenum", "stomach"), ("liver parenchyma sparing the tumour", "liver"),
+                       ("right kidney mask, exclude the left", "kidney_right"),  # had been both kidneys
+                       ("left suprarenal, don't include the right one", "adrenal_gland_left")):
         assert minilm_catalog.resolve(text).name == name, text
     with pytest.raises(PromptError, match="only says what not to draw"):
         minilm_catalog.resolve("not the liver")
     with pytest.raises(PromptError, match=r"only a side .*\(read without 'not the left kidney'\)"):
         minilm_catalog.resolve("not the left kidney but the right one")
+
+
+def test_quadrants_by_their_shorthand_and_a_real_word_that_is_no_typo(minilm_catalog: PromptCatalog):
+    """"LUQ" is the left upper quadrant (the spleen's place; the liver had won), and "enema" of "barium enema" is a
+    word, not a misspelling of "edema" (the prompt had been refused as a misspelt brain_tumor)."""
+    assert minilm_catalog.resolve("homogeneous crescent-shaped organ in the LUQ against the left "
+                                  "hemidiaphragm").name == "spleen"
+    assert minilm_catalog.resolve("apple-core lesion on barium enema").name == "colon_tumour"

@@ -51,14 +51,13 @@ NEAREST = 3
 # Words after which a class name is a landmark ("the gland above the left kidney"): spatial only;
 # "of"/"in" are left out because "wall of the stomach" and "tumour in the liver" name the target.
 # Clinical wording says the same with a direction and "to" ("posterior to the pancreas", "superomedial to
-# the upper pole": DIRECTIONS) or a side and "of" ("left of the IVC"); what a prompt includes or excludes
-# ("excluding the airways", "except the kidneys") and where an extent ends ("down to the iliac
-# bifurcation", "from the splenic hilum to the porta hepatis") are not the target either.
+# the upper pole": DIRECTIONS) or a side and "of" ("left of the IVC"); where an extent ends ("down to the iliac
+# bifurcation", "from the splenic hilum to the porta hepatis") is not the target either. What a prompt excludes
+# ("excluding the airways") is left out before it is read (``medprompt.negation``).
 RELATIONS = tuple(r.split() for r in (
     "next to", "in front of", "on top of", "close to", "after", "before", "near", "under", "underneath",
     "beneath", "below", "above", "over", "behind", "beside", "alongside", "between", "around", "from",
-    "into", "toward", "towards", "adjacent to", "abutting", "along", "down to", "up to",
-    "excluding", "except", "apart from"))
+    "into", "toward", "towards", "adjacent to", "abutting", "along", "down to", "up to"))
 # What a structure is said to take in with it ("the body outline including skin and subcutaneous fat"): other
 # anatomy named so is part of the target, not the target (``_other_as_landmark``).
 PART_RELATIONS = (["including"], ["with"], ["plus"])
