@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import yaml
 
 from medprompt import synonyms
-from medprompt.negation import without_negated
 from medprompt.errors import PromptError, shown
+from medprompt.negation import without_negated
 
 if TYPE_CHECKING:
     from medprompt.text.encoders import TextEncoder

@@ -70,7 +70,8 @@ ABBREVIATIONS: dict[str, str] = {
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
     "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",
-    "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder", "mets": "metastases",
+    "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder",
+    "mets": "metastases",
 }
 
 

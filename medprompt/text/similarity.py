@@ -757,7 +757,7 @@ def asked_part(prompt: list[str]) -> list[str]:
 
     for i, w in enumerate(prompt):
         # not "a fluid-filled lesion" nor "the mass with calcification", but "the one with the stone"
-        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"] or prompt[i - 1:i + 1] == ["one", "with"]:
+        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"] or (i and prompt[i - 1:i + 1] == ["one", "with"]):
             if i == 0 and w == "where":
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
@@ -987,7 +987,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
     home = finding_class_of_other(catalog, other[0], texts) if other is not None else None
     if above_floor and home is not None and other[1] > score:
-        best, score = home.name, other[1]  # a tumour of a part of the organ its finding class is named by
+        best = home.name  # a tumour of a part of the organ its finding class is named by
     elif (above_floor and other is not None and other[1] > score + margin
             and not (other[1] - score <= WORD_TIE and words_favour_class(index, text, best, other[0]))
             and not any(_other_as_landmark(index, t, other[0]) for t in texts)
