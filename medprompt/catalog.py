@@ -182,6 +182,24 @@ class PromptCatalog:
                 return entry
         return None
 
+    def _spelt(self, text: str) -> set[str]:
+        """Classes whose name or an alias ``text`` spells (in plain nouns too), wherever it does."""
+        said = [tokens(t) for t in dict.fromkeys((text, synonyms.canonical(text)))]
+        return {e.name for e in self.entries.values() for spelling in (e.name.replace("_", " "), *e.aliases)
+                for target in [tokens(spelling)] for toks in said
+                if target and any(toks[i:i + len(target)] == target for i in range(len(toks)))}
+
+    def _finding_placed(self, asked: str, excluded: list[str]) -> str:
+        """``asked`` placed in the organ that what it excludes names, when it asks for a finding and names no organ
+        itself: "the tumour, not the whole liver" asks for the liver's tumour (read alone, "the tumour" was
+        brain_tumor's)."""
+        from medprompt.text.similarity import finding_words, is_finding, readings
+
+        if not finding_words(readings(asked)) or any(not is_finding(n) for n in self._spelt(asked)):
+            return asked
+        organs = {n for e in excluded for n in self._spelt(e) if not is_finding(n)}
+        return f"{asked} in the {organs.pop().replace('_', ' ')}" if len(organs) == 1 else asked
+
     def leading_name(self, text: str) -> PromptEntry | None:
         """The class a prompt names before its first comma, colon, semicolon, dash or bracket, or as its whole
         first noun phrase, when what follows only describes it: "left adrenal, the inverted-Y structure lateral to
@@ -251,6 +269,7 @@ class PromptCatalog:
             said = "; ".join(f"'{quoted(e)}'" for e in excluded)
             if not words(asked):
                 raise PromptError(f"prompt '{quoted(text)}' only says what not to draw ({said}); name what to draw")
+            asked = self._finding_placed(asked, excluded)
             try:
                 return self.resolve(asked, encoder)
             except PromptError as error:

@@ -785,14 +785,19 @@ def test_a_request_that_names_nothing_points_to_what_follows(minilm_catalog: Pro
 
 def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatalog):
     """Read whole, each of these resolved to what it excludes (liver_tumour, kidneys, adrenal_glands,
-    gallbladder) or was refused (the spleen with "no tumour", the stomach "without the duodenum")."""
+    gallbladder) or was refused (the spleen with "no tumour", the stomach "without the duodenum"); a finding whose
+    organ is named only as what not to draw is that organ's finding."""
     for text, name in (("liver without the tumour", "liver"), ("the right kidney, not the left one", "kidney_right"),
                        ("kidneys but not the adrenals", "kidneys"), ("whole liver but not the gallbladder", "liver"),
                        ("the spleen, no tumour", "spleen"), ("non-tumorous liver", "liver"),
                        ("stomach without the duodenum", "stomach"), ("liver parenchyma sparing the tumour", "liver"),
                        ("right kidney mask, exclude the left", "kidney_right"),  # had been both kidneys
-                       ("left suprarenal, don't include the right one", "adrenal_gland_left")):
+                       ("left suprarenal, don't include the right one", "adrenal_gland_left"),
+                       # a finding with no organ of its own is placed in the organ it excludes (was brain_tumor)
+                       ("the tumour, not the whole liver", "liver_tumour"), ("the lesion, not the liver", "liver_tumour")):
         assert minilm_catalog.resolve(text).name == name, text
+    with pytest.raises(PromptError, match="kidney tumour"):  # no class draws it
+        minilm_catalog.resolve("the tumour, not the kidney")
     with pytest.raises(PromptError, match="only says what not to draw"):
         minilm_catalog.resolve("not the liver")
     with pytest.raises(PromptError, match=r"only a side .*\(read without 'not the left kidney'\)"):
