@@ -29,3 +29,14 @@ def test_words_that_only_contain_a_cue_are_kept(text: str):
     """"knot", "nodule", "note", "nothing" hold a cue's letters; "ignoring the table" is read where what else an
     image shows is (``medprompt.text.similarity.OTHER_CONTENT``)."""
     assert without_negated(text) == (text, [])
+
+
+def test_an_option_box_keeps_a_negation_with_the_prompt_it_belongs_to():
+    """Slicer's and OHIF's option boxes send prompts as one comma-separated string: "liver, not the tumour" is one
+    prompt there (it had been the liver and a refused "not the tumour"), "liver, spleen" still two."""
+    from medprompt.infers.draft import parse_prompts
+
+    assert parse_prompts("liver, not the tumour, spleen") == ["liver, not the tumour", "spleen"]
+    assert parse_prompts("right kidney, exclude the left, aorta,") == ["right kidney, exclude the left", "aorta"]
+    assert parse_prompts("liver,spleen, inferior vena cava") == ["liver", "spleen", "inferior vena cava"]
+    assert parse_prompts("not the liver") == ["not the liver"]  # alone it is refused by name when resolved

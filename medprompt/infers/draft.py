@@ -51,10 +51,21 @@ def write_result(labels: np.ndarray, affine: np.ndarray, names: dict[str, int], 
 def parse_prompts(value: Any) -> list[str]:
     """A request's ``prompts``: a list of strings, or one comma-separated string (what Slicer's option box sends).
 
-    Blank pieces of a string ("liver, ") are dropped; if nothing is left the draft reports an empty prompt list.
+    Blank pieces of a string ("liver, ") are dropped; if nothing is left the draft reports an empty prompt list. A
+    piece that only says what not to draw belongs to the one before it: "liver, not the tumour" is one prompt
+    (``medprompt.negation``), not the liver and a refused "not the tumour".
     """
     if isinstance(value, str):
-        return [p.strip() for p in value.split(",") if p.strip()]
+        from medprompt.catalog import words
+        from medprompt.negation import without_negated
+
+        out: list[str] = []
+        for piece in (p.strip() for p in value.split(",")):
+            if out and piece and not words(without_negated(piece)[0]):
+                out[-1] = f"{out[-1]}, {piece}"
+            elif piece:
+                out.append(piece)
+        return out
     if isinstance(value, (list, tuple)):
         return list(value)
     raise PromptError(
