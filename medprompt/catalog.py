@@ -66,7 +66,7 @@ REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmen
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
 # Words around a class's name in a request's first noun phrase that do not change what it names ("the whole liver
 # mask", "the spleen volume"): left out when the phrase is looked up as a name (``PromptCatalog.leading_name``).
-HEAD_NOISE = REQUEST_WORDS | frozenset("whole entire complete full total volume volumes outline".split())
+HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset("whole entire complete full total volume volumes outline".split())
 
 
 QUOTE_CHARS = 80  # of a prompt quoted in an error message

@@ -741,11 +741,14 @@ def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(mini
                        ("GB please, the one full of stones", "gallbladder"),  # "full of": what it holds
                        ("my left kidney, the one with the stone", "kidney_left"),  # "the one with": what it holds
                        ("please segment the gallbladder, patient has gallstones", "gallbladder"),  # "patient": no list
+                       ("right renal parenchyma and sinus", "kidney_right"),  # "parenchyma" says no more (was lungs)
                        ("kidney, the left one", "kidney_left"),  # a side the name lacks: read whole
                        ("liver, outline the lesions", "liver_tumour")):  # a finding: read whole
         assert minilm_catalog.resolve(text).name == name, text
     with pytest.raises(PromptError, match="names 2 classes"):
         minilm_catalog.resolve("kidneys, liver")
+    with pytest.raises(PromptError, match="asks for the brain"):  # its own tissue, not a part of what follows
+        minilm_catalog.resolve("the whole brain parenchyma, for atrophy measurement")  # had been the kidneys
 
 
 def test_a_name_spelt_as_the_target_is_no_landmark_and_no_list(minilm_catalog: PromptCatalog):

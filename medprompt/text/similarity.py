@@ -711,8 +711,9 @@ def asked_other(index: ClassIndex, heads: list[list[str]]) -> str | None:
         rest = head[:i] + head[i + n:]
         if i + n == len(head):
             return other  # its last word is the phrase's noun: "the bladder catheter" is a catheter
-        if head[-1] in GENERIC_WORDS | PART_WORDS:
-            continue  # "the heart part of the stomach" (read from "cardiac part"): a part of what follows
+        if head[-1] in (GENERIC_WORDS - {"parenchyma", "tissue"}) | PART_WORDS:
+            continue  # "the heart part of the stomach" (read from "cardiac part"): a part of what follows; but
+            # "the brain parenchyma" is the brain's own tissue
         if not any(w in FINDING_WORDS or set(words(w)) & index.class_words for w in rest):
             return other
     return None
