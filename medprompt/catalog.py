@@ -66,7 +66,7 @@ REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmen
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
 # Words around a class's name in a request's first noun phrase that do not change what it names ("the whole liver
 # mask", "the spleen volume"): left out when the phrase is looked up as a name (``PromptCatalog.leading_name``).
-HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset("whole entire complete full total volume volumes outline".split())
+HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset("all whole entire complete full total volume volumes outline".split())
 
 
 QUOTE_CHARS = 80  # of a prompt quoted in an error message
@@ -211,7 +211,8 @@ class PromptCatalog:
         texts = readings(text)
         if finding_words(texts):
             return None
-        named = sides(text)
+        named = sides(texts[-1])  # in plain nouns: "LK" is the left kidney
+        named = set() if len(named) == 2 else named  # "left and right suprarenals": both, a class without a side
         candidates = []
         lead = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
         if len(lead) == 2:
@@ -219,10 +220,11 @@ class PromptCatalog:
         for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
             candidates += [" ".join([*sorted(named), *head]), " ".join(head)] if len(named) == 1 else [" ".join(head)]
-        for candidate in candidates:
-            entry = self.lookup(candidate) if candidate else None
-            if entry is not None and named == sides(entry.name):
-                return entry
+        for candidate in candidates:  # as spelt, then each word's plural folded ("all the bones")
+            for spelt in dict.fromkeys((candidate, " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split()))):
+                entry = self.lookup(spelt) if spelt else None
+                if entry is not None and named == sides(entry.name):
+                    return entry
         return None
 
     def keyword_scores(self, text: str) -> dict[str, float]:

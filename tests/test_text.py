@@ -742,6 +742,9 @@ def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(mini
                        ("my left kidney, the one with the stone", "kidney_left"),  # "the one with": what it holds
                        ("please segment the gallbladder, patient has gallstones", "gallbladder"),  # "patient": no list
                        ("right renal parenchyma and sinus", "kidney_right"),  # "parenchyma" says no more (was lungs)
+                       ("L adrenal, pt with suspected adenoma, need volume", "adrenal_gland_left"),  # "pt with": why
+                       ("LK only, living donor nephrectomy workup", "kidney_left"),  # the side in plain nouns
+                       ("all the bones in the scan", "bone"),  # a plural folded (had been the body)
                        ("kidney, the left one", "kidney_left"),  # a side the name lacks: read whole
                        ("liver, outline the lesions", "liver_tumour")):  # a finding: read whole
         assert minilm_catalog.resolve(text).name == name, text

@@ -758,7 +758,8 @@ def asked_part(prompt: list[str]) -> list[str]:
 
     for i, w in enumerate(prompt):
         # not "a fluid-filled lesion" nor "the mass with calcification", but "the one with the stone"
-        if w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"] or (i and prompt[i - 1:i + 1] == ["one", "with"]):
+        if (w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"]
+                or (i and w == "with" and prompt[i - 1] in ("one", "patient", "pt"))):  # "pt with suspected adenoma"
             if i == 0 and w == "where":
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
@@ -1026,7 +1027,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     organ = organ_of_finding(catalog, catalog[best], texts)
     if organ is not None:
         best = organ.name
-    if sides(best) and len(sides(text)) != 1:
+    if sides(best) and len(sides(texts[-1])) != 1:  # in plain nouns: "LK" names the left
         twins = [n for n in catalog.names if stem(n) == stem(best) and sides(n)]
         raise PromptError(f"prompt '{text}' matches {' and '.join(twins)}: say 'left' or 'right'")
     return catalog[best]
