@@ -206,24 +206,34 @@ class PromptCatalog:
         the crus" is the left adrenal, however near the kidney its description reads, and "the inferior vena cava
         on the portal venous phase" the vena cava. Not when the prompt asks for a finding ("liver, outline the
         lesions") or names a side the class does not have ("kidney, the left one"): those read as a whole."""
-        from medprompt.text.similarity import asked_sentence, finding_words, head_phrase, readings, sides
+        from medprompt.text.similarity import asked_sentence, finding_words, head_phrase, readings, sides, stem
 
         texts = readings(text)
         if finding_words(texts):
             return None
         named = sides(texts[-1])  # in plain nouns: "LK" is the left kidney
-        named = set() if len(named) == 2 else named  # "left and right suprarenals": both, a class without a side
-        candidates = []
+        candidates: list[tuple[str, set[str] | None]] = []  # (a name to look up, the sides its class must have)
         lead = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
         if len(lead) == 2:
-            candidates = [" ".join(w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE)]
+            # A side spelt in the name is the class's, whatever the rest says of a landmark ("the right kidney, next
+            # to the left adrenal"); without one, the rest must name none when the class has sided twins ("kidney,
+            # the left one"), and may name any when it has none ("liver, near the right kidney").
+            said = [w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE]
+            candidates.append((" ".join(said), sides(" ".join(said)) or None))
         for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
-            candidates += [" ".join([*sorted(named), *head]), " ".join(head)] if len(named) == 1 else [" ".join(head)]
-        for candidate in candidates:  # as spelt, then each word's plural folded ("all the bones")
+            if len(named) == 1:
+                candidates.append((" ".join([*sorted(named), *head]), named))
+            candidates.append((" ".join(head), named))
+        for candidate, side in candidates:  # as spelt, then each word's plural folded ("all the bones")
             for spelt in dict.fromkeys((candidate, " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split()))):
                 entry = self.lookup(spelt) if spelt else None
-                if entry is not None and named == sides(entry.name):
+                if entry is None:
+                    continue
+                if side is None:  # a name without a side: its class's, unless a sided twin may be meant
+                    twins = any(stem(n) == stem(entry.name) and sides(n) for n in self.names if n != entry.name)
+                    side = named if twins or sides(entry.name) else set()
+                if side == sides(entry.name):
                     return entry
         return None
 

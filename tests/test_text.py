@@ -745,6 +745,8 @@ def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(mini
                        ("L adrenal, pt with suspected adenoma, need volume", "adrenal_gland_left"),  # "pt with": why
                        ("LK only, living donor nephrectomy workup", "kidney_left"),  # the side in plain nouns
                        ("all the bones in the scan", "bone"),  # a plural folded (had been the body)
+                       ("the right kidney, next to the left adrenal", "kidney_right"),  # its own side, not the landmark's
+                       ("liver, near the right kidney", "liver"),  # no sided liver: the side is the landmark's
                        ("kidney, the left one", "kidney_left"),  # a side the name lacks: read whole
                        ("liver, outline the lesions", "liver_tumour")):  # a finding: read whole
         assert minilm_catalog.resolve(text).name == name, text
