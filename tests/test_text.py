@@ -741,6 +741,7 @@ def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(mini
                        ("GB please, the one full of stones", "gallbladder"),  # "full of": what it holds
                        ("my left kidney, the one with the stone", "kidney_left"),  # "the one with": what it holds
                        ("please segment the gallbladder, patient has gallstones", "gallbladder"),  # "patient": no list
+                       ("the right kidney, it has a stone", "kidney_right"),  # "it has": what it holds
                        ("right renal parenchyma and sinus", "kidney_right"),  # "parenchyma" says no more (was lungs)
                        ("L adrenal, pt with suspected adenoma, need volume", "adrenal_gland_left"),  # "pt with": why
                        ("LK only, living donor nephrectomy workup", "kidney_left"),  # the side in plain nouns
@@ -777,7 +778,8 @@ def test_a_tumour_class_draws_tumours_of_its_organ_and_its_parts(minilm_catalog:
     for text, name in (("outline the sigmoid cancer causing the stricture", "colon_tumour"),
                        ("tumour of the sigmoid colon", "colon_tumour"), ("mass in the cerebellum", "brain_tumor"),
                        ("enhancing intra-axial mass with surrounding oedema in the cerebrum", "brain_tumor"),
-                       ("breast cyst", "breast_tumor"), ("nodule in the liver", "liver_tumour")):
+                       ("breast cyst", "breast_tumor"), ("nodule in the liver", "liver_tumour"),
+                       ("my son has a tumour in his brain, can you show it", "brain_tumor")):  # "has" no reason here
         assert minilm_catalog.resolve(text).name == name, text
     for text in ("the sigmoid colon", "the cerebellum"):  # the part itself is still other anatomy
         with pytest.raises(PromptError, match="no prompt file describes"):

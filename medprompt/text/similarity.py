@@ -185,7 +185,7 @@ PART_OF = {"sigmoid colon": "colon", "hepatic flexure": "colon", "splenic flexur
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
 CLAUSE_WORDS = frozenset("for to where which that who whose when while harbouring harboring containing "
-                         "because so full has".split())  # "the one full of stones", "patient has gallstones"
+                         "because so full".split())  # "the one full of stones"
 DRAWING_WORDS = frozenset("outline delineate mark highlight trace contour annotate label segment draw mask show".split())
 ASKING_WORDS = DRAWING_WORDS | frozenset("look looking search check checking find identify detect locate please need "
                                          "needs want".split())
@@ -759,7 +759,8 @@ def asked_part(prompt: list[str]) -> list[str]:
     for i, w in enumerate(prompt):
         # not "a fluid-filled lesion" nor "the mass with calcification", but "the one with the stone"
         if (w in CLAUSE_WORDS or prompt[i:i + 2] == ["filled", "with"]
-                or (i and w == "with" and prompt[i - 1] in ("one", "patient", "pt"))):  # "pt with suspected adenoma"
+                or (i and w in ("with", "has") and prompt[i - 1] in ("one", "it", "patient", "pt"))):
+            # "pt with suspected adenoma", "patient has gallstones"; not "my son has a tumour in his brain"
             if i == 0 and w == "where":
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
