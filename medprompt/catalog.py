@@ -66,7 +66,8 @@ REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmen
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
 # Words around a class's name in a request's first noun phrase that do not change what it names ("the whole liver
 # mask", "the spleen volume"): left out when the phrase is looked up as a name (``PromptCatalog.leading_name``).
-HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset("all whole entire complete full total volume volumes outline".split())
+HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset(
+    "all whole entire complete full total volume volumes outline".split())
 
 
 QUOTE_CHARS = 80  # of a prompt quoted in an error message
@@ -226,7 +227,8 @@ class PromptCatalog:
                 candidates.append((" ".join([*sorted(named), *head]), named))
             candidates.append((" ".join(head), named))
         for candidate, side in candidates:  # as spelt, then each word's plural folded ("all the bones")
-            for spelt in dict.fromkeys((candidate, " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split()))):
+            folded = " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split())
+            for spelt in dict.fromkeys((candidate, folded)):
                 entry = self.lookup(spelt) if spelt else None
                 if entry is None:
                     continue

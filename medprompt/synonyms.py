@@ -66,7 +66,8 @@ ORGAN_WORDS: dict[str, str] = {
 # the vena cava). Unambiguous in an abdominal, brain or breast request; for anatomy no class describes
 # (CBD, SVC) the expansion lets the prompt be refused by name.
 ABBREVIATIONS: dict[str, str] = {
-    "gb": "gallbladder", "pv": "portal vein", "pt": "patient", "panc": "pancreas", "lk": "left kidney", "rk": "right kidney",
+    "gb": "gallbladder", "pv": "portal vein", "pt": "patient", "panc": "pancreas", "lk": "left kidney",
+    "rk": "right kidney",
     "aaa": "abdominal aortic aneurysm", "hcc": "hepatocellular carcinoma", "crc": "colorectal cancer",
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
     "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",

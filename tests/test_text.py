@@ -746,7 +746,8 @@ def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(mini
                        ("L adrenal, pt with suspected adenoma, need volume", "adrenal_gland_left"),  # "pt with": why
                        ("LK only, living donor nephrectomy workup", "kidney_left"),  # the side in plain nouns
                        ("all the bones in the scan", "bone"),  # a plural folded (had been the body)
-                       ("the right kidney, next to the left adrenal", "kidney_right"),  # its own side, not the landmark's
+                       # its own side, not the landmark's
+                       ("the right kidney, next to the left adrenal", "kidney_right"),
                        ("liver, near the right kidney", "liver"),  # no sided liver: the side is the landmark's
                        ("kidney, the left one", "kidney_left"),  # a side the name lacks: read whole
                        ("liver, outline the lesions", "liver_tumour")):  # a finding: read whole
@@ -804,7 +805,8 @@ def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatal
                        ("right kidney mask, exclude the left", "kidney_right"),  # had been both kidneys
                        ("left suprarenal, don't include the right one", "adrenal_gland_left"),
                        # a finding with no organ of its own is placed in the organ it excludes (was brain_tumor)
-                       ("the tumour, not the whole liver", "liver_tumour"), ("the lesion, not the liver", "liver_tumour")):
+                       ("the tumour, not the whole liver", "liver_tumour"),
+                       ("the lesion, not the liver", "liver_tumour")):
         assert minilm_catalog.resolve(text).name == name, text
     with pytest.raises(PromptError, match="kidney tumour"):  # no class draws it
         minilm_catalog.resolve("the tumour, not the kidney")

@@ -931,14 +931,9 @@ def finding_class_of_other(catalog: PromptCatalog, other: str, texts: list[str])
     """The catalog's finding class of the organ that the other-anatomy entry ``other`` is or is part of
     (``PART_OF``), when the readings ask for a tumour there: "the sigmoid cancer" reads like the sigmoid colon, and
     asks for colon_tumour. None otherwise."""
-    from medprompt.catalog import words
-
     if not finding_words(texts) & TUMOUR_WORDS:
         return None
-    organ = set(words(PART_OF.get(other, other)))
-    found = [c for c in catalog.entries.values() if is_finding(c.name)
-             and {w for w in words(c.name.replace("_", " ")) if w not in FINDING_WORDS} == organ]
-    return found[0] if len(found) == 1 else None
+    return _finding_class(catalog, PART_OF.get(other, other))
 
 
 def rank(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: ClassIndex,
