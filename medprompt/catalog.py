@@ -70,6 +70,11 @@ HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset(
     "all whole entire complete full total volume volumes outline".split())
 
 
+# Nouns a description of a named class ends its first noun phrase with ("left adrenal, the Y-shaped structure
+# lateral to the crus"), not a target of their own (``PromptCatalog.describes``).
+DESCRIBING_NOUNS = GENERIC_WORDS | frozenset("structure organ gland vessel".split())
+
+
 QUOTE_CHARS = 80  # of a prompt quoted in an error message
 
 
@@ -238,6 +243,20 @@ class PromptCatalog:
                 if side == sides(entry.name):
                     return entry
         return None
+
+    def describes(self, named: str, piece: str) -> bool:
+        """Whether ``piece``, the next piece of a comma-separated prompt list (3D Slicer's and OHIF's option box),
+        only describes the class ``named`` names: it says where ("the inverted-Y structure lateral to the left
+        crus"), spells no class but as that place ("pancreas", "the gland behind the stomach"), and the two read as
+        one still name that class first. A piece that says no place ("urinary bladder", "prostate") or asks for a
+        finding ("liver", "hypodense lesion in segment 4") is a prompt of its own, refused alone if need be rather
+        than lost in the one before it."""
+        from medprompt.text.similarity import asked_sentence, head_phrase, landmarks, says_where
+
+        entry = self.leading_name(named)
+        head = head_phrase(tokens(asked_sentence(piece)))  # "the prostate below it" names its own target
+        return (entry is not None and says_where(piece) and (not head or head[-1] in DESCRIBING_NOUNS)
+                and self._spelt(piece) <= landmarks(self, piece) and self.leading_name(f"{named}, {piece}") is entry)
 
     def keyword_scores(self, text: str) -> dict[str, float]:
         """Score every class by the prompt's content words found in its names, aliases and keywords.

@@ -22,14 +22,15 @@ from medprompt.io.volume import Volume, load_volume
 from medprompt.mr_contrasts import CONTRASTS, CSF, FAT, SOFT, TISSUE, made_contrast, made_from_ct, signal
 from medprompt.prior import geometry
 from medprompt.prior.engine import AnatomyPrior
-from medprompt.prior.landmarks import find_landmarks, mr_weighting
+from medprompt.prior.landmarks import fat_grey, find_landmarks, mr_weighting
 
 
-def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0, ring: tuple = FAT) -> tuple[np.ndarray, np.ndarray]:
     """An axial MR slab (3 mm voxels) on ``contrast``: a body ringed by 12 mm of subcutaneous fat, muscle-grey
     inside, a liver, a spleen, fat around the kidneys and the spinal canal's fluid, each at its spin-echo grey.
     ``crop`` widens the body past the image's sides and front; ``fat_gain`` brightens fat (mr_abdomen's T1: six
-    times the liver). Returns the image and the liver's mask."""
+    times the liver); ``ring`` is the tissue under the skin (a thin patient's: muscle, ``SOFT``). Returns the image
+    and the liver's mask."""
     _, tr, te, fat_kept = CONTRASTS[contrast]
     fat_kept *= fat_gain
     shape = (110, 84, 10)
@@ -37,7 +38,7 @@ def _slab(contrast: str, crop: bool = False, fat_gain: float = 1.0) -> tuple[np.
     size, centre = ((90.0, 56.0), 58) if crop else ((50.0, 38.0), 42)
     r = np.sqrt(((i - 55) / size[0]) ** 2 + ((j - centre) / size[1]) ** 2)
     grey = np.where(r <= 1.0, signal(*SOFT, tr, te), 0.01)
-    grey[(r > 1.0 - 4 / size[1]) & (r <= 1.0)] = signal(*FAT, tr, te) * fat_kept
+    grey[(r > 1.0 - 4 / size[1]) & (r <= 1.0)] = signal(*ring, tr, te) * (fat_kept if ring == FAT else 1.0)
     liver = ((i - 30) / 16.0) ** 2 + ((j - 45) / 15.0) ** 2 <= 1.0
     grey[liver] = signal(*TISSUE["liver"], tr, te)
     grey[((i - 82) / 8.0) ** 2 + ((j - 38) / 10.0) ** 2 <= 1.0] = signal(*TISSUE["spleen"], tr, te)
@@ -72,6 +73,26 @@ def test_a_body_cut_by_the_field_of_view_reads_its_weighting_from_the_skin_in_vi
     assert mr_weighting(image, lm, liver) == expected
 
 
+@pytest.mark.parametrize("contrast, ring, apart", [("t1se", FAT, True), ("t1fs", FAT, True), ("t2fs", FAT, True),
+                                                   ("t2", FAT, False), ("t1se", SOFT, False), ("t2fs", SOFT, False)])
+def test_fat_is_set_apart_where_no_organ_shares_its_grey(contrast: str, ring: tuple, apart: bool) -> None:
+    """Fat's greys (read under the skin) are set apart from the organs' when suppressed or bright on T1; not when
+    bright on T2 (the spleen's and kidneys' grey there), nor when the layer under the skin is muscle. (On the T2
+    fat keeps a fifth of its signal, as spectral suppression often leaves it: a tenth is darker than this slab's
+    body outline, whose threshold its bright canal sets.)"""
+    fat_gain = 2.0 if contrast == "t2fs" else 1.0
+    image, liver = _slab(contrast, ring=ring, fat_gain=fat_gain)
+    lm = find_landmarks(image, (3.0, 3.0, 3.0), "MR")
+    lm.weighting = mr_weighting(image, lm, liver)
+    band = fat_grey(image, lm, liver)
+    assert (band is not None) == apart, band
+    if apart:
+        fat = 1000 * signal(*FAT, *CONTRASTS[contrast][1:3]) * CONTRASTS[contrast][3] * fat_gain
+        organs = [1000 * signal(*TISSUE[n], *CONTRASTS[contrast][1:3]) for n in ("liver", "spleen", "kidney_left")]
+        assert band[0] < fat < band[1]
+        assert not any(band[0] <= g <= band[1] for g in organs), (band, organs)
+
+
 def _dice_on(volume: Volume, case: Path, names: list[str]) -> tuple[dict[str, float], str | None]:
     catalog = default_catalog()
     prior = AnatomyPrior(catalog)
@@ -104,20 +125,39 @@ def test_the_spleen_and_stomach_are_found_on_t1_and_on_a_t2_made_from_it(real_da
     assert min(dice_t2.values()) >= 0.7, dice_t2  # 0.92, 0.85, 0.85, 0.84, 0.87
 
 
-@pytest.mark.parametrize("contrast, weighting", [("t1se", "T1"), ("t2fs", "T2")])
+@pytest.mark.parametrize("contrast, weighting", [("t1se", "T1"), ("t1fs", "T1"), ("t2fs", "T2")])
 def test_on_another_patient_made_mr_the_spleen_and_stomach_follow_the_weighting(
         real_data: Path, tmp_path: Path, contrast: str, weighting: str) -> None:
     """ct_abdomen_a (another patient) made into MR from its CT and reference: spleen and stomach 0.000 on both
-    contrasts before (T1: the darkest band held muscle, T2: it held suppressed fat)."""
+    contrasts before (T1: the darkest band held muscle, T2: it held suppressed fat). On both T1s the kidneys too:
+    their boxes hold more fat than kidney, and they drew fat (0.00-0.01) until fat's grey was set apart; so did
+    the stomach with fat suppressed (0.34)."""
     case = real_data / "ct_abdomen_a"
     scan = nib.load(case / "image.nii.gz")
     label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
     ref_names = json.loads((case / "labels.json").read_text())["labels"]
     made = made_from_ct(np.asarray(scan.dataobj), label, ref_names, contrast, scan.header.get_zooms()[:3])
     nib.save(nib.Nifti1Image(made, scan.affine, scan.header), tmp_path / "made.nii.gz")
-    dice, read = _dice_on(load_volume(tmp_path / "made.nii.gz"), case, ["liver", "spleen", "stomach"])
+    kidneys = ["kidney_left", "kidney_right"] if weighting == "T1" else []
+    dice, read = _dice_on(load_volume(tmp_path / "made.nii.gz"), case, ["liver", "spleen", "stomach", *kidneys])
     assert read == weighting
-    assert min(dice.values()) >= 0.7, dice  # T1 SE 0.82, 0.85, 0.85; T2 fat-suppressed 0.93, 0.84, 0.91
+    # T1 SE 0.82, 0.85, 0.85, 0.82, 0.86; T1 fat-suppressed 0.87, 0.90, 0.82, 0.83, 0.87; T2 fat-suppressed 0.93,
+    # 0.84, 0.91
+    assert min(dice.values()) >= 0.7, dice
+
+
+def test_with_fat_suppressed_on_t1_the_spleen_stomach_and_aorta_draw_no_fat(real_data: Path, tmp_path: Path) -> None:
+    """A fat-suppressed T1 made from mr_abdomen: suppressed fat was the commonest grey darker than the liver in the
+    spleen's and stomach's boxes, and the aorta's flow void window held it too (0.000, 0.000, 0.017 before)."""
+    case = real_data / "mr_abdomen"
+    scan = nib.load(case / "image.nii.gz")
+    label = np.asarray(nib.load(case / "label.nii.gz").dataobj)
+    ref_names = json.loads((case / "labels.json").read_text())["labels"]
+    made = made_contrast(np.asarray(scan.dataobj), label, ref_names, "t1fs", scan.header.get_zooms()[:3])
+    nib.save(nib.Nifti1Image(made, scan.affine, scan.header), tmp_path / "t1fs.nii.gz")
+    dice, read = _dice_on(load_volume(tmp_path / "t1fs.nii.gz"), case, ["spleen", "stomach", "aorta"])
+    assert read == "T1"
+    assert min(dice.values()) >= 0.5, dice  # 0.59, 0.54, 0.83
 
 
 def test_no_coil_field_is_fitted_to_organs_against_the_wall_of_a_fat_suppressed_series(real_data: Path) -> None:

@@ -728,6 +728,29 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
         assert minilm_catalog.resolve(text).name == name, text
 
 
+def test_an_option_box_keeps_a_description_with_the_class_it_describes(minilm_catalog: PromptCatalog):
+    """Slicer's and OHIF's option boxes send one comma-separated string. A piece that says where the class named
+    before it lies, and names no target of its own, describes it: before, "left adrenal, the inverted-Y ... crus"
+    was drafted as two prompts. A bare name, a finding, or a piece whose own noun is a target stays a prompt."""
+    from medprompt.infers.draft import parse_prompts
+
+    cases = {
+        "left adrenal, the inverted-Y shaped structure lateral to the left crus": ["adrenal_gland_left"],
+        "pancreas, the gland behind the stomach, spleen": ["pancreas", "spleen"],
+        "the right kidney, next to the left adrenal": ["kidney_right"],
+        "stomach, below the liver, aorta": ["stomach", "aorta"],
+        "liver, spleen, left kidney": ["liver", "spleen", "kidney_left"],
+    }
+    for text, names in cases.items():
+        prompts = parse_prompts(text)
+        assert len(prompts) == len(names), prompts
+        assert [e.name for _, e in minilm_catalog.resolve_all(prompts)] == names, text
+    # A finding, or its own target said with a place: a prompt of its own, refused alone if it must be, not lost.
+    assert parse_prompts("liver, hypodense lesion in segment 4") == ["liver", "hypodense lesion in segment 4"]
+    assert parse_prompts("urinary bladder, prostate") == ["urinary bladder", "prostate"]
+    assert parse_prompts("urinary bladder, the prostate below it") == ["urinary bladder", "the prostate below it"]
+
+
 def test_a_name_before_a_comma_or_as_the_first_noun_phrase_is_what_is_asked(minilm_catalog: PromptCatalog):
     """A prompt that names a class and then describes it after a comma, colon or dash, or whose first noun phrase
     is the class's name, is that class, however near another class its description reads ("... lateral to the

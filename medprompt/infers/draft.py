@@ -52,16 +52,17 @@ def parse_prompts(value: Any) -> list[str]:
     """A request's ``prompts``: a list of strings, or one comma-separated string (what Slicer's option box sends).
 
     Blank pieces of a string ("liver, ") are dropped; if nothing is left the draft reports an empty prompt list. A
-    piece that only says what not to draw belongs to the one before it: "liver, not the tumour" is one prompt
-    (``medprompt.negation``), not the liver and a refused "not the tumour".
+    piece belongs to the one before it when it only says what not to draw ("liver, not the tumour" is one prompt,
+    ``medprompt.negation``, not the liver and a refused "not the tumour"), or only describes the class that one
+    names ("left adrenal, the inverted-Y structure lateral to the crus": ``PromptCatalog.describes``).
     """
     if isinstance(value, str):
-        from medprompt.catalog import words
+        from medprompt.catalog import default_catalog, words
         from medprompt.negation import without_negated
 
         out: list[str] = []
         for piece in (p.strip() for p in value.split(",")):
-            if out and piece and not words(without_negated(piece)[0]):
+            if out and piece and (not words(without_negated(piece)[0]) or default_catalog().describes(out[-1], piece)):
                 out[-1] = f"{out[-1]}, {piece}"
             elif piece:
                 out.append(piece)

@@ -18,7 +18,7 @@ from medprompt.localization import Localization
 from medprompt.memo import Memo
 from medprompt.prior import geometry
 from medprompt.prior.coil_field import coil_field
-from medprompt.prior.landmarks import (Landmarks, body_mask, find_landmarks, guess_modality, mr_weighting,
+from medprompt.prior.landmarks import (Landmarks, body_mask, fat_grey, find_landmarks, guess_modality, mr_weighting,
                                        skin_depth)
 from medprompt.prior.rules import RULES
 
@@ -143,6 +143,12 @@ class AnatomyPrior:
 
         if self._needs_liver(order):
             lm.liver_tip_z = liver_tip(anchor("liver"), lm)
+        if modality == "MR" and not lm.fat_read:
+            # Fat's greys, which no class takes, are read against the liver, found first without them, and
+            # depend on the weighting: bright fat is apart from the organs' greys only on T1.
+            liver = anchor("liver")
+            lm.weighting = lm.weighting or mr_weighting(smooth, lm, liver)
+            lm.fat, lm.fat_read = fat_grey(smooth, lm, liver), True
         taken = empty.copy()
         masks: dict[str, np.ndarray] = {}
         for entry in tqdm(order, desc="anatomy prior", unit="class", disable=not progress, leave=False):

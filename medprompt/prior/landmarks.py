@@ -34,7 +34,9 @@ class Landmarks:
     hip_top_z: int | None = None  # top slice of the hip bones, when the study reaches above them (CT)
     below_abdomen: bool = False  # the study ends below the upper abdomen: within 85 mm above the hip bones
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
-    weighting: str | None = None  # MR: "T1" or "T2", read from the image when a rule needs it (engine)
+    weighting: str | None = None  # MR: "T1" or "T2", read from the image before the classes are drawn (engine)
+    fat: tuple[float, float] | None = None  # MR: fat's greys, which no organ takes (``fat_grey``; engine)
+    fat_read: bool = False  # whether ``fat`` was read (None may be its reading)
     depth: np.ndarray | None = None  # MR: ``skin_depth(body, spacing)``, kept from the coil field's reading
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -283,6 +285,55 @@ DEEP_MM = 20.0  # deeper than the abdominal wall
 FLUID_OVER_LIVER = 2.0  # fluid (T2 500-4000 ms) against the liver (46 ms) on T2: 3-10 times; on T1 only fat reaches 2
 FLUID_OVER_FAT = 1.15  # deep fat against the fat under the skin, one tissue: 0.7-1.05 (brightest deep voxels against
 # the layer's 90th percentile); fluid against fat on T2 without fat suppression: 1.2-3
+
+
+FAT_APART = (0.5, 1.5)  # fat's grey against the liver's where no organ shares it: suppressed fat under half of it
+# (made and real: 0.25-0.3), T1 fat over 1.5 times (2-5); the organs, and muscle (thin patients' layer), 0.6-1.2 on T1
+
+
+def grey_mode(vals: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The commonest grey of ``vals`` (smoothed 64-bin histogram), the robust spread of the values near it, and
+    the histogram with its edges: one tissue's level and width among others'."""
+    hist, edges = np.histogram(vals, bins=64)
+    hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
+    mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
+    near = vals[np.abs(vals - mode) < (np.percentile(vals, 75) - np.percentile(vals, 25) + 1e-3)]
+    sd = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    return mode, sd, hist, edges
+
+
+def fat_grey(smooth: np.ndarray, lm: Landmarks, liver: np.ndarray) -> tuple[float, float] | None:
+    """The greys of fat on an MR series, which no organ rule may take; None where organs share them.
+
+    Fat fills the boxes the organs are sought in, and where an organ's box holds more fat than organ its
+    commonest grey is fat's (a made fat-suppressed T1: spleen, right kidney and stomach drawn as suppressed fat).
+    It is read where it is commonest, in the layer under the skin (``UNDER_SKIN_MM``): its mode +- 2.5 robust
+    spreads, and at least an organ window's narrowest half (``mr_min_half``: fat made from CT, or denoised, may
+    spread far less than its grey varies over the body). It is apart from every organ's grey when suppressed
+    (darker than half the liver's) or on a T1-weighted series (brighter than 1.5 times: fat's T1 of 260 ms is
+    the body's shortest). On a T2-weighted series without suppression fat is as bright as the spleen and
+    kidneys, and a thin patient's layer may be muscle, of an organ's grey on either weighting: None.
+    """
+    if not liver.any() or not lm.body.any():
+        return None
+    depth = skin_depth(lm.body, lm.spacing) if lm.depth is None else lm.depth
+    shell = smooth[lm.body & (depth > UNDER_SKIN_MM[0]) & (depth <= UNDER_SKIN_MM[1])]
+    if shell.size < 100:
+        return None
+    lo, hi = np.percentile(shell, [1, 99])
+    mode, sd, _, _ = grey_mode(shell[(shell >= lo) & (shell <= hi)])
+    ratio = mode / max(float(np.median(smooth[liver])), 1e-6)
+    if not (ratio < FAT_APART[0] or (ratio > FAT_APART[1] and lm.weighting == "T1")):
+        return None
+    half = max(2.5 * sd, mr_min_half(smooth, lm.body))
+    return mode - half, mode + half
+
+
+def mr_min_half(smooth: np.ndarray, body: np.ndarray) -> float:
+    """The narrowest half-window of one tissue's grey on an MR series: 8 % of the body's range (2nd-98th
+    percentile). One tissue's grey varies this much over a field of view once the coil's shading is divided
+    out, though its noise alone may be far smaller (a thin slab, a denoised series)."""
+    return 0.08 * float(np.ptp(np.percentile(smooth[body], [2, 98])))
 
 
 def skin_depth(body: np.ndarray, spacing) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
-from medprompt.prior.landmarks import Landmarks
+from medprompt.prior.landmarks import Landmarks, grey_mode, mr_min_half
 
 
 def ball(radius_vox: tuple[int, int, int]) -> np.ndarray:
@@ -77,13 +77,15 @@ def above_the_hips(mask: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]) ->
 
 
 def intensity_window(
-    smooth: np.ndarray, cand_region: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any]
+    smooth: np.ndarray, cand_region: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], avoid_fat: bool = True
 ) -> tuple[float, float] | None:
     """Window of the organ's intensity: the mode near the expected place, +- a robust spread.
 
     For CT the prompt's HU range bounds the search; for MR (arbitrary units) the mode is taken
-    from the image itself, which adapts to the sequence.
+    from the image itself, which adapts to the sequence, away from fat's greys (``lm.fat``) unless
+    ``avoid_fat`` is False: a flow void may be as dark as suppressed fat.
     """
+    fat = lm.fat if avoid_fat and lm.modality != "CT" else None
     ct = attrs.get("ct", {})
     if lm.modality == "CT" and "hu" in ct:
         lo, hi = ct["hu"]
@@ -99,21 +101,21 @@ def intensity_window(
             return None
         lo, hi = band
         vals = vals[(vals >= lo) & (vals <= hi)]
+        if fat is not None:  # no organ has fat's grey where fat's grey is apart from the organs' (fat_grey)
+            vals = vals[(vals < fat[0]) | (vals > fat[1])]
     if vals.size < 20:
         return None
-    hist, edges = np.histogram(vals, bins=64)
-    hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
-    mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
-    near = vals[np.abs(vals - mode) < (np.percentile(vals, 75) - np.percentile(vals, 25) + 1e-3)]
-    sd = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    mode, sd, hist, edges = grey_mode(vals)
     tol = float(ct.get("tol", [2.5])[0]) if lm.modality == "CT" and "tol" in ct else 2.5
-    min_half = 30.0 if lm.modality == "CT" else 0.08 * float(np.ptp(np.percentile(smooth[lm.body], [2, 98])))
+    min_half = 30.0 if lm.modality == "CT" else mr_min_half(smooth, lm.body)
     half = max(tol * sd, min_half)
     top = mode + half
     if lm.modality == "CT" and ct.get("cortex"):
         cortex = cortex_grey(vals, hist, edges, mode, min_half)
         if cortex is not None:
             top = cortex + min_half
+    if fat is not None:
+        lo, hi = (max(lo, fat[1]), hi) if mode > fat[1] else (lo, min(hi, fat[0]))
     return max(lo, mode - half), min(hi, top)
 
 
@@ -378,7 +380,10 @@ def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: n
     seed = region & (w > 0.6)
     windows = [intensity_window(smooth, seed, lm, attrs)]
     if lm.modality != "CT" and attrs.get("mr", {}).get("flow") == "fast":
-        windows += [intensity_window(smooth, seed, lm, {**attrs, "mr": {"rel": rel}}) for rel in FLOW_WINDOWS]
+        # A flow void is as dark as suppressed fat on some series and darker on others: each window is tried
+        # away from fat's greys and not.
+        tries = [attrs, *({**attrs, "mr": {"rel": rel}} for rel in FLOW_WINDOWS)]
+        windows = [intensity_window(smooth, seed, lm, a, avoid_fat=avoid) for a in tries for avoid in (True, False)]
     best, best_score = np.zeros(shape, bool), -1.0
     for window in windows:
         if window is None:

@@ -486,6 +486,15 @@ def readings(text: str) -> list[str]:
     return [text] if plain == text else [text, plain]
 
 
+def says_where(text: str) -> bool:
+    """Whether ``text`` places something: a spatial preposition (``RELATIONS``) or a direction ("lateral")."""
+    from medprompt.catalog import tokens
+
+    toks = tokens(text)
+    return (any(toks[i:i + len(r)] == r for r in RELATIONS for i in range(len(toks)))
+            or any(DIRECTIONS.fullmatch(w) for w in toks))
+
+
 def landmarks(catalog: PromptCatalog, text: str) -> set[str]:
     """Classes the prompt names right after a spatial preposition (determiners and sides skipped), by name,
     alias or their name without its side ("above the kidney on the left": every kidney class is the place)."""
