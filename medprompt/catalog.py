@@ -63,13 +63,15 @@ REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmen
                           "labelmap contour contours delineate draw show find".split())
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
-GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structures".split())
+GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structure structures".split())
 # Words around a class's name in a request's first noun phrase that do not change what it names ("the whole liver
 # mask", "the spleen volume"): left out when the phrase is looked up as a name (``PromptCatalog.leading_name``).
 HEAD_NOISE = REQUEST_WORDS | GENERIC_WORDS | frozenset(
-    "all whole entire complete full total volume volumes outline".split())
+    "all whole entire complete full total volume volumes outline outlines contour contours".split())
 
 
+# Words after a class's name that keep it ("outline the left adrenal only").
+TRAILING_NOISE = frozenset("only alone".split())
 # Nouns a description of a named class ends its first noun phrase with ("left adrenal, the Y-shaped structure
 # lateral to the crus"), not a target of their own (``PromptCatalog.describes``).
 DESCRIBING_NOUNS = GENERIC_WORDS | frozenset("structure organ gland vessel".split())
@@ -226,6 +228,10 @@ class PromptCatalog:
             # the left one"), and may name any when it has none ("liver, near the right kidney").
             said = [w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE]
             candidates.append((" ".join(said), sides(" ".join(said)) or None))
+            # Its first noun phrase, with the sides it spells ("right kidney below the liver, lower than the left")
+            side = sides(" ".join(said))
+            head = [w for w in head_phrase(tokens(asked_sentence(" ".join(said)))) if w not in HEAD_NOISE]
+            candidates.append((" ".join([*sorted(side), *head] if len(side) == 1 else head), side or None))
         for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
             if len(named) == 1:
@@ -242,6 +248,32 @@ class PromptCatalog:
                     side = named if twins or sides(entry.name) else set()
                 if side == sides(entry.name):
                     return entry
+        return None
+
+    def requested_name(self, text: str) -> PromptEntry | None:
+        """The class a drawing request names after clinical context: "s/p right nephrectomy, segment the remaining
+        left kidney", "hx of hypertension, ?Conn's adenoma on the left, please outline the left adrenal only". The
+        clause (between commas, semicolons or stops) holding the first drawing word, when it is not the first,
+        lists no classes, asks for no finding and names a class in its first noun phrase (the words before the
+        noun left out one by one: "the remaining solitary left kidney"): what comes before says why."""
+        from medprompt.text.similarity import (DRAWING_WORDS, asked_sentence, finding_words, head_phrase,
+                                               listed_classes, readings, sides)
+
+        def drawing(word: str) -> bool:  # "segment", "segmented", "outlined"
+            return any(w in DRAWING_WORDS for w in (word, word.removesuffix("ed"), word.removesuffix("d")))
+
+        clauses = [c for c in re.split(r"[,;:.!?]+", text) if tokens(c)]
+        first = next((i for i, c in enumerate(clauses) if any(drawing(w) for w in tokens(c))), 0)
+        clause = clauses[first] if first else ""
+        if not clause or finding_words(readings(clause)) or listed_classes(self, clause):
+            return None
+        named = sides(synonyms.canonical(clause))
+        head = [w for w in head_phrase(tokens(asked_sentence(synonyms.canonical(clause))))
+                if w not in HEAD_NOISE and w not in TRAILING_NOISE and not drawing(w)]
+        for k in range(len(head)):
+            entry = self.leading_name(" ".join([*sorted(named), *head[k:]] if len(named) == 1 else head[k:]))
+            if entry is not None:
+                return entry
         return None
 
     def describes(self, named: str, piece: str) -> bool:
@@ -318,7 +350,7 @@ class PromptCatalog:
         if listed:
             raise PromptError(f"prompt '{quoted(text)}' names {len(listed)} classes ({', '.join(listed)}); "
                               f"one prompt draws one class: give each as its own prompt")
-        leading = self.leading_name(text)
+        leading = self.requested_name(text) or self.leading_name(text)
         if leading is not None:
             return leading
         plain = words(nouns)

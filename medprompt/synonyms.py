@@ -26,6 +26,9 @@ SIDE_WORDS: dict[str, str] = {
     "rt": "right", "l": "left", "r": "right",  # "L kidney", as reports and worklists write it
 }
 
+# Both sides, as the catalog's paired classes say it ("bilateral renal parenchyma": both kidneys).
+BOTH_SIDES: dict[str, str] = {"bilateral": "both", "bilaterally": "on both sides"}
+
 # Adjectives and Latin/Greek names -> the English noun (the word the prompt files use).
 ORGAN_WORDS: dict[str, str] = {
     # kidney
@@ -33,7 +36,7 @@ ORGAN_WORDS: dict[str, str] = {
     # liver
     "hepatic": "liver", "hepar": "liver", "jecur": "liver",
     # spleen
-    "splenic": "spleen", "lienal": "spleen", "lien": "spleen",
+    "splenic": "spleen", "lienal": "spleen", "lien": "spleen", "lienalis": "spleen", "splenica": "spleen",
     # stomach
     "gastric": "stomach", "gaster": "stomach", "ventriculus": "stomach",
     # pancreas
@@ -48,16 +51,18 @@ ORGAN_WORDS: dict[str, str] = {
     "suprarenal": "adrenal", "epinephric": "adrenal",
     # lungs
     "pulmonary": "lung", "pulmonic": "lung", "pulmo": "lung", "pulmones": "lung",
-    # vessels
-    "aortic": "aorta", "caval": "vena cava",
+    # vessels ("v. portae", "vena lienalis": Latin vein names)
+    "aortic": "aorta", "caval": "vena cava", "vena portae": "portal vein", "v portae": "portal vein",
+    "vena lienalis": "splenic vein", "v lienalis": "splenic vein", "vena splenica": "splenic vein",
+    "v splenica": "splenic vein", "vena cava inferior": "inferior vena cava", "v cava inferior": "inferior vena cava",
     # oesophagus
     "esophageal": "esophagus", "oesophageal": "esophagus", "oesophagus": "esophagus",
     # skeleton
-    "osseous": "bone", "skeletal": "bone",
+    "osseous": "bone", "skeletal": "bone", "bony": "bone",
     # anatomy no shipped prompt file describes, read as a noun so it can be refused by name; lay names are
     # read as their anatomical noun too ("windpipe" read like the oesophagus)
     "cardiac": "heart", "windpipe": "trachea", "voice box": "larynx", "small intestine": "small bowel",
-    "large intestine": "colon", "large bowel": "colon", "gullet": "esophagus",
+    "large intestine": "colon", "large bowel": "colon", "gullet": "esophagus", "ovarian": "ovary",
 }
 
 
@@ -72,32 +77,42 @@ ABBREVIATIONS: dict[str, str] = {
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
     "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",
     "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder",
-    "mets": "metastases",
+    "mets": "metastases", "ca": "cancer", "ao": "aorta", "eso": "esophagus", "dvt": "deep vein thrombosis",
 }
 
 
 def _pattern(table: dict[str, str]) -> re.Pattern[str]:
     # Longest forms first so "vesica fellea" wins over any one-word form inside it.
     forms = sorted(table, key=len, reverse=True)
-    return re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s_-]+".join(map(re.escape, f.split())) for f in forms)
+    return re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s_.-]+".join(map(re.escape, f.split())) for f in forms)
                       + r")(?![a-z0-9])", re.IGNORECASE)
 
 
-_FORMS = {**ORGAN_WORDS, **ABBREVIATIONS, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
+_FORMS = {**ORGAN_WORDS, **ABBREVIATIONS, **BOTH_SIDES, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
 _FORM_RE = _pattern(_FORMS)
+
+
+# Clinical shorthand with a slash, read before the sides: the "r" of "r/o" (rule out) is no right side, nor the
+# "s" of "s/p" (status post) anything.
+_SLASHED = {"r/o": "rule out", "s/p": "status post", "c/o": "complaining of", "h/o": "history of"}
+_SLASHED_RE = re.compile(r"(?<![a-z0-9])(r/o|s/p|c/o|h/o)(?![a-z0-9])", re.IGNORECASE)
+# "RT" is radiotherapy, not the right side, where no organ follows it ("OAR for RT", "the RT plan", "RT dose").
+_RADIOTHERAPY_RE = re.compile(r"(?<![a-z0-9])rt(?=\s+(?:plan|planning|plans|dose|doses|field|fields|boost|treatment|"
+                              r"course|contour|contours|structure|structures)\b|\s*$|\s*[,.;:)])", re.IGNORECASE)
 
 
 def canonical(text: str) -> str:
     """``text`` with every medical word form replaced by its plain noun or side ('left renal organ'
     -> 'left kidney organ'); the text itself when it uses none."""
-    return _FORM_RE.sub(lambda m: _FORMS[" ".join(m.group(1).lower().replace("_", " ").replace("-", " ").split())],
-                        text)
+    text = _SLASHED_RE.sub(lambda m: _SLASHED[m.group(1).lower()], text)
+    text = _RADIOTHERAPY_RE.sub("radiotherapy", text)
+    return _FORM_RE.sub(lambda m: _FORMS[" ".join(re.sub(r"[_.-]", " ", m.group(1).lower()).split())], text)
 
 
 def vocabulary() -> set[str]:
     """Every single word the table knows (forms and the words they mean): real words, never typos."""
     out: set[str] = set()
-    for form, noun in (*ORGAN_WORDS.items(), *ABBREVIATIONS.items(), *SIDE_WORDS.items()):
+    for form, noun in (*ORGAN_WORDS.items(), *ABBREVIATIONS.items(), *BOTH_SIDES.items(), *SIDE_WORDS.items()):
         out.update(form.split())
         out.update(noun.split())
     return out

@@ -107,12 +107,13 @@ OTHER_ANATOMY = (
     "jugular vein", "lymph node", "hippocampus", "thalamus", "basal ganglia", "corpus callosum",
     # chest
     "heart", "myocardium", "left ventricle", "atrium", "pericardium", "coronary artery",
-    "pulmonary artery", "superior vena cava", "trachea", "bronchus", "thymus", "breast",
+    "pulmonary artery", "pulmonary trunk", "superior vena cava", "trachea", "bronchus", "thymus", "breast",
     "pulmonary nodule", "lung cancer", "pneumothorax", "pleural effusion", "diaphragm", "cardiac silhouette",
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
-    "common bile duct", "ureter", "prostate", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
+    "common bile duct", "ureter", "prostate", "prostate gland", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
     "iliac artery", "iliac vein", "renal artery", "renal vein", "hepatic artery", "hepatic vein", "splenic artery",
+    "femoral artery", "femoral vein", "popliteal vein", "deep vein thrombosis",
     "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum",
     "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
@@ -122,6 +123,7 @@ OTHER_ANATOMY = (
     # muscles, nerves, fat
     "muscle", "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "fat", "subcutaneous fat", "visceral fat",
+    "nerve", "sciatic nerve", "brachial plexus",
 )
 # What else an image shows (devices, the scanner, artefacts, burnt-in text): annotators ask for it when they mean
 # to hide or exclude it, and no class may be drafted in its place. Refused as other anatomy is, but its words
@@ -719,6 +721,8 @@ def asked_other(index: ClassIndex, heads: list[list[str]]) -> str | None:
         n, i, other = max(found)
         rest = head[:i] + head[i + n:]
         if i + n == len(head):
+            if any(w in FINDING_WORDS for w in head[:i]):
+                continue  # "mass left breast", telegraphic for the mass in it: what the finding rules read
             return other  # its last word is the phrase's noun: "the bladder catheter" is a catheter
         if head[-1] in (GENERIC_WORDS - {"parenchyma", "tissue"}) | PART_WORDS:
             continue  # "the heart part of the stomach" (read from "cardiac part"): a part of what follows; but
@@ -971,6 +975,15 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
             floor: float | None = None) -> PromptEntry:
     """The class whose phrases are closest to ``text``; PromptError below the floor or when a side is missing."""
     floor = SIMILARITY_FLOORS.get(encoder.key) if floor is None else floor
+    fixes = spelling_fixes(catalog, text, index.words)
+    if fixes:
+        # A token that is no word but one slip from a class's word ("right kidny") was meant as that word: the
+        # prompt is read as corrected (the encoder reads the slip as noise, often as another class). When the
+        # corrected prompt is refused, it is read as written.
+        try:  # the corrected text has no typos left: this recursion ends at once
+            return catalog.resolve(corrected(text, fixes), encoder)
+        except PromptError:
+            pass
     texts = readings(text)
     vectors = encoder.encode(texts)
     ranked = rank(catalog, text, encoder, index, vectors)
@@ -1007,17 +1020,6 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         raise PromptError(f"unknown prompt '{text}': it asks for the {named}, which no prompt file describes; "
                           f"closest known classes: {nearest}. To segment it, add a prompt file (see 'Prompts: "
                           f"the class catalog' in README.md)")
-    fixes = spelling_fixes(catalog, text, index.words)
-    if fixes:
-        try:  # the corrected text has no typos left: this recursion ends at once
-            spelt: str | None = catalog.resolve(corrected(text, fixes), encoder).name
-        except PromptError:
-            spelt = None
-        if spelt is not None and spelt != best:
-            others = ", ".join([n for n, _ in ranked if n != spelt][:NEAREST - 1])
-            typos = ", ".join(f"'{t}' -> '{c}'" for t, c in fixes.items())
-            raise PromptError(f"unknown prompt '{text}': it looks like a misspelling of {spelt} ({typos}) but reads "
-                              f"like {best}; closest known classes: {spelt}, {others}")
     if floor is not None and floor_score < floor:
         raise PromptError(f"unknown prompt '{text}': no class is similar enough (best {floor_score:.2f} < {floor:.2f} "
                           f"with {encoder.key}); closest known classes: {nearest}")
