@@ -60,7 +60,8 @@ STOP_WORDS = frozenset(
 # exact name they leave that name, which an embedding of the whole would not always find ("liver
 # segmentation" reads like a liver tumour).
 REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmentations mask masks label labels "
-                          "labelmap contour contours delineate draw show find".split())
+                          "labelmap contour contours delineate draw show find ground truth gt annotation annotations "
+                          "binary".split())  # "ground truth for the breast tumour", "binary mask of the liver"
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structure structures".split())

@@ -48,7 +48,7 @@ ORGAN_WORDS: dict[str, str] = {
     # urinary bladder
     "vesical": "urinary bladder", "vesica urinaria": "urinary bladder",
     # adrenal glands
-    "suprarenal": "adrenal", "epinephric": "adrenal",
+    "suprarenal": "adrenal", "epinephric": "adrenal", "suprarenals": "adrenals",
     # lungs
     "pulmonary": "lung", "pulmonic": "lung", "pulmo": "lung", "pulmones": "lung",
     # vessels ("v. portae", "vena lienalis": Latin vein names)
@@ -77,7 +77,8 @@ ABBREVIATIONS: dict[str, str] = {
     "gbm": "glioblastoma", "cbd": "common bile duct", "svc": "superior vena cava",
     "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",
     "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder",
-    "mets": "metastases", "ca": "cancer", "ao": "aorta", "eso": "esophagus", "dvt": "deep vein thrombosis",
+    "mets": "metastases", "ca": "cancer", "ao": "aorta", "eso": "esophagus",
+    "dvt": "deep vein thrombosis",
 }
 
 

@@ -111,7 +111,8 @@ OTHER_ANATOMY = (
     "pulmonary nodule", "lung cancer", "pneumothorax", "pleural effusion", "diaphragm", "cardiac silhouette",
     # abdomen and pelvis, beyond the catalog
     "duodenum", "small bowel", "jejunum", "ileum", "colon", "sigmoid colon", "rectum", "appendix",
-    "common bile duct", "ureter", "prostate", "prostate gland", "seminal vesicle", "uterus", "ovary", "vagina", "testis",
+    "common bile duct", "ureter", "prostate", "prostate gland", "seminal vesicle", "uterus", "ovary", "vagina",
+    "testis",
     "iliac artery", "iliac vein", "renal artery", "renal vein", "hepatic artery", "hepatic vein", "splenic artery",
     "femoral artery", "femoral vein", "popliteal vein", "deep vein thrombosis",
     "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum",
@@ -123,7 +124,7 @@ OTHER_ANATOMY = (
     # muscles, nerves, fat
     "muscle", "skeletal muscle", "psoas muscle", "gluteal muscle", "paraspinal muscles", "quadriceps muscle",
     "spinal cord", "intervertebral disc", "cartilage", "fat", "subcutaneous fat", "visceral fat",
-    "nerve", "sciatic nerve", "brachial plexus",
+    "nerve", "sciatic nerve", "brachial plexus", "multiple sclerosis plaque", "inguinal canal",
 )
 # What else an image shows (devices, the scanner, artefacts, burnt-in text): annotators ask for it when they mean
 # to hide or exclude it, and no class may be drafted in its place. Refused as other anatomy is, but its words
@@ -171,7 +172,8 @@ FINDING_WORDS = frozenset(
     "fracture fractures growth growths metastatic cancerous malignant neoplastic tumorous tumoural spot spots "
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
     "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
-    "hemorrhages".split())
+    "hemorrhages plaque plaques pneumonia consolidation consolidations effusion effusions hernia hernias "
+    "emphysema atelectasis".split())
 
 # The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
 # (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
@@ -1006,8 +1008,10 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
     # word ("the chambers of the heart") says in words what it is, so the nearer reading decides.
     margin = 0.0 if names_other(index, texts) else OTHER_MARGIN
     home = finding_class_of_other(catalog, other[0], texts) if other is not None else None
-    if above_floor and home is not None and other[1] > score:
-        best = home.name  # a tumour of a part of the organ its finding class is named by
+    if home is not None and other[1] > score and (floor is None or max(floor_score, other[1]) >= floor):
+        # A tumour of a part of the organ its finding class is named by, or of a kind the class draws ("the tumor
+        # in my dad's brain" reads 0.48 like a brain metastasis, 0.33 like any class): as close as that reading.
+        best, floor_score = home.name, max(floor_score, other[1])
     elif (above_floor and other is not None and other[1] > score + margin
             and not (other[1] - score <= WORD_TIE and words_favour_class(index, text, best, other[0]))
             and not any(_other_as_landmark(index, t, other[0]) for t in texts)
