@@ -69,9 +69,9 @@ def test_resolution_by_name_alias_and_free_text(catalog, text, expected):
 
 def test_unknown_prompt_names_the_prompt_and_closest_classes(catalog):
     with pytest.raises(PromptError) as err:
-        catalog.resolve("livr")
+        catalog.resolve("liverwurst recipe")  # a real word, no typo ("livr" is read as the liver it spells)
     msg = str(err.value)
-    assert "'livr'" in msg and "liver" in msg.split("closest known classes:")[1]
+    assert "'liverwurst recipe'" in msg and "liver" in msg.split("closest known classes:")[1]
 
 
 @pytest.mark.parametrize("text, listed", [

@@ -748,14 +748,19 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
     ("suspicious mass right breast", "breast_tumor"),
     # a name before a comma with a landmark after it, sides of its own
     ("left kidney under the spleen, higher than the right one", "kidney_left"),
+    # a purpose before a colon says why; "as" ends the noun phrase (writer_t, writer_u)
+    ("for the microwave ablation: the hepatic lesion", "liver_tumour"),
+    ("the spleen as OAR for gastric SBRT", "spleen"),
+    ("splenoportal axis", "portal_vein_and_splenic_vein"),
 ])
 def test_clinical_requests_shorthand_and_telegraphic_prompts(minilm_catalog: PromptCatalog, text: str, name: str):
-    """Ways of writing that two blind writers used (writer_p, writer_q): each of these failed before."""
+    """Ways of writing that blind writers used (writer_p to writer_u): each of these failed before."""
     assert minilm_catalog.resolve(text).name == name
 
 
 @pytest.mark.parametrize("text", ["ovarian cyst on the right", "pulmonary trunk", "deep vein thrombosis, popliteal",
-                                  "the sciatic nerve", "prostate gland, including the seminal vesicles"])
+                                  "the sciatic nerve", "prostate gland, including the seminal vesicles",
+                                  "pulmonary emboli on the CTPA", "pneumonia in the left lower lobe"])
 def test_more_anatomy_no_class_describes_is_refused(minilm_catalog: PromptCatalog, text: str):
     with pytest.raises(PromptError):
         minilm_catalog.resolve(text)

@@ -134,7 +134,7 @@ OTHER_CONTENT = (
     "pacemaker", "surgical clip", "clip", "staples", "ivc filter", "hardware", "screw", "prosthesis", "implant",
     "nasogastric tube", "ng tube", "endotracheal tube", "breathing tube", "feeding tube", "surgical drain",
     "artefact", "artifact", "motion blur", "blurring", "ghosting", "image noise", "text annotation", "caliper",
-    "ruler",
+    "ruler", "radiology report",
 )
 
 # What lay prompts say of common other anatomy instead of naming it ("the organ that pumps blood"): a
@@ -173,7 +173,7 @@ FINDING_WORDS = frozenset(
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
     "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
     "hemorrhages plaque plaques pneumonia consolidation consolidations effusion effusions hernia hernias "
-    "emphysema atelectasis".split())
+    "emphysema atelectasis embolus emboli embolism".split())
 
 # The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
 # (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
@@ -667,7 +667,7 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
 
 # Words that end the first noun phrase of a request: prepositions and conjunctions, negation, and the verbs and
 # adverbs that start what is said of it ("the heart *sitting just above* the liver", ``head_phrase``).
-HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just "
+HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just as "
                       "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
 HEAD_FILLERS = frozenset("just only can could you i we please kindly now also".split())
 POINTING_WORDS = frozenset("it them that this those these one ones there where is are".split())
@@ -792,8 +792,8 @@ def asked_sentence(text: str) -> str:
 
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
     drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
-    if not drawing:
-        return (parts or [text])[0]
+    if not drawing:  # "for the radiofrequency ablation: the hepatic tumour": a purpose first says why
+        return next((p for p in parts if tokens(p)[0] != "for"), (parts or [text])[0])
     i = drawing[0]
     # "Is there a cyst on my spleen? Please highlight it.": a request that names nothing points back, or, first,
     # forward ("Label: primary colorectal adenocarcinoma, ...")
