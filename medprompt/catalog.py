@@ -84,6 +84,11 @@ QUOTE_CHARS = 80  # of a prompt quoted in an error message
 MAX_PROMPT_CHARS = 1000  # a sentence or a short paragraph; longer costs the text encoder for nothing
 
 
+def _sided(side: set[str], phrase: list[str]) -> str:
+    """``phrase`` with its one side put back before it (a first noun phrase drops sides as determiners)."""
+    return " ".join([*sorted(side), *phrase] if len(side) == 1 else phrase)
+
+
 def quoted(text: str) -> str:
     """A prompt quoted in an error message: on one line, control characters blanked, long ones cut."""
     text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
@@ -227,16 +232,16 @@ class PromptCatalog:
             # A side spelt in the name is the class's, whatever the rest says of a landmark ("the right kidney, next
             # to the left adrenal"); without one, the rest must name none when the class has sided twins ("kidney,
             # the left one"), and may name any when it has none ("liver, near the right kidney").
-            said = [w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE]
-            candidates.append((" ".join(said), sides(" ".join(said)) or None))
+            said = " ".join(w for w in tokens(synonyms.canonical(lead[0])) if w not in HEAD_NOISE)
+            side = sides(said)
+            candidates.append((said, side or None))
             # Its first noun phrase, with the sides it spells ("right kidney below the liver, lower than the left")
-            side = sides(" ".join(said))
-            head = [w for w in head_phrase(tokens(asked_sentence(" ".join(said)))) if w not in HEAD_NOISE]
-            candidates.append((" ".join([*sorted(side), *head] if len(side) == 1 else head), side or None))
+            head = [w for w in head_phrase(tokens(asked_sentence(said))) if w not in HEAD_NOISE]
+            candidates.append((_sided(side, head), side or None))
         for reading in texts:  # the first noun phrase drops sides as determiners: they are put back
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
             if len(named) == 1:
-                candidates.append((" ".join([*sorted(named), *head]), named))
+                candidates.append((_sided(named, head), named))
             candidates.append((" ".join(head), named))
         for candidate, side in candidates:  # as spelt, then each word's plural folded ("all the bones")
             folded = " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split())
@@ -272,7 +277,7 @@ class PromptCatalog:
         head = [w for w in head_phrase(tokens(asked_sentence(synonyms.canonical(clause))))
                 if w not in HEAD_NOISE and w not in TRAILING_NOISE and not drawing(w)]
         for k in range(len(head)):
-            entry = self.leading_name(" ".join([*sorted(named), *head[k:]] if len(named) == 1 else head[k:]))
+            entry = self.leading_name(_sided(named, head[k:]))
             if entry is not None:
                 return entry
         return None

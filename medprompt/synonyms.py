@@ -96,7 +96,7 @@ _FORM_RE = _pattern(_FORMS)
 # Clinical shorthand with a slash, read before the sides: the "r" of "r/o" (rule out) is no right side, nor the
 # "s" of "s/p" (status post) anything.
 _SLASHED = {"r/o": "rule out", "s/p": "status post", "c/o": "complaining of", "h/o": "history of"}
-_SLASHED_RE = re.compile(r"(?<![a-z0-9])(r/o|s/p|c/o|h/o)(?![a-z0-9])", re.IGNORECASE)
+_SLASHED_RE = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, _SLASHED)) + r")(?![a-z0-9])", re.IGNORECASE)
 # "RT" is radiotherapy, not the right side, where no organ follows it ("OAR for RT", "the RT plan", "RT dose").
 _RADIOTHERAPY_RE = re.compile(r"(?<![a-z0-9])rt(?=\s+(?:plan|planning|plans|dose|doses|field|fields|boost|treatment|"
                               r"course|contour|contours|structure|structures)\b|\s*$|\s*[,.;:)])", re.IGNORECASE)

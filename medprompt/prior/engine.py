@@ -128,12 +128,10 @@ class AnatomyPrior:
             for other in entry.prior.get("exclude", []):
                 taken = taken | anchor(other)
             mr = entry.prior.get("mr", {})
-            # On MR, what rules.intensity_window reads is found first: the class whose grey it shares (like), and
-            # the series' weighting, read against the liver, for a class that lies on one side of the liver's grey.
+            # On MR, what rules.intensity_window reads is found first: the class whose grey it shares (like); the
+            # series' weighting and fat's greys are read once, below, before the classes are drawn.
             if modality == "MR" and mr.get("like"):
                 anchor(mr["like"])
-            if modality == "MR" and "vs_liver" in mr and lm.weighting is None:
-                lm.weighting = mr_weighting(smooth, lm, anchor("liver"))
             return RULES[entry.prior.get("method", "organ")](smooth, lm, entry.prior, taken)
 
         def anchor(name: str) -> np.ndarray:
@@ -143,12 +141,13 @@ class AnatomyPrior:
 
         if self._needs_liver(order):
             lm.liver_tip_z = liver_tip(anchor("liver"), lm)
-        if modality == "MR" and not lm.fat_read:
-            # Fat's greys, which no class takes, are read against the liver, found first without them, and
-            # depend on the weighting: bright fat is apart from the organs' greys only on T1.
+        if modality == "MR" and lm.weighting is None:
+            # The weighting (which side of the liver's grey a 'vs_liver' class lies on) and fat's greys (which no
+            # class takes: bright fat is apart from the organs' only on T1) are read against the liver, found first
+            # without them; once per study (the landmarks are kept with it).
             liver = anchor("liver")
-            lm.weighting = lm.weighting or mr_weighting(smooth, lm, liver)
-            lm.fat, lm.fat_read = fat_grey(smooth, lm, liver), True
+            lm.weighting = mr_weighting(smooth, lm, liver)
+            lm.fat = fat_grey(smooth, lm, liver)
         taken = empty.copy()
         masks: dict[str, np.ndarray] = {}
         for entry in tqdm(order, desc="anatomy prior", unit="class", disable=not progress, leave=False):

@@ -36,7 +36,6 @@ class Landmarks:
     anchors: dict = field(default_factory=dict)  # organ masks other rules refer to ("near: liver")
     weighting: str | None = None  # MR: "T1" or "T2", read from the image before the classes are drawn (engine)
     fat: tuple[float, float] | None = None  # MR: fat's greys, which no organ takes (``fat_grey``; engine)
-    fat_read: bool = False  # whether ``fat`` was read (None may be its reading)
     depth: np.ndarray | None = None  # MR: ``skin_depth(body, spacing)``, kept from the coil field's reading
 
     def offsets_mm(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

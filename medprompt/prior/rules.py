@@ -85,7 +85,7 @@ def intensity_window(
     from the image itself, which adapts to the sequence, away from fat's greys (``lm.fat``) unless
     ``avoid_fat`` is False: a flow void may be as dark as suppressed fat.
     """
-    fat = lm.fat if avoid_fat and lm.modality != "CT" else None
+    fat = lm.fat if avoid_fat else None  # read on MR only (engine)
     ct = attrs.get("ct", {})
     if lm.modality == "CT" and "hu" in ct:
         lo, hi = ct["hu"]
@@ -378,12 +378,12 @@ def vessel(smooth: np.ndarray, lm: Landmarks, attrs: Mapping[str, Any], taken: n
     w = np.broadcast_to(spatial_weight(lm, shape, attrs.get("location", {})), shape)
     region = lm.body & ~lm.lungs
     seed = region & (w > 0.6)
-    windows = [intensity_window(smooth, seed, lm, attrs)]
+    tries, avoid = [attrs], (True,)
     if lm.modality != "CT" and attrs.get("mr", {}).get("flow") == "fast":
         # A flow void is as dark as suppressed fat on some series and darker on others: each window is tried
         # away from fat's greys and not.
-        tries = [attrs, *({**attrs, "mr": {"rel": rel}} for rel in FLOW_WINDOWS)]
-        windows = [intensity_window(smooth, seed, lm, a, avoid_fat=avoid) for a in tries for avoid in (True, False)]
+        tries, avoid = [attrs, *({**attrs, "mr": {"rel": rel}} for rel in FLOW_WINDOWS)], (True, False)
+    windows = [intensity_window(smooth, seed, lm, a, avoid_fat=av) for a in tries for av in avoid]
     best, best_score = np.zeros(shape, bool), -1.0
     for window in windows:
         if window is None:
