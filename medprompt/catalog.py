@@ -61,7 +61,8 @@ STOP_WORDS = frozenset(
 # segmentation" reads like a liver tumour).
 REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmentations mask masks label labels "
                           "labelmap contour contours delineate draw show find ground truth gt annotation annotations "
-                          "binary".split())  # "ground truth for the breast tumour", "binary mask of the liver"
+                          "binary roi oar oars".split())
+# ("ground truth for the breast tumour", "binary mask of the liver", "ROI: hepatic masses", "OAR gastric for ...")
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structure structures".split())
@@ -214,6 +215,21 @@ class PromptCatalog:
         organs = {n for e in excluded for n in self._spelt(e) if not is_finding(n)}
         return f"{asked} in the {organs.pop().replace('_', ' ')}" if len(organs) == 1 else asked
 
+    def _other_side(self, entry: PromptEntry, excluded: list[str]) -> PromptEntry:
+        """Of a class of both sides, the other side's class when what is left out names one side and nothing but
+        this structure: "both kidneys, right side excluded" is the left kidney ("kidneys, not the left adrenal"
+        stays the kidneys)."""
+        from medprompt.text.similarity import sides, stem
+
+        twins = {n: sides(n) for n in self.names if stem(n) == stem(entry.name) and n != entry.name}
+        said = set().union(*(sides(e) for e in excluded))
+        if sides(entry.name) or len(said) != 1 or not twins:
+            return entry
+        if any(n not in twins and n != entry.name for e in excluded for n in self._spelt(e)):
+            return entry
+        other = [n for n, s in twins.items() if s and not s & said]
+        return self.entries[other[0]] if len(other) == 1 else entry
+
     def leading_name(self, text: str) -> PromptEntry | None:
         """The class a prompt names before its first comma, colon, semicolon, dash or bracket, or as its whole
         first noun phrase, when what follows only describes it: "left adrenal, the inverted-Y structure lateral to
@@ -342,7 +358,7 @@ class PromptCatalog:
                 raise PromptError(f"prompt '{quoted(text)}' only says what not to draw ({said}); name what to draw")
             asked = self._finding_placed(asked, excluded)
             try:
-                return self.resolve(asked, encoder)
+                return self._other_side(self.resolve(asked, encoder), excluded)
             except PromptError as error:
                 raise PromptError(f"{error} (read without {said})") from None
         nouns = synonyms.canonical(text)

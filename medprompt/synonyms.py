@@ -33,8 +33,9 @@ BOTH_SIDES: dict[str, str] = {"bilateral": "both", "bilaterally": "on both sides
 ORGAN_WORDS: dict[str, str] = {
     # kidney
     "renal": "kidney", "nephric": "kidney", "ren": "kidney", "renes": "kidney",
-    # liver
-    "hepatic": "liver", "hepar": "liver", "jecur": "liver",
+    # liver ("hepatic flexure" and "splenic flexure" are the colon's: kept whole)
+    "hepatic": "liver", "hepar": "liver", "jecur": "liver", "hepatic flexure": "hepatic flexure",
+    "splenic flexure": "splenic flexure",
     # spleen
     "splenic": "spleen", "lienal": "spleen", "lien": "spleen", "lienalis": "spleen", "splenica": "spleen",
     # stomach
@@ -78,7 +79,8 @@ ABBREVIATIONS: dict[str, str] = {
     "luq": "left upper quadrant", "ruq": "right upper quadrant", "llq": "left lower quadrant",
     "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder",
     "mets": "metastases", "ca": "cancer", "ao": "aorta", "eso": "esophagus",
-    "dvt": "deep vein thrombosis",
+    "dvt": "deep vein thrombosis", "idc": "invasive ductal carcinoma", "ilc": "invasive lobular carcinoma",
+    "dcis": "ductal carcinoma in situ", "gtv": "gross tumour volume",
 }
 
 
@@ -102,10 +104,16 @@ _RADIOTHERAPY_RE = re.compile(r"(?<![a-z0-9])rt(?=\s+(?:plan|planning|plans|dose
                               r"course|contour|contours|structure|structures)\b|\s*$|\s*[,.;:)])", re.IGNORECASE)
 
 
+# A Couinaud segment is the liver's ("the mass in segment VII", "segments IVa and V"): the liver is named before it.
+_COUINAUD_RE = re.compile(r"\b(in|of|at|to|the|between|involving|couinaud)\s+(segments?\s+(?:[2-8]|i{2,3}|iv|vi{0,3})"
+                          r"[ab]?)(?![a-z0-9])", re.IGNORECASE)
+
+
 def canonical(text: str) -> str:
     """``text`` with every medical word form replaced by its plain noun or side ('left renal organ'
     -> 'left kidney organ'); the text itself when it uses none."""
     text = _SLASHED_RE.sub(lambda m: _SLASHED[m.group(1).lower()], text)
+    text = _COUINAUD_RE.sub(r"\1 liver \2", text)
     text = _RADIOTHERAPY_RE.sub("radiotherapy", text)
     return _FORM_RE.sub(lambda m: _FORMS[" ".join(re.sub(r"[_.-]", " ", m.group(1).lower()).split())], text)
 

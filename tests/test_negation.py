@@ -18,13 +18,18 @@ from medprompt.negation import without_negated
     ("right kidney mask, exclude the left", "right kidney mask", ["exclude the left"]),  # its side goes with it
     ("the lungs, excluding the heart and airways.", "the lungs", ["excluding the heart and airways"]),
     ("left suprarenal, don't include the right one", "left suprarenal", ["don't include the right one"]),
+    # the cue after what it negates (writer_w)
+    ("both kidneys, right side excluded", "both kidneys", ["right side excluded"]),
+    ("the liver with the tumour left out", "the liver", ["the tumour left out"]),
+    ("outline the right kidney, leave the left alone", "outline the right kidney", ["leave the left alone"]),
 ])
 def test_a_negated_phrase_runs_from_its_cue_to_the_next_punctuation(text: str, kept: str, excluded: list[str]):
     assert without_negated(text) == (kept, excluded)
 
 
 @pytest.mark.parametrize("text", ["the knot in the liver", "a nodule", "note the liver", "nothing but the spleen",
-                                  "Outline the patient, ignoring the table."])
+                                  "Outline the patient, ignoring the table.", "the excluded region",
+                                  "the organ removed at cholecystectomy"])
 def test_words_that_only_contain_a_cue_are_kept(text: str):
     """"knot", "nodule", "note", "nothing" hold a cue's letters; "ignoring the table" is read where what else an
     image shows is (``medprompt.text.similarity.OTHER_CONTENT``)."""

@@ -752,15 +752,27 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
     ("for the microwave ablation: the hepatic lesion", "liver_tumour"),
     ("the spleen as OAR for gastric SBRT", "spleen"),
     ("splenoportal axis", "portal_vein_and_splenic_vein"),
+    # writer_v, writer_w: a Couinaud segment is the liver's, the colon's flexures are no liver, operations name
+    # their organ, tumour kinds and shorthand, a heading's purpose and a reason's anatomy are not what is asked
+    ("TACE planning: contour the hypervascular mass in segment VII", "liver_tumour"),
+    ("the malignant growth of the large bowel wall at the hepatic flexure", "colon_tumour"),
+    ("organ removed in a gastrectomy for adenocarcinoma", "stomach"),
+    ("retroperitoneal glandular organ next to the duodenum, for Whipple planning", "pancreas"),
+    ("IDC mass seg on MRI, not the axillary nodes", "breast_tumor"), ("menigioma seg pls", "brain_tumor"),
+    ("GTV for SRS -- the cerebellar metastasis", "brain_tumor"), ("splenomegaly volume pls", "spleen"),
+    ("External ROI for dose calc", "body"), ("OAR gastric for pancreas SBRT", "stomach"),
+    ("the urine reservoir in the pelvis, OAR for prostate RT", "urinary_bladder"),
+    ("where is the tumor in my dad's brain on his MRI", "brain_tumor"),
 ])
 def test_clinical_requests_shorthand_and_telegraphic_prompts(minilm_catalog: PromptCatalog, text: str, name: str):
-    """Ways of writing that blind writers used (writer_p to writer_u): each of these failed before."""
+    """Ways of writing that blind writers used (writer_p to writer_w): each of these failed before."""
     assert minilm_catalog.resolve(text).name == name
 
 
 @pytest.mark.parametrize("text", ["ovarian cyst on the right", "pulmonary trunk", "deep vein thrombosis, popliteal",
                                   "the sciatic nerve", "prostate gland, including the seminal vesicles",
-                                  "pulmonary emboli on the CTPA", "pneumonia in the left lower lobe"])
+                                  "pulmonary emboli on the CTPA", "pneumonia in the left lower lobe",
+                                  "prostate, for RT"])  # named before the reason: what is asked
 def test_more_anatomy_no_class_describes_is_refused(minilm_catalog: PromptCatalog, text: str):
     with pytest.raises(PromptError):
         minilm_catalog.resolve(text)
@@ -868,6 +880,12 @@ def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatal
                        # a finding with no organ of its own is placed in the organ it excludes (was brain_tumor)
                        ("the tumour, not the whole liver", "liver_tumour"),
                        ("the lesion, not the liver", "liver_tumour")):
+        assert minilm_catalog.resolve(text).name == name, text
+    # one side of a both-sides class left out leaves the other side's class (had been the side left out)
+    for text, name in (("both kidneys, right side excluded", "kidney_left"),
+                       ("the adrenals, not the right", "adrenal_gland_left"),
+                       ("kidneys but not the left adrenal", "kidneys"),  # another structure's side
+                       ("ROI: L renal, cortex + medulla + pelvis, right side excluded", "kidney_left")):
         assert minilm_catalog.resolve(text).name == name, text
     with pytest.raises(PromptError, match="kidney tumour"):  # no class draws it
         minilm_catalog.resolve("the tumour, not the kidney")

@@ -543,6 +543,17 @@ def _other_as_landmark(index: ClassIndex, text: str, other: str) -> bool:
     return bool(at) and all(_in_landmark(prompt, i) for i in at)
 
 
+def _other_as_reason(text: str, other: str) -> bool:
+    """Whether ``text`` names the other-anatomy entry ``other`` only after what it asks for, as the reason
+    (``asked_part``): "the urine reservoir in the pelvis, OAR for prostate RT" asks for the bladder."""
+    from medprompt.catalog import tokens
+
+    prompt, target = tokens(text), tokens(other)
+    head = asked_part(prompt)
+    spelt = [i for i in range(len(prompt) - len(target) + 1) if _spelt_at(prompt, i, target)]
+    return len(head) < len(prompt) and bool(spelt) and all(i >= len(head) for i in spelt)
+
+
 def _in_landmark(prompt: list[str], i: int) -> bool:
     """Whether ``prompt[i]`` lies in a landmark's phrase: at most three words after a spatial preposition,
     with no clause between ("from the iliac confluence", "left of the inferior vena cava")."""
@@ -777,6 +788,8 @@ def asked_part(prompt: list[str]) -> list[str]:
                 or (i and w in ("with", "has") and prompt[i - 1] in ("one", "it", "patient", "pt"))):
             # "pt with suspected adenoma", "patient has gallstones"; not "my son has a tumour in his brain"
             if i == 0 and w == "where":
+                if prompt[1:2] in (["is"], ["are"], ["s"]):
+                    continue  # "where is the tumour in my dad's brain" asks for the tumour
                 return []  # "where gallstones form" asks for the place
             if any(x not in ASKING_WORDS and x not in REQUEST_WORDS and x not in DETERMINERS for x in prompt[:i]):
                 return prompt[:i]
@@ -792,8 +805,10 @@ def asked_sentence(text: str) -> str:
 
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
     drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
-    if not drawing:  # "for the radiofrequency ablation: the hepatic tumour": a purpose first says why
-        return next((p for p in parts if tokens(p)[0] != "for"), (parts or [text])[0])
+    if not drawing:  # a purpose says why: "for the radiofrequency ablation: the hepatic tumour", "OAR for breast RT: ..."
+        def purpose(part: list[str]) -> bool:
+            return "for" in part and set(part[:part.index("for")]) <= REQUEST_WORDS | DETERMINERS
+        return next((p for p in parts if not purpose(tokens(p))), (parts or [text])[0])
     i = drawing[0]
     # "Is there a cyst on my spleen? Please highlight it.": a request that names nothing points back, or, first,
     # forward ("Label: primary colorectal adenocarcinoma, ...")
@@ -1014,7 +1029,7 @@ def resolve(catalog: PromptCatalog, text: str, encoder: TextEncoder, index: Clas
         best, floor_score = home.name, max(floor_score, other[1])
     elif (above_floor and other is not None and other[1] > score + margin
             and not (other[1] - score <= WORD_TIE and words_favour_class(index, text, best, other[0]))
-            and not any(_other_as_landmark(index, t, other[0]) for t in texts)
+            and not any(_other_as_landmark(index, t, other[0]) or _other_as_reason(t, other[0]) for t in texts)
             and not part_of_class(catalog[best], other[0], texts)):
         raise PromptError(f"unknown prompt '{text}': it reads like {other[0]} ({other[1]:.2f}), which no prompt file "
                           f"describes; closest known classes: {nearest}. To segment it, add a prompt file "
