@@ -763,6 +763,7 @@ def test_what_the_first_noun_phrase_names_is_what_is_asked(minilm_catalog: Promp
     ("External ROI for dose calc", "body"), ("OAR gastric for pancreas SBRT", "stomach"),
     ("the urine reservoir in the pelvis, OAR for prostate RT", "urinary_bladder"),
     ("where is the tumor in my dad's brain on his MRI", "brain_tumor"),
+    ("For a metastatic survey, delineate the whole skeletal system in one mask.", "bone"),  # a purpose first
 ])
 def test_clinical_requests_shorthand_and_telegraphic_prompts(minilm_catalog: PromptCatalog, text: str, name: str):
     """Ways of writing that blind writers used (writer_p to writer_w): each of these failed before."""

@@ -800,7 +800,8 @@ def asked_part(prompt: list[str]) -> list[str]:
 def asked_sentence(text: str) -> str:
     """Of a prompt of several sentences, the one that asks for a drawing ("Lumpectomy planning for carcinoma;
     outline the mass"), else the first ("The vessel in front of the spine; checking for an aneurysm"); the one
-    before it when the request only points back ("... on my spleen? Please highlight it.")."""
+    before it when the request only points back ("... on my spleen? Please highlight it."). A purpose before a comma
+    is left out of the drawing sentence ("For a metastatic survey, delineate the whole skeletal system")."""
     from medprompt.catalog import REQUEST_WORDS, tokens
 
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
@@ -817,6 +818,9 @@ def asked_sentence(text: str) -> str:
             return parts[i - 1]
         if len(parts) > 1:
             return parts[1]
+    lead, _, rest = parts[i].partition(",")
+    if tokens(lead)[:1] == ["for"] and set(tokens(rest)) & DRAWING_WORDS:
+        return rest
     return parts[i]
 
 
