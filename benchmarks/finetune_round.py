@@ -127,6 +127,8 @@ def warm_embeddings(root: Path, served: Path, device: str) -> None:
     for a round; classes with their own window (lungs, bone) need embeddings of their own."""
     import json
 
+    from tqdm import tqdm
+
     from medprompt.drafts import draft
     from medprompt.io.volume import load_volume
     from medprompt.model.sam_checkpoint import load_net
@@ -137,7 +139,8 @@ def warm_embeddings(root: Path, served: Path, device: str) -> None:
     for sidecar in (root / "labels" / "final").glob("*.json"):
         classes += [c for c in json.loads(sidecar.read_text()).get("labels", {}) if c not in classes]
     make = segmenter_factory(None, device)
-    for path in sorted(root.glob("phantom_*.nii.gz")):
+    # minutes a volume on a CPU without bf16: say how far it is
+    for path in tqdm(sorted(root.glob("phantom_*.nii.gz")), desc="embeddings before the round", unit="volume"):
         volume = load_volume(path)
         study_stack(volume, make)
         draft(volume, classes, refine="sam")

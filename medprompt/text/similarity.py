@@ -806,7 +806,7 @@ def asked_sentence(text: str) -> str:
 
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
     drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
-    if not drawing:  # a purpose says why: "for the radiofrequency ablation: the hepatic tumour", "OAR for breast RT: ..."
+    if not drawing:  # a purpose says why: "for the RF ablation: the hepatic tumour", "OAR for breast RT: ..."
         def purpose(part: list[str]) -> bool:
             return "for" in part and set(part[:part.index("for")]) <= REQUEST_WORDS | DETERMINERS
         return next((p for p in parts if not purpose(tokens(p))), (parts or [text])[0])
