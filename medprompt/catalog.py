@@ -56,13 +56,13 @@ STOP_WORDS = frozenset(
     "a an the of and or in on to is are be it its this that with by for from as at into which who "
     "what where segment segmentation mask show find me please organ structure region".split()
 )
-# Words of a request around a name ("segment the spleen, please", "liver segmentation"): said around an
-# exact name they leave that name, which an embedding of the whole would not always find ("liver
-# segmentation" reads like a liver tumour).
+# Words of a request around a name ("segment the spleen, please", "liver segmentation", "ground truth for the breast
+# tumour", "binary mask of the liver", "ROI: hepatic masses", "OAR gastric for ..."): said around an exact name they
+# leave that name, which an embedding of the whole would not always find ("liver segmentation" reads like a liver
+# tumour).
 REQUEST_WORDS = frozenset("a an the of for me please segment segmentation segmentations mask masks label labels "
                           "labelmap contour contours delineate draw show find ground truth gt annotation annotations "
                           "binary roi oar oars".split())
-# ("ground truth for the breast tumour", "binary mask of the liver", "ROI: hepatic masses", "OAR gastric for ...")
 # Nouns that name no particular anatomy: a prompt of these and side words alone ("left", "the
 # right organ tissue") says which side but not what, and is refused rather than guessed.
 GENERIC_WORDS = frozenset("tissue parenchyma area part portion side thing one organs structure structures".split())
@@ -221,13 +221,13 @@ class PromptCatalog:
         stays the kidneys)."""
         from medprompt.text.similarity import sides, stem
 
-        twins = {n: sides(n) for n in self.names if stem(n) == stem(entry.name) and n != entry.name}
         said = set().union(*(sides(e) for e in excluded))
-        if sides(entry.name) or len(said) != 1 or not twins:
+        if sides(entry.name) or len(said) != 1:
             return entry
-        if any(n not in twins and n != entry.name for e in excluded for n in self._spelt(e)):
+        family = {n for n in self.names if stem(n) == stem(entry.name)}  # the class and its sided twins
+        if any(n not in family for e in excluded for n in self._spelt(e)):
             return entry
-        other = [n for n, s in twins.items() if s and not s & said]
+        other = [n for n in family if sides(n) and not sides(n) & said]
         return self.entries[other[0]] if len(other) == 1 else entry
 
     def leading_name(self, text: str) -> PromptEntry | None:
