@@ -6,7 +6,7 @@ each through the default catalog with the given text encoder (MiniLM by default)
 accuracy, the misses, the keyword resolver's accuracy for comparison, timing (cold: empty
 embedding cache, model load included; warm: cache filled) and a line for BENCHMARKS.md.
 
-It also scores ``tests/data/paraphrases_independent.yaml``: prompts by nine writers who saw only the class
+It also scores ``tests/data/paraphrases_independent.yaml``: prompts by writers who saw only the class
 list (each set's accuracy), and prompts for what no class describes, which must be refused.
 
 It also shows how the similarity floor is calibrated: the best similarity of every correctly

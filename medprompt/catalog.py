@@ -207,10 +207,11 @@ class PromptCatalog:
     def _finding_placed(self, asked: str, excluded: list[str]) -> str:
         """``asked`` placed in the organ that what it excludes names, when it asks for a finding and names no organ
         itself: "the tumour, not the whole liver" asks for the liver's tumour (read alone, "the tumour" was
-        brain_tumor's)."""
+        brain_tumor's). Not when ``asked`` spells a class itself: "breast carcinoma, excluding the skin" names its
+        class, and the skin is no organ of it."""
         from medprompt.text.similarity import finding_words, is_finding, readings
 
-        if not finding_words(readings(asked)) or any(not is_finding(n) for n in self._spelt(asked)):
+        if not finding_words(readings(asked)) or self._spelt(asked):
             return asked
         organs = {n for e in excluded for n in self._spelt(e) if not is_finding(n)}
         return f"{asked} in the {organs.pop().replace('_', ' ')}" if len(organs) == 1 else asked

@@ -67,6 +67,72 @@ ORGAN_WORDS: dict[str, str] = {
 }
 
 
+# The organs' names in German, French, Spanish, Italian and Portuguese -> the English noun: annotators type
+# their own language's word for an organ ("Milz", "le foie", "riñón izquierdo"), which an English sentence
+# embedding reads as nothing and the spelling matcher as a typo. Written with their accents; the plain-letter
+# spellings a keyboard without them gives ("hígado" as "higado", "Speiseröhre" as "Speiseroehre") are added
+# below (``_plain_spellings``). Words that are also English ("rate", "os", "rim") or common German words
+# ("sein") are left out, or given only in a phrase ("la rate").
+FOREIGN_WORDS: dict[str, str] = {
+    # German
+    "leber": "liver", "niere": "kidney", "nieren": "kidneys", "milz": "spleen", "magen": "stomach",
+    "bauchspeicheldrüse": "pancreas", "gallenblase": "gallbladder", "harnblase": "urinary bladder",
+    "blase": "bladder", "nebenniere": "adrenal", "nebennieren": "adrenals", "lunge": "lung", "lungen": "lungs",
+    "speiseröhre": "esophagus", "hauptschlagader": "aorta", "bauchaorta": "abdominal aorta",
+    "untere hohlvene": "inferior vena cava", "hohlvene": "vena cava", "pfortader": "portal vein",
+    "milzvene": "splenic vein", "knochen": "bone", "skelett": "skeleton", "körper": "body", "gehirn": "brain",
+    "hirntumor": "brain tumour", "brustkrebs": "breast cancer", "lebertumor": "liver tumour",
+    "dickdarm": "colon", "darmkrebs": "colorectal cancer", "beidseits": "both", "beidseitig": "both",
+    # French ("l'estomac": the article's "l" is no left side, see _ELIDED_RE)
+    "foie": "liver", "rein": "kidney", "reins": "kidneys", "la rate": "the spleen", "de la rate": "of the spleen",
+    "estomac": "stomach", "vésicule biliaire": "gallbladder", "vessie": "urinary bladder",
+    "surrénale": "adrenal", "surrénales": "adrenals", "poumon": "lung", "poumons": "lungs",
+    "œsophage": "esophagus", "oesophage": "esophagus", "aorte": "aorta",
+    "veine cave inférieure": "inferior vena cava",
+    "veine porte": "portal vein", "veine splénique": "splenic vein", "squelette": "skeleton", "corps": "body",
+    "cerveau": "brain", "du sein": "of the breast", "tumeur": "tumour", "côlon": "colon",
+    # Spanish
+    "hígado": "liver", "riñón": "kidney", "riñones": "kidneys", "bazo": "spleen", "estómago": "stomach",
+    "vesícula biliar": "gallbladder", "vejiga": "urinary bladder", "suprarrenal": "adrenal",
+    "suprarrenales": "adrenals", "pulmón": "lung", "esófago": "esophagus", "vena porta": "portal vein",
+    "vena esplénica": "splenic vein", "hueso": "bone", "huesos": "bones", "esqueleto": "skeleton",
+    "cuerpo": "body", "cerebro": "brain", "de mama": "of the breast", "cáncer": "cancer",
+    # Italian
+    "fegato": "liver", "rene": "kidney", "reni": "kidneys", "milza": "spleen", "stomaco": "stomach",
+    "colecisti": "gallbladder", "cistifellea": "gallbladder", "vescica": "urinary bladder", "surrene": "adrenal",
+    "surrenale": "adrenal", "surrenali": "adrenals", "polmone": "lung", "polmoni": "lungs", "esofago": "esophagus",
+    "vena cava inferiore": "inferior vena cava", "osso": "bone", "ossa": "bones", "scheletro": "skeleton",
+    "corpo": "body", "cervello": "brain", "mammella": "breast",
+    # Portuguese
+    "fígado": "liver", "rins": "kidneys", "baço": "spleen", "bexiga": "urinary bladder", "pulmão": "lung",
+    "pulmões": "lungs", "esôfago": "esophagus",
+    # the sides ("Niere links", "rein gauche", "riñón izquierdo"); not "droit" (a right, in law), which only the
+    # French feminine "droite" stands in for
+    "links": "left", "linke": "left", "linken": "left", "linker": "left", "linkes": "left",
+    "rechts": "right", "rechte": "right", "rechten": "right", "rechter": "right", "rechtes": "right",
+    "gauche": "left", "droite": "right", "izquierdo": "left", "izquierda": "left", "derecho": "right",
+    "derecha": "right", "sinistro": "left", "destro": "right", "destra": "right", "esquerdo": "left",
+    "esquerda": "left", "direito": "right", "direita": "right",
+}
+
+
+def _plain_spellings(table: dict[str, str]) -> dict[str, str]:
+    """``table`` with each form also spelt without its accents ("hígado" -> "higado") and, for German, with
+    umlauts written out ("Speiseröhre" -> "speiseroehre"), as keyboards without them type it."""
+    import unicodedata
+
+    out = dict(table)
+    for form, noun in table.items():
+        german = form.replace("ä", "ae").replace("ö", "oe").replace("ü", "ue").replace("ß", "ss")
+        for plain in (german, form.replace("œ", "oe")):
+            plain = "".join(c for c in unicodedata.normalize("NFKD", plain) if not unicodedata.combining(c))
+            out.setdefault(plain, noun)
+    return out
+
+
+FOREIGN_WORDS = _plain_spellings(FOREIGN_WORDS)
+
+
 # Radiology shorthand -> the words it stands for; resolution then reads those words as it reads any
 # prompt (an abbreviation is three letters to a sentence embedding: "GB" read like nothing, "CRC" like
 # the vena cava). Unambiguous in an abdominal, brain or breast request; for anatomy no class describes
@@ -80,7 +146,7 @@ ABBREVIATIONS: dict[str, str] = {
     "rlq": "right lower quadrant", "bi rads": "breast imaging", "birads": "breast imaging", "ub": "urinary bladder",
     "mets": "metastases", "ca": "cancer", "ao": "aorta", "eso": "esophagus",
     "dvt": "deep vein thrombosis", "idc": "invasive ductal carcinoma", "ilc": "invasive lobular carcinoma",
-    "dcis": "ductal carcinoma in situ", "gtv": "gross tumour volume",
+    "dcis": "ductal carcinoma in situ", "gtv": "gross tumour volume", "pls": "please", "plz": "please",
 }
 
 
@@ -91,14 +157,18 @@ def _pattern(table: dict[str, str]) -> re.Pattern[str]:
                       + r")(?![a-z0-9])", re.IGNORECASE)
 
 
-_FORMS = {**ORGAN_WORDS, **ABBREVIATIONS, **BOTH_SIDES, **{k: v for k, v in SIDE_WORDS.items() if k != v}}
+_FORMS = {**ORGAN_WORDS, **FOREIGN_WORDS, **ABBREVIATIONS, **BOTH_SIDES,
+          **{k: v for k, v in SIDE_WORDS.items() if k != v}}
 _FORM_RE = _pattern(_FORMS)
 
 
 # Clinical shorthand with a slash, read before the sides: the "r" of "r/o" (rule out) is no right side, nor the
 # "s" of "s/p" (status post) anything.
-_SLASHED = {"r/o": "rule out", "s/p": "status post", "c/o": "complaining of", "h/o": "history of"}
+_SLASHED = {"r/o": "rule out", "s/p": "status post", "c/o": "complaining of", "h/o": "history of",
+            "b/l": "bilateral"}  # "b/l kidneys": both, not the left ones
 _SLASHED_RE = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, _SLASHED)) + r")(?![a-z0-9])", re.IGNORECASE)
+# French and Italian elide the article before a vowel ("l'estomac", "l'aorte", "dell'esofago"): its "l" is no side.
+_ELIDED_RE = re.compile(r"(?<![a-z0-9])(?:l|d|dell|nell|all)['’](?=[a-zà-ÿœ])", re.IGNORECASE)
 # "RT" is radiotherapy, not the right side, where no organ follows it ("OAR for RT", "the RT plan", "RT dose").
 _RADIOTHERAPY_RE = re.compile(r"(?<![a-z0-9])rt(?=\s+(?:plan|planning|plans|dose|doses|field|fields|boost|treatment|"
                               r"course|contour|contours|structure|structures)\b|\s*$|\s*[,.;:)])", re.IGNORECASE)
@@ -113,15 +183,19 @@ def canonical(text: str) -> str:
     """``text`` with every medical word form replaced by its plain noun or side ('left renal organ'
     -> 'left kidney organ'); the text itself when it uses none."""
     text = _SLASHED_RE.sub(lambda m: _SLASHED[m.group(1).lower()], text)
+    text = _ELIDED_RE.sub("", text)
     text = _COUINAUD_RE.sub(r"\1 liver \2", text)
     text = _RADIOTHERAPY_RE.sub("radiotherapy", text)
     return _FORM_RE.sub(lambda m: _FORMS[" ".join(re.sub(r"[_.-]", " ", m.group(1).lower()).split())], text)
 
 
-def vocabulary() -> set[str]:
-    """Every single word the table knows (forms and the words they mean): real words, never typos."""
+def vocabulary(foreign: bool = True) -> set[str]:
+    """Every single word the table knows (forms and the words they mean): real words, never typos. Without
+    ``foreign``, the words of other languages are left out: those are no spelling an English typo was meant to
+    be ("nicer" is not "Niere")."""
     out: set[str] = set()
-    for form, noun in (*ORGAN_WORDS.items(), *ABBREVIATIONS.items(), *BOTH_SIDES.items(), *SIDE_WORDS.items()):
+    for form, noun in (*ORGAN_WORDS.items(), *(FOREIGN_WORDS.items() if foreign else ()), *ABBREVIATIONS.items(),
+                       *BOTH_SIDES.items(), *SIDE_WORDS.items()):
         out.update(form.split())
         out.update(noun.split())
     return out

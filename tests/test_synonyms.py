@@ -233,6 +233,38 @@ def test_a_misspelling_is_read_as_its_correction(minilm: PromptCatalog):
     assert minilm.resolve("left renal organ").name == "kidney_left"
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("Milz bitte", "spleen"), ("le foie, please", "liver"), ("la rate, please segment it", "spleen"),
+    ("riñón izquierdo", "kidney_left"), ("rinon izquierdo, only the left", "kidney_left"),
+    ("Niere rechts", "kidney_right"), ("rein gauche", "kidney_left"), ("Speiseröhre", "esophagus"),
+    ("Speiseroehre pls", "esophagus"), ("l'estomac", "stomach"), ("the vesicule biliaire please", "gallbladder"),
+    ("Harnblase segmentieren", "urinary_bladder"), ("Nebennieren beidseits", "adrenal_glands"),
+    ("fegato", "liver"), ("Bauchspeicheldruese please", "pancreas"), ("veine cave inferieure", "inferior_vena_cava"),
+])
+def test_organ_names_in_other_languages_resolve(minilm: PromptCatalog, text: str, expected: str):
+    """Annotators type their own language's word for an organ: an English sentence embedding read "Milz" and
+    "le foie" as nothing (refused), "Speiseroehre" like the spleen and "veine cave inferieure" like the portal
+    vein; the French article's "l" had been the left side."""
+    assert minilm.resolve(text).name == expected
+
+
+def test_an_english_typo_is_not_read_as_another_languages_organ(keywords: PromptCatalog, minilm: PromptCatalog):
+    """Words of other languages are known words, but no English slip was meant to be one ("nicer" is not
+    "Niere", "lines" not "links")."""
+    known = known_words(keywords.entries.values())
+    assert spelling_fixes(keywords, "nicer linkes", known) == {}
+    with pytest.raises(PromptError):
+        minilm.resolve("make this scan look nicer")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("b/l kidneys", "kidneys"), ("b/l adrenals pls", "adrenal_glands"),  # the "l" of b/l read as the left side
+    ("colon ca pls", "colon_tumour"),  # refused as the colon: "pls" ended the phrase, not "ca"
+])
+def test_bilateral_and_please_in_shorthand(minilm: PromptCatalog, text: str, expected: str):
+    assert minilm.resolve(text).name == expected
+
+
 @pytest.mark.parametrize("text, listed", [
     ("left", "adrenal_gland_left, kidney_left"),
     ("the right side", "adrenal_gland_right, kidney_right"),

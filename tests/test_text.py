@@ -773,7 +773,9 @@ def test_clinical_requests_shorthand_and_telegraphic_prompts(minilm_catalog: Pro
 @pytest.mark.parametrize("text", ["ovarian cyst on the right", "pulmonary trunk", "deep vein thrombosis, popliteal",
                                   "the sciatic nerve", "prostate gland, including the seminal vesicles",
                                   "pulmonary emboli on the CTPA", "pneumonia in the left lower lobe",
-                                  "prostate, for RT"])  # named before the reason: what is asked
+                                  "prostate, for RT",  # named before the reason: what is asked
+                                  "heart contour", "cardiac contour for the mean heart dose",  # not the body's
+                                  "the CT couch under the patient", "Free fluid in the pelvis"])
 def test_more_anatomy_no_class_describes_is_refused(minilm_catalog: PromptCatalog, text: str):
     with pytest.raises(PromptError):
         minilm_catalog.resolve(text)
@@ -866,6 +868,14 @@ def test_a_request_that_names_nothing_points_to_what_follows(minilm_catalog: Pro
     had been set aside as named only as a landmark once "adenocarcinoma" was a finding word)."""
     text = "Label: primary colorectal adenocarcinoma, circumferential wall thickening of the colon on portal venous CT."
     assert minilm_catalog.resolve(text).name == "colon_tumour"
+    # a heading that names nothing is no request either (writer_y: the pancreas, refused, the body)
+    for text, name in (("BraTS-style label: whole tumour region in the brain", "brain_tumor"),
+                       ("Neoadjuvant trial: volume of the target breast cancer lesion, please", "breast_tumor"),
+                       ("Label instruction: breast tumour mask on the ultrasound frames", "breast_tumor"),
+                       ("ROI: hepatic masses only (primary or metastatic), exclude surrounding healthy parenchyma",
+                        "liver_tumour"),
+                       ("liver: the large organ under the right ribs", "liver")):  # a heading that names: kept
+        assert minilm_catalog.resolve(text).name == name, text
 
 
 def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatalog):
@@ -880,7 +890,10 @@ def test_what_a_prompt_says_not_to_draw_is_not_drawn(minilm_catalog: PromptCatal
                        ("left suprarenal, don't include the right one", "adrenal_gland_left"),
                        # a finding with no organ of its own is placed in the organ it excludes (was brain_tumor)
                        ("the tumour, not the whole liver", "liver_tumour"),
-                       ("the lesion, not the liver", "liver_tumour")):
+                       ("the lesion, not the liver", "liver_tumour"),
+                       # but one that names its class is not placed ("... in the body": refused)
+                       ("Segment the breast carcinoma, excluding the normal fibroglandular tissue and the skin.",
+                        "breast_tumor")):
         assert minilm_catalog.resolve(text).name == name, text
     # one side of a both-sides class left out leaves the other side's class (had been the side left out)
     for text, name in (("both kidneys, right side excluded", "kidney_left"),

@@ -28,6 +28,7 @@ class the whole sentence reads ("the left renal vein crossing in front of the ao
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
@@ -118,7 +119,7 @@ OTHER_ANATOMY = (
     "coeliac trunk", "superior mesenteric artery", "superior mesenteric vein", "mesentery", "peritoneum",
     "abdominal wall", "pancreatic tumour",
     "kidney tumour", "kidney cyst", "bladder tumour", "stomach cancer", "adrenal tumour", "splenic lesion",
-    "gallbladder cancer",
+    "gallbladder cancer", "free fluid", "free air",
     "urethra", "pancreatic duct", "cystic duct", "hepatic duct", "duct", "celiac trunk", "hepatic flexure",
     "splenic flexure",
     # muscles, nerves, fat
@@ -130,7 +131,7 @@ OTHER_ANATOMY = (
 # to hide or exclude it, and no class may be drafted in its place. Refused as other anatomy is, but its words
 # ("tube", "line") stay evidence for the classes they also describe (``ClassIndex.other_words``).
 OTHER_CONTENT = (
-    "ct table", "scanner table", "catheter", "central line", "iv line", "cannula", "needle", "stent",
+    "ct table", "scanner table", "couch", "catheter", "central line", "iv line", "cannula", "needle", "stent",
     "pacemaker", "surgical clip", "clip", "staples", "ivc filter", "hardware", "screw", "prosthesis", "implant",
     "nasogastric tube", "ng tube", "endotracheal tube", "breathing tube", "feeding tube", "surgical drain",
     "artefact", "artifact", "motion blur", "blurring", "ghosting", "image noise", "text annotation", "caliper",
@@ -361,8 +362,8 @@ def relation_words(text: str, stems: Iterable[tuple[str, ...]]) -> set[str]:
         prompt = tokens(reading)
         for stem_words in stems:
             target = list(stem_words)
-            for i in range(len(prompt) - len(target) + 1):
-                if _spelt_at(prompt, i, target) and _relation_before(prompt, i):
+            for i in spelt_indices(prompt, target):
+                if _relation_before(prompt, i):
                     near = [PLACE_WORDS.get(w) for w in prompt[max(0, i - 7):i]]
                     direction = next((d for d in reversed(near) if d), "beside")
                     out.add(f"{direction}:{' '.join(target)}")
@@ -467,7 +468,7 @@ def spelling_fixes(catalog: PromptCatalog, text: str, known: frozenset[str]) -> 
             parts = tokens(spelling)
             spellings["".join(parts)] = " ".join(parts)
             spellings.update((w, w) for w in parts)
-    spellings.update((w, w) for w in synonyms.vocabulary())
+    spellings.update((w, w) for w in synonyms.vocabulary(foreign=False))
     candidates = [s for s in spellings if len(s) >= MIN_TYPO_CHARS]
     fixes: dict[str, str] = {}
     for token in tokens(text):
@@ -514,7 +515,7 @@ def named_in(catalog: PromptCatalog, phrases: list[list[str]]) -> set[str]:
 
     return {entry.name for entry in catalog.entries.values()
             for spelling in (entry.name.replace("_", " "), *entry.aliases)
-            if any(_spelt_at(head, i, tokens(spelling)) for head in phrases for i in range(len(head)))}
+            if any(spelt_indices(head, tokens(spelling)) for head in phrases)}
 
 
 def _after_relation(text: str, spelling: str, relations: tuple[list[str], ...] = RELATIONS) -> bool:
@@ -522,8 +523,7 @@ def _after_relation(text: str, spelling: str, relations: tuple[list[str], ...] =
     from medprompt.catalog import tokens
 
     prompt, target = tokens(text), tokens(spelling)
-    return any(_spelt_at(prompt, i, target) and _relation_before(prompt, i, relations=relations)
-               for i in range(len(prompt) - len(target) + 1))
+    return any(_relation_before(prompt, i, relations=relations) for i in spelt_indices(prompt, target))
 
 
 def _other_as_landmark(index: ClassIndex, text: str, other: str) -> bool:
@@ -550,7 +550,7 @@ def _other_as_reason(text: str, other: str) -> bool:
 
     prompt, target = tokens(text), tokens(other)
     head = asked_part(prompt)
-    spelt = [i for i in range(len(prompt) - len(target) + 1) if _spelt_at(prompt, i, target)]
+    spelt = spelt_indices(prompt, target)
     return len(head) < len(prompt) and bool(spelt) and all(i >= len(head) for i in spelt)
 
 
@@ -567,8 +567,13 @@ def _in_landmark(prompt: list[str], i: int) -> bool:
 
 def _names_as_target(prompt: list[str], target: list[str]) -> bool:
     """Whether the prompt's tokens hold ``target`` somewhere not right after a spatial preposition."""
-    return any(_spelt_at(prompt, i, target) and not _relation_before(prompt, i)
-               for i in range(len(prompt) - len(target) + 1))
+    return any(not _relation_before(prompt, i) for i in spelt_indices(prompt, target))
+
+
+def spelt_indices(prompt: list[str], target: list[str]) -> list[int]:
+    """Every index where ``prompt`` spells ``target`` (:func:`_spelt_at`): what each reading of a named
+    thing (as the target, as a landmark, as the reason) starts from."""
+    return [i for i in range(len(prompt) - len(target) + 1) if _spelt_at(prompt, i, target)]
 
 
 def _spelt_at(prompt: list[str], i: int, target: list[str]) -> bool:
@@ -724,11 +729,11 @@ def asked_other(index: ClassIndex, heads: list[list[str]]) -> str | None:
     class or a finding: the prompt then says in words that it asks for something no prompt file describes,
     however near a class its whole sentence reads ("the left renal vein crossing in front of the aorta" reads
     0.77 like the left kidney)."""
-    from medprompt.catalog import GENERIC_WORDS, tokens, words
+    from medprompt.catalog import GENERIC_WORDS, HEAD_NOISE, tokens, words
 
     targets = [(o, tokens(o)) for o in index.others]
     for head in heads:
-        found = [(len(target), i, o) for o, target in targets for i in range(len(head)) if _spelt_at(head, i, target)]
+        found = [(len(target), i, o) for o, target in targets for i in spelt_indices(head, target)]
         if not found:
             continue
         n, i, other = max(found)
@@ -740,7 +745,8 @@ def asked_other(index: ClassIndex, heads: list[list[str]]) -> str | None:
         if head[-1] in (GENERIC_WORDS - {"parenchyma", "tissue"}) | PART_WORDS:
             continue  # "the heart part of the stomach" (read from "cardiac part"): a part of what follows; but
             # "the brain parenchyma" is the brain's own tissue
-        if not any(w in FINDING_WORDS or set(words(w)) & index.class_words for w in rest):
+        # a request's own words name no class: "heart contour" is the heart, though the body's outline is a contour
+        if not any(w in FINDING_WORDS or set(words(w)) & index.class_words for w in rest if w not in HEAD_NOISE):
             return other
     return None
 
@@ -751,12 +757,10 @@ def content_not_asked(index: ClassIndex, texts: list[str], heads: list[list[str]
     for a core needle biopsy") is not what is asked, however much of the sentence's embedding it takes."""
     from medprompt.catalog import tokens
 
-    def spells(words: list[str], target: list[str]) -> bool:
-        return any(_spelt_at(words, i, target) for i in range(len(words)))
-
     read = [(tokens(t), head) for t, head in zip(texts, heads)]
     return [other for other in index.others if other in OTHER_CONTENT
-            and any(spells(prompt, tokens(other)) and not spells(head, tokens(other)) for prompt, head in read)]
+            and any(spelt_indices(prompt, tokens(other)) and not spelt_indices(head, tokens(other))
+                    for prompt, head in read)]
 
 
 def part_of_class(entry: PromptEntry, other: str, texts: list[str]) -> bool:
@@ -797,13 +801,43 @@ def asked_part(prompt: list[str]) -> list[str]:
     return prompt
 
 
+@functools.lru_cache(maxsize=1)
+def _naming_words() -> frozenset[str]:
+    """Words that name anatomy or a finding in any prompt, whatever the catalog: the synonym table's forms and
+    nouns, the findings and what no class describes (``OTHER_ANATOMY``, ``OTHER_CONTENT``); not a request's own
+    words, sides or fillers."""
+    from medprompt.catalog import REQUEST_WORDS, STOP_WORDS, tokens, words
+
+    found = {w for t in (*OTHER_ANATOMY, *OTHER_CONTENT) for w in tokens(t)} | FINDING_WORDS
+    found |= synonyms.vocabulary()
+    found |= {w for t in found for w in words(t)}
+    sides = set(synonyms.SIDE_WORDS) | {f for f, n in synonyms.FOREIGN_WORDS.items() if n in ("left", "right", "both")}
+    return frozenset(found - REQUEST_WORDS - STOP_WORDS - DETERMINERS - HEAD_FILLERS - sides
+                     - {"both", "patient", "sides"})
+
+
+def _heading_left_out(text: str) -> str:
+    """What follows a heading that names nothing ("BraTS-style label: whole tumour region in the brain", "Neoadjuvant
+    trial: the target breast lesion", "Task 3: segment the spleen"): a label of the request, not what it asks for.
+    A heading that names anything ("liver: the large organ ...", "OAR for breast RT: ...") stays."""
+    from medprompt.catalog import words
+
+    head, colon, body = text.partition(":")
+    naming = _naming_words()
+    if colon and set(words(body)) & naming and not set(words(head)) & naming:
+        return body
+    return text
+
+
 def asked_sentence(text: str) -> str:
     """Of a prompt of several sentences, the one that asks for a drawing ("Lumpectomy planning for carcinoma;
     outline the mass"), else the first ("The vessel in front of the spine; checking for an aneurysm"); the one
     before it when the request only points back ("... on my spleen? Please highlight it."). A purpose before a comma
-    is left out of the drawing sentence ("For a metastatic survey, delineate the whole skeletal system")."""
+    is left out of the drawing sentence ("For a metastatic survey, delineate the whole skeletal system"), and a
+    heading that names nothing before a colon (``_heading_left_out``)."""
     from medprompt.catalog import REQUEST_WORDS, tokens
 
+    text = _heading_left_out(text)
     parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
     drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
     if not drawing:  # a purpose says why: "for the RF ablation: the hepatic tumour", "OAR for breast RT: ..."
