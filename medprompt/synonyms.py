@@ -126,7 +126,8 @@ def _plain_spellings(table: dict[str, str]) -> dict[str, str]:
         german = form.replace("ä", "ae").replace("ö", "oe").replace("ü", "ue").replace("ß", "ss")
         for plain in (german, form.replace("œ", "oe")):
             plain = "".join(c for c in unicodedata.normalize("NFKD", plain) if not unicodedata.combining(c))
-            out.setdefault(plain, noun)
+            if plain != noun:  # "côlon" spelt plain is the English word itself: nothing to read
+                out.setdefault(plain, noun)
     return out
 
 

@@ -289,7 +289,7 @@ def test_a_request_can_ask_for_litemedsam_and_the_response_says_which_stage_drew
 
 @pytest.mark.parametrize(
     ("conf", "named"),
-    [({"models": "medclip_sam"}, "medclip_sam"), ({"models": " "}, "models"), ({"prompts": "foie gras"}, "foie gras"),
+    [({"models": "medclip_sam"}, "medclip_sam"), ({"models": " "}, "models"), ({"prompts": "tiramisu"}, "tiramisu"),
      ({"refine": "medsam2"}, "medsam2")],
     ids=["unknown-model", "no-model", "unknown-prompt", "unknown-refinement"],
 )
