@@ -244,15 +244,16 @@ def test_a_misspelling_is_read_as_its_correction(minilm: PromptCatalog):
 def test_organ_names_in_other_languages_resolve(minilm: PromptCatalog, text: str, expected: str):
     """Annotators type their own language's word for an organ: an English sentence embedding read "Milz" and
     "le foie" as nothing (refused), "Speiseroehre" like the spleen and "veine cave inferieure" like the portal
-    vein; the French article's "l" had been the left side."""
+    vein. The elided French article ("l'estomac") stays no left side."""
     assert minilm.resolve(text).name == expected
 
 
 def test_an_english_typo_is_not_read_as_another_languages_organ(keywords: PromptCatalog, minilm: PromptCatalog):
-    """Words of other languages are known words, but no English slip was meant to be one ("nicer" is not
-    "Niere", "lines" not "links")."""
+    """Words of other languages are known words (never corrected themselves), but no English slip was meant to
+    be one: "nicer" is not "Niere"."""
     known = known_words(keywords.entries.values())
-    assert spelling_fixes(keywords, "nicer linkes", known) == {}
+    assert spelling_fixes(keywords, "Niere links", known) == {}
+    assert spelling_fixes(keywords, "nicer", known) == {}
     with pytest.raises(PromptError):
         minilm.resolve("make this scan look nicer")
 
