@@ -22,6 +22,7 @@ import yaml
 from medprompt import synonyms
 from medprompt.errors import PromptError, shown
 from medprompt.negation import without_negated
+from medprompt.wording import other_request, plain_wording
 
 if TYPE_CHECKING:
     from medprompt.text.encoders import TextEncoder
@@ -276,16 +277,14 @@ class PromptCatalog:
     def requested_name(self, text: str) -> PromptEntry | None:
         """The class a drawing request names after clinical context: "s/p right nephrectomy, segment the remaining
         left kidney", "hx of hypertension, ?Conn's adenoma on the left, please outline the left adrenal only". The
-        clause (between commas, semicolons or stops) holding the first drawing word, when it is not the first,
-        lists no classes, asks for no finding and names a class in its first noun phrase (the words before the
+        clause (between commas, semicolons, dashes or stops) holding the first drawing word, when it is not the
+        first, lists no classes, asks for no finding and names a class in its first noun phrase (the words before the
         noun left out one by one: "the remaining solitary left kidney"): what comes before says why."""
-        from medprompt.text.similarity import (DRAWING_WORDS, asked_sentence, finding_words, head_phrase,
-                                               listed_classes, readings, sides)
+        from medprompt.text.similarity import (asked_sentence, finding_words, head_phrase, listed_classes, readings,
+                                               sides)
+        from medprompt.wording import is_drawing as drawing
 
-        def drawing(word: str) -> bool:  # "segment", "segmented", "outlined"
-            return any(w in DRAWING_WORDS for w in (word, word.removesuffix("ed"), word.removesuffix("d")))
-
-        clauses = [c for c in re.split(r"[,;:.!?]+", text) if tokens(c)]
+        clauses = [c for c in re.split(r"[,;:.!?]+| - | -- |\u2013|\u2014", text) if tokens(c)]
         first = next((i for i, c in enumerate(clauses) if any(drawing(w) for w in tokens(c))), 0)
         clause = clauses[first] if first else ""
         if not clause or finding_words(readings(clause)) or listed_classes(self, clause):
@@ -352,6 +351,16 @@ class PromptCatalog:
         keywords; an unresolvable prompt names the closest classes."""
         if not isinstance(text, str) or not text.strip():
             raise PromptError("empty prompt: give a class name (e.g. 'liver') or a sentence describing it")
+        other = other_request(text)
+        if other is not None:
+            raise PromptError(f"prompt '{quoted(text)}' is no drawing request: {other}; ask for what to draw "
+                              f"(e.g. 'segment the liver'), and measure or export its mask")
+        plain = plain_wording(text)
+        if plain != text:  # "the kidney next to the spleen" -> "the left kidney ...": read so, quoted as written
+            try:
+                return self.resolve(plain, encoder)
+            except PromptError as error:
+                raise PromptError(str(error).replace(f"'{quoted(plain)}'", f"'{quoted(text)}'")) from None
         asked, excluded = without_negated(text)
         if excluded:  # "the liver without the tumour": what it says not to draw is left out, then it is read
             said = "; ".join(f"'{quoted(e)}'" for e in excluded)

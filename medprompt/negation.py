@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 
-_CUES = ("but not", "and not", "not including", "not", "no", "don't include", "don't", "do not", "without",
-         "excluding", "exclude", "except for", "except", "apart from", "sparing", "other than", "rather than",
-         "instead of", "minus", "leaving out", "leave out", "omitting")
+_CUES = ("but not", "and not", "not including", "not", "no", "don't include", "don't", "dont", "don’t", "do not",
+         "without", "excluding", "exclude", "except for", "except", "apart from", "sparing", "other than",
+         "rather than", "instead of", "minus", "leaving out", "leave out", "omitting")
 _CUE = re.compile(r"\b(?:" + "|".join(re.escape(c).replace(r"\ ", r"\s+") for c in _CUES) + r")\b(?!-)", re.IGNORECASE)
 _END = re.compile(r"[,;:.!?()\[\]]|\bbut\b", re.IGNORECASE)
 # "right side excluded", "with the tumour left out", "leave the left alone": the cue after the phrase it negates

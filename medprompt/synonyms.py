@@ -103,6 +103,9 @@ FOREIGN_WORDS: dict[str, str] = {
     "surrenale": "adrenal", "surrenali": "adrenals", "polmone": "lung", "polmoni": "lungs", "esofago": "esophagus",
     "vena cava inferiore": "inferior vena cava", "osso": "bone", "ossa": "bones", "scheletro": "skeleton",
     "corpo": "body", "cervello": "brain", "mammella": "breast",
+    # "dx"/"sx" (destro/sinistro) as Italian reports side an organ; only after the organ: "dx" alone is a diagnosis
+    "rene dx": "right kidney", "rene sx": "left kidney", "surrene dx": "right adrenal", "surrene sx": "left adrenal",
+    "surrenale dx": "right adrenal", "surrenale sx": "left adrenal",
     # Portuguese
     "fígado": "liver", "rins": "kidneys", "baço": "spleen", "bexiga": "urinary bladder", "pulmão": "lung",
     "pulmões": "lungs", "esôfago": "esophagus",

@@ -22,6 +22,9 @@ from medprompt.negation import without_negated
     ("both kidneys, right side excluded", "both kidneys", ["right side excluded"]),
     ("the liver with the tumour left out", "the liver", ["the tumour left out"]),
     ("outline the right kidney, leave the left alone", "outline the right kidney", ["leave the left alone"]),
+    # "dont" typed without its apostrophe (writer_aa)
+    ("can u draw the right suprarenal, dont include the kidney or the cava", "can u draw the right suprarenal",
+     ["dont include the kidney or the cava"]),
 ])
 def test_a_negated_phrase_runs_from_its_cue_to_the_next_punctuation(text: str, kept: str, excluded: list[str]):
     assert without_negated(text) == (kept, excluded)

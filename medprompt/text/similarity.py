@@ -38,6 +38,7 @@ import numpy as np
 from medprompt import synonyms
 from medprompt.errors import PromptError
 from medprompt.text.encoders import MINILM_KEY, TextEncoder, class_texts
+from medprompt.wording import DRAWING_WORDS
 
 if TYPE_CHECKING:
     from medprompt.catalog import PromptCatalog, PromptEntry
@@ -174,7 +175,7 @@ FINDING_WORDS = frozenset(
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
     "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
     "hemorrhages plaque plaques pneumonia consolidation consolidations effusion effusions hernia hernias "
-    "emphysema atelectasis embolus emboli embolism".split())
+    "emphysema atelectasis embolus emboli embolism gtv".split())  # GTV: an RT structure's gross tumour volume
 
 # The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
 # (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
@@ -190,8 +191,7 @@ PART_OF = {"sigmoid colon": "colon", "hepatic flexure": "colon", "splenic flexur
 # Words after which a prompt says why a structure is asked or what it holds, not what it is (``asked_part``),
 # and the words of a request itself ("look for lesions in the liver" asks for the lesions).
 CLAUSE_WORDS = frozenset("for to where which that who whose when while harbouring harboring containing "
-                         "because so full".split())  # "the one full of stones"
-DRAWING_WORDS = frozenset("outline delineate mark highlight trace contour annotate label segment draw mask show".split())
+                         "query because so full".split())  # "the one full of stones", "the left adrenal, query adenoma"
 ASKING_WORDS = DRAWING_WORDS | frozenset("look looking search check checking find identify detect locate please need "
                                          "needs want".split())
 
@@ -685,7 +685,7 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
 # adverbs that start what is said of it ("the heart *sitting just above* the liver", ``head_phrase``).
 HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just as "
                       "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
-HEAD_FILLERS = frozenset("just only can could you i we please kindly now also".split())
+HEAD_FILLERS = frozenset("just only can could you i we please kindly now also if so then".split())
 POINTING_WORDS = frozenset("it them that this those these one ones there where is are".split())
 ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling ghosting blurring".split())
 
@@ -818,14 +818,19 @@ def _naming_words() -> frozenset[str]:
 
 def _heading_left_out(text: str) -> str:
     """What follows a heading that names nothing ("BraTS-style label: whole tumour region in the brain", "Neoadjuvant
-    trial: the target breast lesion", "Task 3: segment the spleen"): a label of the request, not what it asks for.
-    A heading that names anything ("liver: the large organ ...", "OAR for breast RT: ...") stays."""
-    from medprompt.catalog import words
+    trial: the target breast lesion", "Task 3: segment the spleen"): a label of the request, not what it asks for;
+    or a heading followed by a request that names an organ ("emphysema quantification: need the lungs"). Any other
+    heading that names anything ("liver: the large organ ...", "OAR for breast RT: ...", "Liver: outline the
+    tumour") stays."""
+    from medprompt.catalog import REQUEST_WORDS, tokens, words
 
     head, colon, body = text.partition(":")
     naming = _naming_words()
     if colon and set(words(body)) & naming and not set(words(head)) & naming:
         return body
+    asks = [w for w in tokens(body) if w not in HEAD_FILLERS | DETERMINERS | REQUEST_WORDS][:1]
+    if colon and asks and asks[0] in ASKING_WORDS and set(words(body)) & naming - FINDING_WORDS:
+        return body  # "emphysema quantification: need the lungs": a request that names an organ says what is asked
     return text
 
 
@@ -838,7 +843,7 @@ def asked_sentence(text: str) -> str:
     from medprompt.catalog import REQUEST_WORDS, tokens
 
     text = _heading_left_out(text)
-    parts = [p for p in re.split(r"[;:.!?]+", text) if tokens(p)]
+    parts = [p for p in re.split(r"[;:!?]+|\.(?!\d)", text) if tokens(p)]  # not "section 6.1" nor "2.5 cm"
     drawing = [i for i, p in enumerate(parts) if set(tokens(p)) & DRAWING_WORDS]
     if not drawing:  # a purpose says why: "for the RF ablation: the hepatic tumour", "OAR for breast RT: ..."
         def purpose(part: list[str]) -> bool:
