@@ -86,6 +86,11 @@ QUOTE_CHARS = 80  # of a prompt quoted in an error message
 MAX_PROMPT_CHARS = 1000  # a sentence or a short paragraph; longer costs the text encoder for nothing
 
 
+# An organ removed or missing: "the kidney" after "s/p right nephrectomy" is the other one, not the one said.
+_REMOVED = re.compile(r"ectomy\b|\b(?:removed|resected|resection|donated|donor|transplant\w*|excised|missing|"
+                      r"absent|remaining|other|solitary|only|status\s+post)\b", re.IGNORECASE)
+
+
 def _sided(side: set[str], phrase: list[str]) -> str:
     """``phrase`` with its one side put back before it (a first noun phrase drops sides as determiners)."""
     return " ".join([*sorted(side), *phrase] if len(side) == 1 else phrase)
@@ -260,7 +265,9 @@ class PromptCatalog:
             head = [w for w in head_phrase(tokens(asked_sentence(reading))) if w not in HEAD_NOISE]
             if len(named) == 1:
                 candidates.append((_sided(named, head), named))
-            candidates.append((" ".join(head), named))
+            # a side said elsewhere is no bar to a class without sided twins ("IVC label merges with the right
+            # renal vein"); a class with them takes it, as below
+            candidates.append((" ".join(head), None))
         for candidate, side in candidates:  # as spelt, then each word's plural folded ("all the bones")
             folded = " ".join(re.sub(r"(?<=\w{3})s$", "", w) for w in candidate.split())
             for spelt in dict.fromkeys((candidate, folded)):
@@ -279,7 +286,8 @@ class PromptCatalog:
         left kidney", "hx of hypertension, ?Conn's adenoma on the left, please outline the left adrenal only". The
         clause (between commas, semicolons, dashes or stops) holding the first drawing word, when it is not the
         first, lists no classes, asks for no finding and names a class in its first noun phrase (the words before the
-        noun left out one by one: "the remaining solitary left kidney"): what comes before says why."""
+        noun left out one by one: "the remaining solitary left kidney"): what comes before says why, and the side
+        of that organ when it says one ("rt kidney has a big cyst, can you outline the whole kidney")."""
         from medprompt.text.similarity import (asked_sentence, finding_words, head_phrase, listed_classes, readings,
                                                sides)
         from medprompt.wording import is_drawing as drawing
@@ -292,6 +300,11 @@ class PromptCatalog:
         named = sides(synonyms.canonical(clause))
         head = [w for w in head_phrase(tokens(asked_sentence(synonyms.canonical(clause))))
                 if w not in HEAD_NOISE and w not in TRAILING_NOISE and not drawing(w)]
+        context = synonyms.canonical(" ".join(clauses[:first]))
+        said = sides(context)
+        if not named and head and len(said) == 1 and not _REMOVED.search(text) and re.search(
+                rf"\b{next(iter(said))}\s+{re.escape(head[-1])}", context, re.IGNORECASE):
+            named = said  # "my left kidney has a cyst. Can you show me the whole kidney": the kidney said before
         for k in range(len(head)):
             entry = self.leading_name(_sided(named, head[k:]))
             if entry is not None:

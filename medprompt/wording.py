@@ -30,10 +30,11 @@ _PHASES = (r"(?:portal[\s-]+venous|porto[\s-]*venous|portal|pv|venous|late[\s-]+
            r"equilibrium|hepatobiliary)")
 _PHASE_RE = re.compile(r"\b" + _PHASES + r"[\s-]+(phases?)\b", re.IGNORECASE)
 
-_SCREEN = r"(?:screen|image|monitor|display|picture|viewer|scan)"
+_SCREEN = (r"(?:(?:axial|coronal|ct|mr|mri|displayed|current|this)[\s-]+)?"
+           r"(?:screen|image|monitor|display|picture|viewer|scan)")  # "left of the axial image"
 _OPPOSITE = {"left": "right", "right": "left"}
 _SCREEN_SIDE_RE = re.compile(
-    r"\b(?:(?:on|to|at)\s+)?(?:the\s+)?(left|right)(?:[\s-]+(?:hand[\s-]+)?side)?\s+(?:of|on|in)\s+(?:the\s+)?"
+    r"\b(?:(?:on|to|at)\s+)?(?:the\s+)?(left|right)(?:[\s-]+(?:hand[\s-]+)?side)?\s+(?:of|on)\s+(?:the\s+)?"
     + _SCREEN + r"\b|\b" + _SCREEN + r"(?:['’]s)?[\s-]+(left|right)\b", re.IGNORECASE)
 
 # Spoken punctuation as speech-to-text leaves it; "colon" is never read as one (it is an organ), "period" only
@@ -94,6 +95,7 @@ _ACTIONS = frozenset("measure calculate compute quantify export save send conver
                      "print anonymise anonymize upload download email share tell".split())
 _MEASURES = frozenset("diameter diameters volume volumes size length width thickness density attenuation hu "
                       "score weight area".split())
+_SETTINGS = frozenset("window windowing level contrast brightness zoom".split())  # "what window level is best"
 _SIZES = frozenset("big large long wide thick heavy small".split())  # "how big is my spleen"
 _LEAD_FILLERS = frozenset("please pls plz kindly can could would you just now then i we want wanted to "
                           "like".split())
@@ -114,6 +116,8 @@ def other_request(text: str) -> str | None:
     if tuple(lead[:2]) in _JUDGING:
         return "it asks a question about the image"
     asking = lead[:2] in (["what", "is"], ["what", "s"]) or lead[:1] in (["whats"], ["how"])
+    if lead[:1] in (["what"], ["which"], ["whats"], ["how"]) and set(said) & _SETTINGS:
+        return "it asks about display settings"
     if asking and (set(said) & _MEASURES or (lead[0] == "how" and lead[1:2] and lead[1] in _SIZES)):
         return "it asks for a measurement"
     return None

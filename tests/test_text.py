@@ -773,12 +773,44 @@ def test_clinical_requests_shorthand_and_telegraphic_prompts(minilm_catalog: Pro
     assert minilm_catalog.resolve(text).name == name
 
 
+@pytest.mark.parametrize("text, name", [
+    # a correction names its label first (was the oesophagus; the right kidney, a side of the renal vein's)
+    ("vendor QC: aorta label stops at the hiatus, extend it down to the iliac bifurcation", "aorta"),
+    ("QC: IVC label merges with the right renal vein, cut the renal vein off", "inferior_vena_cava"),
+    ("mask on the kidney on the spleen side misses the lower pole, redo", "kidney_left"),
+    # a side said of a landmark is no bar to a class without sided twins (was the right kidney)
+    ("IR planning for a filter: segment the cava from the iliac confluence up to the right atrium so I can see the "
+     "renal vein level", "inferior_vena_cava"),
+    ("Kindly help me segment the stomach, last time the mask leaked into the spleen", "stomach"),  # was the portal vein
+    ("main artery coming out of the left ventricle", "aorta"),  # "out of": a landmark (refused as the ventricle)
+    ("hypoechoic irregular lesion with posterior acoustic shadowing at 10 o'clock, please segment",
+     "breast_tumor"),  # a clock-face position is the breast's (was brain_tumor)
+])
+def test_corrections_landmark_sides_and_clock_faces(minilm_catalog: PromptCatalog, text: str, name: str):
+    """Ways of writing of writer_ab and writer_ac (QC reviewers, report phrases, interventional radiologists)."""
+    assert minilm_catalog.resolve(text).name == name
+
+
+def test_the_side_said_of_an_organ_before_its_request_is_its_side(minilm_catalog: PromptCatalog):
+    """"my left kidney has a cyst, ... the whole kidney" is that kidney (writer_r, _aa, _ab: each was both kidneys);
+    not after an organ was removed ("s/p right nephrectomy, segment the remaining kidney" is not the right one), nor
+    when the side was said of another organ."""
+    assert minilm_catalog.resolve("rt kidney has a big cyst, can you outline the whole kidney including it?").name \
+        == "kidney_right"
+    assert minilm_catalog.resolve("The doctor said my left kidney has a cyst. Can you show me the whole kidney "
+                                  "please?").name == "kidney_left"
+    assert minilm_catalog.resolve("s/p right nephrectomy, segment the remaining kidney").name != "kidney_right"
+    assert minilm_catalog.resolve("right adrenal nodule, segment the kidney").name == "kidneys"
+
+
 @pytest.mark.parametrize("text", ["ovarian cyst on the right", "pulmonary trunk", "deep vein thrombosis, popliteal",
                                   "the sciatic nerve", "prostate gland, including the seminal vesicles",
                                   "pulmonary emboli on the CTPA", "pneumonia in the left lower lobe",
                                   "prostate, for RT",  # named before the reason: what is asked
                                   "heart contour", "cardiac contour for the mean heart dose",  # not the body's
-                                  "the CT couch under the patient", "Free fluid in the pelvis"])
+                                  "the CT couch under the patient", "Free fluid in the pelvis",
+                                  "para-aortic lymphadenopathy", "the ECG electrodes on the skin",  # writer_ac, _ab
+                                  "what window level is best for the pancreas?"])
 def test_more_anatomy_no_class_describes_is_refused(minilm_catalog: PromptCatalog, text: str):
     with pytest.raises(PromptError):
         minilm_catalog.resolve(text)

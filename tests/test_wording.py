@@ -17,6 +17,7 @@ from medprompt.wording import other_request, plain_wording
     ("the colorectal tumour on the portal venous phase CT", "the colorectal tumour on the contrast phase CT"),
     ("was this done in the arterial phase?", "was this done in the contrast phase?"),
     ("kidney on the right of the screen (patient's left)", "kidney on the patient's left (patient's left)"),
+    ("kidney on the left of the axial image", "kidney on the patient's right"),
     ("right kidney (patient's right, image left)", "right kidney (patient's right, on the patient's right)"),
     ("segment the left adrenal gland comma query adenoma full stop", "segment the left adrenal gland, query adenoma."),
     ("the kidney next to the spleen", "the left kidney next to the spleen"),
@@ -48,6 +49,7 @@ def test_wording_without_those_forms_is_kept(text: str):
     ("how big is my spleen", "measurement"),
     ("Is this liver scan normal?", "question"),
     ("Can you tell me whether I have cancer from this scan?", "tell"),
+    ("what window level is best for the pancreas?", "display settings"),
 ])
 def test_a_request_for_no_drawing_is_named(text: str, why: str):
     assert why in other_request(text)

@@ -59,7 +59,8 @@ NEAREST = 3
 RELATIONS = tuple(r.split() for r in (
     "next to", "in front of", "on top of", "close to", "after", "before", "near", "under", "underneath",
     "beneath", "below", "above", "over", "behind", "beside", "alongside", "between", "around", "from",
-    "into", "toward", "towards", "adjacent to", "abutting", "along", "down to", "up to"))
+    "into", "toward", "towards", "adjacent to", "abutting", "along", "down to", "up to", "out of", "stop at",
+    "stopping at", "ending at", "until"))
 # What a structure is said to take in with it ("the body outline including skin and subcutaneous fat"): other
 # anatomy named so is part of the target, not the target (``_other_as_landmark``).
 PART_RELATIONS = (["including"], ["with"], ["plus"])
@@ -136,7 +137,7 @@ OTHER_CONTENT = (
     "pacemaker", "surgical clip", "clip", "staples", "ivc filter", "hardware", "screw", "prosthesis", "implant",
     "nasogastric tube", "ng tube", "endotracheal tube", "breathing tube", "feeding tube", "surgical drain",
     "artefact", "artifact", "motion blur", "blurring", "ghosting", "image noise", "text annotation", "caliper",
-    "ruler", "radiology report",
+    "ruler", "radiology report", "ecg electrode", "electrode", "ecg lead",
 )
 
 # What lay prompts say of common other anatomy instead of naming it ("the organ that pumps blood"): a
@@ -175,7 +176,7 @@ FINDING_WORDS = frozenset(
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
     "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
     "hemorrhages plaque plaques pneumonia consolidation consolidations effusion effusions hernia hernias "
-    "emphysema atelectasis embolus emboli embolism gtv".split())  # GTV: an RT structure's gross tumour volume
+    "emphysema atelectasis embolus emboli embolism gtv lymphadenopathy".split())  # GTV: an RT structure's gross tumour volume
 
 # The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
 # (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
@@ -685,7 +686,8 @@ def names_other(index: ClassIndex, texts: list[str]) -> bool:
 # adverbs that start what is said of it ("the heart *sitting just above* the liver", ``head_phrase``).
 HEAD_ENDS = frozenset("of in on at by with within inside and or but not no without versus vs just as "
                       "i we you he she they".split())  # a pronoun starts a clause: "the sac I take out"
-HEAD_FILLERS = frozenset("just only can could you i we please kindly now also if so then".split())
+HEAD_FILLERS = frozenset("just only can could you i we please kindly help now also if so then".split())
+MASK_NOUNS = frozenset("label labels mask masks contour contours segmentation".split())
 POINTING_WORDS = frozenset("it them that this those these one ones there where is are".split())
 ING_NOUNS = frozenset("imaging lining opening bleeding swelling thickening filling ghosting blurring".split())
 
@@ -699,13 +701,17 @@ def head_phrase(prompt: list[str], class_words: frozenset[str] = frozenset()) ->
     from medprompt.catalog import REQUEST_WORDS, words
 
     i = 0
-    while i < len(prompt) and prompt[i] in ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS:
-        i += 1
+    while i < len(prompt) and (prompt[i] in ASKING_WORDS | REQUEST_WORDS | DETERMINERS | HEAD_FILLERS
+                               or (i and prompt[i] in ("of", "on", "for") and prompt[i - 1] in REQUEST_WORDS)):
+        i += 1  # "mask on the kidney ...", "segmentation of the spleen": what follows is asked
     head: list[str] = []
     for j in range(i, len(prompt)):
         w, after = prompt[j], prompt[j + 1] if j + 1 < len(prompt) else ""
         if w in HEAD_ENDS | CLAUSE_WORDS or any(prompt[j:j + len(r)] == r for r in RELATIONS + PART_RELATIONS):
             break
+        if head and head[-1] in MASK_NOUNS and w not in DETERMINERS:
+            break  # "aorta label stops at the hiatus", "IVC label merges with ...": a correction names its label;
+            # not "could someone contour the L suprarenal", where the noun is the request's verb
         if (w.endswith("ing") and len(w) > 5 and head and w not in ING_NOUNS and after not in FINDING_WORDS
                 and not set(words(after)) & class_words):
             break  # "the heart sitting above", not "the breast imaging lesion" nor "the brain enhancing tumour"
