@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from medprompt.synonyms import FOREIGN_WORDS, SIDE_WORDS
+
 # Words that ask for a drawing (what a request is: ``other_request``; which sentence asks: ``asked_sentence``).
 DRAWING_WORDS = frozenset(
     "outline delineate mark highlight trace contour annotate label segment draw mask show".split())
@@ -58,13 +60,13 @@ _SIDE_OF = r"\s+(?:on|at|towards?)\s+(?:the\s+)?(spleen|liver|splenic|hepatic)(?
 _NEIGHBOUR_RE = re.compile(_PAIRED + _GAP + "(?:" + _BY + "|" + _SIDE_OF + ")", re.IGNORECASE)
 
 
+_SIDED = frozenset(SIDE_WORDS) | {w for w, n in FOREIGN_WORDS.items() if n in ("left", "right", "both")} | {
+    "both", "bilateral", "either", "each", "other"}
+
+
 def _side_before(text: str, start: int) -> bool:
     """Whether one of the three words before ``start`` names a side (any language the synonym table reads)."""
-    from medprompt.synonyms import FOREIGN_WORDS, SIDE_WORDS
-
-    sided = set(SIDE_WORDS) | {w for w, n in FOREIGN_WORDS.items() if n in ("left", "right", "both")}
-    sided |= {"both", "bilateral", "either", "each", "other"}
-    return bool(set(re.findall(r"[a-zà-ÿ]+", text[:start].lower())[-3:]) & sided)
+    return bool(set(re.findall(r"[a-zà-ÿ]+", text[:start].lower())[-3:]) & _SIDED)
 
 
 def _neighbour_side(match: re.Match[str], text: str) -> str:
@@ -72,7 +74,7 @@ def _neighbour_side(match: re.Match[str], text: str) -> str:
     a neighbour of the other side ("the kidney between the liver and the spleen")."""
     neighbour = " ".join((match.group(3) or match.group(4)).lower().split())
     side = _ONE_SIDED[neighbour]
-    named = {n for n, s in _ONE_SIDED.items() if re.search(r"(?<![a-z])" + n + r"(?![a-z])", text.lower())}
+    named = {n for n in _ONE_SIDED if re.search(r"(?<![a-z])" + n + r"(?![a-z])", text.lower())}
     if _side_before(text, match.start()) or any(_ONE_SIDED[n] != side for n in named):
         return match.group(0)
     return f"{side} {match.group(0)}"
@@ -115,9 +117,9 @@ def other_request(text: str) -> str | None:
         return f"it asks to {lead[0]}"
     if tuple(lead[:2]) in _JUDGING:
         return "it asks a question about the image"
-    asking = lead[:2] in (["what", "is"], ["what", "s"]) or lead[:1] in (["whats"], ["how"])
     if lead[:1] in (["what"], ["which"], ["whats"], ["how"]) and set(said) & _SETTINGS:
         return "it asks about display settings"
+    asking = lead[:2] in (["what", "is"], ["what", "s"]) or lead[:1] in (["whats"], ["how"])
     if asking and (set(said) & _MEASURES or (lead[0] == "how" and lead[1:2] and lead[1] in _SIZES)):
         return "it asks for a measurement"
     return None

@@ -176,7 +176,8 @@ FINDING_WORDS = frozenset(
     "adenoma adenomas thrombus thrombi clot clots gallstone gallstones ascites ulcer ulcers pseudocyst "
     "pseudocysts dissection dissections adenocarcinoma adenocarcinomas haemorrhage hemorrhage haemorrhages "
     "hemorrhages plaque plaques pneumonia consolidation consolidations effusion effusions hernia hernias "
-    "emphysema atelectasis embolus emboli embolism gtv lymphadenopathy".split())  # GTV: an RT structure's gross tumour volume
+    "emphysema atelectasis embolus emboli embolism lymphadenopathy "
+    "gtv".split())  # GTV: a radiotherapy structure's gross tumour volume
 
 # The findings a tumour class draws, focal lesions (cysts too: breast lesion sets label them): a tumour class
 # (brain_tumor, liver_tumour) is no haemorrhage, abscess, haematoma or stone of its organ (``finding_mismatch``).
