@@ -98,6 +98,8 @@ _ACTIONS = frozenset("measure calculate compute quantify export save send conver
 _MEASURES = frozenset("diameter diameters volume volumes size length width thickness density attenuation hu "
                       "score weight area".split())
 _SETTINGS = frozenset("window windowing level contrast brightness zoom".split())  # "what window level is best"
+# What a study's record holds, not its image: "what is the patient's age?", "how many slices does this scan have?"
+_RECORD = frozenset("age date name sex gender birth birthday accession slices series dob mrn".split())
 _SIZES = frozenset("big large long wide thick heavy small".split())  # "how big is my spleen"
 _LEAD_FILLERS = frozenset("please pls plz kindly can could would you just now then i we want wanted to "
                           "like".split())
@@ -119,6 +121,8 @@ def other_request(text: str) -> str | None:
         return "it asks a question about the image"
     if lead[:1] in (["what"], ["which"], ["whats"], ["how"]) and set(said) & _SETTINGS:
         return "it asks about display settings"
+    if lead[:1] in (["what"], ["when"], ["who"], ["whats"], ["how"]) and set(said) & _RECORD:
+        return "it asks about the study's record"
     asking = lead[:2] in (["what", "is"], ["what", "s"]) or lead[:1] in (["whats"], ["how"])
     if asking and (set(said) & _MEASURES or (lead[0] == "how" and lead[1:2] and lead[1] in _SIZES)):
         return "it asks for a measurement"

@@ -50,6 +50,8 @@ def test_wording_without_those_forms_is_kept(text: str):
     ("Is this liver scan normal?", "question"),
     ("Can you tell me whether I have cancer from this scan?", "tell"),
     ("what window level is best for the pancreas?", "display settings"),
+    ("how many slices does this scan have?", "record"),  # writer_ae, held out: both were the body
+    ("what is the patient's age?", "record"),
 ])
 def test_a_request_for_no_drawing_is_named(text: str, why: str):
     assert why in other_request(text)
