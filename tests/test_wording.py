@@ -1,6 +1,6 @@
 """A prompt's wording that names no structure (``medprompt.wording``): contrast phases, the screen's sides, spoken
 punctuation, a side implied by a one-sided neighbour, and requests that ask for no drawing. Prompts from the blind
-writers writer_z and writer_aa (tests/data/paraphrases_independent.yaml), each resolved wrongly before."""
+writers writer_z to writer_ae (tests/data/paraphrases_independent.yaml), each resolved wrongly before."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_wording_without_those_forms_is_kept(text: str):
     ("Is this liver scan normal?", "question"),
     ("Can you tell me whether I have cancer from this scan?", "tell"),
     ("what window level is best for the pancreas?", "display settings"),
-    ("how many slices does this scan have?", "record"),  # writer_ae, held out: both were the body
+    ("how many slices does this scan have?", "record"),  # writer_ae: both were drawn as the body
     ("what is the patient's age?", "record"),
 ])
 def test_a_request_for_no_drawing_is_named(text: str, why: str):
