@@ -91,6 +91,10 @@ _REMOVED = re.compile(r"ectomy\b|\b(?:removed|resected|resection|donated|donor|t
                       r"absent|remaining|other|solitary|only|status\s+post)\b", re.IGNORECASE)
 
 
+# A dash between clauses ("Our Cushing's patient - I need both adrenals contoured"), not a hyphen.
+_DASH = r" - | -- |\u2013|\u2014"
+
+
 def _sided(side: set[str], phrase: list[str]) -> str:
     """``phrase`` with its one side put back before it (a first noun phrase drops sides as determiners)."""
     return " ".join([*sorted(side), *phrase] if len(side) == 1 else phrase)
@@ -250,7 +254,7 @@ class PromptCatalog:
             return None
         named = sides(texts[-1])  # in plain nouns: "LK" is the left kidney
         candidates: list[tuple[str, set[str] | None]] = []  # (a name to look up, the sides its class must have)
-        lead = re.split(r"[,;:(\[]| - | -- |\u2013|\u2014", text, maxsplit=1)
+        lead = re.split(r"[,;:(\[]|" + _DASH, text, maxsplit=1)
         if len(lead) == 2:
             # A side spelt in the name is the class's, whatever the rest says of a landmark ("the right kidney, next
             # to the left adrenal"); without one, the rest must name none when the class has sided twins ("kidney,
@@ -292,7 +296,7 @@ class PromptCatalog:
                                                sides)
         from medprompt.wording import is_drawing as drawing
 
-        clauses = [c for c in re.split(r"[,;:.!?]+| - | -- |\u2013|\u2014", text) if tokens(c)]
+        clauses = [c for c in re.split(r"[,;:.!?]+|" + _DASH, text) if tokens(c)]
         first = next((i for i, c in enumerate(clauses) if any(drawing(w) for w in tokens(c))), 0)
         clause = clauses[first] if first else ""
         if not clause or finding_words(readings(clause)) or listed_classes(self, clause):

@@ -135,6 +135,8 @@ def _plain_spellings(table: dict[str, str]) -> dict[str, str]:
 
 
 FOREIGN_WORDS = _plain_spellings(FOREIGN_WORDS)
+# Every word that says a side, in any language the table reads ("lt", "sinister", "links", "gauche").
+SIDE_FORMS = frozenset(SIDE_WORDS) | {f for f, n in FOREIGN_WORDS.items() if n in ("left", "right", "both")}
 
 
 # Radiology shorthand -> the words it stands for; resolution then reads those words as it reads any

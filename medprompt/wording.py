@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from medprompt.synonyms import FOREIGN_WORDS, SIDE_WORDS
+from medprompt.synonyms import SIDE_FORMS
 
 # Words that ask for a drawing (what a request is: ``other_request``; which sentence asks: ``asked_sentence``).
 DRAWING_WORDS = frozenset(
@@ -60,8 +60,7 @@ _SIDE_OF = r"\s+(?:on|at|towards?)\s+(?:the\s+)?(spleen|liver|splenic|hepatic)(?
 _NEIGHBOUR_RE = re.compile(_PAIRED + _GAP + "(?:" + _BY + "|" + _SIDE_OF + ")", re.IGNORECASE)
 
 
-_SIDED = frozenset(SIDE_WORDS) | {w for w, n in FOREIGN_WORDS.items() if n in ("left", "right", "both")} | {
-    "both", "bilateral", "either", "each", "other"}
+_SIDED = SIDE_FORMS | {"both", "bilateral", "either", "each", "other"}
 
 
 def _side_before(text: str, start: int) -> bool:

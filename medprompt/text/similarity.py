@@ -818,8 +818,7 @@ def _naming_words() -> frozenset[str]:
     found = {w for t in (*OTHER_ANATOMY, *OTHER_CONTENT) for w in tokens(t)} | FINDING_WORDS
     found |= synonyms.vocabulary()
     found |= {w for t in found for w in words(t)}
-    sides = set(synonyms.SIDE_WORDS) | {f for f, n in synonyms.FOREIGN_WORDS.items() if n in ("left", "right", "both")}
-    return frozenset(found - REQUEST_WORDS - STOP_WORDS - DETERMINERS - HEAD_FILLERS - sides
+    return frozenset(found - REQUEST_WORDS - STOP_WORDS - DETERMINERS - HEAD_FILLERS - synonyms.SIDE_FORMS
                      - {"both", "patient", "sides"})
 
 
